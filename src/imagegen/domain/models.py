@@ -1,0 +1,212 @@
+"""Plain values of the generation domain: no I/O, no gRPC, no SQL."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+
+
+class ImageFormat(enum.StrEnum):
+    """Output encodings a caller can ask for."""
+
+    PNG = "png"
+    JPEG = "jpeg"
+    WEBP = "webp"
+
+    @property
+    def mime_type(self) -> str:
+        return f"image/{self.value}"
+
+    @property
+    def extension(self) -> str:
+        return "jpg" if self is ImageFormat.JPEG else self.value
+
+    @classmethod
+    def from_mime(cls, mime_type: str) -> ImageFormat:
+        return cls(mime_type.removeprefix("image/").replace("jpg", "jpeg"))
+
+
+class Style(enum.StrEnum):
+    """Style presets. Each renders visibly differently on every provider."""
+
+    PHOTOGRAPHIC = "photographic"
+    ARTISTIC = "artistic"
+    ANIME = "anime"
+    DIGITAL_ART = "digital_art"
+    WATERCOLOR = "watercolor"
+    SKETCH = "sketch"
+    PIXEL_ART = "pixel_art"
+    CINEMATIC = "cinematic"
+
+
+class GenerationSource(enum.StrEnum):
+    """Who asked for a generation; recorded on the job and its usage."""
+
+    API = "api"
+    UI = "ui"
+    WORKFLOW = "workflow"
+    AGENT = "agent"
+
+
+class GenerationState(enum.StrEnum):
+    """Where a job is in its life. The last three are terminal."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset(
+    {GenerationState.COMPLETED, GenerationState.FAILED, GenerationState.CANCELLED}
+)
+
+
+class EventType(enum.StrEnum):
+    """Kinds of entries in a job's event log."""
+
+    QUEUED = "queued"
+    STARTED = "started"
+    PROGRESS = "progress"
+    IMAGE_READY = "image_ready"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (EventType.COMPLETED, EventType.FAILED, EventType.CANCELLED)
+
+
+@dataclass(frozen=True)
+class Size:
+    """Pixel dimensions of an image."""
+
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height}"
+
+
+#: The sizes every provider offers (DESIGN.md); the first square one is the default.
+STANDARD_SIZES: tuple[Size, ...] = (
+    Size(256, 256),
+    Size(512, 512),
+    Size(1024, 1024),
+    Size(1024, 1536),
+    Size(1536, 1024),
+)
+DEFAULT_SIZE = Size(1024, 1024)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is calling, as the verified token says."""
+
+    user_id: str
+    sub_account: str = ""
+    plan: str = "free"
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """A validated text-to-image request: everything that decides the result."""
+
+    prompt: str
+    negative_prompt: str = ""
+    style: Style | None = None
+    size: Size = DEFAULT_SIZE
+    count: int = 1
+    output_format: ImageFormat = ImageFormat.PNG
+    seed: int | None = None
+    provider: str = ""
+    source: GenerationSource = GenerationSource.API
+
+    def fingerprint(self) -> dict[str, object]:
+        """The parameters that make two requests "the same" for idempotency."""
+        return {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "style": self.style.value if self.style else "",
+            "width": self.size.width,
+            "height": self.size.height,
+            "count": self.count,
+            "format": self.output_format.value,
+            "seed": self.seed,
+            "provider": self.provider,
+            "source": self.source.value,
+        }
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """An image that exists both as a row and as a blob."""
+
+    id: str
+    user_id: str
+    generation_id: str
+    storage_key: str
+    mime_type: str
+    width: int
+    height: int
+    size_bytes: int
+    provider: str
+    model: str
+    prompt: str
+    created_at: datetime
+    index: int = 0
+    url: str = ""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A generation job as the owner sees it."""
+
+    id: str
+    user_id: str
+    sub_account: str
+    request_id: str
+    spec: GenerationSpec
+    state: GenerationState
+    provider: str
+    model: str
+    credits: int
+    attempts: int
+    error_code: str
+    error_message: str
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    images: tuple[StoredImage, ...] = ()
+    last_sequence: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    """One entry of a job's event log; `sequence` is gap-free from 1 per job."""
+
+    generation_id: str
+    sequence: int
+    type: EventType
+    created_at: datetime
+    percent: int = 0
+    stage: str = ""
+    preview: bytes = b""
+    preview_mime_type: str = ""
+    image: StoredImage | None = None
+    error_code: str = ""
+    error_message: str = ""
+    retryable: bool = False
+    extra: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,68 @@
+"""Credit prices. The table is configuration (a JSON file); this module only applies it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagegen.domain.models import Size
+
+
+@dataclass(frozen=True)
+class PriceTier:
+    """Images of at most `max_pixels` pixels cost `credits` each."""
+
+    max_pixels: int
+    credits: int
+
+
+@dataclass(frozen=True)
+class PriceTable:
+    """Credits per image by pixel count, and the flat price of an edit."""
+
+    tiers: tuple[PriceTier, ...]
+    edit_credits: int
+
+    @classmethod
+    def default(cls) -> PriceTable:
+        # DESIGN.md: 512x512 = 1, up to 1024x1024 = 2, an edit = 2; larger sizes by pixels.
+        return cls(
+            tiers=(
+                PriceTier(512 * 512, 1),
+                PriceTier(1024 * 1024, 2),
+                PriceTier(1536 * 1536, 3),
+            ),
+            edit_credits=2,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> PriceTable:
+        data = json.loads(text)
+        tiers = tuple(
+            PriceTier(int(t["max_pixels"]), int(t["credits"]))
+            for t in sorted(data["tiers"], key=lambda t: int(t["max_pixels"]))
+        )
+        if not tiers:
+            raise ValueError("the price table needs at least one tier")
+        return cls(tiers=tiers, edit_credits=int(data["edit_credits"]))
+
+    @classmethod
+    def load(cls, path: Path | None) -> PriceTable:
+        return cls.default() if path is None else cls.from_json(path.read_text())
+
+    def image_credits(self, size: Size) -> int:
+        for tier in self.tiers:
+            if size.pixels <= tier.max_pixels:
+                return tier.credits
+        # Bigger than every tier: charge the top tier per started block of its pixels.
+        top = self.tiers[-1]
+        blocks = -(-size.pixels // top.max_pixels)
+        return top.credits * blocks
+
+    def generation_credits(self, size: Size, count: int, *, edit: bool = False) -> int:
+        """The price of a request: each image of a batch at its size; an edit flat."""
+        per_image = max(self.edit_credits, self.image_credits(size)) if edit else (
+            self.image_credits(size)
+        )
+        return per_image * count

@@ -1,0 +1,93 @@
+"""The one interface every image provider implements, and what it declares it can do."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from imagegen.domain.models import STANDARD_SIZES, ImageFormat, Size, Style
+
+#: Called by a provider as it works: percent 0-100 (never falling), a stage word,
+#: and an optional small encoded preview (PNG/JPEG/WebP bytes, <= 128 px a side).
+ProgressCallback = Callable[[int, str, bytes | None], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ProviderCapabilities:
+    """What a provider can do; requests needing more are refused before any call."""
+
+    edit: bool = False
+    mask: bool = False
+    negative_prompt: bool = False
+    seed: bool = False
+    style: bool = False
+    previews: bool = False
+    sizes: tuple[Size, ...] = STANDARD_SIZES
+    formats: tuple[ImageFormat, ...] = tuple(ImageFormat)
+    max_count: int = 4
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """An already fetched and checked source image for an edit."""
+
+    data: bytes
+    mime_type: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class ProviderRequest:
+    """One image to make. Batches are made one image per call, seed + index."""
+
+    prompt: str
+    negative_prompt: str = ""
+    style: Style | None = None
+    size: Size = Size(1024, 1024)
+    seed: int = 0
+    model: str = ""
+    sources: tuple[SourceImage, ...] = ()
+    mask: SourceImage | None = None
+    #: wall-clock budget left for this call, in seconds
+    timeout: float = 120.0
+
+
+@dataclass(frozen=True)
+class ProviderImage:
+    """A provider's raw answer: encoded bytes, not yet decoded or checked by us."""
+
+    data: bytes
+    mime_type: str = ""
+    model: str = ""
+    seed: int | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Provider(Protocol):
+    """An image backend. Errors are raised as imagegen.domain.errors types only."""
+
+    @property
+    def id(self) -> str:
+        """Stable provider id: `local`, `forge`, `openai`, `sdwebui`."""
+        ...
+
+    @property
+    def display_name(self) -> str:
+        """Name for people."""
+        ...
+
+    @property
+    def capabilities(self) -> ProviderCapabilities:
+        """What it can do."""
+        ...
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """Model names it offers; the first is the default."""
+        ...
+
+    async def generate(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:
+        """Make one image. Raises ProviderNotConfigured, ProviderFailed, ContentPolicyRefused."""
+        ...
