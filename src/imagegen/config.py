@@ -1,0 +1,269 @@
+"""Settings, read once from the environment by the composition root.
+
+Every setting is declared in `SETTINGS` with its variable, default and meaning;
+the README's configuration table is generated from that list (scripts/config_table.py),
+so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+MAX_URL_TTL = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class SettingDoc:
+    """One environment variable: its name, default (as text) and meaning."""
+
+    name: str
+    default: str
+    meaning: str
+
+
+SETTINGS: tuple[SettingDoc, ...] = (
+    SettingDoc("IMAGEGEN_DATA_DIR", "~/.local/share/imagegen",
+               "Data directory: embedded PostgreSQL, local blobs, development JWT key."),
+    SettingDoc("IMAGEGEN_HOST", "127.0.0.1", "Address the gRPC and HTTP servers bind."),
+    SettingDoc("IMAGEGEN_GRPC_PORT", "50051", "gRPC port; 0 binds a free port."),
+    SettingDoc("IMAGEGEN_HTTP_PORT", "8088",
+               "HTTP port for signed blob URLs (local store) and `/metrics`; 0 binds a free port."),
+    SettingDoc("IMAGEGEN_PUBLIC_URL", "http://HOST:HTTP_PORT",
+               "Base URL that local-store signed URLs start with."),
+    SettingDoc("IMAGEGEN_READY_FILE", "(unset)",
+               "If set, the `imagegen listening ...` line is also written to this file."),
+    SettingDoc("DATABASE_URL", "(embedded PostgreSQL)",
+               "PostgreSQL DSN; unset starts the embedded server in the data directory."),
+    SettingDoc("IMAGEGEN_S3_ENDPOINT", "(unset: local blob store)",
+               "S3 endpoint URL; setting it (or the bucket) switches blobs to S3."),
+    SettingDoc("IMAGEGEN_S3_BUCKET", "imagegen", "S3 bucket."),
+    SettingDoc("IMAGEGEN_S3_REGION", "us-east-1", "S3 region."),
+    SettingDoc("IMAGEGEN_S3_PREFIX", "(empty)", "Key prefix inside the bucket."),
+    SettingDoc("IMAGEGEN_URL_TTL", "900",
+               "Lifetime of signed image URLs in seconds (at most 604800, 7 days)."),
+    SettingDoc("IMAGEGEN_SHUTDOWN_GRACE", "30",
+               "Seconds running RPCs and jobs get to finish after SIGTERM."),
+    SettingDoc("IMAGEGEN_JWT_KEY", "(development key in the data directory)",
+               "Key that verifies JWTs (HMAC secret, or PEM public key for RS/ES)."),
+    SettingDoc("IMAGEGEN_JWT_ALGORITHMS", "HS256", "Comma-separated accepted JWT algorithms."),
+    SettingDoc("IMAGEGEN_JWT_ISSUER", "(unchecked)", "Required `iss` claim, if set."),
+    SettingDoc("IMAGEGEN_JWT_AUDIENCE", "(unchecked)", "Required `aud` claim, if set."),
+    SettingDoc("IMAGEGEN_DEFAULT_PROVIDER", "forge if configured, else local",
+               "Provider id used when a request names none."),
+    SettingDoc("IMAGEGEN_FETCH_ALLOW_HOSTS", "(empty)",
+               "Comma-separated hosts that server-side URL fetches may reach despite the guard."),
+    SettingDoc("IMAGEGEN_MAX_PIXELS", "16777216",
+               "Largest image (width x height) decoded, from a provider or a caller."),
+    SettingDoc("IMAGEGEN_MAX_INPUT_BYTES", "20971520",
+               "Largest source image accepted, in bytes; also sets gRPC's receive limit."),
+    SettingDoc("IMAGEGEN_WORKERS", "4", "Jobs one process runs at once."),
+    SettingDoc("IMAGEGEN_LEASE", "30", "Seconds a worker's claim on a job lasts without renewal."),
+    SettingDoc("IMAGEGEN_MAX_ATTEMPTS", "3", "Times a job is started before it is failed."),
+    SettingDoc("IMAGEGEN_PRICING_FILE", "(built-in table)", "JSON price table in credits."),
+    SettingDoc("IMAGEGEN_REQUEST_ID_TTL", "86400", "Seconds a request_id is remembered."),
+    SettingDoc("IMAGEGEN_PROVIDER_TIMEOUT", "120", "Seconds one provider call may take."),
+    SettingDoc("IMAGEGEN_LOCAL_STEP_DELAY", "0.05",
+               "Seconds the `local` renderer pauses between its progress steps."),
+    SettingDoc("IMAGEGEN_LOG_LEVEL", "INFO", "Log level."),
+    SettingDoc("BUILT_IN_FORGE_API_URL", "(unset)", "Base URL of the Forge ImageService."),
+    SettingDoc("BUILT_IN_FORGE_API_KEY", "(unset)", "Bearer key of the Forge ImageService."),
+    SettingDoc("OPENAI_API_KEY", "(unset)", "OpenAI Images key."),
+    SettingDoc("OPENAI_BASE_URL", "(unset)", "OpenAI-compatible base URL."),
+    SettingDoc("OTEL_*", "(no export)",
+               "Standard OpenTelemetry variables; OTLP export when an endpoint is set."),
+    SettingDoc("IMAGEGEN_ADDR", "127.0.0.1:50051", "CLI: server address."),
+    SettingDoc("IMAGEGEN_TOKEN", "(minted from the data directory's key)", "CLI: bearer token."),
+)
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Where S3 blobs go; credentials come from the standard AWS variables."""
+
+    endpoint: str
+    bucket: str
+    region: str
+    prefix: str
+
+
+@dataclass(frozen=True)
+class JwtSettings:
+    """How bearer tokens are verified."""
+
+    key: str | None
+    algorithms: tuple[str, ...]
+    issuer: str | None
+    audience: str | None
+
+
+@dataclass(frozen=True)
+class ForgeSettings:
+    """The Forge ImageService; both values are needed for it to be usable."""
+
+    url: str | None
+    api_key: str | None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service reads from its environment."""
+
+    data_dir: Path
+    host: str
+    grpc_port: int
+    http_port: int
+    public_url: str | None
+    ready_file: Path | None
+    database_url: str | None
+    s3: S3Settings | None
+    url_ttl: timedelta
+    shutdown_grace: timedelta
+    jwt: JwtSettings
+    default_provider: str | None
+    fetch_allow_hosts: tuple[str, ...]
+    max_pixels: int
+    max_input_bytes: int
+    workers: int
+    lease: timedelta
+    max_attempts: int
+    pricing_file: Path | None
+    request_id_ttl: timedelta
+    provider_timeout: timedelta
+    local_step_delay: float
+    log_level: str
+    forge: ForgeSettings
+    openai_api_key: str | None
+    openai_base_url: str | None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read and check every setting; raises ConfigError naming a bad one."""
+        env = os.environ if env is None else env
+        reader = _Reader(env)
+        data_dir = Path(reader.text("IMAGEGEN_DATA_DIR", "~/.local/share/imagegen")).expanduser()
+        s3_endpoint = reader.optional("IMAGEGEN_S3_ENDPOINT")
+        s3_bucket = reader.optional("IMAGEGEN_S3_BUCKET")
+        s3 = None
+        if s3_endpoint or s3_bucket:
+            s3 = S3Settings(
+                endpoint=s3_endpoint or "",
+                bucket=s3_bucket or "imagegen",
+                region=reader.text("IMAGEGEN_S3_REGION", "us-east-1"),
+                prefix=reader.text("IMAGEGEN_S3_PREFIX", "").strip("/"),
+            )
+        url_ttl = reader.seconds("IMAGEGEN_URL_TTL", 900)
+        if not timedelta(seconds=1) <= url_ttl <= MAX_URL_TTL:
+            raise ConfigError("IMAGEGEN_URL_TTL must be between 1 and 604800 seconds")
+        algorithms = tuple(
+            a.strip() for a in reader.text("IMAGEGEN_JWT_ALGORITHMS", "HS256").split(",") if a.strip()
+        )
+        if not algorithms or any(a.lower() == "none" for a in algorithms):
+            raise ConfigError("IMAGEGEN_JWT_ALGORITHMS must list real algorithms (not none)")
+        settings = cls(
+            data_dir=data_dir,
+            host=reader.text("IMAGEGEN_HOST", "127.0.0.1"),
+            grpc_port=reader.port("IMAGEGEN_GRPC_PORT", 50051),
+            http_port=reader.port("IMAGEGEN_HTTP_PORT", 8088),
+            public_url=reader.optional("IMAGEGEN_PUBLIC_URL"),
+            ready_file=_path_or_none(reader.optional("IMAGEGEN_READY_FILE")),
+            database_url=reader.optional("DATABASE_URL"),
+            s3=s3,
+            url_ttl=url_ttl,
+            shutdown_grace=reader.seconds("IMAGEGEN_SHUTDOWN_GRACE", 30),
+            jwt=JwtSettings(
+                key=reader.optional("IMAGEGEN_JWT_KEY"),
+                algorithms=algorithms,
+                issuer=reader.optional("IMAGEGEN_JWT_ISSUER"),
+                audience=reader.optional("IMAGEGEN_JWT_AUDIENCE"),
+            ),
+            default_provider=reader.optional("IMAGEGEN_DEFAULT_PROVIDER"),
+            fetch_allow_hosts=tuple(
+                h.strip().lower()
+                for h in reader.text("IMAGEGEN_FETCH_ALLOW_HOSTS", "").split(",")
+                if h.strip()
+            ),
+            max_pixels=reader.integer("IMAGEGEN_MAX_PIXELS", 16_777_216, minimum=1),
+            max_input_bytes=reader.integer("IMAGEGEN_MAX_INPUT_BYTES", 20 * 1024 * 1024, minimum=1),
+            workers=reader.integer("IMAGEGEN_WORKERS", 4, minimum=1),
+            lease=reader.seconds("IMAGEGEN_LEASE", 30),
+            max_attempts=reader.integer("IMAGEGEN_MAX_ATTEMPTS", 3, minimum=1),
+            pricing_file=_path_or_none(reader.optional("IMAGEGEN_PRICING_FILE")),
+            request_id_ttl=reader.seconds("IMAGEGEN_REQUEST_ID_TTL", 86400),
+            provider_timeout=reader.seconds("IMAGEGEN_PROVIDER_TIMEOUT", 120),
+            local_step_delay=reader.number("IMAGEGEN_LOCAL_STEP_DELAY", 0.05),
+            log_level=reader.text("IMAGEGEN_LOG_LEVEL", "INFO").upper(),
+            forge=ForgeSettings(
+                url=reader.optional("BUILT_IN_FORGE_API_URL"),
+                api_key=reader.optional("BUILT_IN_FORGE_API_KEY"),
+            ),
+            openai_api_key=reader.optional("OPENAI_API_KEY"),
+            openai_base_url=reader.optional("OPENAI_BASE_URL"),
+        )
+        return settings
+
+    @property
+    def forge_configured(self) -> bool:
+        return bool(self.forge.url and self.forge.api_key)
+
+    @property
+    def effective_default_provider(self) -> str:
+        if self.default_provider:
+            return self.default_provider
+        return "forge" if self.forge_configured else "local"
+
+
+def _path_or_none(value: str | None) -> Path | None:
+    return Path(value).expanduser() if value else None
+
+
+class _Reader:
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self._env = env
+
+    def optional(self, name: str) -> str | None:
+        value = self._env.get(name, "").strip()
+        return value or None
+
+    def text(self, name: str, default: str) -> str:
+        return self.optional(name) or default
+
+    def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, not {raw!r}") from None
+        if value < minimum:
+            raise ConfigError(f"{name} must be at least {minimum}")
+        return value
+
+    def integer(self, name: str, default: int, *, minimum: int = 0) -> int:
+        raw = self.optional(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, not {raw!r}") from None
+        if value < minimum:
+            raise ConfigError(f"{name} must be at least {minimum}")
+        return value
+
+    def port(self, name: str, default: int) -> int:
+        value = self.integer(name, default)
+        if value > 65535:
+            raise ConfigError(f"{name} must be a port number (0-65535)")
+        return value
+
+    def seconds(self, name: str, default: float) -> timedelta:
+        return timedelta(seconds=self.number(name, default))
