@@ -119,38 +119,49 @@ async def migrated_template(pg_server_dsn: str) -> str:
     return template_dsn
 
 
-@pytest.fixture
-async def database_url(pg_server_dsn: str, migrated_template: str) -> AsyncIterator[str]:
-    """A fresh, migrated database for one test, dropped afterwards."""
+async def create_database(pg_server_dsn: str, *, template: str | None = TEMPLATE_DB) -> str:
+    """A new database (from the migrated template unless told otherwise); returns its DSN."""
     name = f"t_{uuid.uuid4().hex[:16]}"
     admin = await asyncpg.connect(pg_server_dsn)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
+        clause = f' TEMPLATE "{template}"' if template else ""
+        await admin.execute(f'CREATE DATABASE "{name}"{clause}')
     finally:
         await admin.close()
-    yield dsn_for(pg_server_dsn, name)
+    return dsn_for(pg_server_dsn, name)
+
+
+async def drop_database(pg_server_dsn: str, dsn: str) -> None:
+    name = urlsplit(dsn).path.lstrip("/")
     admin = await asyncpg.connect(pg_server_dsn)
     try:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+@pytest.fixture
+async def database_url(pg_server_dsn: str, migrated_template: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for one test, dropped afterwards."""
+    dsn = await create_database(pg_server_dsn)
+    yield dsn
+    await drop_database(pg_server_dsn, dsn)
+
+
+@pytest.fixture(scope="module")
+async def module_database_url(pg_server_dsn: str, migrated_template: str) -> AsyncIterator[str]:
+    """A fresh, migrated database shared by one test module."""
+    dsn = await create_database(pg_server_dsn)
+    yield dsn
+    await drop_database(pg_server_dsn, dsn)
 
 
 @pytest.fixture
 async def empty_database_url(pg_server_dsn: str) -> AsyncIterator[str]:
     """A fresh database with no migrations applied, dropped afterwards."""
-    name = f"e_{uuid.uuid4().hex[:16]}"
-    admin = await asyncpg.connect(pg_server_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield dsn_for(pg_server_dsn, name)
-    admin = await asyncpg.connect(pg_server_dsn)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    dsn = await create_database(pg_server_dsn, template=None)
+    yield dsn
+    await drop_database(pg_server_dsn, dsn)
 
 
 # --- S3 ---------------------------------------------------------------------------------

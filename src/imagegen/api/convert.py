@@ -1,0 +1,234 @@
+"""Mapping between the contract's messages and domain values (no logic beyond that)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from imagegen.domain.errors import InvalidRequest
+from imagegen.domain.models import (
+    DEFAULT_SIZE,
+    EventType,
+    Generation,
+    GenerationEvent,
+    GenerationSource,
+    GenerationSpec,
+    GenerationState,
+    ImageFormat,
+    Size,
+    StoredImage,
+    Style,
+)
+from imagegen.v1 import common_pb2, generation_pb2
+
+_STYLE_TO_PB = {
+    Style.PHOTOGRAPHIC: common_pb2.STYLE_PHOTOGRAPHIC,
+    Style.ARTISTIC: common_pb2.STYLE_ARTISTIC,
+    Style.ANIME: common_pb2.STYLE_ANIME,
+    Style.DIGITAL_ART: common_pb2.STYLE_DIGITAL_ART,
+    Style.WATERCOLOR: common_pb2.STYLE_WATERCOLOR,
+    Style.SKETCH: common_pb2.STYLE_SKETCH,
+    Style.PIXEL_ART: common_pb2.STYLE_PIXEL_ART,
+    Style.CINEMATIC: common_pb2.STYLE_CINEMATIC,
+}
+_STYLE_FROM_PB = {v: k for k, v in _STYLE_TO_PB.items()}
+
+_FORMAT_TO_PB = {
+    ImageFormat.PNG: common_pb2.IMAGE_FORMAT_PNG,
+    ImageFormat.JPEG: common_pb2.IMAGE_FORMAT_JPEG,
+    ImageFormat.WEBP: common_pb2.IMAGE_FORMAT_WEBP,
+}
+_FORMAT_FROM_PB = {v: k for k, v in _FORMAT_TO_PB.items()}
+
+_SOURCE_TO_PB = {
+    GenerationSource.API: common_pb2.GENERATION_SOURCE_API,
+    GenerationSource.UI: common_pb2.GENERATION_SOURCE_UI,
+    GenerationSource.WORKFLOW: common_pb2.GENERATION_SOURCE_WORKFLOW,
+    GenerationSource.AGENT: common_pb2.GENERATION_SOURCE_AGENT,
+}
+_SOURCE_FROM_PB = {v: k for k, v in _SOURCE_TO_PB.items()}
+
+_STATE_TO_PB = {
+    GenerationState.QUEUED: generation_pb2.GENERATION_STATE_QUEUED,
+    GenerationState.RUNNING: generation_pb2.GENERATION_STATE_RUNNING,
+    GenerationState.COMPLETED: generation_pb2.GENERATION_STATE_COMPLETED,
+    GenerationState.FAILED: generation_pb2.GENERATION_STATE_FAILED,
+    GenerationState.CANCELLED: generation_pb2.GENERATION_STATE_CANCELLED,
+}
+STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+
+_EVENT_TO_PB = {
+    EventType.QUEUED: generation_pb2.GENERATION_EVENT_TYPE_QUEUED,
+    EventType.STARTED: generation_pb2.GENERATION_EVENT_TYPE_STARTED,
+    EventType.PROGRESS: generation_pb2.GENERATION_EVENT_TYPE_PROGRESS,
+    EventType.IMAGE_READY: generation_pb2.GENERATION_EVENT_TYPE_IMAGE_READY,
+    EventType.COMPLETED: generation_pb2.GENERATION_EVENT_TYPE_COMPLETED,
+    EventType.FAILED: generation_pb2.GENERATION_EVENT_TYPE_FAILED,
+    EventType.CANCELLED: generation_pb2.GENERATION_EVENT_TYPE_CANCELLED,
+}
+
+GENERATIONS_PREFIX = "generations/"
+IMAGES_PREFIX = "images/"
+
+
+def _timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def generation_id_from_name(name: str) -> str:
+    """`generations/{id}` -> id; a bare id is accepted too."""
+    if not name:
+        raise InvalidRequest("name is required, as generations/{generation}", field="name")
+    return name.removeprefix(GENERATIONS_PREFIX)
+
+
+def spec_from_proto(spec: common_pb2.GenerationSpec) -> GenerationSpec:
+    """Contract -> domain; unknown enum values and unsupported fields are IMG_003."""
+    if spec.sources or spec.HasField("mask"):
+        raise InvalidRequest(
+            "source images (edits) are not accepted by this server version yet; "
+            "send a text-to-image request",
+            field="sources",
+        )
+    if spec.style != common_pb2.STYLE_UNSPECIFIED and spec.style not in _STYLE_FROM_PB:
+        raise InvalidRequest(f"style {spec.style} is not a known style", field="style")
+    if spec.format != common_pb2.IMAGE_FORMAT_UNSPECIFIED and spec.format not in _FORMAT_FROM_PB:
+        raise InvalidRequest(f"format {spec.format} is not a known format", field="format")
+    if (
+        spec.source != common_pb2.GENERATION_SOURCE_UNSPECIFIED
+        and spec.source not in _SOURCE_FROM_PB
+    ):
+        raise InvalidRequest(f"source {spec.source} is not a known source", field="source")
+    if spec.HasField("size") and (spec.size.width, spec.size.height) != (0, 0):
+        size = Size(spec.size.width, spec.size.height)
+    else:
+        size = DEFAULT_SIZE
+    return GenerationSpec(
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        style=_STYLE_FROM_PB.get(spec.style),
+        size=size,
+        count=spec.count or 1,
+        output_format=_FORMAT_FROM_PB.get(spec.format, ImageFormat.PNG),
+        seed=spec.seed if spec.HasField("seed") else None,
+        provider=spec.provider,
+        source=_SOURCE_FROM_PB.get(spec.source, GenerationSource.API),
+    )
+
+
+def spec_to_proto(spec: GenerationSpec) -> common_pb2.GenerationSpec:
+    message = common_pb2.GenerationSpec(
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        style=_STYLE_TO_PB.get(spec.style, common_pb2.STYLE_UNSPECIFIED)
+        if spec.style
+        else common_pb2.STYLE_UNSPECIFIED,
+        size=common_pb2.ImageSize(width=spec.size.width, height=spec.size.height),
+        count=spec.count,
+        format=_FORMAT_TO_PB[spec.output_format],
+        provider=spec.provider,
+        source=_SOURCE_TO_PB[spec.source],
+    )
+    if spec.seed is not None:
+        message.seed = spec.seed
+    return message
+
+
+def image_to_proto(image: StoredImage, url_ttl: timedelta) -> common_pb2.Image:
+    message = common_pb2.Image(
+        name=IMAGES_PREFIX + image.id,
+        uri=image.url,
+        width=image.width,
+        height=image.height,
+        mime_type=image.mime_type,
+        size_bytes=image.size_bytes,
+        generation=GENERATIONS_PREFIX + image.generation_id if image.generation_id else "",
+        index=image.index,
+        provider=image.provider,
+        model=image.model,
+        prompt=image.prompt,
+    )
+    created = _timestamp(image.created_at)
+    if created is not None:
+        message.create_time.CopyFrom(created)
+        message.update_time.CopyFrom(created)
+    if image.url:
+        expire = Timestamp()
+        expire.GetCurrentTime()
+        expire.FromSeconds(expire.seconds + int(url_ttl.total_seconds()))
+        message.uri_expire_time.CopyFrom(expire)
+    return message
+
+
+def generation_to_proto(generation: Generation, url_ttl: timedelta) -> generation_pb2.Generation:
+    message = generation_pb2.Generation(
+        name=GENERATIONS_PREFIX + generation.id,
+        spec=spec_to_proto(generation.spec),
+        state=_STATE_TO_PB[generation.state],
+        provider=generation.provider,
+        model=generation.model,
+        credits=generation.credits,
+        attempts=generation.attempts,
+        images=[image_to_proto(img, url_ttl) for img in generation.images],
+        request_id=generation.request_id,
+        last_sequence=generation.last_sequence,
+    )
+    if generation.error_code:
+        message.error.CopyFrom(
+            generation_pb2.GenerationError(
+                code=generation.error_code, message=generation.error_message
+            )
+        )
+    for field, value in (
+        ("create_time", generation.created_at),
+        ("update_time", generation.updated_at),
+        ("start_time", generation.started_at),
+        ("end_time", generation.completed_at),
+    ):
+        stamp = _timestamp(value)
+        if stamp is not None:
+            getattr(message, field).CopyFrom(stamp)
+    return message
+
+
+def event_to_proto(event: GenerationEvent, url_ttl: timedelta) -> generation_pb2.GenerationEvent:
+    message = generation_pb2.GenerationEvent(
+        generation=GENERATIONS_PREFIX + event.generation_id,
+        sequence=event.sequence,
+        type=_EVENT_TO_PB[event.type],
+    )
+    stamp = _timestamp(event.created_at)
+    if stamp is not None:
+        message.create_time.CopyFrom(stamp)
+    if event.type is EventType.PROGRESS:
+        message.progress.CopyFrom(
+            generation_pb2.GenerationProgress(
+                percent=event.percent,
+                stage=event.stage,
+                preview=event.preview,
+                preview_mime_type=event.preview_mime_type,
+                image_index=int(event.extra.get("image_index", 0)),
+            )
+        )
+    elif event.type is EventType.IMAGE_READY and event.image is not None:
+        message.image.CopyFrom(image_to_proto(event.image, url_ttl))
+    elif event.type is EventType.FAILED:
+        message.error.CopyFrom(
+            generation_pb2.GenerationError(
+                code=event.error_code, message=event.error_message, retryable=event.retryable
+            )
+        )
+    return message
+
+
+def format_to_proto(output_format: ImageFormat) -> common_pb2.ImageFormat.ValueType:
+    return _FORMAT_TO_PB[output_format]
+
+
+def all_styles_proto() -> list[common_pb2.Style.ValueType]:
+    return list(_STYLE_TO_PB.values())

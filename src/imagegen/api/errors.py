@@ -1,0 +1,187 @@
+"""The one table that turns domain errors into gRPC rich status (AIP-193).
+
+Every status carries a `google.rpc.ErrorInfo` whose `reason` is the stable IMG code
+(or, for code-less errors, the class name in UPPER_SNAKE: `NOT_FOUND`), whose
+`domain` is `imagegen.v1` and whose `metadata` is the error's specifics. Rate limits
+add `RetryInfo`; invalid fields add `BadRequest.FieldViolation`. Anything that is not
+an `ImageGenError` is a bug: it is logged with its traceback and the caller gets a
+generic INTERNAL that names the request id to quote.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import duration_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]  # no py.typed
+from grpc_status import rpc_status
+
+from imagegen.api.context import current_request_id
+from imagegen.domain import errors as domain
+
+log = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "imagegen.v1"
+
+#: Delay advertised when a rate-limit error was rebuilt from a stored code that has no
+#: retry-after of its own (see `error_from_code`).
+DEFAULT_RETRY_AFTER = timedelta(seconds=60)
+
+_StatusFor = Callable[[domain.ImageGenError], grpc.StatusCode]
+
+
+def _fixed(code: grpc.StatusCode) -> _StatusFor:
+    return lambda _exc: code
+
+
+def _by_retryable(exc: domain.ImageGenError) -> grpc.StatusCode:
+    # A provider hiccup (timeout, 5xx, its own rate limit) is worth retrying; a reply we
+    # cannot use is not, and UNAVAILABLE would invite clients to loop on it.
+    return grpc.StatusCode.UNAVAILABLE if exc.retryable else grpc.StatusCode.INTERNAL
+
+
+#: Domain error class -> gRPC status code. The DESIGN.md table, in one place.
+STATUS_TABLE: dict[type[domain.ImageGenError], _StatusFor] = {
+    domain.ProviderNotConfigured: _fixed(grpc.StatusCode.FAILED_PRECONDITION),  # IMG_001
+    domain.ProviderFailed: _by_retryable,  # IMG_002
+    domain.InvalidRequest: _fixed(grpc.StatusCode.INVALID_ARGUMENT),  # IMG_003
+    domain.StorageFailed: _fixed(grpc.StatusCode.UNAVAILABLE),  # IMG_004
+    domain.RateLimited: _fixed(grpc.StatusCode.RESOURCE_EXHAUSTED),  # IMG_005
+    domain.InsufficientCredits: _fixed(grpc.StatusCode.FAILED_PRECONDITION),  # IMG_006
+    domain.ImageTooLarge: _fixed(grpc.StatusCode.INVALID_ARGUMENT),  # IMG_007
+    domain.StorageQuotaExceeded: _fixed(grpc.StatusCode.RESOURCE_EXHAUSTED),  # IMG_008
+    domain.RequestIdReused: _fixed(grpc.StatusCode.FAILED_PRECONDITION),  # IMG_009
+    domain.ContentPolicyRefused: _fixed(grpc.StatusCode.INVALID_ARGUMENT),  # IMG_010
+    domain.NotFound: _fixed(grpc.StatusCode.NOT_FOUND),
+    domain.PermissionDenied: _fixed(grpc.StatusCode.PERMISSION_DENIED),
+    domain.Unauthenticated: _fixed(grpc.StatusCode.UNAUTHENTICATED),
+    domain.Cancelled: _fixed(grpc.StatusCode.CANCELLED),
+    domain.ShuttingDown: _fixed(grpc.StatusCode.UNAVAILABLE),
+}
+
+
+def _upper_snake(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).upper()
+
+
+#: ErrorInfo reason -> domain class, to rebuild an error stored by its code.
+_CLASS_BY_REASON: dict[str, type[domain.ImageGenError]] = {
+    cls.code or _upper_snake(cls.__name__): cls for cls in STATUS_TABLE
+}
+
+
+def error_reason(exc: BaseException) -> str:
+    """The ErrorInfo reason of an error: its IMG code, else its class name in UPPER_SNAKE."""
+    if isinstance(exc, domain.ImageGenError):
+        return exc.code or _upper_snake(type(exc).__name__)
+    if isinstance(exc, NotImplementedError):
+        return "UNIMPLEMENTED"
+    return "INTERNAL"
+
+
+def _status_code_for(exc: domain.ImageGenError) -> grpc.StatusCode:
+    for cls in type(exc).__mro__:
+        status_for = STATUS_TABLE.get(cls)
+        if status_for is not None:
+            return status_for(exc)
+    # An ImageGenError outside the table (a new subclass, or one rebuilt from an unknown
+    # stored code) still speaks to the caller; only its retryability decides the code.
+    return _by_retryable(exc)
+
+
+def _pack(status: status_pb2.Status, detail: Message) -> None:
+    status.details.add().Pack(detail)
+
+
+def rich_status(exc: BaseException) -> tuple[grpc.StatusCode, str, status_pb2.Status]:
+    """The gRPC code, message and `google.rpc.Status` (with ErrorInfo) for an exception."""
+    if isinstance(exc, domain.ImageGenError):
+        code = _status_code_for(exc)
+        message = exc.message
+        metadata = exc.metadata
+    elif isinstance(exc, NotImplementedError):
+        # The generated servicer base raises this for RPCs a servicer does not override;
+        # the caller should see UNIMPLEMENTED, as it would without our interceptors.
+        log.warning("unimplemented RPC called (request id %s)", current_request_id.get() or "-")
+        code = grpc.StatusCode.UNIMPLEMENTED
+        message = "this method is not implemented by this server"
+        metadata = {}
+    else:
+        # A bug, not a refusal: the caller learns only where to look; the traceback stays
+        # in our log, tied to the request id.
+        request_id = current_request_id.get()
+        log.error("unexpected error (request id %s)", request_id or "-", exc_info=exc)
+        code = grpc.StatusCode.INTERNAL
+        message = "internal error in imagegen; it has been logged" + (
+            f": quote request id {request_id} when reporting it" if request_id else ""
+        )
+        metadata = {"request_id": request_id} if request_id else {}
+    status = status_pb2.Status(code=code.value[0], message=message)
+    info = error_details_pb2.ErrorInfo(
+        reason=error_reason(exc), domain=ERROR_DOMAIN, metadata=metadata
+    )
+    _pack(status, info)
+    retry_after = (
+        getattr(exc, "retry_after", None) if isinstance(exc, domain.ImageGenError) else None
+    )
+    if isinstance(exc, domain.RateLimited) or isinstance(retry_after, timedelta):
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(max(retry_after or timedelta(0), timedelta(0)))
+        _pack(status, error_details_pb2.RetryInfo(retry_delay=delay))
+    if isinstance(exc, domain.InvalidRequest) and exc.field:
+        _pack(
+            status,
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=exc.field, description=exc.message
+                    )
+                ]
+            ),
+        )
+    return code, message, status
+
+
+async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
+    """End the RPC with `exc`'s rich status; never returns (raises grpc's AbortError)."""
+    code, message, status = rich_status(exc)
+    if isinstance(exc, domain.ImageGenError):
+        log.info(
+            "rpc refused: %s %s (request id %s)",
+            code.name,
+            error_reason(exc),
+            current_request_id.get() or "-",
+        )
+    # context.abort with the details in trailing metadata, not abort_with_status: the
+    # OpenTelemetry interceptor records the right span status only this way.
+    await context.abort(
+        code,
+        message,
+        trailing_metadata=((rpc_status.GRPC_DETAILS_METADATA_KEY, status.SerializeToString()),),
+    )
+
+
+def error_from_code(code: str, message: str, retryable: bool) -> domain.ImageGenError:
+    """Rebuild the domain error a job stored as (code, message, retryable).
+
+    An unknown code still yields an ImageGenError that reports that code as its reason.
+    """
+    cls = _CLASS_BY_REASON.get(code)
+    exc: domain.ImageGenError
+    if cls is domain.ProviderFailed:
+        exc = domain.ProviderFailed(message, retryable=retryable)
+    elif cls is domain.RateLimited:
+        exc = domain.RateLimited(message, retry_after=DEFAULT_RETRY_AFTER)
+    elif cls is not None:
+        exc = cls(message)
+    else:
+        exc = domain.ImageGenError(message)
+        exc.code = code
+        exc.retryable = retryable
+    return exc

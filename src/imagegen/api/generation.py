@@ -1,0 +1,147 @@
+"""ImageGenerationService: thin proto <-> domain mapping around GenerationService.
+
+Domain errors are raised as they are; the error interceptor turns them into rich
+gRPC status in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from datetime import timedelta
+
+import grpc
+
+from imagegen.api import convert
+from imagegen.api.context import identity
+from imagegen.api.errors import error_from_code
+from imagegen.domain.models import EventType
+from imagegen.providers.base import Provider
+from imagegen.services.generation import GenerationService
+from imagegen.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+
+
+class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer):
+    """gRPC face of the generation use cases."""
+
+    def __init__(
+        self,
+        service: GenerationService,
+        providers: Mapping[str, Provider],
+        *,
+        default_provider: str,
+        url_ttl: timedelta,
+    ) -> None:
+        self._service = service
+        self._providers = providers
+        self._default_provider = default_provider
+        self._url_ttl = url_ttl
+
+    async def GenerateImage(
+        self,
+        request: generation_pb2.GenerateImageRequest,
+        context: grpc.aio.ServicerContext[
+            generation_pb2.GenerateImageRequest, generation_pb2.GenerateImageResponse
+        ],
+    ) -> AsyncIterator[generation_pb2.GenerateImageResponse]:
+        caller = identity()
+        spec = convert.spec_from_proto(request.spec)
+        generation = await self._service.submit(caller, spec, request.request_id)
+        async for event in self._service.watch(caller, generation.id):
+            yield generation_pb2.GenerateImageResponse(
+                event=convert.event_to_proto(event, self._url_ttl)
+            )
+            if event.type is EventType.FAILED:
+                # The caller that waits learns of the failure as a status too.
+                raise error_from_code(event.error_code, event.error_message, event.retryable)
+
+    async def SubmitGeneration(
+        self,
+        request: generation_pb2.SubmitGenerationRequest,
+        context: grpc.aio.ServicerContext[
+            generation_pb2.SubmitGenerationRequest, generation_pb2.SubmitGenerationResponse
+        ],
+    ) -> generation_pb2.SubmitGenerationResponse:
+        caller = identity()
+        spec = convert.spec_from_proto(request.spec)
+        generation = await self._service.submit(caller, spec, request.request_id)
+        return generation_pb2.SubmitGenerationResponse(
+            generation=convert.generation_to_proto(generation, self._url_ttl)
+        )
+
+    async def WatchGeneration(
+        self,
+        request: generation_pb2.WatchGenerationRequest,
+        context: grpc.aio.ServicerContext[
+            generation_pb2.WatchGenerationRequest, generation_pb2.WatchGenerationResponse
+        ],
+    ) -> AsyncIterator[generation_pb2.WatchGenerationResponse]:
+        caller = identity()
+        generation_id = convert.generation_id_from_name(request.name)
+        async for event in self._service.watch(caller, generation_id, request.after_sequence):
+            yield generation_pb2.WatchGenerationResponse(
+                event=convert.event_to_proto(event, self._url_ttl)
+            )
+
+    async def GetGeneration(
+        self,
+        request: generation_pb2.GetGenerationRequest,
+        context: grpc.aio.ServicerContext[
+            generation_pb2.GetGenerationRequest, generation_pb2.GetGenerationResponse
+        ],
+    ) -> generation_pb2.GetGenerationResponse:
+        generation = await self._service.get(
+            identity(), convert.generation_id_from_name(request.name)
+        )
+        return generation_pb2.GetGenerationResponse(
+            generation=convert.generation_to_proto(generation, self._url_ttl)
+        )
+
+    async def QuoteGeneration(
+        self,
+        request: generation_pb2.QuoteGenerationRequest,
+        context: grpc.aio.ServicerContext[
+            generation_pb2.QuoteGenerationRequest, generation_pb2.QuoteGenerationResponse
+        ],
+    ) -> generation_pb2.QuoteGenerationResponse:
+        identity()
+        spec = self._service.validate(convert.spec_from_proto(request.spec))
+        return generation_pb2.QuoteGenerationResponse(
+            credits=self._service.quote(spec),
+            provider=spec.provider or self._default_provider,
+        )
+
+    async def ListProviders(
+        self,
+        request: generation_pb2.ListProvidersRequest,
+        context: grpc.aio.ServicerContext[
+            generation_pb2.ListProvidersRequest, generation_pb2.ListProvidersResponse
+        ],
+    ) -> generation_pb2.ListProvidersResponse:
+        identity()
+        infos = []
+        for provider_id, provider in sorted(self._providers.items()):
+            caps = provider.capabilities
+            infos.append(
+                generation_pb2.ProviderInfo(
+                    id=provider_id,
+                    display_name=provider.display_name,
+                    capabilities=generation_pb2.ProviderCapabilities(
+                        edit=caps.edit,
+                        mask=caps.mask,
+                        negative_prompt=caps.negative_prompt,
+                        seed=caps.seed,
+                        style=caps.style,
+                        previews=caps.previews,
+                        sizes=[
+                            common_pb2.ImageSize(width=s.width, height=s.height)
+                            for s in caps.sizes
+                        ],
+                        formats=[convert.format_to_proto(f) for f in caps.formats],
+                        max_count=caps.max_count,
+                    ),
+                    models=list(provider.models),
+                    styles=convert.all_styles_proto(),
+                    default=provider_id == self._default_provider,
+                )
+            )
+        return generation_pb2.ListProvidersResponse(providers=infos)

@@ -1,0 +1,132 @@
+"""`imagegen`: serve, migrate, mint a token, or generate from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from datetime import timedelta
+
+from imagegen.config import ConfigError, Settings
+
+PLANS = ("free", "basic", "pro", "enterprise")
+STYLES = (
+    "photographic",
+    "artistic",
+    "anime",
+    "digital_art",
+    "watercolor",
+    "sketch",
+    "pixel_art",
+    "cinematic",
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="imagegen", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("serve", help="serve gRPC (and signed URLs, /metrics over HTTP)")
+    sub.add_parser("migrate", help="apply database migrations and exit")
+
+    token = sub.add_parser("token", help="mint a development token (printed on the last line)")
+    token.add_argument("--user", required=True, help="user id (the `sub` claim)")
+    token.add_argument("--plan", default="free", choices=PLANS)
+    token.add_argument("--sub-account", default="", help="sub-account (team) id")
+    token.add_argument("--hours", type=float, default=24.0, help="lifetime in hours")
+
+    gen = sub.add_parser("generate", help="generate images and save them")
+    gen.add_argument("prompt")
+    gen.add_argument("--style", choices=STYLES)
+    gen.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT, e.g. 512x512")
+    gen.add_argument("--format", default="png", choices=("png", "jpeg", "webp"))
+    gen.add_argument("--negative", default="", help="negative prompt")
+    gen.add_argument("--count", type=int, default=1)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--provider", default="")
+    gen.add_argument("--out", default=".", help="directory to save the images in")
+    gen.add_argument("--addr", default=None, help="server address (IMAGEGEN_ADDR)")
+    gen.add_argument("--user", default="cli", help="user for a minted token when none is given")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"imagegen: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        return _serve(settings)
+    if args.command == "migrate":
+        return _migrate(settings)
+    if args.command == "token":
+        return _token(settings, args)
+    if args.command == "generate":
+        from imagegen.client.cli_generate import run_generate
+
+        return asyncio.run(run_generate(settings, args))
+    return 2  # pragma: no cover - argparse rejects other commands
+
+
+def _serve(settings: Settings) -> int:
+    from imagegen.server import Server
+    from imagegen.telemetry import configure_logging
+
+    configure_logging(settings.log_level)
+    if settings.database_url is None:
+        print(
+            f"imagegen: using embedded PostgreSQL and local blobs in {settings.data_dir}",
+            file=sys.stderr,
+        )
+    if settings.jwt.key is None:
+        print(
+            "imagegen: development JWT key in the data directory; "
+            "get a token with: imagegen token --user alice",
+            file=sys.stderr,
+        )
+    asyncio.run(Server(settings).run())
+    return 0
+
+
+def _migrate(settings: Settings) -> int:
+    from imagegen.embedded import start_embedded_postgres
+    from imagegen.repositories.migrator import apply_migrations
+
+    async def _run() -> list[str]:
+        if settings.database_url is not None:
+            return await apply_migrations(settings.database_url)
+        embedded = await start_embedded_postgres(settings.data_dir)
+        try:
+            return await apply_migrations(embedded.dsn)
+        finally:
+            await embedded.stop()
+
+    applied = asyncio.run(_run())
+    print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+    return 0
+
+
+def _token(settings: Settings, args: argparse.Namespace) -> int:
+    from imagegen.identity import mint_token, resolve_jwt_key
+
+    key = resolve_jwt_key(settings.jwt, settings.data_dir)
+    token = mint_token(
+        key,
+        user_id=args.user,
+        plan=args.plan,
+        sub_account=args.sub_account,
+        lifetime=timedelta(hours=args.hours),
+        algorithm=settings.jwt.algorithms[0],
+        issuer=settings.jwt.issuer,
+        audience=settings.jwt.audience,
+    )
+    print(token)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    logging.basicConfig()
+    raise SystemExit(main())

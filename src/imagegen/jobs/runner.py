@@ -1,0 +1,130 @@
+"""Workers: claim queued jobs from PostgreSQL, hold their lease, run them.
+
+Each served process runs one JobRunner with a fixed number of slots. A job is
+claimed with FOR UPDATE SKIP LOCKED, its lease renewed by a heartbeat while it
+runs; a process that dies stops renewing and another one takes the job again.
+On shutdown the runner stops claiming, lets running jobs finish within the
+grace period and hands the rest back to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+from imagegen.domain.models import Generation
+from imagegen.jobs.signals import JobSignals
+from imagegen.repositories.generations import GenerationRepository
+
+log = logging.getLogger(__name__)
+
+JobExecutor = Callable[[Generation, str], Awaitable[None]]
+
+
+class JobRunner:
+    """Owns the claim loop and every job task it starts."""
+
+    def __init__(
+        self,
+        generations: GenerationRepository,
+        execute: JobExecutor,
+        signals: JobSignals,
+        *,
+        workers: int,
+        lease: timedelta,
+        poll_interval: float = 1.0,
+        worker_id: str | None = None,
+    ) -> None:
+        self._generations = generations
+        self._execute = execute
+        self._signals = signals
+        self._workers = workers
+        self._lease = lease
+        self._poll_interval = poll_interval
+        self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._claiming = True
+
+    @property
+    def running_jobs(self) -> int:
+        return len(self._tasks)
+
+    async def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._claim_loop(), name="imagegen-claim-loop")
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming; wait up to `grace` seconds for running jobs; hand back the rest."""
+        self._claiming = False
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        pending = list(self._tasks.values())
+        if pending:
+            _done, still_running = await asyncio.wait(pending, timeout=max(grace, 0))
+            for task in still_running:
+                task.cancel()
+            if still_running:
+                await asyncio.gather(*still_running, return_exceptions=True)
+
+    async def _claim_loop(self) -> None:
+        while self._claiming:
+            with self._signals.watch_queue() as queued:
+                free = self._workers - len(self._tasks)
+                if free > 0:
+                    try:
+                        jobs = await self._generations.claim(self.worker_id, self._lease, free)
+                    except Exception:
+                        log.exception("claiming jobs failed; retrying")
+                        jobs = []
+                    for job in jobs:
+                        self._spawn(job)
+                    if jobs:
+                        continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(queued.wait(), timeout=self._poll_interval)
+
+    def _spawn(self, job: Generation) -> None:
+        task = asyncio.create_task(self._run(job), name=f"imagegen-job-{job.id}")
+        self._tasks[job.id] = task
+
+        def _done(_t: asyncio.Task[None]) -> None:
+            self._tasks.pop(job.id, None)
+            # A slot is free: look for more work.
+            self._signals.job_queued()
+
+        task.add_done_callback(_done)
+
+    async def _run(self, job: Generation) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(job.id), name=f"imagegen-lease-{job.id}")
+        try:
+            await self._execute(job, self.worker_id)
+        except asyncio.CancelledError:
+            # Shutdown: the job goes back to the queue for another worker.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._generations.release(job.id, self.worker_id))
+                self._signals.job_changed(job.id)
+            raise
+        except Exception:
+            log.exception("job %s crashed outside its error handling", job.id)
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+
+    async def _heartbeat(self, generation_id: str) -> None:
+        interval = max(self._lease.total_seconds() / 3, 0.2)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not await self._generations.renew_lease(
+                    generation_id, self.worker_id, self._lease
+                ):
+                    return
+            except Exception:
+                log.warning("renewing the lease of %s failed", generation_id, exc_info=True)

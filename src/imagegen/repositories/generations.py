@@ -1,0 +1,409 @@
+"""Generation jobs and their event logs (SQL lives here only)."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+
+from imagegen.domain.errors import RequestIdReused
+from imagegen.domain.models import (
+    EventType,
+    Generation,
+    GenerationEvent,
+    GenerationSource,
+    GenerationSpec,
+    GenerationState,
+    ImageFormat,
+    Size,
+    StoredImage,
+    Style,
+)
+from imagegen.repositories.images import ImageRepository, parse_id
+from imagegen.repositories.usage import UsageRecord, UsageRepository
+
+#: NOTIFY channel that carries a generation id whenever its log grows.
+EVENTS_CHANNEL = "imagegen_generation_events"
+#: NOTIFY channel that tells workers a job was queued.
+QUEUE_CHANNEL = "imagegen_generation_queue"
+
+
+@dataclass(frozen=True)
+class NewGeneration:
+    """What submit stores: a validated spec, its owner, price and provider."""
+
+    id: str
+    user_id: str
+    sub_account: str
+    request_id: str
+    spec: GenerationSpec
+    provider: str
+    credits: int
+    extra_spec: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to append; its sequence number is given by the log."""
+
+    type: EventType
+    payload: dict[str, Any]
+    preview: bytes | None = None
+
+
+def spec_to_json(spec: GenerationSpec) -> dict[str, Any]:
+    return spec.fingerprint()
+
+
+def spec_from_json(data: dict[str, Any]) -> GenerationSpec:
+    return GenerationSpec(
+        prompt=str(data["prompt"]),
+        negative_prompt=str(data.get("negative_prompt", "")),
+        style=Style(data["style"]) if data.get("style") else None,
+        size=Size(int(data["width"]), int(data["height"])),
+        count=int(data["count"]),
+        output_format=ImageFormat(data["format"]),
+        seed=None if data.get("seed") is None else int(data["seed"]),
+        provider=str(data.get("provider", "")),
+        source=GenerationSource(data.get("source") or "api"),
+    )
+
+
+def _generation_from_row(row: asyncpg.Record) -> Generation:
+    return Generation(
+        id=str(row["id"]),
+        user_id=row["user_id"],
+        sub_account=row["sub_account"],
+        request_id=row["request_id"] or "",
+        spec=spec_from_json(row["spec"]),
+        state=GenerationState(row["state"]),
+        provider=row["provider"],
+        model=row["model"],
+        credits=row["credits"],
+        attempts=row["attempts"],
+        error_code=row["error_code"],
+        error_message=row["error_message"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        started_at=row["started_at"],
+        completed_at=row["completed_at"],
+        last_sequence=row["last_sequence"],
+    )
+
+
+def _event_from_row(row: asyncpg.Record) -> GenerationEvent:
+    payload: dict[str, Any] = row["payload"]
+    return GenerationEvent(
+        generation_id=str(row["generation_id"]),
+        sequence=row["sequence"],
+        type=EventType(row["event_type"]),
+        created_at=row["created_at"],
+        percent=int(payload.get("percent", 0)),
+        stage=str(payload.get("stage", "")),
+        preview=bytes(row["preview"] or b""),
+        preview_mime_type=str(payload.get("preview_mime_type", "")),
+        error_code=str(payload.get("error_code", "")),
+        error_message=str(payload.get("error_message", "")),
+        retryable=bool(payload.get("retryable", False)),
+        extra={k: str(v) for k, v in payload.items() if k in ("image_id", "image_index")},
+    )
+
+
+class GenerationRepository:
+    """Jobs, their leases and their append-only, gap-free event logs."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    async def create(
+        self, job: NewGeneration, *, request_id_ttl: timedelta
+    ) -> tuple[Generation, bool]:
+        """Store a queued job with its QUEUED event; an existing job for the same
+        request_id is returned instead (created=False), or IMG_009 if its
+        parameters differ."""
+        fingerprint = job.spec.fingerprint()
+        spec_json = {**spec_to_json(job.spec), **job.extra_spec}
+        request_id = job.request_id or None
+        async with self._pool.acquire() as conn, conn.transaction():
+            if request_id is not None:
+                # A request id is remembered for the retention window only.
+                await conn.execute(
+                    "UPDATE generations SET request_id = NULL "
+                    "WHERE user_id = $1 AND request_id = $2 AND created_at < now() - $3::interval",
+                    job.user_id,
+                    request_id,
+                    request_id_ttl,
+                )
+            row = await conn.fetchrow(
+                """
+                INSERT INTO generations (
+                    id, user_id, sub_account, request_id, fingerprint, prompt, negative_prompt,
+                    style, width, height, image_count, output_format, seed, source, spec,
+                    provider, state, credits, last_sequence)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                        $16, 'queued', $17, 1)
+                ON CONFLICT (user_id, request_id) WHERE request_id IS NOT NULL DO NOTHING
+                RETURNING *
+                """,
+                uuid.UUID(job.id),
+                job.user_id,
+                job.sub_account,
+                request_id,
+                fingerprint,
+                job.spec.prompt,
+                job.spec.negative_prompt,
+                job.spec.style.value if job.spec.style else "",
+                job.spec.size.width,
+                job.spec.size.height,
+                job.spec.count,
+                job.spec.output_format.value,
+                job.spec.seed,
+                job.spec.source.value,
+                spec_json,
+                job.provider,
+                job.credits,
+            )
+            if row is None:
+                existing = await conn.fetchrow(
+                    "SELECT * FROM generations WHERE user_id = $1 AND request_id = $2",
+                    job.user_id,
+                    request_id,
+                )
+                if existing is None:  # pragma: no cover - the conflict row vanished
+                    raise RuntimeError("request_id conflict without a row")
+                if existing["fingerprint"] != fingerprint:
+                    raise RequestIdReused(
+                        f"request_id {request_id!r} was used for a different request; "
+                        "use a new request_id for new parameters",
+                        metadata={"request_id": request_id or ""},
+                    )
+                return _generation_from_row(existing), False
+            await conn.execute(
+                "INSERT INTO generation_events (generation_id, sequence, event_type, payload) "
+                "VALUES ($1, 1, 'queued', '{}'::jsonb)",
+                row["id"],
+            )
+            await conn.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, str(row["id"]))
+            await conn.execute("SELECT pg_notify($1, $2)", QUEUE_CHANNEL, str(row["id"]))
+            return _generation_from_row(row), True
+
+    async def get(self, user_id: str, generation_id: str) -> Generation | None:
+        """The owner's job, or None (also for another user's or a malformed id)."""
+        gid = parse_id(generation_id)
+        if gid is None:
+            return None
+        row = await self._pool.fetchrow(
+            "SELECT * FROM generations WHERE id = $1 AND user_id = $2", gid, user_id
+        )
+        return None if row is None else _generation_from_row(row)
+
+    async def get_any(self, generation_id: str) -> Generation | None:
+        """A job by id whoever owns it: for workers, never for callers."""
+        gid = parse_id(generation_id)
+        if gid is None:
+            return None
+        row = await self._pool.fetchrow("SELECT * FROM generations WHERE id = $1", gid)
+        return None if row is None else _generation_from_row(row)
+
+    async def claim(self, worker_id: str, lease: timedelta, limit: int) -> list[Generation]:
+        """Take up to `limit` queued jobs (oldest first) for this worker, or jobs whose
+        worker's lease ran out; other workers skip the rows being claimed."""
+        rows = await self._pool.fetch(
+            """
+            UPDATE generations g
+               SET state = 'running',
+                   attempts = g.attempts + 1,
+                   lease_owner = $1,
+                   lease_expires_at = now() + $2::interval,
+                   started_at = coalesce(g.started_at, now()),
+                   updated_at = now()
+             WHERE g.id IN (
+                   SELECT id FROM generations
+                    WHERE state = 'queued'
+                       OR (state = 'running' AND lease_expires_at < now())
+                    ORDER BY created_at
+                    FOR UPDATE SKIP LOCKED
+                    LIMIT $3)
+            RETURNING g.*
+            """,
+            worker_id,
+            lease,
+            limit,
+        )
+        return [_generation_from_row(r) for r in rows]
+
+    async def renew_lease(self, generation_id: str, worker_id: str, lease: timedelta) -> bool:
+        """Extend this worker's lease; False if the job is no longer ours."""
+        status = await self._pool.execute(
+            "UPDATE generations SET lease_expires_at = now() + $3::interval "
+            "WHERE id = $1 AND lease_owner = $2 AND state = 'running'",
+            uuid.UUID(generation_id),
+            worker_id,
+            lease,
+        )
+        return bool(status == "UPDATE 1")
+
+    async def release(self, generation_id: str, worker_id: str) -> bool:
+        """Hand a running job back to the queue (shutdown); its attempt is not counted."""
+        status = await self._pool.execute(
+            "UPDATE generations SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, "
+            "attempts = greatest(attempts - 1, 0), updated_at = now() "
+            "WHERE id = $1 AND lease_owner = $2 AND state = 'running'",
+            uuid.UUID(generation_id),
+            worker_id,
+        )
+        return bool(status == "UPDATE 1")
+
+    async def is_cancel_requested(self, generation_id: str) -> bool:
+        value = await self._pool.fetchval(
+            "SELECT cancel_requested FROM generations WHERE id = $1", uuid.UUID(generation_id)
+        )
+        return bool(value)
+
+    async def append_event(
+        self, generation_id: str, event: NewEvent, *, conn: asyncpg.Connection | None = None
+    ) -> GenerationEvent:
+        """Append one event with the next sequence number (the job row's lock keeps
+        the numbers gap-free) and signal watchers on every replica."""
+        if conn is None:
+            async with self._pool.acquire() as own, own.transaction():
+                return await self._append(own, generation_id, event)
+        return await self._append(conn, generation_id, event)
+
+    async def _append(
+        self, conn: asyncpg.Connection, generation_id: str, event: NewEvent
+    ) -> GenerationEvent:
+        gid = uuid.UUID(generation_id)
+        sequence = await conn.fetchval(
+            "UPDATE generations SET last_sequence = last_sequence + 1, updated_at = now() "
+            "WHERE id = $1 RETURNING last_sequence",
+            gid,
+        )
+        row = await conn.fetchrow(
+            "INSERT INTO generation_events (generation_id, sequence, event_type, payload, preview) "
+            "VALUES ($1, $2, $3, $4, $5) RETURNING *",
+            gid,
+            sequence,
+            event.type.value,
+            event.payload,
+            event.preview,
+        )
+        await conn.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, generation_id)
+        return _event_from_row(row)
+
+    async def finish(
+        self,
+        conn: asyncpg.Connection,
+        generation_id: str,
+        *,
+        state: GenerationState,
+        model: str,
+        credits: int,
+        error_code: str = "",
+        error_message: str = "",
+        worker_id: str | None = None,
+    ) -> bool:
+        """Move a running job to a terminal state (inside the caller's transaction).
+        False if this worker no longer holds it or it already ended."""
+        status = await conn.execute(
+            """
+            UPDATE generations
+               SET state = $2, model = $3, credits = $4, error_code = $5, error_message = $6,
+                   lease_owner = NULL, lease_expires_at = NULL,
+                   completed_at = now(), updated_at = now()
+             WHERE id = $1 AND state IN ('queued', 'running')
+               AND ($7::text IS NULL OR lease_owner = $7 OR state = 'queued')
+            """,
+            uuid.UUID(generation_id),
+            state.value,
+            model,
+            credits,
+            error_code,
+            error_message,
+            worker_id,
+        )
+        return bool(status == "UPDATE 1")
+
+    async def events_after(
+        self, generation_id: str, after_sequence: int, limit: int = 500
+    ) -> list[GenerationEvent]:
+        """Stored events with a sequence above `after_sequence`, in order."""
+        rows = await self._pool.fetch(
+            "SELECT * FROM generation_events WHERE generation_id = $1 AND sequence > $2 "
+            "ORDER BY sequence LIMIT $3",
+            uuid.UUID(generation_id),
+            after_sequence,
+            limit,
+        )
+        return [_event_from_row(r) for r in rows]
+
+
+class JobStore:
+    """The job aggregate's multi-table writes, each one transaction: an image with
+    its IMAGE_READY event, and a job's end with its usage record and terminal event."""
+
+    def __init__(
+        self,
+        generations: GenerationRepository,
+        images: ImageRepository,
+        usage: UsageRepository,
+    ) -> None:
+        self._generations = generations
+        self._images = images
+        self._usage = usage
+
+    async def record_image(
+        self,
+        image: StoredImage,
+        event: NewEvent,
+        *,
+        negative_prompt: str,
+        style: str,
+        seed: int | None,
+    ) -> tuple[StoredImage, GenerationEvent]:
+        """Insert the row of a stored blob and announce it, atomically."""
+        async with self._generations.pool.acquire() as conn, conn.transaction():
+            stored = await self._images.insert(
+                conn, image, negative_prompt=negative_prompt, style=style, seed=seed
+            )
+            appended = await self._generations.append_event(image.generation_id, event, conn=conn)
+            return stored, appended
+
+    async def finish(
+        self,
+        generation_id: str,
+        *,
+        state: GenerationState,
+        model: str,
+        credits: int,
+        usage: UsageRecord | None,
+        event: NewEvent,
+        worker_id: str | None,
+        error_code: str = "",
+        error_message: str = "",
+    ) -> GenerationEvent | None:
+        """End a job exactly once: state, usage record and terminal event together.
+        None when the job had already ended or another worker holds it."""
+        async with self._generations.pool.acquire() as conn, conn.transaction():
+            ended = await self._generations.finish(
+                conn,
+                generation_id,
+                state=state,
+                model=model,
+                credits=credits,
+                error_code=error_code,
+                error_message=error_message,
+                worker_id=worker_id,
+            )
+            if not ended:
+                return None
+            if usage is not None:
+                await self._usage.insert(conn, usage)
+            return await self._generations.append_event(generation_id, event, conn=conn)

@@ -1,0 +1,312 @@
+"""The composition root: reads settings, opens every resource in one exit stack,
+wires services and servicers, serves gRPC and HTTP, and shuts down in order.
+
+Shutdown on SIGTERM/SIGINT: health turns NOT_SERVING and new RPCs are refused
+(UNAVAILABLE) while running ones finish within IMAGEGEN_SHUTDOWN_GRACE; workers
+stop claiming, running jobs finish or go back to the queue; then everything closes
+in reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import httpx
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from imagegen.api.generation import ImageGenerationServicer
+from imagegen.api.http import build_http_app, start_http_server
+from imagegen.api.interceptors import (
+    AuthInterceptor,
+    DrainInterceptor,
+    ErrorInterceptor,
+    InflightInterceptor,
+)
+from imagegen.config import Settings
+from imagegen.domain.pricing import PriceTable
+from imagegen.embedded import start_embedded_postgres
+from imagegen.identity import TokenVerifier, resolve_jwt_key
+from imagegen.jobs.runner import JobRunner
+from imagegen.jobs.signals import JobSignals, NotificationListener
+from imagegen.providers.base import Provider
+from imagegen.providers.forge import ForgeProvider
+from imagegen.providers.local import LocalProvider
+from imagegen.repositories.db import open_pool
+from imagegen.repositories.generations import GenerationRepository, JobStore
+from imagegen.repositories.images import ImageRepository
+from imagegen.repositories.migrator import apply_migrations
+from imagegen.repositories.usage import UsageRepository
+from imagegen.services.generation import GenerationService, PipelineSettings
+from imagegen.storage.base import BlobStore
+from imagegen.storage.local import LocalBlobStore, load_or_create_signing_key
+from imagegen.storage.s3 import open_s3_store
+from imagegen.telemetry import Telemetry, setup_telemetry
+from imagegen.v1 import (
+    generation_pb2,
+    generation_pb2_grpc,
+    library_pb2,
+    library_pb2_grpc,
+    templates_pb2,
+    templates_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
+)
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    generation_pb2.DESCRIPTOR.services_by_name["ImageGenerationService"].full_name,
+    library_pb2.DESCRIPTOR.services_by_name["ImageLibraryService"].full_name,
+    templates_pb2.DESCRIPTOR.services_by_name["PromptTemplateService"].full_name,
+    usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+)
+
+
+@dataclass
+class RunningServer:
+    """What a started server exposes to its owner (the CLI, or a test)."""
+
+    grpc_port: int
+    http_port: int
+    settings: Settings
+    telemetry: Telemetry
+    draining: bool = False
+
+
+class Server:
+    """One served process: call `run()` to serve until a signal arrives."""
+
+    def __init__(self, settings: Settings, *, telemetry: Telemetry | None = None) -> None:
+        self._settings = settings
+        self._telemetry = telemetry
+        self._stop_requested = asyncio.Event()
+        self.running: RunningServer | None = None
+        self._started = asyncio.Event()
+
+    def request_stop(self) -> None:
+        """Begin a graceful shutdown (what SIGTERM does)."""
+        self._stop_requested.set()
+
+    async def wait_started(self) -> RunningServer:
+        await self._started.wait()
+        assert self.running is not None
+        return self.running
+
+    async def run(self, *, install_signal_handlers: bool = True) -> None:
+        """Serve until request_stop() or SIGTERM/SIGINT, then shut down gracefully."""
+        if install_signal_handlers:
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self.request_stop)
+        async with self._serving() as grpc_server:
+            await self._stop_requested.wait()
+            await self._shutdown(grpc_server)
+
+    @contextlib.asynccontextmanager
+    async def _serving(self) -> AsyncIterator[_GrpcHandle]:
+        settings = self._settings
+        async with contextlib.AsyncExitStack() as stack:
+            telemetry = self._telemetry or setup_telemetry()
+            if self._telemetry is None:
+                stack.push_async_callback(telemetry.shutdown)
+            dsn = settings.database_url
+            if dsn is None:
+                embedded = await start_embedded_postgres(settings.data_dir)
+                stack.push_async_callback(embedded.stop)
+                dsn = embedded.dsn
+            await apply_migrations(dsn)
+            pool = await open_pool(dsn, max_size=max(10, settings.workers * 3))
+            stack.push_async_callback(pool.close)
+
+            local_store: LocalBlobStore | None = None
+            blobs: BlobStore
+            if settings.s3 is not None:
+                blobs = await stack.enter_async_context(open_s3_store(settings.s3))
+            else:
+                # The public URL needs the real HTTP port, known only after binding; the
+                # store reads it lazily through this holder.
+                local_store = LocalBlobStore(
+                    root=settings.data_dir / "blobs",
+                    public_url="",
+                    signing_key=load_or_create_signing_key(settings.data_dir),
+                )
+                blobs = local_store
+
+            http_client = httpx.AsyncClient(
+                trust_env=False,
+                timeout=httpx.Timeout(settings.provider_timeout.total_seconds(), connect=10.0),
+                limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+            )
+            stack.push_async_callback(http_client.aclose)
+            providers: dict[str, Provider] = {
+                "local": LocalProvider(step_delay=settings.local_step_delay),
+                "forge": ForgeProvider(settings.forge.url, settings.forge.api_key, http_client),
+            }
+
+            signals = JobSignals()
+            listener = NotificationListener(dsn, signals)
+            await listener.start()
+            stack.push_async_callback(listener.stop)
+
+            generations = GenerationRepository(pool)
+            images = ImageRepository(pool)
+            usage = UsageRepository(pool)
+            default_provider = settings.effective_default_provider
+            service = GenerationService(
+                generations=generations,
+                images=images,
+                job_store=JobStore(generations, images, usage),
+                blobs=blobs,
+                providers=providers,
+                prices=PriceTable.load(settings.pricing_file),
+                signals=signals,
+                observer=telemetry.generation_metrics,
+                settings=PipelineSettings(
+                    max_pixels=settings.max_pixels,
+                    url_ttl=settings.url_ttl,
+                    provider_timeout=settings.provider_timeout,
+                    request_id_ttl=settings.request_id_ttl,
+                    max_attempts=settings.max_attempts,
+                    default_provider=default_provider,
+                ),
+                tracer=telemetry.tracer,
+            )
+            runner = JobRunner(
+                generations,
+                service.execute,
+                signals,
+                workers=settings.workers,
+                lease=settings.lease,
+            )
+
+            verifier = TokenVerifier(
+                resolve_jwt_key(settings.jwt, settings.data_dir),
+                settings.jwt.algorithms,
+                settings.jwt.issuer,
+                settings.jwt.audience,
+            )
+            handle = _GrpcHandle()
+            inflight = InflightInterceptor()
+            handle.inflight = inflight
+            max_message = settings.max_input_bytes + 1024 * 1024
+            server = grpc.aio.server(
+                interceptors=[
+                    telemetry.grpc_server_interceptor(),
+                    DrainInterceptor(lambda: handle.draining),
+                    inflight,
+                    AuthInterceptor(verifier),
+                    ErrorInterceptor(),
+                ],
+                options=[
+                    ("grpc.max_receive_message_length", max_message),
+                    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+                    ("grpc.so_reuseport", 0),
+                ],
+            )
+            generation_pb2_grpc.add_ImageGenerationServiceServicer_to_server(
+                ImageGenerationServicer(
+                    service,
+                    providers,
+                    default_provider=default_provider,
+                    url_ttl=settings.url_ttl,
+                ),
+                server,
+            )
+            # The rest of the contract answers UNIMPLEMENTED until it is built.
+            library_pb2_grpc.add_ImageLibraryServiceServicer_to_server(
+                library_pb2_grpc.ImageLibraryServiceServicer(), server
+            )
+            templates_pb2_grpc.add_PromptTemplateServiceServicer_to_server(
+                templates_pb2_grpc.PromptTemplateServiceServicer(), server
+            )
+            usage_pb2_grpc.add_UsageServiceServicer_to_server(
+                usage_pb2_grpc.UsageServiceServicer(), server
+            )
+            health_servicer = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+            reflection.enable_server_reflection(
+                (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
+            grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+            if grpc_port == 0:
+                raise RuntimeError(f"cannot bind gRPC on {settings.host}:{settings.grpc_port}")
+
+            http_app = build_http_app(local_store=local_store, metrics_text=telemetry.metrics_text)
+            http_runner, http_port = await start_http_server(
+                http_app, settings.host, settings.http_port
+            )
+            stack.push_async_callback(http_runner.cleanup)
+            if local_store is not None:
+                local_store.public_url = (
+                    settings.public_url or f"http://{_url_host(settings.host)}:{http_port}"
+                ).rstrip("/")
+
+            await runner.start()
+            handle.runner = runner
+            await server.start()
+            for name in ("", *SERVICE_NAMES):
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            handle.server = server
+            handle.health = health_servicer
+            self.running = RunningServer(grpc_port, http_port, settings, telemetry)
+            line = f"imagegen listening grpc={settings.host}:{grpc_port} http={settings.host}:{http_port}"
+            print(line, flush=True)
+            if settings.ready_file is not None:
+                settings.ready_file.write_text(line + "\n")
+            log.info(line, extra={"event": "server.started"})
+            self._started.set()
+            try:
+                yield handle
+            finally:
+                # Normally done by _shutdown; this covers a failure while serving.
+                await server.stop(0)
+                await runner.stop(0)
+
+    async def _shutdown(self, handle: _GrpcHandle) -> None:
+        grace = self._settings.shutdown_grace.total_seconds()
+        deadline = time.monotonic() + grace
+        log.info("shutting down", extra={"event": "server.draining", "grace_s": grace})
+        handle.draining = True
+        if self.running is not None:
+            self.running.draining = True
+        assert handle.health is not None and handle.server is not None
+        for name in ("", *SERVICE_NAMES):
+            await handle.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        runner_stop = asyncio.create_task(
+            handle.runner.stop(max(deadline - time.monotonic(), 0)) if handle.runner else _noop()
+        )
+        # While new calls are refused and health says NOT_SERVING, in-flight RPCs (a
+        # GenerateImage waiting for its job) get the rest of the grace to finish.
+        assert handle.inflight is not None
+        await handle.inflight.wait_idle(deadline - time.monotonic())
+        await handle.server.stop(max(min(deadline - time.monotonic(), 1.0), 0.1))
+        await runner_stop
+        log.info("stopped", extra={"event": "server.stopped"})
+
+
+async def _noop() -> None:
+    return None
+
+
+class _GrpcHandle:
+    def __init__(self) -> None:
+        self.draining = False
+        self.server: grpc.aio.Server | None = None
+        self.health: Any = None
+        self.runner: JobRunner | None = None
+        self.inflight: InflightInterceptor | None = None
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host

@@ -1,0 +1,529 @@
+"""The generation use cases: submit, run (the pipeline a worker executes), watch, get.
+
+Pipeline of one job: STARTED -> for each image: provider call (PROGRESS events with
+previews) -> check the reply's bytes in a thread -> convert to the asked format in
+a thread -> put the blob -> image row + IMAGE_READY event in one transaction (the
+blob is deleted again if that fails) -> COMPLETED with its usage record; or FAILED
+with its IMG code and usage record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from opentelemetry import trace
+
+from imagegen import imaging
+from imagegen.domain.errors import (
+    Cancelled,
+    ImageGenError,
+    ImageTooLarge,
+    InvalidRequest,
+    NotFound,
+    ProviderFailed,
+)
+from imagegen.domain.models import (
+    EventType,
+    Generation,
+    GenerationEvent,
+    GenerationSpec,
+    GenerationState,
+    Identity,
+    ImageFormat,
+    StoredImage,
+)
+from imagegen.domain.pricing import PriceTable
+from imagegen.domain.validation import (
+    RequestLimits,
+    check_count,
+    check_negative_prompt,
+    check_prompt,
+    check_provider_id,
+    check_request_id,
+    check_seed,
+    check_size,
+)
+from imagegen.jobs.signals import JobSignals
+from imagegen.providers.base import Provider, ProviderRequest
+from imagegen.repositories.generations import (
+    GenerationRepository,
+    JobStore,
+    NewEvent,
+    NewGeneration,
+)
+from imagegen.repositories.images import ImageRepository
+from imagegen.repositories.usage import UsageRecord
+from imagegen.storage.base import BlobStore
+from imagegen.storage.keys import blob_key
+
+log = logging.getLogger(__name__)
+
+
+class GenerationObserver(Protocol):
+    """Where the pipeline reports outcomes for metrics."""
+
+    def job_started(self, provider: str) -> None: ...
+
+    def job_finished(self, provider: str) -> None: ...
+
+    def record_outcome(self, provider: str, outcome: str, code: str, duration_s: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """The limits and timings the pipeline works within."""
+
+    max_pixels: int
+    url_ttl: timedelta
+    provider_timeout: timedelta
+    request_id_ttl: timedelta
+    max_attempts: int
+    default_provider: str
+    watch_poll_interval: float = 1.0
+
+
+class GenerationService:
+    """Submits, runs and reports generation jobs."""
+
+    def __init__(
+        self,
+        *,
+        generations: GenerationRepository,
+        images: ImageRepository,
+        job_store: JobStore,
+        blobs: BlobStore,
+        providers: Mapping[str, Provider],
+        prices: PriceTable,
+        signals: JobSignals,
+        observer: GenerationObserver,
+        settings: PipelineSettings,
+        limits: RequestLimits | None = None,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
+        self._generations = generations
+        self._images = images
+        self._jobs = job_store
+        self._blobs = blobs
+        self._providers = providers
+        self._prices = prices
+        self._signals = signals
+        self._observer = observer
+        self._settings = settings
+        self._limits = limits or RequestLimits()
+        self._tracer = tracer or trace.get_tracer(__name__)
+
+    # --- submit ---------------------------------------------------------------------------
+
+    def validate(self, spec: GenerationSpec, request_id: str = "") -> GenerationSpec:
+        """Check every field against its limit; raises InvalidRequest naming the field."""
+        check_prompt(spec.prompt)
+        check_negative_prompt(spec.negative_prompt)
+        check_size(spec.size, self._limits)
+        check_count(spec.count)
+        check_seed(spec.seed)
+        check_request_id(request_id)
+        check_provider_id(spec.provider)
+        provider_id = spec.provider or self._settings.default_provider
+        if provider_id not in self._providers:
+            known = ", ".join(sorted(self._providers))
+            raise InvalidRequest(
+                f"provider {provider_id!r} is not available here; use one of {known}",
+                field="provider",
+            )
+        return spec
+
+    def quote(self, spec: GenerationSpec) -> int:
+        """Credits a request would reserve."""
+        return self._prices.generation_credits(spec.size, spec.count)
+
+    async def submit(
+        self, identity: Identity, spec: GenerationSpec, request_id: str = ""
+    ) -> Generation:
+        """Validate and queue a job; the same request_id returns the same job."""
+        with self._tracer.start_as_current_span("generation.validate"):
+            self.validate(spec, request_id)
+        provider_id = spec.provider or self._settings.default_provider
+        job = NewGeneration(
+            id=str(uuid.uuid4()),
+            user_id=identity.user_id,
+            sub_account=identity.sub_account,
+            request_id=request_id,
+            spec=spec,
+            provider=provider_id,
+            credits=self.quote(spec),
+            extra_spec={},
+        )
+        generation, created = await self._generations.create(
+            job, request_id_ttl=self._settings.request_id_ttl
+        )
+        if created:
+            self._signals.job_queued()
+            self._signals.job_changed(generation.id)
+            log.info(
+                "generation accepted",
+                extra={
+                    "event": "generation.accepted",
+                    "generation_id": generation.id,
+                    "user_id": identity.user_id,
+                    "provider": provider_id,
+                    "size": str(spec.size),
+                    "count": spec.count,
+                    "source": spec.source.value,
+                },
+            )
+        return generation
+
+    # --- read -----------------------------------------------------------------------------
+
+    async def get(self, identity: Identity, generation_id: str) -> Generation:
+        """The caller's job with its images (fresh URLs); NotFound for anyone else's."""
+        generation = await self._generations.get(identity.user_id, generation_id)
+        if generation is None:
+            raise NotFound(f"generation {generation_id!r} not found")
+        images = await self._images.for_generation(generation.id)
+        with_urls = tuple([await self._with_url(img) for img in images])
+        return dataclasses.replace(generation, images=with_urls)
+
+    async def watch(
+        self, identity: Identity, generation_id: str, after_sequence: int = 0
+    ) -> AsyncIterator[GenerationEvent]:
+        """Stored events after `after_sequence`, then live ones, until the terminal one."""
+        generation = await self._generations.get(identity.user_id, generation_id)
+        if generation is None:
+            raise NotFound(f"generation {generation_id!r} not found")
+        last = max(after_sequence, 0)
+        while True:
+            with self._signals.watch_job(generation.id) as changed:
+                events = await self._generations.events_after(generation.id, last)
+                for event in events:
+                    last = event.sequence
+                    yield await self._decorate(event)
+                    if event.type.terminal:
+                        return
+                if not events:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(
+                            changed.wait(), timeout=self._settings.watch_poll_interval
+                        )
+
+    async def _decorate(self, event: GenerationEvent) -> GenerationEvent:
+        if event.type is not EventType.IMAGE_READY:
+            return event
+        image = await self._images.get_by_id(event.extra.get("image_id", ""))
+        if image is None:
+            return event
+        return dataclasses.replace(event, image=await self._with_url(image))
+
+    async def _with_url(self, image: StoredImage) -> StoredImage:
+        url = await self._blobs.signed_url(image.storage_key, self._settings.url_ttl)
+        return dataclasses.replace(image, url=url)
+
+    # --- run (worker side) ----------------------------------------------------------------
+
+    async def execute(self, job: Generation, worker_id: str) -> None:
+        """Run one claimed job to its terminal state. Shutdown cancellation propagates
+        (the runner hands the job back); every other failure ends the job FAILED."""
+        started = time.monotonic()
+        requested_at = job.created_at
+        provider = self._providers.get(job.provider)
+        self._observer.job_started(job.provider)
+        outcome, code = "failed", ""
+        try:
+            with self._tracer.start_as_current_span(
+                "generation.run",
+                attributes={
+                    "imagegen.generation_id": job.id,
+                    "imagegen.user_id": job.user_id,
+                    "imagegen.provider": job.provider,
+                    "imagegen.size": str(job.spec.size),
+                    "imagegen.count": job.spec.count,
+                    "imagegen.attempt": job.attempts,
+                },
+            ) as span:
+                try:
+                    if job.attempts > self._settings.max_attempts:
+                        raise ProviderFailed(
+                            f"the job was started {job.attempts - 1} times without finishing; "
+                            "submit it again",
+                        )
+                    if provider is None:
+                        raise InvalidRequest(f"provider {job.provider!r} is not configured")
+                    model = await self._run_pipeline(job, provider)
+                except Cancelled:
+                    outcome, code = "cancelled", ""
+                    await self._finish_cancelled(job, worker_id, requested_at)
+                except ImageGenError as exc:
+                    outcome, code = "failed", exc.code
+                    span.set_attribute("imagegen.outcome", outcome)
+                    span.set_attribute("imagegen.error_code", exc.code)
+                    await self._finish_failed(job, worker_id, exc, requested_at)
+                else:
+                    outcome = "completed"
+                    span.set_attribute("imagegen.outcome", outcome)
+                    await self._finish_completed(job, worker_id, model, requested_at)
+        except Exception as exc:
+            if isinstance(exc, asyncio.CancelledError):  # pragma: no cover - BaseException
+                raise
+            log.exception("generation %s failed unexpectedly", job.id)
+            outcome, code = "failed", ProviderFailed.code
+            await self._finish_failed(
+                job,
+                worker_id,
+                ProviderFailed("the generation failed unexpectedly; try again"),
+                requested_at,
+            )
+        finally:
+            self._observer.job_finished(job.provider)
+        duration = time.monotonic() - started
+        self._observer.record_outcome(job.provider, outcome, code, duration)
+        log.info(
+            "generation finished",
+            extra={
+                "event": "generation.outcome",
+                "generation_id": job.id,
+                "user_id": job.user_id,
+                "provider": job.provider,
+                "outcome": outcome,
+                "code": code,
+                "attempt": job.attempts,
+                "duration_ms": round(duration * 1000),
+            },
+        )
+
+    async def _run_pipeline(self, job: Generation, provider: Provider) -> str:
+        await self._event(job.id, NewEvent(EventType.STARTED, {"attempt": job.attempts}))
+        existing = {img.index for img in await self._images.for_generation(job.id)}
+        model = job.model
+        last_percent = 0
+        count = job.spec.count
+        base_seed = job.spec.seed if job.spec.seed is not None else _seed_from(job.id)
+        deadline = time.monotonic() + self._settings.provider_timeout.total_seconds()
+        for index in range(count):
+            if index in existing:
+                # Stored by an earlier attempt of this job: never make or charge it twice.
+                continue
+            await self._checkpoint(job.id)
+            span_start = index * 100 // count
+            span_width = 100 // count
+
+            async def on_progress(
+                percent: int, stage: str, preview: bytes | None, *, _start: int = span_start,
+                _width: int = span_width, _index: int = index,
+            ) -> None:
+                nonlocal last_percent
+                overall = min(99, _start + (max(0, min(percent, 100)) * _width * 9) // 1000)
+                if overall <= last_percent and not preview:
+                    return
+                last_percent = max(last_percent, overall)
+                payload: dict[str, object] = {
+                    "percent": last_percent,
+                    "stage": stage,
+                    "image_index": _index,
+                }
+                if preview:
+                    payload["preview_mime_type"] = imaging.sniff_mime(preview)
+                await self._event(job.id, NewEvent(EventType.PROGRESS, payload, preview or None))
+
+            request = ProviderRequest(
+                prompt=job.spec.prompt,
+                negative_prompt=job.spec.negative_prompt,
+                style=job.spec.style,
+                size=job.spec.size,
+                seed=(base_seed + index) % 2**32,
+                timeout=max(deadline - time.monotonic(), 0.1),
+            )
+            with self._tracer.start_as_current_span(
+                "generation.provider_call", attributes={"imagegen.provider": provider.id}
+            ):
+                reply = await provider.generate(request, on_progress)
+            model = reply.model or model or (provider.models[0] if provider.models else "")
+            await self._checkpoint(job.id)
+            with self._tracer.start_as_current_span("image.process"):
+                encoded, info = await asyncio.to_thread(
+                    self._process_reply, reply.data, job.spec.output_format
+                )
+            await self._store(job, index, encoded, info, model, reply.seed, request.seed)
+            last_percent = max(last_percent, min(99, (index + 1) * 100 // count))
+            await self._event(
+                job.id,
+                NewEvent(
+                    EventType.PROGRESS,
+                    {"percent": last_percent, "stage": "stored", "image_index": index},
+                ),
+            )
+        return model
+
+    def _process_reply(
+        self, data: bytes, output_format: ImageFormat
+    ) -> tuple[bytes, imaging.ImageInfo]:
+        """Check the provider's bytes (type by content, pixel limit) and encode them
+        in the asked format. Runs in a worker thread."""
+        try:
+            imaging.inspect_image(data, max_pixels=self._settings.max_pixels)
+            encoded = imaging.convert_image(
+                data, output_format, max_pixels=self._settings.max_pixels
+            )
+            info = imaging.inspect_image(encoded, max_pixels=self._settings.max_pixels)
+        except ImageTooLarge as exc:
+            raise ProviderFailed(
+                f"the provider returned an image over the pixel limit: {exc.message}"
+            ) from exc
+        except imaging.ImageDecodeError as exc:
+            raise ProviderFailed(
+                f"the provider returned bytes that are not a PNG, JPEG or WebP image ({exc})"
+            ) from exc
+        return encoded, info
+
+    async def _store(
+        self,
+        job: Generation,
+        index: int,
+        encoded: bytes,
+        info: imaging.ImageInfo,
+        model: str,
+        reported_seed: int | None,
+        used_seed: int,
+    ) -> None:
+        image_id = str(uuid.uuid4())
+        key = blob_key(job.user_id, image_id, info.format.extension, datetime.now(UTC))
+        with self._tracer.start_as_current_span("storage.put"):
+            await self._blobs.put(key, encoded, info.mime_type)
+        image = StoredImage(
+            id=image_id,
+            user_id=job.user_id,
+            generation_id=job.id,
+            storage_key=key,
+            mime_type=info.mime_type,
+            width=info.width,
+            height=info.height,
+            size_bytes=len(encoded),
+            provider=job.provider,
+            model=model,
+            prompt=job.spec.prompt,
+            created_at=datetime.now(UTC),
+            index=index,
+        )
+        try:
+            await self._jobs.record_image(
+                image,
+                NewEvent(EventType.IMAGE_READY, {"image_id": image_id, "image_index": index}),
+                negative_prompt=job.spec.negative_prompt,
+                style=job.spec.style.value if job.spec.style else "",
+                seed=reported_seed if reported_seed is not None else used_seed,
+            )
+        except BaseException:
+            # No blob without its row: undo the upload, whatever stopped the insert.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._blobs.delete(key))
+            raise
+        self._signals.job_changed(job.id)
+
+    async def _checkpoint(self, generation_id: str) -> None:
+        if await self._generations.is_cancel_requested(generation_id):
+            raise Cancelled("the generation was cancelled")
+
+    async def _event(self, generation_id: str, event: NewEvent) -> GenerationEvent:
+        appended = await self._generations.append_event(generation_id, event)
+        self._signals.job_changed(generation_id)
+        return appended
+
+    async def _finish_completed(
+        self, job: Generation, worker_id: str, model: str, requested_at: datetime
+    ) -> None:
+        images = await self._images.for_generation(job.id)
+        credits = self._prices.image_credits(job.spec.size) * len(images)
+        await self._jobs.finish(
+            job.id,
+            state=GenerationState.COMPLETED,
+            model=model,
+            credits=credits,
+            usage=self._usage(job, "succeeded", model, len(images), credits, requested_at),
+            event=NewEvent(EventType.COMPLETED, {"percent": 100, "images": len(images)}),
+            worker_id=worker_id,
+        )
+        self._signals.job_changed(job.id)
+
+    async def _finish_failed(
+        self, job: Generation, worker_id: str, error: ImageGenError, requested_at: datetime
+    ) -> None:
+        images = await self._images.for_generation(job.id)
+        # Images already stored in a failed batch stay delivered and are charged.
+        credits = self._prices.image_credits(job.spec.size) * len(images)
+        await self._jobs.finish(
+            job.id,
+            state=GenerationState.FAILED,
+            model=job.model,
+            credits=credits,
+            error_code=error.code,
+            error_message=error.message,
+            usage=self._usage(
+                job, "failed", job.model, len(images), credits, requested_at, error=error
+            ),
+            event=NewEvent(
+                EventType.FAILED,
+                {
+                    "error_code": error.code,
+                    "error_message": error.message,
+                    "retryable": error.retryable,
+                },
+            ),
+            worker_id=worker_id,
+        )
+        self._signals.job_changed(job.id)
+
+    async def _finish_cancelled(
+        self, job: Generation, worker_id: str, requested_at: datetime
+    ) -> None:
+        images = await self._images.for_generation(job.id)
+        credits = self._prices.image_credits(job.spec.size) * len(images)
+        await self._jobs.finish(
+            job.id,
+            state=GenerationState.CANCELLED,
+            model=job.model,
+            credits=credits,
+            usage=self._usage(job, "cancelled", job.model, len(images), credits, requested_at),
+            event=NewEvent(EventType.CANCELLED, {}),
+            worker_id=worker_id,
+        )
+        self._signals.job_changed(job.id)
+
+    def _usage(
+        self,
+        job: Generation,
+        status: str,
+        model: str,
+        image_count: int,
+        credits: int,
+        requested_at: datetime,
+        *,
+        error: ImageGenError | None = None,
+    ) -> UsageRecord:
+        return UsageRecord(
+            user_id=job.user_id,
+            generation_id=job.id,
+            attempt=job.attempts,
+            provider=job.provider,
+            model=model,
+            source=job.spec.source.value,
+            status=status,
+            image_count=image_count,
+            credits=credits,
+            requested_at=requested_at,
+            error_code=error.code if error else "",
+            error_message=error.message if error else "",
+        )
+
+
+def _seed_from(generation_id: str) -> int:
+    """A random-looking but stable seed for jobs that asked for none, so a retried
+    attempt makes the same images."""
+    return uuid.UUID(generation_id).int % 2**32

@@ -1,0 +1,174 @@
+"""The domain-error -> gRPC rich status table (api/errors.py)."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+
+from imagegen.api.context import current_request_id
+from imagegen.api.errors import ERROR_DOMAIN, error_from_code, rich_status
+from imagegen.domain import errors as domain
+
+CASES: list[tuple[domain.ImageGenError, grpc.StatusCode, str]] = [
+    (
+        domain.ProviderNotConfigured("set FORGE keys"),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "IMG_001",
+    ),
+    (domain.ProviderFailed("boom", retryable=True), grpc.StatusCode.UNAVAILABLE, "IMG_002"),
+    (domain.ProviderFailed("bad reply"), grpc.StatusCode.INTERNAL, "IMG_002"),
+    (domain.InvalidRequest("prompt empty"), grpc.StatusCode.INVALID_ARGUMENT, "IMG_003"),
+    (domain.StorageFailed("s3 down"), grpc.StatusCode.UNAVAILABLE, "IMG_004"),
+    (
+        domain.RateLimited("slow down", retry_after=timedelta(seconds=30)),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "IMG_005",
+    ),
+    (domain.InsufficientCredits("buy more"), grpc.StatusCode.FAILED_PRECONDITION, "IMG_006"),
+    (domain.ImageTooLarge("too big"), grpc.StatusCode.INVALID_ARGUMENT, "IMG_007"),
+    (domain.StorageQuotaExceeded("full"), grpc.StatusCode.RESOURCE_EXHAUSTED, "IMG_008"),
+    (domain.RequestIdReused("reused"), grpc.StatusCode.FAILED_PRECONDITION, "IMG_009"),
+    (domain.ContentPolicyRefused("refused"), grpc.StatusCode.INVALID_ARGUMENT, "IMG_010"),
+    (domain.NotFound("no such image"), grpc.StatusCode.NOT_FOUND, "NOT_FOUND"),
+    (domain.PermissionDenied("read only"), grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
+    (domain.Unauthenticated("no token"), grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
+    (domain.Cancelled("cancelled"), grpc.StatusCode.CANCELLED, "CANCELLED"),
+    (domain.ShuttingDown("draining"), grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN"),
+]
+
+
+def details_of(status: status_pb2.Status) -> dict[str, object]:
+    found: dict[str, object] = {}
+    for any_detail in status.details:
+        for message_type in (
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.RetryInfo,
+            error_details_pb2.BadRequest,
+        ):
+            if any_detail.Is(message_type.DESCRIPTOR):
+                message = message_type()
+                any_detail.Unpack(message)
+                found[message_type.__name__] = message
+    return found
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "reason"), CASES, ids=[c[2] + "-" + str(c[1]) for c in CASES]
+)
+def test_each_error_maps_to_its_status(
+    exc: domain.ImageGenError, code: grpc.StatusCode, reason: str
+) -> None:
+    got_code, message, status = rich_status(exc)
+    assert got_code == code
+    assert message == exc.message
+    assert status.code == code.value[0]
+    assert status.message == message
+    info = details_of(status)["ErrorInfo"]
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert info.reason == reason
+    assert info.domain == ERROR_DOMAIN
+
+
+def test_every_domain_class_is_covered() -> None:
+    covered = {type(exc) for exc, _, _ in CASES}
+    defined = {
+        cls
+        for cls in vars(domain).values()
+        if isinstance(cls, type) and issubclass(cls, domain.ImageGenError)
+    }
+    assert defined - covered == {domain.ImageGenError}
+
+
+def test_metadata_is_carried() -> None:
+    exc = domain.InsufficientCredits("buy more", metadata={"needed": "4", "balance": "1"})
+    info = details_of(rich_status(exc)[2])["ErrorInfo"]
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert dict(info.metadata) == {"needed": "4", "balance": "1"}
+
+
+def test_rate_limit_carries_retry_info() -> None:
+    exc = domain.RateLimited("10 per hour", retry_after=timedelta(seconds=90, milliseconds=500))
+    retry = details_of(rich_status(exc)[2])["RetryInfo"]
+    assert isinstance(retry, error_details_pb2.RetryInfo)
+    assert retry.retry_delay.ToTimedelta() == timedelta(seconds=90, milliseconds=500)
+
+
+def test_retryable_provider_failure_with_retry_after_carries_retry_info() -> None:
+    exc = domain.ProviderFailed("busy", retryable=True, retry_after=timedelta(seconds=5))
+    retry = details_of(rich_status(exc)[2])["RetryInfo"]
+    assert isinstance(retry, error_details_pb2.RetryInfo)
+    assert retry.retry_delay.seconds == 5
+
+
+def test_other_errors_have_no_retry_info() -> None:
+    assert "RetryInfo" not in details_of(rich_status(domain.NotFound("gone"))[2])
+
+
+def test_invalid_field_carries_bad_request() -> None:
+    exc = domain.InvalidRequest("prompt is longer than 4000 characters", field="spec.prompt")
+    found = details_of(rich_status(exc)[2])
+    bad_request = found["BadRequest"]
+    assert isinstance(bad_request, error_details_pb2.BadRequest)
+    [violation] = bad_request.field_violations
+    assert violation.field == "spec.prompt"
+    assert violation.description == exc.message
+    info = found["ErrorInfo"]
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert info.metadata["field"] == "spec.prompt"
+
+
+def test_invalid_request_without_field_has_no_bad_request() -> None:
+    assert "BadRequest" not in details_of(rich_status(domain.InvalidRequest("bad"))[2])
+
+
+def test_unexpected_error_is_generic_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    token = current_request_id.set("req-42")
+    try:
+        with caplog.at_level(logging.ERROR):
+            code, message, status = rich_status(KeyError("secret internals"))
+    finally:
+        current_request_id.reset(token)
+    assert code == grpc.StatusCode.INTERNAL
+    assert "secret internals" not in message
+    assert "req-42" in message
+    info = details_of(status)["ErrorInfo"]
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert info.reason == "INTERNAL"
+    # The traceback stays in the log.
+    assert any(
+        record.exc_info and "secret internals" in str(record.exc_info[1])
+        for record in caplog.records
+    )
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "reason"), CASES, ids=[c[2] + "-" + str(c[1]) for c in CASES]
+)
+def test_error_from_code_round_trips(
+    exc: domain.ImageGenError, code: grpc.StatusCode, reason: str
+) -> None:
+    rebuilt = error_from_code(reason, "stored message", exc.retryable)
+    assert type(rebuilt) is type(exc)
+    assert rebuilt.message == "stored message"
+    assert rich_status(rebuilt)[0] == code
+
+
+def test_error_from_code_keeps_provider_retryability() -> None:
+    assert rich_status(error_from_code("IMG_002", "x", True))[0] == grpc.StatusCode.UNAVAILABLE
+    assert rich_status(error_from_code("IMG_002", "x", False))[0] == grpc.StatusCode.INTERNAL
+
+
+def test_error_from_unknown_code_keeps_the_code() -> None:
+    rebuilt = error_from_code("IMG_999", "from the future", False)
+    code, message, status = rich_status(rebuilt)
+    assert code == grpc.StatusCode.INTERNAL
+    assert message == "from the future"
+    info = details_of(status)["ErrorInfo"]
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert info.reason == "IMG_999"
+    # The class attribute is untouched.
+    assert domain.ImageGenError.code == ""
