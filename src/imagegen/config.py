@@ -163,7 +163,9 @@ class Settings:
         if not timedelta(seconds=1) <= url_ttl <= MAX_URL_TTL:
             raise ConfigError("IMAGEGEN_URL_TTL must be between 1 and 604800 seconds")
         algorithms = tuple(
-            a.strip() for a in reader.text("IMAGEGEN_JWT_ALGORITHMS", "HS256").split(",") if a.strip()
+            a.strip()
+            for a in reader.text("IMAGEGEN_JWT_ALGORITHMS", "HS256").split(",")
+            if a.strip()
         )
         if not algorithms or any(a.lower() == "none" for a in algorithms):
             raise ConfigError("IMAGEGEN_JWT_ALGORITHMS must list real algorithms (not none)")

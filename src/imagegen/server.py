@@ -41,7 +41,7 @@ from imagegen.providers.base import Provider
 from imagegen.providers.forge import ForgeProvider
 from imagegen.providers.local import LocalProvider
 from imagegen.repositories.db import open_pool
-from imagegen.repositories.generations import GenerationRepository, JobStore
+from imagegen.repositories.generations import GenerationQueries, GenerationRepository, JobStore
 from imagegen.repositories.images import ImageRepository
 from imagegen.repositories.migrator import apply_migrations
 from imagegen.repositories.usage import UsageRepository
@@ -163,6 +163,7 @@ class Server:
             default_provider = settings.effective_default_provider
             service = GenerationService(
                 generations=generations,
+                queries=GenerationQueries(pool),
                 images=images,
                 job_store=JobStore(generations, images, usage),
                 blobs=blobs,
@@ -212,8 +213,10 @@ class Server:
                     ("grpc.so_reuseport", 0),
                 ],
             )
+            # RPCs not built yet fall through to the generated base class, which answers
+            # UNIMPLEMENTED; its type stubs mark them abstract, hence the ignores.
             generation_pb2_grpc.add_ImageGenerationServiceServicer_to_server(
-                ImageGenerationServicer(
+                ImageGenerationServicer(  # type: ignore[abstract]
                     service,
                     providers,
                     default_provider=default_provider,
@@ -221,15 +224,17 @@ class Server:
                 ),
                 server,
             )
-            # The rest of the contract answers UNIMPLEMENTED until it is built.
             library_pb2_grpc.add_ImageLibraryServiceServicer_to_server(
-                library_pb2_grpc.ImageLibraryServiceServicer(), server
+                library_pb2_grpc.ImageLibraryServiceServicer(),  # type: ignore[abstract]
+                server,
             )
             templates_pb2_grpc.add_PromptTemplateServiceServicer_to_server(
-                templates_pb2_grpc.PromptTemplateServiceServicer(), server
+                templates_pb2_grpc.PromptTemplateServiceServicer(),  # type: ignore[abstract]
+                server,
             )
             usage_pb2_grpc.add_UsageServiceServicer_to_server(
-                usage_pb2_grpc.UsageServiceServicer(), server
+                usage_pb2_grpc.UsageServiceServicer(),  # type: ignore[abstract]
+                server,
             )
             health_servicer = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -258,7 +263,10 @@ class Server:
             handle.server = server
             handle.health = health_servicer
             self.running = RunningServer(grpc_port, http_port, settings, telemetry)
-            line = f"imagegen listening grpc={settings.host}:{grpc_port} http={settings.host}:{http_port}"
+            line = (
+                f"imagegen listening grpc={settings.host}:{grpc_port} "
+                f"http={settings.host}:{http_port}"
+            )
             print(line, flush=True)
             if settings.ready_file is not None:
                 settings.ready_file.write_text(line + "\n")

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from google.rpc import error_details_pb2, status_pb2
 
 from imagegen.api.context import current_request_id
 from imagegen.api.errors import ERROR_DOMAIN, error_from_code, rich_status

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from imagegen.domain.errors import InvalidRequest
@@ -232,3 +233,17 @@ def format_to_proto(output_format: ImageFormat) -> common_pb2.ImageFormat.ValueT
 
 def all_styles_proto() -> list[common_pb2.Style.ValueType]:
     return list(_STYLE_TO_PB.values())
+
+
+def state_from_proto(state: generation_pb2.GenerationState.ValueType) -> GenerationState:
+    if state not in STATE_FROM_PB:
+        raise InvalidRequest(f"state {state} is not a generation state", field="states")
+    return STATE_FROM_PB[state]
+
+
+def optional_time(message: Message, field: str) -> datetime | None:
+    """A Timestamp field as an aware datetime, or None when unset."""
+    if not message.HasField(field):
+        return None
+    stamp: Timestamp = getattr(message, field)
+    return stamp.ToDatetime(tzinfo=UTC)

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import grpc
 from google.protobuf import duration_pb2
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]  # no py.typed
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from imagegen.api.context import current_request_id

@@ -96,6 +96,55 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             generation=convert.generation_to_proto(generation, self._url_ttl)
         )
 
+    async def ListGenerations(
+        self,
+        request: generation_pb2.ListGenerationsRequest,
+        context: grpc.aio.ServicerContext[
+            generation_pb2.ListGenerationsRequest, generation_pb2.ListGenerationsResponse
+        ],
+    ) -> generation_pb2.ListGenerationsResponse:
+        states = tuple(convert.state_from_proto(s) for s in request.states)
+        page, next_token = await self._service.list_generations(
+            identity(),
+            states=states,
+            created_from=convert.optional_time(request, "create_time_start"),
+            created_before=convert.optional_time(request, "create_time_end"),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return generation_pb2.ListGenerationsResponse(
+            generations=[convert.generation_to_proto(g, self._url_ttl) for g in page],
+            next_page_token=next_token,
+        )
+
+    async def CancelGeneration(
+        self,
+        request: generation_pb2.CancelGenerationRequest,
+        context: grpc.aio.ServicerContext[
+            generation_pb2.CancelGenerationRequest, generation_pb2.CancelGenerationResponse
+        ],
+    ) -> generation_pb2.CancelGenerationResponse:
+        generation = await self._service.cancel(
+            identity(), convert.generation_id_from_name(request.name)
+        )
+        return generation_pb2.CancelGenerationResponse(
+            generation=convert.generation_to_proto(generation, self._url_ttl)
+        )
+
+    async def RerunGeneration(
+        self,
+        request: generation_pb2.RerunGenerationRequest,
+        context: grpc.aio.ServicerContext[
+            generation_pb2.RerunGenerationRequest, generation_pb2.RerunGenerationResponse
+        ],
+    ) -> generation_pb2.RerunGenerationResponse:
+        generation = await self._service.rerun(
+            identity(), convert.generation_id_from_name(request.name), request.request_id
+        )
+        return generation_pb2.RerunGenerationResponse(
+            generation=convert.generation_to_proto(generation, self._url_ttl)
+        )
+
     async def QuoteGeneration(
         self,
         request: generation_pb2.QuoteGenerationRequest,

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import asyncio
+import random
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import Any
 
 import grpc
 
@@ -11,6 +15,17 @@ from imagegen.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 #: gRPC channel options for every client channel: never route through a proxy.
 CHANNEL_OPTIONS = (("grpc.enable_http_proxy", 0),)
+
+#: Status codes after which the same call may succeed on this or another replica.
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+_TERMINAL = frozenset(
+    {
+        generation_pb2.GENERATION_EVENT_TYPE_COMPLETED,
+        generation_pb2.GENERATION_EVENT_TYPE_FAILED,
+        generation_pb2.GENERATION_EVENT_TYPE_CANCELLED,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -35,20 +50,49 @@ class GenerationResult:
     error_code: str = ""
     error_message: str = ""
     last_sequence: int = 0
+    request_id: str = ""
 
 
 ProgressHandler = Callable[[generation_pb2.GenerationEvent], None]
 
 
 class ImageGenClient:
-    """Async client over one channel; use as `async with ImageGenClient(addr, token)`."""
+    """Async client for agents and workflows.
 
-    def __init__(self, address: str, token: str, *, timeout: float = 600.0) -> None:
-        self._address = address
+    `generate()` submits with a request id made for the caller (so retries are never
+    charged twice), watches the job, and when a replica goes away (UNAVAILABLE) watches
+    again from the last sequence seen, on the next address, until the job ends or the
+    deadline passes. Use as `async with ImageGenClient(["host:port", ...], token)`.
+    """
+
+    def __init__(
+        self,
+        addresses: str | Sequence[str],
+        token: str,
+        *,
+        timeout: float = 600.0,
+        retry_delay: float = 0.2,
+        max_retry_delay: float = 3.0,
+    ) -> None:
+        self._addresses = [addresses] if isinstance(addresses, str) else list(addresses)
+        if not self._addresses:
+            raise ValueError("at least one server address is needed")
         self._metadata = (("authorization", f"Bearer {token}"),)
         self._timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self.generations = generation_pb2_grpc.ImageGenerationServiceStub(self._channel)
+        self._retry_delay = retry_delay
+        self._max_retry_delay = max_retry_delay
+        self._current = 0
+        self._channel = self._open(0)
+
+    def _open(self, index: int) -> grpc.aio.Channel:
+        self._current = index % len(self._addresses)
+        return grpc.aio.insecure_channel(self._addresses[self._current], options=CHANNEL_OPTIONS)
+
+    @property
+    def generations(self) -> Any:
+        """The raw stub on the current channel, for calls this helper does not wrap.
+        (Typed Any: the generated stubs describe the synchronous API.)"""
+        return generation_pb2_grpc.ImageGenerationServiceStub(self._channel)
 
     async def __aenter__(self) -> ImageGenClient:
         return self
@@ -64,11 +108,17 @@ class ImageGenClient:
     async def close(self) -> None:
         await self._channel.close()
 
+    async def _next_replica(self, attempt: int) -> None:
+        await self._channel.close()
+        delay = min(self._max_retry_delay, self._retry_delay * 2**attempt)
+        await asyncio.sleep(delay * (0.5 + random.random() / 2))
+        self._channel = self._open(self._current + 1)
+
     async def stream_generation(
         self, spec: common_pb2.GenerationSpec, *, request_id: str | None = None
     ) -> AsyncIterator[generation_pb2.GenerationEvent]:
-        """GenerateImage's events as they come; a failed job raises grpc.aio.AioRpcError
-        after its FAILED event."""
+        """GenerateImage's events as they come, on one connection; a failed job raises
+        grpc.aio.AioRpcError after its FAILED event."""
         call = self.generations.GenerateImage(
             generation_pb2.GenerateImageRequest(
                 spec=spec, request_id=request_id or uuid.uuid4().hex
@@ -79,6 +129,68 @@ class ImageGenClient:
         async for response in call:
             yield response.event
 
+    async def submit(
+        self, spec: common_pb2.GenerationSpec, *, request_id: str | None = None
+    ) -> generation_pb2.Generation:
+        """Submit, retrying transient failures with the same request id until the deadline."""
+        request = generation_pb2.SubmitGenerationRequest(
+            spec=spec, request_id=request_id or uuid.uuid4().hex
+        )
+        deadline = time.monotonic() + self._timeout
+        attempt = 0
+        while True:
+            try:
+                reply = await self.generations.SubmitGeneration(
+                    request, metadata=self._metadata, timeout=_left(deadline)
+                )
+                generation: generation_pb2.Generation = reply.generation
+                return generation
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in _RETRYABLE or _left(deadline) <= 0:
+                    raise
+                await self._next_replica(attempt)
+                attempt += 1
+
+    async def wait(
+        self,
+        generation: str,
+        *,
+        after_sequence: int = 0,
+        on_event: ProgressHandler | None = None,
+        deadline: float | None = None,
+    ) -> GenerationResult:
+        """Watch a job to its end, re-watching from the last sequence after UNAVAILABLE."""
+        deadline = deadline if deadline is not None else time.monotonic() + self._timeout
+        result = GenerationResult(generation=generation, state="running")
+        result.last_sequence = after_sequence
+        attempt = 0
+        while True:
+            try:
+                call = self.generations.WatchGeneration(
+                    generation_pb2.WatchGenerationRequest(
+                        name=generation, after_sequence=result.last_sequence
+                    ),
+                    metadata=self._metadata,
+                    timeout=_left(deadline),
+                )
+                async for response in call:
+                    event = response.event
+                    result.last_sequence = event.sequence
+                    attempt = 0
+                    if on_event is not None:
+                        on_event(event)
+                    _apply(result, event)
+                    if event.type in _TERMINAL:
+                        return result
+                # A watch that ends without a terminal event is a replica going away.
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in _RETRYABLE:
+                    raise
+            if _left(deadline) <= 0:
+                raise TimeoutError(f"{generation} did not finish before the deadline")
+            await self._next_replica(attempt)
+            attempt += 1
+
     async def generate(
         self,
         spec: common_pb2.GenerationSpec,
@@ -86,19 +198,18 @@ class ImageGenClient:
         request_id: str | None = None,
         on_event: ProgressHandler | None = None,
     ) -> GenerationResult:
-        """Generate and wait for the end; returns the result (a failed job too)."""
-        result = GenerationResult(generation="", state="running")
-        try:
-            async for event in self.stream_generation(spec, request_id=request_id):
-                result.generation = event.generation
-                result.last_sequence = event.sequence
-                if on_event is not None:
-                    on_event(event)
-                _apply(result, event)
-        except grpc.aio.AioRpcError:
-            if result.state != "failed":
-                raise
+        """Generate and wait for the end, surviving replica restarts; returns the result
+        (a failed or cancelled job too). Raises TimeoutError after the client's timeout."""
+        request_id = request_id or uuid.uuid4().hex
+        deadline = time.monotonic() + self._timeout
+        generation = await self.submit(spec, request_id=request_id)
+        result = await self.wait(generation.name, on_event=on_event, deadline=deadline)
+        result.request_id = request_id
         return result
+
+
+def _left(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.0)
 
 
 def _apply(result: GenerationResult, event: generation_pb2.GenerationEvent) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from pathlib import Path
@@ -68,10 +69,15 @@ def _draw(percent: int, stage: str) -> None:
     sys.stderr.flush()
 
 
+def _prepare_out_dir(out: str) -> Path:
+    path = Path(out).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 async def run_generate(settings: Settings, args: argparse.Namespace) -> int:
     address = args.addr or os.environ.get("IMAGEGEN_ADDR") or f"127.0.0.1:{settings.grpc_port}"
-    out_dir = Path(args.out).expanduser()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = await asyncio.to_thread(_prepare_out_dir, args.out)
 
     def on_event(event: generation_pb2.GenerationEvent) -> None:
         if event.type == generation_pb2.GENERATION_EVENT_TYPE_PROGRESS:
@@ -87,7 +93,7 @@ async def run_generate(settings: Settings, args: argparse.Namespace) -> int:
             result = await client.generate(_spec(args), on_event=on_event)
         except grpc.aio.AioRpcError as err:
             sys.stderr.write("\n")
-            status = rpc_status.from_call(err)  # type: ignore[arg-type]
+            status = rpc_status.from_call(err)
             reason = ""
             if status is not None:
                 from google.rpc import error_details_pb2
@@ -113,7 +119,7 @@ async def run_generate(settings: Settings, args: argparse.Namespace) -> int:
             reply.raise_for_status()
             image_id = image.name.removeprefix("images/")
             path = out_dir / f"{image_id}.{_EXTENSIONS.get(image.mime_type, 'bin')}"
-            path.write_bytes(reply.content)
+            await asyncio.to_thread(path.write_bytes, reply.content)
             print(image.uri)
             print(f"saved {path} ({image.width}x{image.height}, {image.size_bytes} bytes)")
     return 0

@@ -100,7 +100,7 @@ class NotificationListener:
             conn: asyncpg.Connection | None = None
             try:
                 conn = await asyncpg.connect(self._dsn, timeout=10)
-                conn.add_termination_listener(lambda _c: lost.set())
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(EVENTS_CHANNEL, self._on_event)
                 await conn.add_listener(QUEUE_CHANNEL, self._on_queue)
                 self.backend_pid = conn.get_server_pid()

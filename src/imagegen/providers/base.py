@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from imagegen.domain.models import STANDARD_SIZES, ImageFormat, Size, Style
+from imagegen.domain.models import DEFAULT_SIZE, STANDARD_SIZES, ImageFormat, Size, Style
 
 #: Called by a provider as it works: percent 0-100 (never falling), a stage word,
 #: and an optional small encoded preview (PNG/JPEG/WebP bytes, <= 128 px a side).
@@ -45,7 +45,7 @@ class ProviderRequest:
     prompt: str
     negative_prompt: str = ""
     style: Style | None = None
-    size: Size = Size(1024, 1024)
+    size: Size = DEFAULT_SIZE
     seed: int = 0
     model: str = ""
     sources: tuple[SourceImage, ...] = ()

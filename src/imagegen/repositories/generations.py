@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 
-from imagegen.domain.errors import RequestIdReused
+from imagegen.domain.errors import RequestIdReused, StorageFailed
 from imagegen.domain.models import (
     EventType,
     Generation,
@@ -22,6 +22,7 @@ from imagegen.domain.models import (
     StoredImage,
     Style,
 )
+from imagegen.domain.paging import Cursor
 from imagegen.repositories.images import ImageRepository, parse_id
 from imagegen.repositories.usage import UsageRecord, UsageRepository
 
@@ -368,13 +369,21 @@ class JobStore:
         style: str,
         seed: int | None,
     ) -> tuple[StoredImage, GenerationEvent]:
-        """Insert the row of a stored blob and announce it, atomically."""
-        async with self._generations.pool.acquire() as conn, conn.transaction():
-            stored = await self._images.insert(
-                conn, image, negative_prompt=negative_prompt, style=style, seed=seed
-            )
-            appended = await self._generations.append_event(image.generation_id, event, conn=conn)
-            return stored, appended
+        """Insert the row of a stored blob and announce it, atomically.
+        Raises StorageFailed when the database cannot record it."""
+        try:
+            async with self._generations.pool.acquire() as conn, conn.transaction():
+                stored = await self._images.insert(
+                    conn, image, negative_prompt=negative_prompt, style=style, seed=seed
+                )
+                appended = await self._generations.append_event(
+                    image.generation_id, event, conn=conn
+                )
+                return stored, appended
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise StorageFailed(
+                "the image was made but recording it failed; submit the request again"
+            ) from exc
 
     async def finish(
         self,
@@ -407,3 +416,79 @@ class JobStore:
             if usage is not None:
                 await self._usage.insert(conn, usage)
             return await self._generations.append_event(generation_id, event, conn=conn)
+
+
+class GenerationQueries:
+    """Read models and owner-initiated changes of jobs."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def list_for_user(
+        self,
+        user_id: str,
+        *,
+        states: tuple[GenerationState, ...],
+        created_from: datetime | None,
+        created_before: datetime | None,
+        after: Cursor | None,
+        limit: int,
+    ) -> list[Generation]:
+        """The owner's jobs, newest first, strictly after `after`."""
+        rows = await self._pool.fetch(
+            """
+            SELECT * FROM generations
+             WHERE user_id = $1
+               AND (cardinality($2::text[]) = 0 OR state = ANY($2::text[]))
+               AND ($3::timestamptz IS NULL OR created_at >= $3)
+               AND ($4::timestamptz IS NULL OR created_at < $4)
+               AND ($5::timestamptz IS NULL OR (created_at, id) < ($5, $6::uuid))
+             ORDER BY created_at DESC, id DESC
+             LIMIT $7
+            """,
+            user_id,
+            [s.value for s in states],
+            created_from,
+            created_before,
+            after.created_at if after else None,
+            uuid.UUID(after.id) if after else None,
+            limit,
+        )
+        return [_generation_from_row(r) for r in rows]
+
+    async def cancel(self, user_id: str, generation_id: str) -> Generation | None:
+        """Cancel a queued job at once (with its CANCELLED event) or flag a running one
+        for its worker's next checkpoint. None if the caller has no such job."""
+        gid = parse_id(generation_id)
+        if gid is None:
+            return None
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT * FROM generations WHERE id = $1 AND user_id = $2 FOR UPDATE",
+                gid,
+                user_id,
+            )
+            if row is None:
+                return None
+            state = GenerationState(row["state"])
+            if state is GenerationState.QUEUED:
+                row = await conn.fetchrow(
+                    "UPDATE generations SET state = 'cancelled', cancel_requested = true, "
+                    "credits = 0, completed_at = now(), updated_at = now(), "
+                    "last_sequence = last_sequence + 1 WHERE id = $1 RETURNING *",
+                    gid,
+                )
+                await conn.execute(
+                    "INSERT INTO generation_events (generation_id, sequence, event_type) "
+                    "VALUES ($1, $2, 'cancelled')",
+                    gid,
+                    row["last_sequence"],
+                )
+            elif state is GenerationState.RUNNING:
+                row = await conn.fetchrow(
+                    "UPDATE generations SET cancel_requested = true, updated_at = now() "
+                    "WHERE id = $1 RETURNING *",
+                    gid,
+                )
+            await conn.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, str(gid))
+            return _generation_from_row(row)

@@ -23,6 +23,7 @@ from typing import Protocol
 from opentelemetry import trace
 
 from imagegen import imaging
+from imagegen.domain import paging
 from imagegen.domain.errors import (
     Cancelled,
     ImageGenError,
@@ -53,8 +54,9 @@ from imagegen.domain.validation import (
     check_size,
 )
 from imagegen.jobs.signals import JobSignals
-from imagegen.providers.base import Provider, ProviderRequest
+from imagegen.providers.base import ProgressCallback, Provider, ProviderImage, ProviderRequest
 from imagegen.repositories.generations import (
+    GenerationQueries,
     GenerationRepository,
     JobStore,
     NewEvent,
@@ -98,6 +100,7 @@ class GenerationService:
         self,
         *,
         generations: GenerationRepository,
+        queries: GenerationQueries,
         images: ImageRepository,
         job_store: JobStore,
         blobs: BlobStore,
@@ -110,6 +113,7 @@ class GenerationService:
         tracer: trace.Tracer | None = None,
     ) -> None:
         self._generations = generations
+        self._queries = queries
         self._images = images
         self._jobs = job_store
         self._blobs = blobs
@@ -192,6 +196,59 @@ class GenerationService:
         images = await self._images.for_generation(generation.id)
         with_urls = tuple([await self._with_url(img) for img in images])
         return dataclasses.replace(generation, images=with_urls)
+
+    async def list_generations(
+        self,
+        identity: Identity,
+        *,
+        states: tuple[GenerationState, ...] = (),
+        created_from: datetime | None = None,
+        created_before: datetime | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> tuple[list[Generation], str]:
+        """A page of the caller's jobs, newest first, and the next page's token."""
+        size = paging.page_size(page_size)
+        if created_from and created_before and created_from >= created_before:
+            raise InvalidRequest(
+                "create_time_start must be before create_time_end", field="create_time_start"
+            )
+        scope = "|".join(
+            [",".join(sorted(s.value for s in states)), str(created_from), str(created_before)]
+        )
+        cursor = paging.decode_cursor(page_token, scope)
+        page = await self._queries.list_for_user(
+            identity.user_id,
+            states=states,
+            created_from=created_from,
+            created_before=created_before,
+            after=cursor,
+            limit=size + 1,
+        )
+        next_token = ""
+        if len(page) > size:
+            page = page[:size]
+            last = page[-1]
+            next_token = paging.encode_cursor(paging.Cursor(last.created_at, last.id), scope)
+        return page, next_token
+
+    async def cancel(self, identity: Identity, generation_id: str) -> Generation:
+        """Cancel the caller's job: a queued one at once, a running one at its next
+        checkpoint (its provider call is abandoned). A finished job is returned as is."""
+        generation = await self._queries.cancel(identity.user_id, generation_id)
+        if generation is None:
+            raise NotFound(f"generation {generation_id!r} not found")
+        self._signals.job_changed(generation.id)
+        return generation
+
+    async def rerun(
+        self, identity: Identity, generation_id: str, request_id: str = ""
+    ) -> Generation:
+        """A new job with the settings of one of the caller's jobs."""
+        original = await self._generations.get(identity.user_id, generation_id)
+        if original is None:
+            raise NotFound(f"generation {generation_id!r} not found")
+        return await self.submit(identity, original.spec, request_id)
 
     async def watch(
         self, identity: Identity, generation_id: str, after_sequence: int = 0
@@ -316,8 +373,13 @@ class GenerationService:
             span_width = 100 // count
 
             async def on_progress(
-                percent: int, stage: str, preview: bytes | None, *, _start: int = span_start,
-                _width: int = span_width, _index: int = index,
+                percent: int,
+                stage: str,
+                preview: bytes | None,
+                *,
+                _start: int = span_start,
+                _width: int = span_width,
+                _index: int = index,
             ) -> None:
                 nonlocal last_percent
                 overall = min(99, _start + (max(0, min(percent, 100)) * _width * 9) // 1000)
@@ -344,14 +406,22 @@ class GenerationService:
             with self._tracer.start_as_current_span(
                 "generation.provider_call", attributes={"imagegen.provider": provider.id}
             ):
-                reply = await provider.generate(request, on_progress)
+                reply = await self._call_provider(job.id, provider, request, on_progress)
             model = reply.model or model or (provider.models[0] if provider.models else "")
             await self._checkpoint(job.id)
             with self._tracer.start_as_current_span("image.process"):
                 encoded, info = await asyncio.to_thread(
                     self._process_reply, reply.data, job.spec.output_format
                 )
-            await self._store(job, index, encoded, info, model, reply.seed, request.seed)
+            await self._store(
+                job,
+                index,
+                encoded,
+                info,
+                model=model,
+                reported_seed=reply.seed,
+                used_seed=request.seed,
+            )
             last_percent = max(last_percent, min(99, (index + 1) * 100 // count))
             await self._event(
                 job.id,
@@ -389,6 +459,7 @@ class GenerationService:
         index: int,
         encoded: bytes,
         info: imaging.ImageInfo,
+        *,
         model: str,
         reported_seed: int | None,
         used_seed: int,
@@ -427,6 +498,35 @@ class GenerationService:
             raise
         self._signals.job_changed(job.id)
 
+    async def _call_provider(
+        self,
+        generation_id: str,
+        provider: Provider,
+        request: ProviderRequest,
+        on_progress: ProgressCallback,
+    ) -> ProviderImage:
+        """The provider call, abandoned as soon as the job's owner cancels it."""
+        call = asyncio.create_task(provider.generate(request, on_progress))
+        try:
+            with self._signals.watch_job(generation_id) as changed:
+                while True:
+                    woken = asyncio.create_task(changed.wait())
+                    done, _ = await asyncio.wait(
+                        {call, woken},
+                        timeout=self._settings.watch_poll_interval,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    woken.cancel()
+                    if call in done:
+                        return call.result()
+                    changed.clear()
+                    await self._checkpoint(generation_id)
+        finally:
+            if not call.done():
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await call
+
     async def _checkpoint(self, generation_id: str) -> None:
         if await self._generations.is_cancel_requested(generation_id):
             raise Cancelled("the generation was cancelled")
@@ -446,7 +546,14 @@ class GenerationService:
             state=GenerationState.COMPLETED,
             model=model,
             credits=credits,
-            usage=self._usage(job, "succeeded", model, len(images), credits, requested_at),
+            usage=self._usage(
+                job,
+                "succeeded",
+                model=model,
+                image_count=len(images),
+                credits=credits,
+                requested_at=requested_at,
+            ),
             event=NewEvent(EventType.COMPLETED, {"percent": 100, "images": len(images)}),
             worker_id=worker_id,
         )
@@ -466,7 +573,13 @@ class GenerationService:
             error_code=error.code,
             error_message=error.message,
             usage=self._usage(
-                job, "failed", job.model, len(images), credits, requested_at, error=error
+                job,
+                "failed",
+                model=job.model,
+                image_count=len(images),
+                credits=credits,
+                requested_at=requested_at,
+                error=error,
             ),
             event=NewEvent(
                 EventType.FAILED,
@@ -490,7 +603,14 @@ class GenerationService:
             state=GenerationState.CANCELLED,
             model=job.model,
             credits=credits,
-            usage=self._usage(job, "cancelled", job.model, len(images), credits, requested_at),
+            usage=self._usage(
+                job,
+                "cancelled",
+                model=job.model,
+                image_count=len(images),
+                credits=credits,
+                requested_at=requested_at,
+            ),
             event=NewEvent(EventType.CANCELLED, {}),
             worker_id=worker_id,
         )
@@ -500,11 +620,11 @@ class GenerationService:
         self,
         job: Generation,
         status: str,
+        *,
         model: str,
         image_count: int,
         credits: int,
         requested_at: datetime,
-        *,
         error: ImageGenError | None = None,
     ) -> UsageRecord:
         return UsageRecord(

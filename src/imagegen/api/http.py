@@ -1,0 +1,71 @@
+"""The HTTP side of a served process: signed blob URLs of the local store,
+`/metrics` in Prometheus format, and a liveness probe."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from urllib.parse import unquote
+
+from aiohttp import web
+
+from imagegen.domain.errors import NotFound
+from imagegen.storage.local import LocalBlobStore
+
+MetricsText = Callable[[], tuple[bytes, str]]
+
+
+def build_http_app(
+    *, local_store: LocalBlobStore | None, metrics_text: MetricsText
+) -> web.Application:
+    """Routes: GET /blobs/{key} (local store only), GET /metrics, GET /healthz."""
+    app = web.Application()
+
+    async def metrics(_request: web.Request) -> web.Response:
+        body, content_type = metrics_text()
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = content_type
+        return response
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+
+    if local_store is not None:
+        store = local_store
+
+        async def blob(request: web.Request) -> web.StreamResponse:
+            key = unquote(request.match_info["key"])
+            expires = request.query.get("expires", "")
+            signature = request.query.get("signature", "")
+            if not store.verify(key, expires, signature):
+                if store.signature_matches(key, expires, signature):
+                    raise web.HTTPForbidden(text="this link has expired; ask for a fresh URL\n")
+                raise web.HTTPForbidden(text="this link's signature is not valid\n")
+            try:
+                path = store.file_for_serving(key)
+            except NotFound:
+                raise web.HTTPNotFound(text="no such image\n") from None
+            response = web.FileResponse(path)
+            response.headers["Content-Type"] = store.content_type(key)
+            response.headers["Cache-Control"] = f"private, max-age={store.seconds_left(expires)}"
+            return response
+
+        app.router.add_get("/blobs/{key:.+}", blob)
+    return app
+
+
+async def start_http_server(
+    app: web.Application, host: str, port: int
+) -> tuple[web.AppRunner, int]:
+    """Serve `app` on host:port (0 for a free port); returns the runner and the bound port."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = port
+    sockets = getattr(site._server, "sockets", None)
+    if sockets:
+        bound = sockets[0].getsockname()[1]
+    return runner, bound

@@ -1,0 +1,155 @@
+"""`forge`: the platform's Forge ImageService, JSON over HTTP.
+
+POST {BUILT_IN_FORGE_API_URL}/images.v1.ImageService/GenerateImage
+Authorization: Bearer {BUILT_IN_FORGE_API_KEY}
+{"prompt": "...", "original_images": [{"b64Json": "...", "mimeType": "image/png"}]}
+-> {"image": {"b64Json": "...", "mimeType": "image/png"}}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import httpx
+import pybase64
+
+from imagegen.domain.errors import ProviderFailed, ProviderNotConfigured
+from imagegen.domain.models import STANDARD_SIZES, ImageFormat
+from imagegen.providers.base import (
+    ProgressCallback,
+    ProviderCapabilities,
+    ProviderImage,
+    ProviderRequest,
+)
+from imagegen.providers.prompting import fold_prompt
+
+GENERATE_PATH = "/images.v1.ImageService/GenerateImage"
+MODEL = "forge-image"
+
+
+class ForgeProvider:
+    """The Forge ImageService behind the Provider protocol."""
+
+    id = "forge"
+    display_name = "Forge ImageService"
+    models = (MODEL,)
+    capabilities = ProviderCapabilities(
+        edit=True,
+        mask=False,
+        negative_prompt=False,
+        seed=False,
+        style=False,
+        previews=False,
+        sizes=STANDARD_SIZES,
+        formats=tuple(ImageFormat),
+        max_count=4,
+    )
+
+    def __init__(
+        self, base_url: str | None, api_key: str | None, client: httpx.AsyncClient
+    ) -> None:
+        self._base_url = (base_url or "").rstrip("/")
+        self._api_key = api_key or ""
+        self._client = client
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._base_url and self._api_key)
+
+    async def generate(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:
+        """One call to GenerateImage. IMG_001 before any request when unconfigured."""
+        if not self.configured:
+            raise ProviderNotConfigured(
+                "the forge provider has no credentials: set BUILT_IN_FORGE_API_URL and "
+                "BUILT_IN_FORGE_API_KEY, or choose another provider"
+            )
+        body: dict[str, Any] = {
+            "prompt": fold_prompt(request.prompt, request.negative_prompt, request.style)
+        }
+        if request.sources:
+            body["original_images"] = [
+                {"b64Json": pybase64.b64encode(s.data).decode("ascii"), "mimeType": s.mime_type}
+                for s in request.sources
+            ]
+        await progress(0, "requesting", None)
+        try:
+            async with asyncio.timeout(request.timeout):
+                reply = await self._client.post(
+                    self._base_url + GENERATE_PATH,
+                    json=body,
+                    headers={"Authorization": f"Bearer {self._api_key}"},
+                    timeout=httpx.Timeout(request.timeout, connect=min(request.timeout, 10.0)),
+                )
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            if isinstance(exc, httpx.ConnectTimeout):
+                raise ProviderFailed(
+                    "the forge provider could not be reached", retryable=True
+                ) from exc
+            # The call may have run (and billed) at the provider: never blindly retried.
+            raise ProviderFailed(
+                f"the forge provider did not answer within {request.timeout:.1f}s",
+                metadata={"timeout_s": f"{request.timeout:.1f}"},
+            ) from exc
+        except httpx.TransportError as exc:
+            raise ProviderFailed(
+                f"the forge provider could not be reached ({type(exc).__name__})", retryable=True
+            ) from exc
+        _raise_for_status(reply)
+        image = _decode(reply)
+        await progress(90, "received", None)
+        return image
+
+
+def _raise_for_status(reply: httpx.Response) -> None:
+    status = reply.status_code
+    if status < 400:
+        return
+    if status == 429 or status >= 500:
+        raise ProviderFailed(
+            f"the forge provider is busy or failing (HTTP {status}); try again later",
+            retryable=True,
+            retry_after=_retry_after(reply),
+            metadata={"http_status": str(status)},
+        )
+    if status in (401, 403):
+        raise ProviderFailed(
+            f"the forge provider refused our key (HTTP {status}); check BUILT_IN_FORGE_API_KEY",
+            metadata={"http_status": str(status)},
+        )
+    raise ProviderFailed(
+        f"the forge provider rejected the request (HTTP {status})",
+        metadata={"http_status": str(status)},
+    )
+
+
+def _retry_after(reply: httpx.Response) -> timedelta | None:
+    value = reply.headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return timedelta(seconds=int(value))
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when - datetime.now(UTC), timedelta(0))
+
+
+def _decode(reply: httpx.Response) -> ProviderImage:
+    try:
+        payload = reply.json()
+        image = payload["image"]
+        encoded = image["b64Json"]
+        mime_type = str(image.get("mimeType", ""))
+        data = pybase64.b64decode(str(encoded), validate=True)
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise ProviderFailed(
+            f"the forge provider answered something that is not a base64 image ({exc})"
+        ) from exc
+    if not data:
+        raise ProviderFailed("the forge provider answered an empty image")
+    return ProviderImage(data=data, mime_type=mime_type, model=MODEL)

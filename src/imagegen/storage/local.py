@@ -1,0 +1,158 @@
+"""A blob store on the local filesystem, served over HTTP with HMAC-signed,
+expiring URLs (the embedded default)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import mimetypes
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from urllib.parse import quote
+
+from imagegen.config import MAX_URL_TTL
+from imagegen.domain.errors import NotFound, StorageFailed
+
+SIGNING_KEY_FILE = "blob-signing.key"
+
+
+def load_or_create_signing_key(data_dir: Path) -> bytes:
+    """32 random bytes kept in the data directory (mode 0600), made on first use."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / SIGNING_KEY_FILE
+    if not path.exists():
+        key = secrets.token_bytes(32)
+        fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=".blob-key-")
+        try:
+            os.write(fd, key.hex().encode())
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o600)
+        with contextlib.suppress(FileExistsError):
+            # Two processes starting together: the first link wins, both read it back.
+            os.link(tmp, path)
+        os.unlink(tmp)
+    return bytes.fromhex(path.read_text().strip())
+
+
+class LocalBlobStore:
+    """Blobs as files under `root`; Content-Type kept beside each file."""
+
+    def __init__(
+        self,
+        root: Path,
+        public_url: str,
+        signing_key: bytes,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if len(signing_key) < 16:
+            raise ValueError("the blob signing key must be at least 16 bytes")
+        self.root = root
+        self.public_url = public_url.rstrip("/")
+        self._key = signing_key
+        self._clock = clock
+
+    def _path(self, key: str) -> Path:
+        parts = key.split("/")
+        if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise NotFound(f"blob key {key!r} is not valid")
+        if any("\\" in p or "\x00" in p for p in parts):
+            raise NotFound(f"blob key {key!r} is not valid")
+        return self.root.joinpath(*parts)
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        path = self._path(key)
+
+        def _write() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".upload-")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                Path(tmp + ".type").write_text(content_type)
+                os.replace(tmp + ".type", str(path) + ".type")
+                os.replace(tmp, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp + ".type")
+                raise
+
+        try:
+            await asyncio.to_thread(_write)
+        except OSError as exc:
+            raise StorageFailed(f"writing the image to local storage failed: {exc}") from exc
+
+    async def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return await asyncio.to_thread(path.read_bytes)
+        except FileNotFoundError:
+            raise NotFound(f"blob {key!r} not found") from None
+        except OSError as exc:
+            raise StorageFailed(f"reading the image from local storage failed: {exc}") from exc
+
+    async def delete(self, key: str) -> None:
+        path = self._path(key)
+
+        def _remove() -> None:
+            for victim in (path, Path(str(path) + ".type")):
+                with contextlib.suppress(FileNotFoundError):
+                    victim.unlink()
+
+        try:
+            await asyncio.to_thread(_remove)
+        except OSError as exc:
+            raise StorageFailed(f"deleting the image from local storage failed: {exc}") from exc
+
+    async def exists(self, key: str) -> bool:
+        return await asyncio.to_thread(self._path(key).is_file)
+
+    def content_type(self, key: str) -> str:
+        """The stored Content-Type, else one guessed from the extension."""
+        path = self._path(key)
+        try:
+            return Path(str(path) + ".type").read_text().strip()
+        except OSError:
+            return mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+
+    def file_for_serving(self, key: str) -> Path:
+        """The file behind a key (for the HTTP route); NotFound if absent."""
+        path = self._path(key)
+        if not path.is_file():
+            raise NotFound(f"blob {key!r} not found")
+        return path
+
+    def _signature(self, key: str, expires: int) -> str:
+        return hmac.new(self._key, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+    async def signed_url(self, key: str, ttl: timedelta) -> str:
+        if not timedelta(seconds=1) <= ttl <= MAX_URL_TTL:
+            raise ValueError("signed URL lifetime must be between 1 second and 7 days")
+        self._path(key)
+        expires = int(self._clock() + ttl.total_seconds())
+        signature = self._signature(key, expires)
+        return f"{self.public_url}/blobs/{quote(key)}?expires={expires}&signature={signature}"
+
+    def signature_matches(self, key: str, expires: str, signature: str) -> bool:
+        """Whether we signed this key and expiry (constant-time), expired or not."""
+        if not expires.isdigit() or len(signature) != 64:
+            return False
+        return hmac.compare_digest(self._signature(key, int(expires)), signature)
+
+    def verify(self, key: str, expires: str, signature: str) -> bool:
+        """Whether a URL's signature is ours and it has not expired."""
+        return self.signature_matches(key, expires, signature) and int(expires) >= self._clock()
+
+    def seconds_left(self, expires: str) -> int:
+        return max(int(expires) - int(self._clock()), 0) if expires.isdigit() else 0

@@ -1,0 +1,264 @@
+"""OpenTelemetry for a served process: traces, metrics (Prometheus text at /metrics)
+and JSON log lines that carry the current trace id.
+
+Exporters follow the standard OTEL_* variables: spans go to OTLP when
+OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set, nowhere otherwise.
+
+Library instrumentations (asyncpg, httpx, aiobotocore) patch process-wide code, so
+they are installed once, with a tracer provider that delegates to whichever
+Telemetry was set up last; several servers in one test process each see their own
+spans while they are current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+from opentelemetry import metrics as otel_metrics
+from opentelemetry import trace
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from opentelemetry.util.types import Attributes
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+log = logging.getLogger(__name__)
+
+
+class _Current:
+    provider: trace.TracerProvider = trace.NoOpTracerProvider()
+
+
+class _DelegatingTracer(trace.Tracer):
+    """A tracer whose spans go to the provider current when each span starts."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._args = args
+        self._kwargs = kwargs
+
+    def _target(self) -> trace.Tracer:
+        return _Current.provider.get_tracer(*self._args, **self._kwargs)
+
+    def start_span(self, *args: Any, **kwargs: Any) -> trace.Span:
+        return self._target().start_span(*args, **kwargs)
+
+    @contextmanager
+    def start_as_current_span(  # type: ignore[override]  # same calls, plainer manager
+        self, *args: Any, **kwargs: Any
+    ) -> Iterator[trace.Span]:
+        with self._target().start_as_current_span(*args, **kwargs) as span:
+            yield span
+
+
+class _DelegatingTracerProvider(trace.TracerProvider):
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+        return _DelegatingTracer(*args, **kwargs)
+
+
+class _Instrumentation:
+    lock = threading.Lock()
+    done = False
+
+
+def _instrument_libraries() -> None:
+    with _Instrumentation.lock:
+        if _Instrumentation.done:
+            return
+        from opentelemetry.instrumentation.aiobotocore import AioBotocoreInstrumentor
+        from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+        from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+        provider = _DelegatingTracerProvider()
+        AsyncPGInstrumentor().instrument(  # type: ignore[no-untyped-call]
+            tracer_provider=provider
+        )
+        HTTPXClientInstrumentor().instrument(tracer_provider=provider)
+        AioBotocoreInstrumentor().instrument(  # type: ignore[no-untyped-call]
+            tracer_provider=provider
+        )
+        _Instrumentation.done = True
+
+
+class GenerationMetrics:
+    """The generation instruments; also the pipeline's observer."""
+
+    def __init__(self, meter: otel_metrics.Meter) -> None:
+        self._outcomes = meter.create_counter(
+            "imagegen_generations",
+            unit="1",
+            description="Generations by outcome, provider and code",
+        )
+        self._duration = meter.create_histogram(
+            "imagegen_generation_duration",
+            unit="s",
+            description="Time from a job's start to its end",
+        )
+        self._in_flight = meter.create_up_down_counter(
+            "imagegen_jobs_in_flight", unit="1", description="Jobs running in this process"
+        )
+        self._credits = meter.create_counter(
+            "imagegen_credits_charged", unit="1", description="Credits charged for delivered images"
+        )
+        self._meter = meter
+
+    def job_started(self, provider: str) -> None:
+        self._in_flight.add(1, {"provider": provider})
+
+    def job_finished(self, provider: str) -> None:
+        self._in_flight.add(-1, {"provider": provider})
+
+    def record_outcome(self, provider: str, outcome: str, code: str, duration_s: float) -> None:
+        self._outcomes.add(1, {"provider": provider, "outcome": outcome, "code": code or "none"})
+        self._duration.record(duration_s, {"provider": provider, "outcome": outcome})
+
+    def credits_charged(self, provider: str, credits: int) -> None:
+        if credits:
+            self._credits.add(credits, {"provider": provider})
+
+    def register_queue_observer(self, read: Callable[[], tuple[int, float]]) -> None:
+        """Gauges for queue depth and oldest queued job's age, read at each scrape."""
+
+        def depth(_options: otel_metrics.CallbackOptions) -> Iterator[otel_metrics.Observation]:
+            yield otel_metrics.Observation(read()[0])
+
+        def age(_options: otel_metrics.CallbackOptions) -> Iterator[otel_metrics.Observation]:
+            yield otel_metrics.Observation(read()[1])
+
+        self._meter.create_observable_gauge("imagegen_queue_depth", [depth], unit="1")
+        self._meter.create_observable_gauge("imagegen_queue_oldest_age", [age], unit="s")
+
+
+class Telemetry:
+    """Tracer and meter providers of one served process, and what reads them."""
+
+    def __init__(
+        self,
+        tracer_provider: TracerProvider,
+        meter_provider: MeterProvider,
+        registry: CollectorRegistry,
+    ) -> None:
+        self.tracer_provider = tracer_provider
+        self.meter_provider = meter_provider
+        self._registry = registry
+        self.tracer = tracer_provider.get_tracer("imagegen")
+        self.generation_metrics = GenerationMetrics(meter_provider.get_meter("imagegen"))
+
+    def grpc_server_interceptor(self) -> grpc.aio.ServerInterceptor:
+        """The OpenTelemetry gRPC interceptor (continues a caller's traceparent)."""
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+        interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
+            tracer_provider=self.tracer_provider,
+            filter_=filters.negate(filters.service_prefix("grpc.health")),
+        )
+        return interceptor
+
+    def metrics_text(self) -> tuple[bytes, str]:
+        """The Prometheus exposition of this process's metrics."""
+        return generate_latest(self._registry), CONTENT_TYPE_LATEST
+
+    async def shutdown(self) -> None:
+        await asyncio.to_thread(self._shutdown_sync)
+
+    def _shutdown_sync(self) -> None:
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+
+def setup_telemetry(
+    *,
+    service_name: str = "imagegen",
+    span_exporter: SpanExporter | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Telemetry:
+    """Build providers from the OTEL_* variables (and an extra exporter for tests),
+    make them current for the library instrumentations, and return them."""
+    env = os.environ if env is None else env
+    resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME") or service_name})
+    tracer_provider = TracerProvider(resource=resource)
+    for exporter in _span_exporters(env):
+        tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
+    if span_exporter is not None:
+        tracer_provider.add_span_processor(SimpleSpanProcessor(span_exporter))
+    registry = CollectorRegistry()
+    readers: Sequence[MetricReader] = [PrometheusMetricReader(registry=registry)]
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    _Current.provider = tracer_provider
+    _instrument_libraries()
+    return Telemetry(tracer_provider, meter_provider, registry)
+
+
+def _span_exporters(env: Mapping[str, str]) -> list[SpanExporter]:
+    choice = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
+    if choice == "none":
+        return []
+    if choice == "console":
+        return [ConsoleSpanExporter()]
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    if not endpoint and choice != "otlp":
+        return []
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    # The exporter reads the remaining OTEL_EXPORTER_OTLP_* settings itself.
+    return [OTLPSpanExporter(endpoint=endpoint) if endpoint else OTLPSpanExporter()]
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, with the current trace and span ids."""
+
+    _RESERVED = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            entry["trace_id"] = format(span_context.trace_id, "032x")
+            entry["span_id"] = format(span_context.span_id, "016x")
+        for key, value in vars(record).items():
+            if key not in self._RESERVED and not key.startswith("_"):
+                entry[key] = value if isinstance(value, str | int | float | bool) else str(value)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str = "INFO") -> None:
+    """JSON lines on stderr for the whole process."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("aiohttp.access", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def span_attributes(**values: Any) -> Attributes:
+    """Attributes with None values dropped."""
+    return {k: v for k, v in values.items() if v is not None}
