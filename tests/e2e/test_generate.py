@@ -233,11 +233,13 @@ async def test_invalid_requests_are_refused_at_once_with_no_job(
 async def test_missing_or_bad_tokens_are_unauthenticated(
     local_server: ServedProcess, database_url: str
 ) -> None:
-    from datetime import timedelta
+    from datetime import UTC, datetime, timedelta
 
     from imagegen.identity import mint_token
 
-    expired = local_server.token("alice", lifetime=timedelta(seconds=-60))
+    expired = local_server.token(
+        "alice", lifetime=timedelta(hours=1), now=datetime.now(UTC) - timedelta(hours=2)
+    )
     wrong_key = mint_token("another-key-0123456789abcdef0123456789abcdef", user_id="alice")
     import base64
     import json

@@ -191,6 +191,8 @@ class Generation:
     completed_at: datetime | None = None
     images: tuple[StoredImage, ...] = ()
     last_sequence: int = 0
+    #: W3C trace context of the submitting request, so the worker's spans join its trace
+    trace_context: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,7 @@ def _generation_from_row(row: asyncpg.Record) -> Generation:
         started_at=row["started_at"],
         completed_at=row["completed_at"],
         last_sequence=row["last_sequence"],
+        trace_context=dict(row["spec"].get("trace_context") or {}),
     )
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 
 from imagegen import imaging
 from imagegen.domain import paging
@@ -164,7 +164,7 @@ class GenerationService:
             spec=spec,
             provider=provider_id,
             credits=self.quote(spec),
-            extra_spec={},
+            extra_spec={"trace_context": _current_trace_context()},
         )
         generation, created = await self._generations.create(
             job, request_id_ttl=self._settings.request_id_ttl
@@ -297,6 +297,7 @@ class GenerationService:
         try:
             with self._tracer.start_as_current_span(
                 "generation.run",
+                context=propagate.extract(job.trace_context),
                 attributes={
                     "imagegen.generation_id": job.id,
                     "imagegen.user_id": job.user_id,
@@ -647,3 +648,9 @@ def _seed_from(generation_id: str) -> int:
     """A random-looking but stable seed for jobs that asked for none, so a retried
     attempt makes the same images."""
     return uuid.UUID(generation_id).int % 2**32
+
+
+def _current_trace_context() -> dict[str, str]:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier

@@ -100,6 +100,7 @@ async def open_s3_store(
         connect_timeout=connect_timeout,
         read_timeout=read_timeout,
         s3={"addressing_style": "path"},
+        signature_version="s3v4",
     )
     session = get_session()
     async with session.create_client(
