@@ -256,6 +256,7 @@ class Server:
                 ).rstrip("/")
 
             await runner.start()
+            telemetry.generation_metrics.register_queue_observer(lambda: runner.queue_stats)
             handle.runner = runner
             await server.start()
             for name in ("", *SERVICE_NAMES):

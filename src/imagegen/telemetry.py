@@ -111,6 +111,21 @@ class GenerationMetrics:
             "imagegen_generation_duration",
             unit="s",
             description="Time from a job's start to its end",
+            explicit_bucket_boundaries_advisory=[
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1,
+                2.5,
+                5,
+                10,
+                20,
+                30,
+                60,
+                120,
+                300,
+            ],
         )
         self._in_flight = meter.create_up_down_counter(
             "imagegen_jobs_in_flight", unit="1", description="Jobs running in this process"

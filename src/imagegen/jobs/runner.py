@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
@@ -21,6 +22,9 @@ from imagegen.jobs.signals import JobSignals
 from imagegen.repositories.generations import GenerationRepository
 
 log = logging.getLogger(__name__)
+
+#: Seconds between refreshes of the queue-depth gauge's reading.
+STATS_INTERVAL = 5.0
 
 JobExecutor = Callable[[Generation, str], Awaitable[None]]
 
@@ -47,6 +51,9 @@ class JobRunner:
         self._poll_interval = poll_interval
         self.worker_id = worker_id or f"worker-{uuid.uuid4().hex[:12]}"
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        #: (queued jobs, age of the oldest in seconds), refreshed by the claim loop
+        self.queue_stats: tuple[int, float] = (0, 0.0)
+        self._stats_read_at = 0.0
         self._loop_task: asyncio.Task[None] | None = None
         self._claiming = True
 
@@ -72,8 +79,19 @@ class JobRunner:
             if still_running:
                 await asyncio.gather(*still_running, return_exceptions=True)
 
+    async def _refresh_queue_stats(self) -> None:
+        now = time.monotonic()
+        if now - self._stats_read_at < STATS_INTERVAL:
+            return
+        self._stats_read_at = now
+        try:
+            self.queue_stats = await self._generations.queue_stats()
+        except Exception:
+            log.warning("reading queue depth failed", exc_info=True)
+
     async def _claim_loop(self) -> None:
         while self._claiming:
+            await self._refresh_queue_stats()
             with self._signals.watch_queue() as queued:
                 free = self._workers - len(self._tasks)
                 if free > 0:

@@ -263,6 +263,15 @@ class GenerationRepository:
         )
         return bool(status == "UPDATE 1")
 
+    async def queue_stats(self) -> tuple[int, float]:
+        """How many jobs wait, and how long the oldest has waited, in seconds."""
+        row = await self._pool.fetchrow(
+            "SELECT count(*) AS depth, "
+            "coalesce(extract(epoch FROM now() - min(created_at)), 0) AS oldest "
+            "FROM generations WHERE state = 'queued'"
+        )
+        return int(row["depth"]), float(row["oldest"])
+
     async def is_cancel_requested(self, generation_id: str) -> bool:
         value = await self._pool.fetchval(
             "SELECT cancel_requested FROM generations WHERE id = $1", uuid.UUID(generation_id)

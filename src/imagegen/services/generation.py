@@ -79,6 +79,8 @@ class GenerationObserver(Protocol):
 
     def record_outcome(self, provider: str, outcome: str, code: str, duration_s: float) -> None: ...
 
+    def credits_charged(self, provider: str, credits: int) -> None: ...
+
 
 @dataclass(frozen=True)
 class PipelineSettings:
@@ -542,7 +544,7 @@ class GenerationService:
     ) -> None:
         images = await self._images.for_generation(job.id)
         credits = self._prices.image_credits(job.spec.size) * len(images)
-        await self._jobs.finish(
+        finished = await self._jobs.finish(
             job.id,
             state=GenerationState.COMPLETED,
             model=model,
@@ -558,6 +560,8 @@ class GenerationService:
             event=NewEvent(EventType.COMPLETED, {"percent": 100, "images": len(images)}),
             worker_id=worker_id,
         )
+        if finished is not None:
+            self._observer.credits_charged(job.provider, credits)
         self._signals.job_changed(job.id)
 
     async def _finish_failed(

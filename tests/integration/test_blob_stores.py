@@ -1,0 +1,132 @@
+"""One contract for both blob stores (S3 through the production aiobotocore client
+against moto's server, and the local filesystem), plus each store's own promises."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from aiobotocore.session import get_session
+
+from imagegen.api.http import build_http_app, start_http_server
+from imagegen.config import S3Settings
+from imagegen.domain.errors import NotFound, StorageFailed
+from imagegen.storage.base import BlobStore
+from imagegen.storage.keys import blob_key
+from imagegen.storage.local import LocalBlobStore, load_or_create_signing_key
+from imagegen.storage.s3 import open_s3_store
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"fake image body" * 10
+
+
+@pytest.fixture(params=["s3", "local"])
+async def store(
+    request: pytest.FixtureRequest, tmp_path: Path, s3_endpoint: str, s3_bucket: str
+) -> AsyncIterator[BlobStore]:
+    if request.param == "s3":
+        async with open_s3_store(S3Settings(s3_endpoint, s3_bucket, "us-east-1", "pre")) as s3:
+            yield s3
+        return
+    local = LocalBlobStore(tmp_path / "blobs", "", load_or_create_signing_key(tmp_path))
+    runner, port = await start_http_server(
+        build_http_app(local_store=local, metrics_text=lambda: (b"", "text/plain")),
+        "127.0.0.1",
+        0,
+    )
+    local.public_url = f"http://127.0.0.1:{port}"
+    try:
+        yield local
+    finally:
+        await runner.cleanup()
+
+
+async def test_round_trip(store: BlobStore) -> None:
+    key = blob_key("alice", "img1", "png", datetime.now(UTC))
+    assert not await store.exists(key)
+    await store.put(key, PNG, "image/png")
+    assert await store.exists(key)
+    assert await store.get(key) == PNG
+    await store.put(key, PNG + b"2", "image/png")
+    assert await store.get(key) == PNG + b"2"
+    await store.delete(key)
+    assert not await store.exists(key)
+    await store.delete(key)  # deleting again is fine
+    with pytest.raises(NotFound):
+        await store.get(key)
+
+
+async def test_signed_url_serves_the_bytes_with_their_type(store: BlobStore) -> None:
+    key = blob_key("alice", "img2", "png", datetime.now(UTC))
+    await store.put(key, PNG, "image/png")
+    url = await store.signed_url(key, timedelta(minutes=5))
+    async with httpx.AsyncClient(trust_env=False) as http:
+        reply = await http.get(url)
+    assert reply.status_code == 200
+    assert reply.content == PNG
+    assert reply.headers["content-type"] == "image/png"
+    with pytest.raises(ValueError):
+        await store.signed_url(key, timedelta(days=8))
+
+
+async def test_s3_object_metadata_prefix_and_expiry(s3_endpoint: str, s3_bucket: str) -> None:
+    async with open_s3_store(S3Settings(s3_endpoint, s3_bucket, "us-east-1", "tenant-a")) as store:
+        await store.put("generated/k.png", PNG, "image/png")
+        url = await store.signed_url("generated/k.png", timedelta(seconds=90))
+    assert "X-Amz-Expires=90" in url
+    async with get_session().create_client(
+        "s3", endpoint_url=s3_endpoint, region_name="us-east-1"
+    ) as s3:
+        head = await s3.head_object(Bucket=s3_bucket, Key="tenant-a/generated/k.png")
+    assert head["ContentType"] == "image/png"
+    assert "max-age" in head["CacheControl"]
+
+
+async def test_s3_endpoint_down_is_storage_failed() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    settings = S3Settings(f"http://127.0.0.1:{closed_port}", "bucket", "us-east-1", "")
+    async with open_s3_store(settings, connect_timeout=1, read_timeout=1) as store:
+        with pytest.raises(StorageFailed):
+            await store.put("k.png", PNG, "image/png")
+
+
+async def test_local_urls_refuse_tampering_and_expire(tmp_path: Path) -> None:
+    now = [1_000_000.0]
+    store = LocalBlobStore(tmp_path / "b", "", b"k" * 32, clock=lambda: now[0])
+    runner, port = await start_http_server(
+        build_http_app(local_store=store, metrics_text=lambda: (b"m 1\n", "text/plain")),
+        "127.0.0.1",
+        0,
+    )
+    store.public_url = f"http://127.0.0.1:{port}"
+    try:
+        await store.put("generated/a/x.png", PNG, "image/png")
+        url = await store.signed_url("generated/a/x.png", timedelta(seconds=10))
+        tampered = url[:-1] + ("0" if url[-1] != "0" else "1")
+        async with httpx.AsyncClient(trust_env=False) as http:
+            assert (await http.get(url)).status_code == 200
+            assert (await http.get(tampered)).status_code == 403
+            assert (await http.get(url.split("?")[0])).status_code == 403
+            now[0] += 11
+            expired = await http.get(url)
+            assert expired.status_code == 403 and "expired" in expired.text
+            assert (await http.get(f"{store.public_url}/metrics")).text == "m 1\n"
+            assert (await http.get(f"{store.public_url}/healthz")).status_code == 200
+        for bad in ("../etc/passwd", "a/../../b", "/abs", ""):
+            with pytest.raises(NotFound):
+                await store.put(bad, PNG, "image/png")
+    finally:
+        await runner.cleanup()
+
+
+def test_blob_keys_are_dated_and_refuse_escapes() -> None:
+    key = blob_key("alice", "id-1", "webp", datetime(2026, 3, 4, 5, 6, 7, 8, tzinfo=UTC))
+    assert key == "generated/alice/2026/03/20260304T050607000008Z-id-1.webp"
+    for user in ("../x", "a/b", "", ".."):
+        with pytest.raises(ValueError):
+            blob_key(user, "id", "png", datetime.now(UTC))
