@@ -31,6 +31,7 @@ import grpc
 import httpx
 import pybase64
 from aiohttp import web
+from imagegen.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from PIL import Image
 
 from imagegen import imaging
@@ -38,7 +39,6 @@ from imagegen.embedded import start_embedded_postgres
 from imagegen.identity import mint_token
 from imagegen.repositories.migrator import apply_migrations
 from imagegen.storage.local import LocalBlobStore
-from imagegen.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 JWT_KEY = "bench-signing-key-0123456789abcdef0123456789abcdef"
 FORGE_KEY = "bench-forge-key"
@@ -57,7 +57,9 @@ def _png(size: int = 512) -> bytes:
 
 
 async def start_forge_fake(png: bytes) -> tuple[web.AppRunner, str]:
-    body = json.dumps({"image": {"b64Json": pybase64.b64encode(png).decode(), "mimeType": "image/png"}})
+    body = json.dumps(
+        {"image": {"b64Json": pybase64.b64encode(png).decode(), "mimeType": "image/png"}}
+    )
 
     async def generate(_request: web.Request) -> web.Response:
         return web.Response(text=body, content_type="application/json")
@@ -144,7 +146,9 @@ async def main() -> None:
 
     # --- direct path -------------------------------------------------------------------
     pool = await asyncpg.create_pool(direct_dsn, min_size=2, max_size=20)
-    store = LocalBlobStore(root=tmp / "direct-blobs", public_url="http://127.0.0.1:1", signing_key=b"k" * 32)
+    store = LocalBlobStore(
+        root=tmp / "direct-blobs", public_url="http://127.0.0.1:1", signing_key=b"k" * 32
+    )
     http = httpx.AsyncClient(trust_env=False, timeout=30, limits=httpx.Limits(max_connections=100))
 
     async def direct_once() -> float:
@@ -162,7 +166,12 @@ async def main() -> None:
         await pool.execute(
             "INSERT INTO images (id, user_id, storage_key, mime_type, width, height, size_bytes,"
             " provider, prompt) VALUES ($1, 'bench', $2, $3, $4, $5, $6, 'forge', 'bench')",
-            image_id, key, info.mime_type, info.width, info.height, len(data),
+            image_id,
+            key,
+            info.mime_type,
+            info.width,
+            info.height,
+            len(data),
         )
         return first
 
@@ -186,18 +195,24 @@ async def main() -> None:
     }
     (tmp / "served").mkdir()
     process = subprocess.Popen(
-        [sys.executable, "-m", "imagegen.cli", "serve"], env=env,
-        stdout=subprocess.DEVNULL, stderr=open(tmp / "served.log", "wb"),
+        [sys.executable, "-m", "imagegen.cli", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "served.log", "wb"),
     )
     while not ready.exists() or not ready.read_text().strip():
         if process.poll() is not None:
             raise SystemExit((tmp / "served.log").read_text())
         await asyncio.sleep(0.05)
     address = dict(p.split("=", 1) for p in ready.read_text().split()[2:])["grpc"]
-    metadata = (("authorization", f"Bearer {mint_token(JWT_KEY, user_id='bench', plan='enterprise')}"),)
+    metadata = (
+        ("authorization", f"Bearer {mint_token(JWT_KEY, user_id='bench', plan='enterprise')}"),
+    )
     channel = grpc.aio.insecure_channel(address, options=(("grpc.enable_http_proxy", 0),))
     stub = generation_pb2_grpc.ImageGenerationServiceStub(channel)
-    spec = common_pb2.GenerationSpec(prompt="bench", size=common_pb2.ImageSize(width=512, height=512))
+    spec = common_pb2.GenerationSpec(
+        prompt="bench", size=common_pb2.ImageSize(width=512, height=512)
+    )
 
     async def served_once() -> float:
         first = 0.0
@@ -219,18 +234,27 @@ async def main() -> None:
     await forge_runner.cleanup()
     await embedded.stop()
 
-    print(f"imagegen benchmark  {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  "
-          f"{os.cpu_count()} cores  python {platform.python_version()}  server workers={args.workers}")
-    print(f"{'N':>3} {'path':<7} {'gen/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-          f"{'first ms':>9}   ratio (served/direct): gen/s  p50  p99")
+    print(
+        f"imagegen benchmark  {time.strftime('%Y-%m-%d %H:%M')}  {platform.node()}  "
+        f"{os.cpu_count()} cores  python {platform.python_version()}  server workers={args.workers}"
+    )
+    print(
+        f"{'N':>3} {'path':<7} {'gen/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+        f"{'first ms':>9}   ratio (served/direct): gen/s  p50  p99"
+    )
     for d, s in zip(direct, served, strict=True):
         for label, f in (("direct", d), ("served", s)):
-            print(f"{f.concurrency:>3} {label:<7} {f.rate:8.1f} {f.pct(f.latencies, .5):8.1f} "
-                  f"{f.pct(f.latencies, .95):8.1f} {f.pct(f.latencies, .99):8.1f} "
-                  f"{statistics.median(f.first_event) * 1000:9.1f}", end="")
+            print(
+                f"{f.concurrency:>3} {label:<7} {f.rate:8.1f} {f.pct(f.latencies, 0.5):8.1f} "
+                f"{f.pct(f.latencies, 0.95):8.1f} {f.pct(f.latencies, 0.99):8.1f} "
+                f"{statistics.median(f.first_event) * 1000:9.1f}",
+                end="",
+            )
             if label == "served":
-                print(f"   {s.rate / d.rate:5.2f}  {s.pct(s.latencies, .5) / d.pct(d.latencies, .5):5.2f}"
-                      f"  {s.pct(s.latencies, .99) / d.pct(d.latencies, .99):5.2f}")
+                print(
+                    f"   {s.rate / d.rate:5.2f}  {s.pct(s.latencies, 0.5) / d.pct(d.latencies, 0.5):5.2f}"
+                    f"  {s.pct(s.latencies, 0.99) / d.pct(d.latencies, 0.99):5.2f}"
+                )
             else:
                 print()
     print(f"peak RSS of the served process: {rss:.0f} MiB")

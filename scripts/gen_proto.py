@@ -24,7 +24,9 @@ INIT_TEXT = '"""Generated from proto/imagegen/v1 by scripts/gen_proto.py. Do not
 
 
 def generate(out_dir: Path) -> None:
-    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / PACKAGE_DIR).glob("*.proto"))
+    protos = sorted(
+        str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / PACKAGE_DIR).glob("*.proto")
+    )
     (out_dir / PACKAGE_DIR).mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable,

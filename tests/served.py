@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from imagegen.v1 import generation_pb2_grpc
 
 from imagegen.identity import mint_token
-from imagegen.v1 import generation_pb2_grpc
 
 TEST_JWT_KEY = "test-signing-key-0123456789abcdef0123456789abcdef"
 CHANNEL_OPTIONS = (("grpc.enable_http_proxy", 0),)

@@ -4,7 +4,6 @@ and a graceful SIGTERM while a generation runs."""
 from __future__ import annotations
 
 import asyncio
-import io
 import subprocess
 import sys
 import time
@@ -14,9 +13,9 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from imagegen.v1 import common_pb2, generation_pb2
 from PIL import Image
 
-from imagegen.v1 import common_pb2, generation_pb2
 from tests.served import start_server
 
 pytestmark = pytest.mark.e2e
@@ -36,10 +35,22 @@ async def test_unconfigured_serve_then_cli_generate_writes_a_png(tmp_path: Path)
         result = await asyncio.to_thread(
             subprocess.run,
             [
-                sys.executable, "-m", "imagegen.cli", "generate", "a red fox in snow",
-                "--style", "artistic", "--size", "256x256", "--out", str(out),
+                sys.executable,
+                "-m",
+                "imagegen.cli",
+                "generate",
+                "a red fox in snow",
+                "--style",
+                "artistic",
+                "--size",
+                "256x256",
+                "--out",
+                str(out),
             ],
-            env=env, capture_output=True, text=True, timeout=120,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert result.returncode == 0, result.stderr
         assert "%" in result.stderr, "a progress bar was drawn"
@@ -62,7 +73,10 @@ async def test_unconfigured_serve_then_cli_generate_writes_a_png(tmp_path: Path)
         token = await asyncio.to_thread(
             subprocess.run,
             [sys.executable, "-m", "imagegen.cli", "token", "--user", "alice", "--plan", "pro"],
-            env=env, capture_output=True, text=True, timeout=60,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert token.returncode == 0
         assert token.stdout.strip().splitlines()[-1].count(".") == 2
@@ -120,9 +134,7 @@ async def test_sigterm_drains_and_lets_the_running_generation_finish(
 
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.SubmitGeneration(
-                    E.SubmitGenerationRequest(
-                        spec=common_pb2.GenerationSpec(prompt="too late")
-                    ),
+                    E.SubmitGenerationRequest(spec=common_pb2.GenerationSpec(prompt="too late")),
                     metadata=server.metadata(),
                     timeout=5,
                 )

@@ -11,9 +11,9 @@ import httpx
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from imagegen.v1 import common_pb2, generation_pb2
 from PIL import Image
 
-from imagegen.v1 import common_pb2, generation_pb2
 from tests.conftest import list_bucket_keys
 from tests.served import ServedProcess, start_server
 
@@ -248,8 +248,13 @@ async def test_missing_or_bad_tokens_are_unauthenticated(
         return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
     alg_none = f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64({'sub': 'alice', 'exp': 4102444800})}."
-    cases = [(), (("authorization", "Bearer " + expired),), (("authorization", "Bearer " + wrong_key),),
-             (("authorization", "Bearer " + alg_none),), (("authorization", "Basic abc"),)]
+    cases = [
+        (),
+        (("authorization", "Bearer " + expired),),
+        (("authorization", "Bearer " + wrong_key),),
+        (("authorization", "Bearer " + alg_none),),
+        (("authorization", "Basic abc"),),
+    ]
     async with local_server.channel() as channel:
         stub = local_server.stub(channel)
         for metadata in cases:

@@ -1,9 +1,9 @@
 """A local HTTP server that speaks the Forge ImageService wire format.
 
-    async with ForgeFake.start() as fake:
-        fake.url          # http://127.0.0.1:PORT, for BUILT_IN_FORGE_API_URL
-        fake.requests     # every request seen: headers and JSON body
-        fake.script(...)  # what the next requests get (else: a valid PNG, at once)
+async with ForgeFake.start() as fake:
+    fake.url          # http://127.0.0.1:PORT, for BUILT_IN_FORGE_API_URL
+    fake.requests     # every request seen: headers and JSON body
+    fake.script(...)  # what the next requests get (else: a valid PNG, at once)
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from PIL import Image
 PATH = "/images.v1.ImageService/GenerateImage"
 
 
-def png_bytes(width: int = 64, height: int = 64, color: tuple[int, int, int] = (200, 40, 40)) -> bytes:
+def png_bytes(
+    width: int = 64, height: int = 64, color: tuple[int, int, int] = (200, 40, 40)
+) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (width, height), color).save(out, format="PNG")
     return out.getvalue()
@@ -35,13 +37,17 @@ def bomb_png(side: int = 30000) -> bytes:
     import zlib
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
     row = b"\x00" + b"\x00" * ((side + 7) // 8)
     compressor = zlib.compressobj(9)
     body = b"".join(compressor.compress(row) for _ in range(64)) + compressor.flush()
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    )
 
 
 @dataclass
@@ -88,7 +94,12 @@ class ForgeFake:
         else:
             image = reply.image if reply.image is not None else png_bytes()
             body = json.dumps(
-                {"image": {"b64Json": pybase64.b64encode(image).decode(), "mimeType": reply.mime_type}}
+                {
+                    "image": {
+                        "b64Json": pybase64.b64encode(image).decode(),
+                        "mimeType": reply.mime_type,
+                    }
+                }
             ).encode()
         return web.Response(
             status=reply.status, body=body, content_type="application/json", headers=reply.headers

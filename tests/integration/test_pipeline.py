@@ -11,8 +11,8 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-
 from imagegen.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+
 from tests.conftest import list_bucket_keys
 from tests.fakes.forge_server import ForgeFake, Reply, bomb_png, png_bytes
 from tests.inprocess import TEST_JWT_KEY, serve_in_process
@@ -72,7 +72,9 @@ async def fetch(dsn: str, sql: str) -> list[asyncpg.Record]:
         await conn.close()
 
 
-def assert_failed_with(events: list[E.GenerationEvent], err: grpc.aio.AioRpcError | None, code: str):
+def assert_failed_with(
+    events: list[E.GenerationEvent], err: grpc.aio.AioRpcError | None, code: str
+):
     assert events, "the job was accepted and streamed events"
     assert events[-1].type == E.GENERATION_EVENT_TYPE_FAILED
     assert events[-1].error.code == code

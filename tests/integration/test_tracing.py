@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+from imagegen.v1 import common_pb2, generation_pb2
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from imagegen.telemetry import setup_telemetry
-from imagegen.v1 import common_pb2, generation_pb2
 from tests.fakes.forge_server import ForgeFake, Reply, png_bytes
 from tests.inprocess import serve_in_process
 from tests.integration.test_pipeline import generate

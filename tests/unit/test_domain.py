@@ -71,7 +71,9 @@ def test_prices_follow_the_table() -> None:
     assert prices.generation_credits(Size(1024, 1024), 3) == 6
     assert prices.generation_credits(Size(512, 512), 1, edit=True) == 2
     assert prices.generation_credits(Size(1024, 1536), 1) == 3
-    custom = PriceTable.from_json('{"tiers": [{"max_pixels": 100, "credits": 5}], "edit_credits": 1}')
+    custom = PriceTable.from_json(
+        '{"tiers": [{"max_pixels": 100, "credits": 5}], "edit_credits": 1}'
+    )
     assert custom.image_credits(Size(10, 10)) == 5
     assert custom.image_credits(Size(10, 11)) == 10
 

@@ -15,7 +15,9 @@ from tests.fakes.forge_server import bomb_png, png_bytes
 
 def encoded(fmt: str, size: tuple[int, int] = (40, 30), mode: str = "RGB") -> bytes:
     out = io.BytesIO()
-    Image.new(mode, size, (10, 200, 30) if mode == "RGB" else (10, 200, 30, 128)).save(out, format=fmt)
+    Image.new(mode, size, (10, 200, 30) if mode == "RGB" else (10, 200, 30, 128)).save(
+        out, format=fmt
+    )
     return out.getvalue()
 
 

@@ -21,7 +21,10 @@ def test_spans_go_to_the_newest_setup() -> None:
     first, second = InMemorySpanExporter(), InMemorySpanExporter()
     setup_telemetry(span_exporter=first, env={})
     telemetry = setup_telemetry(span_exporter=second, env={})
-    with telemetry.tracer.start_as_current_span("parent") as parent, telemetry.tracer.start_as_current_span("child"):
+    with (
+        telemetry.tracer.start_as_current_span("parent") as parent,
+        telemetry.tracer.start_as_current_span("child"),
+    ):
         pass
     spans = {s.name: s for s in second.get_finished_spans()}
     assert spans["child"].context.trace_id == parent.get_span_context().trace_id
@@ -36,7 +39,11 @@ def test_metrics_render_outcomes_and_alert_rules_name_real_metrics() -> None:
     metrics.register_queue_observer(lambda: (2, 7.0))
     text = telemetry.metrics_text()[0].decode()
     assert re.search(r'imagegen_generations_total\{code="IMG_002".*outcome="failed".*\} 1\.0', text)
-    exposed = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    exposed = {
+        line.split("{")[0].split(" ")[0]
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
     rules = yaml.safe_load((ROOT / "deploy" / "alerts.yaml").read_text())
     for group in rules["groups"]:
         for rule in group["rules"]:
@@ -54,7 +61,9 @@ def test_log_lines_are_json_with_the_trace_id() -> None:
     logger.setLevel(logging.INFO)
     try:
         with telemetry.tracer.start_as_current_span("work") as span:
-            logger.info("generation finished", extra={"event": "generation.outcome", "code": "IMG_002"})
+            logger.info(
+                "generation finished", extra={"event": "generation.outcome", "code": "IMG_002"}
+            )
     finally:
         logger.removeHandler(handler)
     entry = json.loads(stream.getvalue())
@@ -65,6 +74,11 @@ def test_log_lines_are_json_with_the_trace_id() -> None:
 
 def test_otlp_only_when_an_endpoint_is_configured() -> None:
     assert _span_exporters({}) == []
-    assert _span_exporters({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}) == []
+    assert (
+        _span_exporters(
+            {"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}
+        )
+        == []
+    )
     chosen = _span_exporters({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"})
     assert [type(e).__name__ for e in chosen] == ["OTLPSpanExporter"]
