@@ -196,6 +196,7 @@ class Server:
                 settings.jwt.audience,
             )
             handle = _GrpcHandle()
+            handle.service = service
             inflight = InflightInterceptor()
             handle.inflight = inflight
             max_message = settings.max_input_bytes + 1024 * 1024
@@ -285,6 +286,8 @@ class Server:
         deadline = time.monotonic() + grace
         log.info("shutting down", extra={"event": "server.draining", "grace_s": grace})
         handle.draining = True
+        if handle.service is not None:
+            handle.service.begin_drain()
         if self.running is not None:
             self.running.draining = True
         assert handle.health is not None and handle.server is not None
@@ -313,6 +316,7 @@ class _GrpcHandle:
         self.health: Any = None
         self.runner: JobRunner | None = None
         self.inflight: InflightInterceptor | None = None
+        self.service: GenerationService | None = None
 
 
 def _url_host(host: str) -> str:

@@ -31,6 +31,7 @@ from imagegen.domain.errors import (
     InvalidRequest,
     NotFound,
     ProviderFailed,
+    ShuttingDown,
 )
 from imagegen.domain.models import (
     EventType,
@@ -126,6 +127,16 @@ class GenerationService:
         self._settings = settings
         self._limits = limits or RequestLimits()
         self._tracer = tracer or trace.get_tracer(__name__)
+        #: jobs this process is executing right now
+        self._executing: set[str] = set()
+        self._draining = False
+
+    def begin_drain(self) -> None:
+        """This replica is shutting down: watchers of jobs it is not running are told
+        to go elsewhere (ShuttingDown, UNAVAILABLE); the others follow their job to its end
+        or until it is handed back to the queue."""
+        self._draining = True
+        self._signals.wake_all()
 
     # --- submit ---------------------------------------------------------------------------
 
@@ -268,6 +279,12 @@ class GenerationService:
                     yield await self._decorate(event)
                     if event.type.terminal:
                         return
+                if self._draining and generation.id not in self._executing:
+                    raise ShuttingDown(
+                        "this replica is shutting down; watch again with after_sequence="
+                        f"{last} and another replica will follow the job",
+                        metadata={"after_sequence": str(last)},
+                    )
                 if not events:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(
@@ -291,6 +308,14 @@ class GenerationService:
     async def execute(self, job: Generation, worker_id: str) -> None:
         """Run one claimed job to its terminal state. Shutdown cancellation propagates
         (the runner hands the job back); every other failure ends the job FAILED."""
+        self._executing.add(job.id)
+        try:
+            await self._execute(job, worker_id)
+        finally:
+            self._executing.discard(job.id)
+            self._signals.job_changed(job.id)
+
+    async def _execute(self, job: Generation, worker_id: str) -> None:
         started = time.monotonic()
         requested_at = job.created_at
         provider = self._providers.get(job.provider)
