@@ -36,7 +36,9 @@ async def test_wire_format_of_a_generation_and_an_edit(http: httpx.AsyncClient) 
             no_progress,
         )
         source = SourceImage(data=b"\x89PNGsource", mime_type="image/png", width=1, height=1)
-        await provider.generate(ProviderRequest(prompt="make it blue", sources=(source,)), no_progress)
+        await provider.generate(
+            ProviderRequest(prompt="make it blue", sources=(source,)), no_progress
+        )
     assert reply.data == image and reply.mime_type == "image/png"
     first, second = fake.requests
     assert first.headers["Authorization"] == "Bearer secret-key"
