@@ -10,9 +10,9 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
+from imagegen.v1 import common_pb2, generation_pb2
 
 from imagegen.client import ImageGenClient
-from imagegen.v1 import common_pb2, generation_pb2
 from tests.served import ServedProcess, start_server
 
 pytestmark = pytest.mark.e2e
@@ -304,7 +304,10 @@ async def test_a_terminated_listener_reconnects_and_watchers_get_every_event(
         tmp_path, database_url, extra_env={"IMAGEGEN_LOCAL_STEP_DELAY": "0.3"}
     )
     try:
-        listening = "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN%' AND datname = current_database()"
+        listening = (
+            "SELECT pid FROM pg_stat_activity "
+            "WHERE query LIKE 'LISTEN%' AND datname = current_database()"
+        )
         before = {r["pid"] for r in await query(database_url, listening)}
         assert before
         generation = await submit(server, E.SubmitGenerationRequest(spec=spec()))
