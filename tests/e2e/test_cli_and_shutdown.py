@@ -22,10 +22,12 @@ pytestmark = pytest.mark.e2e
 E = generation_pb2
 
 
-async def test_unconfigured_serve_then_cli_generate_writes_a_png(tmp_path: Path) -> None:
+async def test_unconfigured_serve_then_cli_generate_writes_a_png(
+    tmp_path: Path, pg_data_dir: Path
+) -> None:
     # No DATABASE_URL, no S3, no JWT key: the embedded default, as a newcomer runs it.
     server = await start_server(
-        tmp_path,
+        pg_data_dir,
         database_url="",
         extra_env={"IMAGEGEN_JWT_KEY": "", "DATABASE_URL": "", "IMAGEGEN_URL_TTL": "3"},
     )

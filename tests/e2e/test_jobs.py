@@ -329,17 +329,28 @@ async def test_a_terminated_listener_reconnects_and_watchers_get_every_event(
 
 
 async def test_list_generations_pages_by_state_and_rerun(tmp_path: Path, database_url: str):
-    server = await start_server(tmp_path, database_url)
+    server = await start_server(
+        tmp_path,
+        database_url,
+        extra_env={"IMAGEGEN_WORKERS": "1", "IMAGEGEN_LOCAL_STEP_DELAY": "0.4"},
+    )
     try:
         made = []
-        for i in range(5):
+        for i in range(3):
             generation = await submit(server, E.SubmitGenerationRequest(spec=spec(f"p{i}")))
             await watch(server, generation.name)
             made.append(generation.name)
         await submit(server, E.SubmitGenerationRequest(spec=spec("bob's")), user="bob")
+        bob_job = await query(database_url, "SELECT id FROM generations WHERE user_id = 'bob'")
+        await wait_for_state(database_url, str(bob_job[0]["id"]), "completed")
+        running = await submit(server, E.SubmitGenerationRequest(spec=spec("running")))
+        await wait_for_state(database_url, running.name, "running")
+        queued = await submit(server, E.SubmitGenerationRequest(spec=spec("queued")))
+        cancelled = await submit(server, E.SubmitGenerationRequest(spec=spec("cancelled")))
         async with server.channel() as channel:
             stub = server.stub(channel)
             md = server.metadata()
+            await stub.CancelGeneration(E.CancelGenerationRequest(name=cancelled.name), metadata=md)
             names: list[str] = []
             token = ""
             while True:
@@ -351,18 +362,31 @@ async def test_list_generations_pages_by_state_and_rerun(tmp_path: Path, databas
                 token = page.next_page_token
                 if not token:
                     break
-            assert names == list(reversed(made))
-            completed = await stub.ListGenerations(
-                E.ListGenerationsRequest(states=[E.GENERATION_STATE_COMPLETED]), metadata=md
+            assert names == list(reversed([*made, running.name, queued.name, cancelled.name]))
+
+            async def listed(state: int) -> list[str]:
+                reply = await stub.ListGenerations(
+                    E.ListGenerationsRequest(states=[state]), metadata=md
+                )
+                return [g.name for g in reply.generations]
+
+            assert await listed(E.GENERATION_STATE_COMPLETED) == list(reversed(made))
+            assert await listed(E.GENERATION_STATE_RUNNING) == [running.name]
+            assert await listed(E.GENERATION_STATE_QUEUED) == [queued.name]
+            assert await listed(E.GENERATION_STATE_CANCELLED) == [cancelled.name]
+            assert await listed(E.GENERATION_STATE_FAILED) == []
+            bobs = await stub.ListGenerations(
+                E.ListGenerationsRequest(), metadata=server.metadata("bob")
             )
-            assert len(completed.generations) == 5
-            failed = await stub.ListGenerations(
-                E.ListGenerationsRequest(states=[E.GENERATION_STATE_FAILED]), metadata=md
-            )
-            assert list(failed.generations) == []
+            assert [g.spec.prompt for g in bobs.generations] == ["bob's"]
             with pytest.raises(grpc.aio.AioRpcError) as bad:
                 await stub.ListGenerations(E.ListGenerationsRequest(page_size=101), metadata=md)
             assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.aio.AioRpcError) as bad_token:
+                await stub.ListGenerations(
+                    E.ListGenerationsRequest(page_token="not-a-token"), metadata=md
+                )
+            assert bad_token.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
             rerun = await stub.RerunGeneration(E.RerunGenerationRequest(name=made[0]), metadata=md)
             assert rerun.generation.name not in made

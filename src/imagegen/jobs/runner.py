@@ -14,8 +14,9 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import timedelta
+from typing import Any
 
 from imagegen.domain.models import Generation
 from imagegen.jobs.signals import JobSignals
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 #: Seconds between refreshes of the queue-depth gauge's reading.
 STATS_INTERVAL = 5.0
 
-JobExecutor = Callable[[Generation, str], Awaitable[None]]
+JobExecutor = Callable[[Generation, str], Coroutine[Any, Any, None]]
 
 
 class JobRunner:
@@ -120,16 +121,31 @@ class JobRunner:
 
     async def _run(self, job: Generation) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(job.id), name=f"imagegen-lease-{job.id}")
+        work = asyncio.create_task(
+            self._execute(job, self.worker_id), name=f"imagegen-run-{job.id}"
+        )
         try:
-            await self._execute(job, self.worker_id)
+            await asyncio.wait({work, heartbeat}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                # The lease was lost (this process stalled past it and another worker
+                # took the job): stop working on a job that is no longer ours.
+                log.warning("lost the lease of %s; abandoning it", job.id)
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+            elif work.exception() is not None:
+                log.error(
+                    "job %s crashed outside its error handling", job.id, exc_info=work.exception()
+                )
         except asyncio.CancelledError:
             # Shutdown: the job goes back to the queue for another worker.
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await work
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._generations.release(job.id, self.worker_id))
                 self._signals.job_changed(job.id)
             raise
-        except Exception:
-            log.exception("job %s crashed outside its error handling", job.id)
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -378,14 +378,17 @@ class JobStore:
         negative_prompt: str,
         style: str,
         seed: int | None,
-    ) -> tuple[StoredImage, GenerationEvent]:
-        """Insert the row of a stored blob and announce it, atomically.
+    ) -> tuple[StoredImage, GenerationEvent] | None:
+        """Insert the row of a stored blob and announce it, atomically. None when
+        another attempt of the job already stored this batch index.
         Raises StorageFailed when the database cannot record it."""
         try:
             async with self._generations.pool.acquire() as conn, conn.transaction():
                 stored = await self._images.insert(
                     conn, image, negative_prompt=negative_prompt, style=style, seed=seed
                 )
+                if stored is None:
+                    return None
                 appended = await self._generations.append_event(
                     image.generation_id, event, conn=conn
                 )

@@ -49,14 +49,17 @@ class ImageRepository:
         negative_prompt: str = "",
         style: str = "",
         seed: int | None = None,
-    ) -> StoredImage:
-        """Add the row of an image whose blob is already stored (caller's transaction)."""
+    ) -> StoredImage | None:
+        """Add the row of an image whose blob is already stored (caller's transaction).
+        None when the job already has an image at that batch index (another attempt
+        stored it first)."""
         row = await conn.fetchrow(
             """
             INSERT INTO images (id, user_id, generation_id, batch_index, storage_key, mime_type,
                                 width, height, size_bytes, provider, model, prompt,
                                 negative_prompt, style, seed)
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+            ON CONFLICT (generation_id, batch_index) DO NOTHING
             RETURNING *
             """,
             uuid.UUID(image.id),
@@ -75,7 +78,7 @@ class ImageRepository:
             style,
             seed,
         )
-        return _image_from_row(row)
+        return None if row is None else _image_from_row(row)
 
     async def for_generation(self, generation_id: str) -> list[StoredImage]:
         """A job's images in batch order."""

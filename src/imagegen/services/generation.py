@@ -512,7 +512,7 @@ class GenerationService:
             index=index,
         )
         try:
-            await self._jobs.record_image(
+            recorded = await self._jobs.record_image(
                 image,
                 NewEvent(EventType.IMAGE_READY, {"image_id": image_id, "image_index": index}),
                 negative_prompt=job.spec.negative_prompt,
@@ -524,6 +524,9 @@ class GenerationService:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._blobs.delete(key))
             raise
+        if recorded is None:
+            # An earlier attempt of this job stored this image first; keep only that one.
+            await self._blobs.delete(key)
         self._signals.job_changed(job.id)
 
     async def _call_provider(
