@@ -264,3 +264,35 @@ async def test_missing_or_bad_tokens_are_unauthenticated(
                 )
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert await rows(database_url, "SELECT id FROM generations") == []
+
+
+async def test_reflection_and_health_need_no_token(local_server: ServedProcess) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    async with local_server.channel() as channel:
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        services: set[str] = set()
+        async for reply in reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        ):
+            services |= {s.name for s in reply.list_services_response.service}
+        assert {
+            "imagegen.v1.ImageGenerationService",
+            "imagegen.v1.ImageLibraryService",
+            "imagegen.v1.PromptTemplateService",
+            "imagegen.v1.UsageService",
+            "grpc.health.v1.Health",
+        } <= services
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "imagegen.v1.ImageGenerationService"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        # Parts of the contract that later work implements answer UNIMPLEMENTED.
+        from imagegen.v1 import library_pb2, library_pb2_grpc
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await library_pb2_grpc.ImageLibraryServiceStub(channel).GetImage(
+                library_pb2.GetImageRequest(name="images/x"), metadata=local_server.metadata()
+            )
+        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
