@@ -40,6 +40,7 @@ from imagegen.jobs.signals import JobSignals, NotificationListener
 from imagegen.providers.base import Provider
 from imagegen.providers.forge import ForgeProvider
 from imagegen.providers.local import LocalProvider
+from imagegen.providers.resilience import ResilientProvider
 from imagegen.repositories.db import open_pool
 from imagegen.repositories.generations import GenerationQueries, GenerationRepository, JobStore
 from imagegen.repositories.images import ImageRepository
@@ -149,7 +150,9 @@ class Server:
             stack.push_async_callback(http_client.aclose)
             providers: dict[str, Provider] = {
                 "local": LocalProvider(step_delay=settings.local_step_delay),
-                "forge": ForgeProvider(settings.forge.url, settings.forge.api_key, http_client),
+                "forge": ResilientProvider(
+                    ForgeProvider(settings.forge.url, settings.forge.api_key, http_client)
+                ),
             }
 
             signals = JobSignals()

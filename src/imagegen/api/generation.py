@@ -169,6 +169,9 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         identity()
         infos = []
         for provider_id, provider in sorted(self._providers.items()):
+            if not getattr(provider, "configured", True):
+                # Listed only once it has what it needs to answer.
+                continue
             caps = provider.capabilities
             infos.append(
                 generation_pb2.ProviderInfo(
