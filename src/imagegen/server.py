@@ -47,6 +47,7 @@ from imagegen.repositories.images import ImageRepository
 from imagegen.repositories.migrator import apply_migrations
 from imagegen.repositories.usage import UsageRepository
 from imagegen.services.generation import GenerationService, PipelineSettings
+from imagegen.services.sources import SourceLimits, SourceResolver
 from imagegen.storage.base import BlobStore
 from imagegen.storage.local import LocalBlobStore, load_or_create_signing_key
 from imagegen.storage.s3 import open_s3_store
@@ -170,6 +171,12 @@ class Server:
                 images=images,
                 job_store=JobStore(generations, images, usage),
                 blobs=blobs,
+                sources=SourceResolver(
+                    blobs,
+                    images,
+                    SourceLimits(settings.max_input_bytes, settings.max_pixels),
+                    fetcher=None,
+                ),
                 providers=providers,
                 prices=PriceTable.load(settings.pricing_file),
                 signals=signals,

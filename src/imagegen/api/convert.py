@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf.message import Message
@@ -18,6 +19,7 @@ from imagegen.domain.models import (
     GenerationState,
     ImageFormat,
     Size,
+    SourceRef,
     StoredImage,
     Style,
 )
@@ -88,14 +90,40 @@ def generation_id_from_name(name: str) -> str:
     return name.removeprefix(GENERATIONS_PREFIX)
 
 
+@dataclass(frozen=True)
+class ParsedSpec:
+    """A request's spec, and the sources it names (fetched later by the service)."""
+
+    spec: GenerationSpec
+    source_refs: tuple[SourceRef, ...]
+    mask_ref: SourceRef | None
+    size_given: bool
+
+
+def _source_ref(source: common_pb2.ImageSource, field: str) -> SourceRef:
+    kind = source.WhichOneof("source")
+    if kind == "uri":
+        return SourceRef("uri", uri=source.uri)
+    if kind == "data":
+        return SourceRef("bytes", data=source.data)
+    if kind == "image":
+        return SourceRef("image", image_id=source.image.removeprefix(IMAGES_PREFIX))
+    raise InvalidRequest(f"{field} must set one of uri, data or image", field=field)
+
+
+def parse_spec(spec: common_pb2.GenerationSpec) -> ParsedSpec:
+    """Contract -> domain, with the source images as references."""
+    size_given = spec.HasField("size") and (spec.size.width, spec.size.height) != (0, 0)
+    return ParsedSpec(
+        spec=spec_from_proto(spec),
+        source_refs=tuple(_source_ref(s, "sources") for s in spec.sources),
+        mask_ref=_source_ref(spec.mask, "mask") if spec.HasField("mask") else None,
+        size_given=size_given or not spec.sources,
+    )
+
+
 def spec_from_proto(spec: common_pb2.GenerationSpec) -> GenerationSpec:
-    """Contract -> domain; unknown enum values and unsupported fields are IMG_003."""
-    if spec.sources or spec.HasField("mask"):
-        raise InvalidRequest(
-            "source images (edits) are not accepted by this server version yet; "
-            "send a text-to-image request",
-            field="sources",
-        )
+    """Contract -> domain; unknown enum values are IMG_003. Sources are not resolved here."""
     if spec.style != common_pb2.STYLE_UNSPECIFIED and spec.style not in _STYLE_FROM_PB:
         raise InvalidRequest(f"style {spec.style} is not a known style", field="style")
     if spec.format != common_pb2.IMAGE_FORMAT_UNSPECIFIED and spec.format not in _FORMAT_FROM_PB:

@@ -14,7 +14,7 @@ import grpc
 from imagegen.api import convert
 from imagegen.api.context import identity
 from imagegen.api.errors import error_from_code
-from imagegen.domain.models import EventType
+from imagegen.domain.models import EventType, Generation, Identity
 from imagegen.providers.base import Provider
 from imagegen.services.generation import GenerationService
 from imagegen.v1 import common_pb2, generation_pb2, generation_pb2_grpc
@@ -36,6 +36,19 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         self._default_provider = default_provider
         self._url_ttl = url_ttl
 
+    async def _submit(
+        self, caller: Identity, spec: common_pb2.GenerationSpec, request_id: str
+    ) -> Generation:
+        parsed = convert.parse_spec(spec)
+        return await self._service.submit(
+            caller,
+            parsed.spec,
+            request_id,
+            source_refs=parsed.source_refs,
+            mask_ref=parsed.mask_ref,
+            size_given=parsed.size_given,
+        )
+
     async def GenerateImage(
         self,
         request: generation_pb2.GenerateImageRequest,
@@ -44,8 +57,7 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         ],
     ) -> AsyncIterator[generation_pb2.GenerateImageResponse]:
         caller = identity()
-        spec = convert.spec_from_proto(request.spec)
-        generation = await self._service.submit(caller, spec, request.request_id)
+        generation = await self._submit(caller, request.spec, request.request_id)
         async for event in self._service.watch(caller, generation.id):
             yield generation_pb2.GenerateImageResponse(
                 event=convert.event_to_proto(event, self._url_ttl)
@@ -61,9 +73,7 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             generation_pb2.SubmitGenerationRequest, generation_pb2.SubmitGenerationResponse
         ],
     ) -> generation_pb2.SubmitGenerationResponse:
-        caller = identity()
-        spec = convert.spec_from_proto(request.spec)
-        generation = await self._service.submit(caller, spec, request.request_id)
+        generation = await self._submit(identity(), request.spec, request.request_id)
         return generation_pb2.SubmitGenerationResponse(
             generation=convert.generation_to_proto(generation, self._url_ttl)
         )
@@ -153,10 +163,16 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         ],
     ) -> generation_pb2.QuoteGenerationResponse:
         identity()
-        spec = self._service.validate(convert.spec_from_proto(request.spec))
+        parsed = convert.parse_spec(request.spec)
+        provider = self._service.validate(
+            parsed.spec,
+            edit=bool(parsed.source_refs),
+            has_mask=parsed.mask_ref is not None,
+            size_given=parsed.size_given,
+        )
         return generation_pb2.QuoteGenerationResponse(
-            credits=self._service.quote(spec),
-            provider=spec.provider or self._default_provider,
+            credits=self._service.quote(parsed.spec, edit=bool(parsed.source_refs)),
+            provider=provider.id,
         )
 
     async def ListProviders(

@@ -120,6 +120,50 @@ class Identity:
 
 
 @dataclass(frozen=True)
+class SourceRef:
+    """A source image as the caller named it, before it is fetched and checked."""
+
+    kind: str  # "uri" (https or data:), "bytes", or "image" (a library image id)
+    uri: str = ""
+    data: bytes = b""
+    image_id: str = ""
+
+
+@dataclass(frozen=True)
+class EditSource:
+    """A fetched, checked and stored source image of an edit."""
+
+    sha256: str
+    storage_key: str
+    mime_type: str
+    width: int
+    height: int
+    #: the library image it came from, if any (it becomes the result's parent)
+    image_id: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "sha256": self.sha256,
+            "storage_key": self.storage_key,
+            "mime_type": self.mime_type,
+            "width": self.width,
+            "height": self.height,
+            "image_id": self.image_id,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> EditSource:
+        return cls(
+            sha256=str(data["sha256"]),
+            storage_key=str(data["storage_key"]),
+            mime_type=str(data["mime_type"]),
+            width=int(str(data["width"])),
+            height=int(str(data["height"])),
+            image_id=str(data.get("image_id", "")),
+        )
+
+
+@dataclass(frozen=True)
 class GenerationSpec:
     """A validated text-to-image request: everything that decides the result."""
 
@@ -132,10 +176,22 @@ class GenerationSpec:
     seed: int | None = None
     provider: str = ""
     source: GenerationSource = GenerationSource.API
+    #: source images of an edit; empty for text-to-image
+    sources: tuple[EditSource, ...] = ()
+    mask: EditSource | None = None
+    #: an edit whose caller gave no size keeps its first source's geometry
+    size_from_source: bool = False
+
+    @property
+    def is_edit(self) -> bool:
+        return bool(self.sources)
 
     def fingerprint(self) -> dict[str, object]:
-        """The parameters that make two requests "the same" for idempotency."""
+        """The parameters that make two requests "the same" for idempotency
+        (sources by content, wherever they came from)."""
         return {
+            "sources": [s.sha256 for s in self.sources],
+            "mask": self.mask.sha256 if self.mask else "",
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
             "style": self.style.value if self.style else "",
@@ -167,6 +223,9 @@ class StoredImage:
     created_at: datetime
     index: int = 0
     url: str = ""
+    deleted: bool = False
+    is_edit: bool = False
+    parent_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ class ProviderRequest:
     model: str = ""
     sources: tuple[SourceImage, ...] = ()
     mask: SourceImage | None = None
+    #: for edits: the size the caller asked for (else the provider keeps the source's)
+    resize_to: Size | None = None
     #: wall-clock budget left for this call, in seconds
     timeout: float = 120.0
 
@@ -86,6 +88,11 @@ class Provider(Protocol):
     @property
     def models(self) -> tuple[str, ...]:
         """Model names it offers; the first is the default."""
+        ...
+
+    def check(self, request: ProviderRequest) -> None:
+        """Refuse, before a job exists, what this provider will not be able to do
+        (InvalidRequest naming the reason). Sources may be empty placeholders here."""
         ...
 
     async def generate(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:

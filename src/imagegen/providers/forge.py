@@ -60,6 +60,9 @@ class ForgeProvider:
     def configured(self) -> bool:
         return bool(self._base_url and self._api_key)
 
+    def check(self, request: ProviderRequest) -> None:
+        """Everything the contract allows can be sent to Forge (edits take free text)."""
+
     async def generate(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:
         """One call to GenerateImage. IMG_001 before any request when unconfigured."""
         if not self.configured:

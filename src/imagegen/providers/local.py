@@ -26,6 +26,7 @@ from imagegen.providers.base import (
     ProviderImage,
     ProviderRequest,
 )
+from imagegen.providers.local_edits import apply_operations, parse_instruction
 
 MODEL = "local-pillow-1"
 RGB = tuple[int, int, int]
@@ -51,7 +52,7 @@ class LocalProvider:
     display_name = "Built-in renderer"
     models = (MODEL,)
     capabilities = ProviderCapabilities(
-        edit=False,
+        edit=True,
         mask=False,
         negative_prompt=True,
         seed=True,
@@ -65,8 +66,15 @@ class LocalProvider:
     def __init__(self, step_delay: float = 0.05) -> None:
         self._step_delay = step_delay
 
+    def check(self, request: ProviderRequest) -> None:
+        """Edits must use instructions this renderer understands (IMG_003 otherwise)."""
+        if request.sources:
+            parse_instruction(request.prompt)
+
     async def generate(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:
-        """Paint in four stages, reporting progress and a preview after each."""
+        """Paint in four stages, or apply an edit's operations, with progress and previews."""
+        if request.sources:
+            return await self._edit(request, progress)
         painter = _Painter(request)
         stages: list[tuple[str, Callable[[], None]]] = [
             ("composing", painter.background),
@@ -83,6 +91,37 @@ class LocalProvider:
         data = await asyncio.to_thread(painter.png)
         await progress(100, "rendered", None)
         return ProviderImage(data=data, mime_type="image/png", model=MODEL, seed=request.seed)
+
+
+    async def _edit(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:
+        operations = parse_instruction(request.prompt)
+        source = request.sources[0]
+        image = await asyncio.to_thread(_decode, source.data)
+        await progress(0, "editing", None)
+        for number, operation in enumerate(operations, start=1):
+            image = await asyncio.to_thread(apply_operations, image, (operation,))
+            preview = await asyncio.to_thread(make_preview, image)
+            await progress(number * 90 // len(operations), operation.name, preview)
+            if self._step_delay > 0:
+                await asyncio.sleep(self._step_delay)
+        target = request.resize_to
+        data = await asyncio.to_thread(_encode_png, image, target)
+        await progress(100, "edited", None)
+        return ProviderImage(data=data, mime_type="image/png", model=MODEL, seed=request.seed)
+
+
+def _decode(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as opened:
+        opened.load()
+        return opened.convert("RGB")
+
+
+def _encode_png(image: Image.Image, size: Size | None) -> bytes:
+    if size is not None and image.size != (size.width, size.height):
+        image = image.resize((size.width, size.height), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=False, compress_level=6)
+    return out.getvalue()
 
 
 def _run_and_preview(step: Callable[[], None], painter: _Painter) -> bytes:

@@ -132,6 +132,9 @@ class ResilientProvider:
     def configured(self) -> bool:
         return bool(getattr(self._inner, "configured", True))
 
+    def check(self, request: ProviderRequest) -> None:
+        self._inner.check(request)
+
     async def generate(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:
         """Call the provider, retrying what may succeed later within the deadline."""
         deadline = time.monotonic() + request.timeout

@@ -11,6 +11,7 @@ import asyncpg
 
 from imagegen.domain.errors import RequestIdReused, StorageFailed
 from imagegen.domain.models import (
+    EditSource,
     EventType,
     Generation,
     GenerationEvent,
@@ -56,7 +57,12 @@ class NewEvent:
 
 
 def spec_to_json(spec: GenerationSpec) -> dict[str, Any]:
-    return spec.fingerprint()
+    return {
+        **spec.fingerprint(),
+        "sources": [s.to_json() for s in spec.sources],
+        "mask": spec.mask.to_json() if spec.mask else None,
+        "size_from_source": spec.size_from_source,
+    }
 
 
 def spec_from_json(data: dict[str, Any]) -> GenerationSpec:
@@ -70,6 +76,9 @@ def spec_from_json(data: dict[str, Any]) -> GenerationSpec:
         seed=None if data.get("seed") is None else int(data["seed"]),
         provider=str(data.get("provider", "")),
         source=GenerationSource(data.get("source") or "api"),
+        sources=tuple(EditSource.from_json(s) for s in data.get("sources") or ()),
+        mask=EditSource.from_json(data["mask"]) if data.get("mask") else None,
+        size_from_source=bool(data.get("size_from_source", False)),
     )
 
 

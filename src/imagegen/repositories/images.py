@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import asyncpg
@@ -32,6 +33,8 @@ def _image_from_row(row: asyncpg.Record) -> StoredImage:
         prompt=row["prompt"],
         created_at=row["created_at"],
         index=row["batch_index"],
+        deleted=row["deleted_at"] is not None,
+        is_edit=row["is_edit"],
     )
 
 
@@ -57,8 +60,8 @@ class ImageRepository:
             """
             INSERT INTO images (id, user_id, generation_id, batch_index, storage_key, mime_type,
                                 width, height, size_bytes, provider, model, prompt,
-                                negative_prompt, style, seed)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+                                negative_prompt, style, seed, is_edit)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
             ON CONFLICT (generation_id, batch_index) DO NOTHING
             RETURNING *
             """,
@@ -77,8 +80,20 @@ class ImageRepository:
             negative_prompt,
             style,
             seed,
+            image.is_edit,
         )
-        return None if row is None else _image_from_row(row)
+        if row is None:
+            return None
+        for position, parent_id in enumerate(image.parent_ids):
+            await conn.execute(
+                "INSERT INTO image_parents (image_id, parent_id, position) VALUES ($1, $2, $3) "
+                "ON CONFLICT DO NOTHING",
+                row["id"],
+                uuid.UUID(parent_id),
+                position,
+            )
+        stored = _image_from_row(row)
+        return dataclasses.replace(stored, parent_ids=image.parent_ids)
 
     async def for_generation(self, generation_id: str) -> list[StoredImage]:
         """A job's images in batch order."""
@@ -101,6 +116,16 @@ class ImageRepository:
             "SELECT * FROM images WHERE id = $1 AND user_id = $2", iid, user_id
         )
         return None if row is None else _image_from_row(row)
+
+    async def parents_of(self, image_id: str) -> tuple[str, ...]:
+        """The images an edit was made from, in source order."""
+        iid = parse_id(image_id)
+        if iid is None:
+            return ()
+        rows = await self._pool.fetch(
+            "SELECT parent_id FROM image_parents WHERE image_id = $1 ORDER BY position", iid
+        )
+        return tuple(str(r["parent_id"]) for r in rows)
 
     async def get_by_id(self, image_id: str) -> StoredImage | None:
         """An image by id for internal use (workers), never for callers."""

@@ -34,6 +34,7 @@ from imagegen.domain.errors import (
     ShuttingDown,
 )
 from imagegen.domain.models import (
+    EditSource,
     EventType,
     Generation,
     GenerationEvent,
@@ -41,6 +42,8 @@ from imagegen.domain.models import (
     GenerationState,
     Identity,
     ImageFormat,
+    Size,
+    SourceRef,
     StoredImage,
 )
 from imagegen.domain.pricing import PriceTable
@@ -55,7 +58,13 @@ from imagegen.domain.validation import (
     check_size,
 )
 from imagegen.jobs.signals import JobSignals
-from imagegen.providers.base import ProgressCallback, Provider, ProviderImage, ProviderRequest
+from imagegen.providers.base import (
+    ProgressCallback,
+    Provider,
+    ProviderImage,
+    ProviderRequest,
+    SourceImage,
+)
 from imagegen.repositories.generations import (
     GenerationQueries,
     GenerationRepository,
@@ -65,6 +74,7 @@ from imagegen.repositories.generations import (
 )
 from imagegen.repositories.images import ImageRepository
 from imagegen.repositories.usage import UsageRecord
+from imagegen.services.sources import SourceResolver
 from imagegen.storage.base import BlobStore
 from imagegen.storage.keys import blob_key
 
@@ -107,6 +117,7 @@ class GenerationService:
         images: ImageRepository,
         job_store: JobStore,
         blobs: BlobStore,
+        sources: SourceResolver,
         providers: Mapping[str, Provider],
         prices: PriceTable,
         signals: JobSignals,
@@ -120,6 +131,7 @@ class GenerationService:
         self._images = images
         self._jobs = job_store
         self._blobs = blobs
+        self._sources = sources
         self._providers = providers
         self._prices = prices
         self._signals = signals
@@ -140,34 +152,106 @@ class GenerationService:
 
     # --- submit ---------------------------------------------------------------------------
 
-    def validate(self, spec: GenerationSpec, request_id: str = "") -> GenerationSpec:
-        """Check every field against its limit; raises InvalidRequest naming the field."""
+    def validate(
+        self,
+        spec: GenerationSpec,
+        request_id: str = "",
+        *,
+        edit: bool = False,
+        has_mask: bool = False,
+        size_given: bool = True,
+    ) -> Provider:
+        """Check every field against its limit and the provider's capabilities; raises
+        InvalidRequest naming the field. Returns the provider that would serve it."""
         check_prompt(spec.prompt)
         check_negative_prompt(spec.negative_prompt)
-        check_size(spec.size, self._limits)
+        if size_given:
+            check_size(spec.size, self._limits)
         check_count(spec.count)
         check_seed(spec.seed)
         check_request_id(request_id)
         check_provider_id(spec.provider)
         provider_id = spec.provider or self._settings.default_provider
-        if provider_id not in self._providers:
+        provider = self._providers.get(provider_id)
+        if provider is None:
             known = ", ".join(sorted(self._providers))
             raise InvalidRequest(
                 f"provider {provider_id!r} is not available here; use one of {known}",
                 field="provider",
             )
-        return spec
+        caps = provider.capabilities
+        if edit and not caps.edit:
+            raise InvalidRequest(
+                f"provider {provider_id!r} cannot edit images; choose one that can "
+                "(ListProviders shows capabilities)",
+                field="provider",
+                metadata={"capability": "edit"},
+            )
+        if has_mask and not caps.mask:
+            raise InvalidRequest(
+                f"provider {provider_id!r} does not take an edit mask",
+                field="mask",
+                metadata={"capability": "mask"},
+            )
+        if spec.count > caps.max_count:
+            raise InvalidRequest(
+                f"provider {provider_id!r} makes at most {caps.max_count} images per request",
+                field="count",
+            )
+        placeholder = SourceImage(b"", "", 0, 0)
+        provider.check(
+            ProviderRequest(
+                prompt=spec.prompt,
+                negative_prompt=spec.negative_prompt,
+                style=spec.style,
+                size=spec.size,
+                sources=(placeholder,) if edit else (),
+                mask=placeholder if has_mask else None,
+            )
+        )
+        return provider
 
-    def quote(self, spec: GenerationSpec) -> int:
+    def quote(self, spec: GenerationSpec, *, edit: bool = False) -> int:
         """Credits a request would reserve."""
-        return self._prices.generation_credits(spec.size, spec.count)
+        return self._prices.generation_credits(spec.size, spec.count, edit=edit or spec.is_edit)
 
     async def submit(
-        self, identity: Identity, spec: GenerationSpec, request_id: str = ""
+        self,
+        identity: Identity,
+        spec: GenerationSpec,
+        request_id: str = "",
+        *,
+        source_refs: tuple[SourceRef, ...] = (),
+        mask_ref: SourceRef | None = None,
+        size_given: bool = True,
     ) -> Generation:
-        """Validate and queue a job; the same request_id returns the same job."""
+        """Validate, fetch and store any sources, and queue a job; the same request_id
+        returns the same job."""
+        edit = bool(source_refs) or spec.is_edit
         with self._tracer.start_as_current_span("generation.validate"):
-            self.validate(spec, request_id)
+            self.validate(
+                spec,
+                request_id,
+                edit=edit,
+                has_mask=mask_ref is not None or spec.mask is not None,
+                size_given=size_given,
+            )
+        if mask_ref is not None and not source_refs:
+            raise InvalidRequest("a mask needs a source image to apply to", field="mask")
+        stored: tuple[EditSource, ...] = ()
+        if source_refs:
+            stored = await self._sources.resolve(
+                identity, (*source_refs, *((mask_ref,) if mask_ref else ()))
+            )
+            sources, mask = (stored[:-1], stored[-1]) if mask_ref else (stored, None)
+            spec = dataclasses.replace(spec, sources=sources, mask=mask)
+            if not size_given:
+                first = sources[0]
+                spec = dataclasses.replace(
+                    spec,
+                    size=_fit(Size(first.width, first.height), self._settings.max_pixels),
+                    size_from_source=True,
+                )
         provider_id = spec.provider or self._settings.default_provider
         job = NewGeneration(
             id=str(uuid.uuid4()),
@@ -179,24 +263,32 @@ class GenerationService:
             credits=self.quote(spec),
             extra_spec={"trace_context": _current_trace_context()},
         )
-        generation, created = await self._generations.create(
-            job, request_id_ttl=self._settings.request_id_ttl
-        )
-        if created:
-            self._signals.job_queued()
-            self._signals.job_changed(generation.id)
-            log.info(
-                "generation accepted",
-                extra={
-                    "event": "generation.accepted",
-                    "generation_id": generation.id,
-                    "user_id": identity.user_id,
-                    "provider": provider_id,
-                    "size": str(spec.size),
-                    "count": spec.count,
-                    "source": spec.source.value,
-                },
+        try:
+            generation, created = await self._generations.create(
+                job, request_id_ttl=self._settings.request_id_ttl
             )
+        except BaseException:
+            await self._sources.discard(stored)
+            raise
+        if not created:
+            # The earlier job with this request_id has its own copies of the sources.
+            await self._sources.discard(stored)
+            return generation
+        self._signals.job_queued()
+        self._signals.job_changed(generation.id)
+        log.info(
+            "generation accepted",
+            extra={
+                "event": "generation.accepted",
+                "generation_id": generation.id,
+                "user_id": identity.user_id,
+                "provider": provider_id,
+                "size": str(spec.size),
+                "count": spec.count,
+                "edit": edit,
+                "source": spec.source.value,
+            },
+        )
         return generation
 
     # --- read -----------------------------------------------------------------------------
@@ -392,6 +484,8 @@ class GenerationService:
         count = job.spec.count
         base_seed = job.spec.seed if job.spec.seed is not None else _seed_from(job.id)
         deadline = time.monotonic() + self._settings.provider_timeout.total_seconds()
+        sources = tuple([await self._load_source(s) for s in job.spec.sources])
+        mask = await self._load_source(job.spec.mask) if job.spec.mask else None
         for index in range(count):
             if index in existing:
                 # Stored by an earlier attempt of this job: never make or charge it twice.
@@ -429,6 +523,9 @@ class GenerationService:
                 style=job.spec.style,
                 size=job.spec.size,
                 seed=(base_seed + index) % 2**32,
+                sources=sources,
+                mask=mask,
+                resize_to=None if job.spec.size_from_source else job.spec.size,
                 timeout=max(deadline - time.monotonic(), 0.1),
             )
             with self._tracer.start_as_current_span(
@@ -510,6 +607,8 @@ class GenerationService:
             prompt=job.spec.prompt,
             created_at=datetime.now(UTC),
             index=index,
+            is_edit=job.spec.is_edit,
+            parent_ids=tuple(s.image_id for s in job.spec.sources if s.image_id),
         )
         try:
             recorded = await self._jobs.record_image(
@@ -558,6 +657,13 @@ class GenerationService:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await call
 
+    def _image_price(self, job: Generation) -> int:
+        return self._prices.generation_credits(job.spec.size, 1, edit=job.spec.is_edit)
+
+    async def _load_source(self, source: EditSource) -> SourceImage:
+        data = await self._blobs.get(source.storage_key)
+        return SourceImage(data, source.mime_type, source.width, source.height)
+
     async def _checkpoint(self, generation_id: str) -> None:
         if await self._generations.is_cancel_requested(generation_id):
             raise Cancelled("the generation was cancelled")
@@ -571,7 +677,7 @@ class GenerationService:
         self, job: Generation, worker_id: str, model: str, requested_at: datetime
     ) -> None:
         images = await self._images.for_generation(job.id)
-        credits = self._prices.image_credits(job.spec.size) * len(images)
+        credits = self._image_price(job) * len(images)
         finished = await self._jobs.finish(
             job.id,
             state=GenerationState.COMPLETED,
@@ -597,7 +703,7 @@ class GenerationService:
     ) -> None:
         images = await self._images.for_generation(job.id)
         # Images already stored in a failed batch stay delivered and are charged.
-        credits = self._prices.image_credits(job.spec.size) * len(images)
+        credits = self._image_price(job) * len(images)
         await self._jobs.finish(
             job.id,
             state=GenerationState.FAILED,
@@ -630,7 +736,7 @@ class GenerationService:
         self, job: Generation, worker_id: str, requested_at: datetime
     ) -> None:
         images = await self._images.for_generation(job.id)
-        credits = self._prices.image_credits(job.spec.size) * len(images)
+        credits = self._image_price(job) * len(images)
         await self._jobs.finish(
             job.id,
             state=GenerationState.CANCELLED,
@@ -686,3 +792,11 @@ def _current_trace_context() -> dict[str, str]:
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return carrier
+
+
+def _fit(size: Size, max_pixels: int) -> Size:
+    """`size`, scaled down (keeping its aspect ratio) to at most `max_pixels` pixels."""
+    if size.pixels <= max_pixels:
+        return size
+    scale = (max_pixels / size.pixels) ** 0.5
+    return Size(max(1, int(size.width * scale)), max(1, int(size.height * scale)))
