@@ -46,6 +46,7 @@ from imagegen.repositories.generations import GenerationQueries, GenerationRepos
 from imagegen.repositories.images import ImageRepository
 from imagegen.repositories.migrator import apply_migrations
 from imagegen.repositories.usage import UsageRepository
+from imagegen.repositories.user_settings import UserSettingsRepository
 from imagegen.services.generation import GenerationService, PipelineSettings
 from imagegen.services.sources import SourceLimits, SourceResolver
 from imagegen.storage.base import BlobStore
@@ -177,6 +178,7 @@ class Server:
                     SourceLimits(settings.max_input_bytes, settings.max_pixels),
                     fetcher=None,
                 ),
+                user_settings=UserSettingsRepository(pool),
                 providers=providers,
                 prices=PriceTable.load(settings.pricing_file),
                 signals=signals,
@@ -224,10 +226,8 @@ class Server:
                     ("grpc.so_reuseport", 0),
                 ],
             )
-            # RPCs not built yet fall through to the generated base class, which answers
-            # UNIMPLEMENTED; its type stubs mark them abstract, hence the ignores.
             generation_pb2_grpc.add_ImageGenerationServiceServicer_to_server(
-                ImageGenerationServicer(  # type: ignore[abstract]
+                ImageGenerationServicer(
                     service,
                     providers,
                     default_provider=default_provider,
@@ -235,6 +235,8 @@ class Server:
                 ),
                 server,
             )
+            # Services not built yet are the generated base classes, which answer
+            # UNIMPLEMENTED; their type stubs mark the methods abstract, hence the ignores.
             library_pb2_grpc.add_ImageLibraryServiceServicer_to_server(
                 library_pb2_grpc.ImageLibraryServiceServicer(),  # type: ignore[abstract]
                 server,

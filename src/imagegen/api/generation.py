@@ -14,6 +14,7 @@ import grpc
 from imagegen.api import convert
 from imagegen.api.context import identity
 from imagegen.api.errors import error_from_code
+from imagegen.domain.errors import InvalidRequest
 from imagegen.domain.models import EventType, Generation, Identity
 from imagegen.providers.base import Provider
 from imagegen.services.generation import GenerationService
@@ -175,6 +176,39 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             provider=provider.id,
         )
 
+    async def GetUserSettings(
+        self,
+        request: generation_pb2.GetUserSettingsRequest,
+        context: grpc.aio.ServicerContext[
+            generation_pb2.GetUserSettingsRequest, generation_pb2.GetUserSettingsResponse
+        ],
+    ) -> generation_pb2.GetUserSettingsResponse:
+        provider = await self._service.default_provider(identity())
+        return generation_pb2.GetUserSettingsResponse(
+            settings=generation_pb2.UserSettings(default_provider=provider)
+        )
+
+    async def UpdateUserSettings(
+        self,
+        request: generation_pb2.UpdateUserSettingsRequest,
+        context: grpc.aio.ServicerContext[
+            generation_pb2.UpdateUserSettingsRequest, generation_pb2.UpdateUserSettingsResponse
+        ],
+    ) -> generation_pb2.UpdateUserSettingsResponse:
+        caller = identity()
+        paths = list(request.update_mask.paths) or ["default_provider"]
+        unknown = [p for p in paths if p != "default_provider"]
+        if unknown:
+            raise InvalidRequest(
+                f"update_mask names unknown fields: {', '.join(unknown)}", field="update_mask"
+            )
+        provider = await self._service.set_default_provider(
+            caller, request.settings.default_provider
+        )
+        return generation_pb2.UpdateUserSettingsResponse(
+            settings=generation_pb2.UserSettings(default_provider=provider)
+        )
+
     async def ListProviders(
         self,
         request: generation_pb2.ListProvidersRequest,
@@ -182,7 +216,8 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             generation_pb2.ListProvidersRequest, generation_pb2.ListProvidersResponse
         ],
     ) -> generation_pb2.ListProvidersResponse:
-        identity()
+        stored = await self._service.default_provider(identity())
+        default_provider = stored or self._default_provider
         infos = []
         for provider_id, provider in sorted(self._providers.items()):
             if not getattr(provider, "configured", True):
@@ -209,7 +244,7 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
                     ),
                     models=list(provider.models),
                     styles=convert.all_styles_proto(),
-                    default=provider_id == self._default_provider,
+                    default=provider_id == default_provider,
                 )
             )
         return generation_pb2.ListProvidersResponse(providers=infos)

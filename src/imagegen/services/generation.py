@@ -74,6 +74,7 @@ from imagegen.repositories.generations import (
 )
 from imagegen.repositories.images import ImageRepository
 from imagegen.repositories.usage import UsageRecord
+from imagegen.repositories.user_settings import UserSettingsRepository
 from imagegen.services.sources import SourceResolver
 from imagegen.storage.base import BlobStore
 from imagegen.storage.keys import blob_key
@@ -118,6 +119,7 @@ class GenerationService:
         job_store: JobStore,
         blobs: BlobStore,
         sources: SourceResolver,
+        user_settings: UserSettingsRepository,
         providers: Mapping[str, Provider],
         prices: PriceTable,
         signals: JobSignals,
@@ -132,6 +134,7 @@ class GenerationService:
         self._jobs = job_store
         self._blobs = blobs
         self._sources = sources
+        self._user_settings = user_settings
         self._providers = providers
         self._prices = prices
         self._signals = signals
@@ -228,6 +231,10 @@ class GenerationService:
         """Validate, fetch and store any sources, and queue a job; the same request_id
         returns the same job."""
         edit = bool(source_refs) or spec.is_edit
+        if not spec.provider:
+            # The caller's stored choice, else the deployment's default; recorded on the job.
+            chosen = await self._user_settings.default_provider(identity.user_id)
+            spec = dataclasses.replace(spec, provider=chosen or self._settings.default_provider)
         with self._tracer.start_as_current_span("generation.validate"):
             self.validate(
                 spec,
@@ -290,6 +297,24 @@ class GenerationService:
             },
         )
         return generation
+
+    # --- settings -------------------------------------------------------------------------
+
+    async def default_provider(self, identity: Identity) -> str:
+        """The caller's stored default provider ("" for the deployment's)."""
+        return await self._user_settings.default_provider(identity.user_id)
+
+    async def set_default_provider(self, identity: Identity, provider: str) -> str:
+        """Store the caller's default provider; it must be configured here ("" clears it)."""
+        if provider and not _is_configured(self._providers.get(provider)):
+            available = ", ".join(
+                sorted(p for p, v in self._providers.items() if _is_configured(v))
+            )
+            raise InvalidRequest(
+                f"provider {provider!r} is not available here; use one of {available}",
+                field="default_provider",
+            )
+        return await self._user_settings.set_default_provider(identity.user_id, provider)
 
     # --- read -----------------------------------------------------------------------------
 
@@ -800,3 +825,7 @@ def _fit(size: Size, max_pixels: int) -> Size:
         return size
     scale = (max_pixels / size.pixels) ** 0.5
     return Size(max(1, int(size.width * scale)), max(1, int(size.height * scale)))
+
+
+def _is_configured(provider: Provider | None) -> bool:
+    return provider is not None and bool(getattr(provider, "configured", True))
