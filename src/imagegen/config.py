@@ -26,55 +26,105 @@ class SettingDoc:
 
 
 SETTINGS: tuple[SettingDoc, ...] = (
-    SettingDoc("IMAGEGEN_DATA_DIR", "~/.local/share/imagegen",
-               "Data directory: embedded PostgreSQL, local blobs, development JWT key."),
+    SettingDoc(
+        "IMAGEGEN_DATA_DIR",
+        "~/.local/share/imagegen",
+        "Data directory: embedded PostgreSQL, local blobs, development JWT key.",
+    ),
     SettingDoc("IMAGEGEN_HOST", "127.0.0.1", "Address the gRPC and HTTP servers bind."),
     SettingDoc("IMAGEGEN_GRPC_PORT", "50051", "gRPC port; 0 binds a free port."),
-    SettingDoc("IMAGEGEN_HTTP_PORT", "8088",
-               "HTTP port for signed blob URLs (local store) and `/metrics`; 0 binds a free port."),
-    SettingDoc("IMAGEGEN_PUBLIC_URL", "http://HOST:HTTP_PORT",
-               "Base URL that local-store signed URLs start with."),
-    SettingDoc("IMAGEGEN_READY_FILE", "(unset)",
-               "If set, the `imagegen listening ...` line is also written to this file."),
-    SettingDoc("DATABASE_URL", "(embedded PostgreSQL)",
-               "PostgreSQL DSN; unset starts the embedded server in the data directory."),
-    SettingDoc("IMAGEGEN_S3_ENDPOINT", "(unset: local blob store)",
-               "S3 endpoint URL; setting it (or the bucket) switches blobs to S3."),
+    SettingDoc(
+        "IMAGEGEN_HTTP_PORT",
+        "8088",
+        "HTTP port for signed blob URLs (local store) and `/metrics`; 0 binds a free port.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_PUBLIC_URL",
+        "http://HOST:HTTP_PORT",
+        "Base URL that local-store signed URLs start with.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_READY_FILE",
+        "(unset)",
+        "If set, the `imagegen listening ...` line is also written to this file.",
+    ),
+    SettingDoc(
+        "DATABASE_URL",
+        "(embedded PostgreSQL)",
+        "PostgreSQL DSN; unset starts the embedded server in the data directory.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_S3_ENDPOINT",
+        "(unset: local blob store)",
+        "S3 endpoint URL; setting it (or the bucket) switches blobs to S3.",
+    ),
     SettingDoc("IMAGEGEN_S3_BUCKET", "imagegen", "S3 bucket."),
     SettingDoc("IMAGEGEN_S3_REGION", "us-east-1", "S3 region."),
     SettingDoc("IMAGEGEN_S3_PREFIX", "(empty)", "Key prefix inside the bucket."),
-    SettingDoc("IMAGEGEN_URL_TTL", "900",
-               "Lifetime of signed image URLs in seconds (at most 604800, 7 days)."),
-    SettingDoc("IMAGEGEN_SHUTDOWN_GRACE", "30",
-               "Seconds running RPCs and jobs get to finish after SIGTERM."),
-    SettingDoc("IMAGEGEN_JWT_KEY", "(development key in the data directory)",
-               "Key that verifies JWTs (HMAC secret, or PEM public key for RS/ES)."),
+    SettingDoc(
+        "IMAGEGEN_URL_TTL",
+        "900",
+        "Lifetime of signed image URLs in seconds (at most 604800, 7 days).",
+    ),
+    SettingDoc(
+        "IMAGEGEN_SHUTDOWN_GRACE",
+        "30",
+        "Seconds running RPCs and jobs get to finish after SIGTERM.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_JWT_KEY",
+        "(development key in the data directory)",
+        "Key that verifies JWTs (HMAC secret, or PEM public key for RS/ES).",
+    ),
     SettingDoc("IMAGEGEN_JWT_ALGORITHMS", "HS256", "Comma-separated accepted JWT algorithms."),
     SettingDoc("IMAGEGEN_JWT_ISSUER", "(unchecked)", "Required `iss` claim, if set."),
     SettingDoc("IMAGEGEN_JWT_AUDIENCE", "(unchecked)", "Required `aud` claim, if set."),
-    SettingDoc("IMAGEGEN_DEFAULT_PROVIDER", "forge if configured, else local",
-               "Provider id used when a request names none."),
-    SettingDoc("IMAGEGEN_FETCH_ALLOW_HOSTS", "(empty)",
-               "Comma-separated hosts that server-side URL fetches may reach despite the guard."),
-    SettingDoc("IMAGEGEN_MAX_PIXELS", "16777216",
-               "Largest image (width x height) decoded, from a provider or a caller."),
-    SettingDoc("IMAGEGEN_MAX_INPUT_BYTES", "20971520",
-               "Largest source image accepted, in bytes; also sets gRPC's receive limit."),
+    SettingDoc(
+        "IMAGEGEN_DEFAULT_PROVIDER",
+        "forge if configured, else local",
+        "Provider id used when a request names none.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_FALLBACK_PROVIDERS",
+        "(none)",
+        "Comma-separated providers tried in order when the chosen one is unavailable.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_FETCH_ALLOW_HOSTS",
+        "(empty)",
+        "Comma-separated hosts that server-side URL fetches may reach despite the guard.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_MAX_PIXELS",
+        "16777216",
+        "Largest image (width x height) decoded, from a provider or a caller.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_MAX_INPUT_BYTES",
+        "20971520",
+        "Largest source image accepted, in bytes; also sets gRPC's receive limit.",
+    ),
     SettingDoc("IMAGEGEN_WORKERS", "4", "Jobs one process runs at once."),
     SettingDoc("IMAGEGEN_LEASE", "30", "Seconds a worker's claim on a job lasts without renewal."),
     SettingDoc("IMAGEGEN_MAX_ATTEMPTS", "3", "Times a job is started before it is failed."),
     SettingDoc("IMAGEGEN_PRICING_FILE", "(built-in table)", "JSON price table in credits."),
     SettingDoc("IMAGEGEN_REQUEST_ID_TTL", "86400", "Seconds a request_id is remembered."),
     SettingDoc("IMAGEGEN_PROVIDER_TIMEOUT", "120", "Seconds one provider call may take."),
-    SettingDoc("IMAGEGEN_LOCAL_STEP_DELAY", "0.05",
-               "Seconds the `local` renderer pauses between its progress steps."),
+    SettingDoc(
+        "IMAGEGEN_LOCAL_STEP_DELAY",
+        "0.05",
+        "Seconds the `local` renderer pauses between its progress steps.",
+    ),
     SettingDoc("IMAGEGEN_LOG_LEVEL", "INFO", "Log level."),
     SettingDoc("BUILT_IN_FORGE_API_URL", "(unset)", "Base URL of the Forge ImageService."),
     SettingDoc("BUILT_IN_FORGE_API_KEY", "(unset)", "Bearer key of the Forge ImageService."),
     SettingDoc("OPENAI_API_KEY", "(unset)", "OpenAI Images key."),
     SettingDoc("OPENAI_BASE_URL", "(unset)", "OpenAI-compatible base URL."),
-    SettingDoc("OTEL_*", "(no export)",
-               "Standard OpenTelemetry variables; OTLP export when an endpoint is set."),
+    SettingDoc(
+        "OTEL_*",
+        "(no export)",
+        "Standard OpenTelemetry variables; OTLP export when an endpoint is set.",
+    ),
     SettingDoc("IMAGEGEN_ADDR", "127.0.0.1:50051", "CLI: server address."),
     SettingDoc("IMAGEGEN_TOKEN", "(minted from the data directory's key)", "CLI: bearer token."),
 )
@@ -128,6 +178,7 @@ class Settings:
     shutdown_grace: timedelta
     jwt: JwtSettings
     default_provider: str | None
+    fallback_providers: tuple[str, ...]
     fetch_allow_hosts: tuple[str, ...]
     max_pixels: int
     max_input_bytes: int
@@ -187,6 +238,11 @@ class Settings:
                 audience=reader.optional("IMAGEGEN_JWT_AUDIENCE"),
             ),
             default_provider=reader.optional("IMAGEGEN_DEFAULT_PROVIDER"),
+            fallback_providers=tuple(
+                p.strip()
+                for p in reader.text("IMAGEGEN_FALLBACK_PROVIDERS", "").split(",")
+                if p.strip()
+            ),
             fetch_allow_hosts=tuple(
                 h.strip().lower()
                 for h in reader.text("IMAGEGEN_FETCH_ALLOW_HOSTS", "").split(",")

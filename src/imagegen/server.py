@@ -190,6 +190,7 @@ class Server:
                     request_id_ttl=settings.request_id_ttl,
                     max_attempts=settings.max_attempts,
                     default_provider=default_provider,
+                    fallback_providers=settings.fallback_providers,
                 ),
                 tracer=telemetry.tracer,
             )

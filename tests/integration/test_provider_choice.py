@@ -98,3 +98,47 @@ async def test_a_needed_capability_is_checked_before_a_job(
                 )
     assert reason_of(caught.value) == "IMG_003"
     assert "mask" in (caught.value.details() or "")
+
+
+async def test_fallback_serves_when_the_provider_is_down_and_skips_incapable_ones(
+    tmp_path: Path, database_url: str
+) -> None:
+    from tests.fakes.forge_server import Reply
+    from tests.integration.test_pipeline import fetch, generate
+
+    async with ForgeFake.start() as fake:
+        fake.default = Reply(status=503, body=b"{}")
+        env = {
+            "BUILT_IN_FORGE_API_URL": fake.url,
+            "BUILT_IN_FORGE_API_KEY": "k",
+            "IMAGEGEN_FALLBACK_PROVIDERS": "forge,local",
+        }
+        async with serve_in_process(tmp_path, database_url, env=env) as server:
+            events, err = await generate(
+                server.grpc_port,
+                common_pb2.GenerationSpec(
+                    prompt="a fox",
+                    provider="forge",
+                    size=common_pb2.ImageSize(width=256, height=256),
+                ),
+            )
+            assert err is None and events[-1].type == E.GENERATION_EVENT_TYPE_COMPLETED
+            served = await fetch(database_url, "SELECT provider FROM generations")
+            assert [r["provider"] for r in served] == ["local"], "the job records who served it"
+            images = await fetch(database_url, "SELECT provider FROM images")
+            assert [r["provider"] for r in images] == ["local"]
+            assert len(fake.requests) >= 2, "forge was tried (with retries) first"
+
+            # A free-text edit: `local` cannot do it, so the chain does not fall to it.
+            from tests.integration.test_edits import png
+
+            events, err = await generate(
+                server.grpc_port,
+                common_pb2.GenerationSpec(
+                    prompt="paint it like Monet",
+                    provider="forge",
+                    sources=[common_pb2.ImageSource(data=png(32, 32))],
+                ),
+            )
+            assert events[-1].type == E.GENERATION_EVENT_TYPE_FAILED
+            assert events[-1].error.code == "IMG_002"

@@ -272,6 +272,14 @@ class GenerationRepository:
         )
         return bool(status == "UPDATE 1")
 
+    async def set_provider(self, generation_id: str, provider: str) -> None:
+        """Record that a fallback provider serves the job."""
+        await self._pool.execute(
+            "UPDATE generations SET provider = $2, updated_at = now() WHERE id = $1",
+            uuid.UUID(generation_id),
+            provider,
+        )
+
     async def queue_stats(self) -> tuple[int, float]:
         """How many jobs wait, and how long the oldest has waited, in seconds."""
         row = await self._pool.fetchrow(

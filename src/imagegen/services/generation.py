@@ -31,6 +31,7 @@ from imagegen.domain.errors import (
     InvalidRequest,
     NotFound,
     ProviderFailed,
+    ProviderNotConfigured,
     ShuttingDown,
 )
 from imagegen.domain.models import (
@@ -104,6 +105,7 @@ class PipelineSettings:
     request_id_ttl: timedelta
     max_attempts: int
     default_provider: str
+    fallback_providers: tuple[str, ...] = ()
     watch_poll_interval: float = 1.0
 
 
@@ -459,7 +461,7 @@ class GenerationService:
                         )
                     if provider is None:
                         raise InvalidRequest(f"provider {job.provider!r} is not configured")
-                    model = await self._run_pipeline(job, provider)
+                    model, job = await self._run_pipeline(job, provider)
                 except Cancelled:
                     outcome, code = "cancelled", ""
                     await self._finish_cancelled(job, worker_id, requested_at)
@@ -501,7 +503,9 @@ class GenerationService:
             },
         )
 
-    async def _run_pipeline(self, job: Generation, provider: Provider) -> str:
+    async def _run_pipeline(self, job: Generation, provider: Provider) -> tuple[str, Generation]:
+        """Make and store every image; returns the model and the job as served (its
+        provider changes when a fallback took over)."""
         await self._event(job.id, NewEvent(EventType.STARTED, {"attempt": job.attempts}))
         existing = {img.index for img in await self._images.for_generation(job.id)}
         model = job.model
@@ -527,6 +531,7 @@ class GenerationService:
                 _start: int = span_start,
                 _width: int = span_width,
                 _index: int = index,
+                _job_id: str = job.id,
             ) -> None:
                 nonlocal last_percent
                 overall = min(99, _start + (max(0, min(percent, 100)) * _width * 9) // 1000)
@@ -540,7 +545,7 @@ class GenerationService:
                 }
                 if preview:
                     payload["preview_mime_type"] = imaging.sniff_mime(preview)
-                await self._event(job.id, NewEvent(EventType.PROGRESS, payload, preview or None))
+                await self._event(_job_id, NewEvent(EventType.PROGRESS, payload, preview or None))
 
             request = ProviderRequest(
                 prompt=job.spec.prompt,
@@ -553,10 +558,11 @@ class GenerationService:
                 resize_to=None if job.spec.size_from_source else job.spec.size,
                 timeout=max(deadline - time.monotonic(), 0.1),
             )
-            with self._tracer.start_as_current_span(
-                "generation.provider_call", attributes={"imagegen.provider": provider.id}
-            ):
-                reply = await self._call_provider(job.id, provider, request, on_progress)
+            reply, serving = await self._call_with_fallback(job, provider, request, on_progress)
+            if serving is not provider:
+                provider = serving
+                job = dataclasses.replace(job, provider=serving.id, model="")
+                await self._generations.set_provider(job.id, serving.id)
             model = reply.model or model or (provider.models[0] if provider.models else "")
             await self._checkpoint(job.id)
             with self._tracer.start_as_current_span("image.process"):
@@ -580,7 +586,67 @@ class GenerationService:
                     {"percent": last_percent, "stage": "stored", "image_index": index},
                 ),
             )
-        return model
+        return model, job
+
+    def _call_order(self, job: Generation, primary: Provider) -> list[Provider]:
+        """The primary, then each fallback that is configured and can do this job."""
+        order = [primary]
+        for provider_id in self._settings.fallback_providers:
+            candidate = self._providers.get(provider_id)
+            if candidate is None or candidate in order or not _is_configured(candidate):
+                continue
+            caps = candidate.capabilities
+            if job.spec.is_edit and not caps.edit:
+                continue
+            if job.spec.mask is not None and not caps.mask:
+                continue
+            if job.spec.count > caps.max_count or job.spec.output_format not in caps.formats:
+                continue
+            try:
+                candidate.check(
+                    ProviderRequest(
+                        prompt=job.spec.prompt,
+                        sources=(SourceImage(b"", "", 0, 0),) if job.spec.is_edit else (),
+                    )
+                )
+            except InvalidRequest:
+                continue
+            order.append(candidate)
+        return order
+
+    async def _call_with_fallback(
+        self,
+        job: Generation,
+        primary: Provider,
+        request: ProviderRequest,
+        on_progress: ProgressCallback,
+    ) -> tuple[ProviderImage, Provider]:
+        """Call the primary provider; on a failure that another provider may not share
+        (unavailable, breaker open, not configured), move down the fallback chain."""
+        order = self._call_order(job, primary)
+        for position, provider in enumerate(order):
+            try:
+                with self._tracer.start_as_current_span(
+                    "generation.provider_call", attributes={"imagegen.provider": provider.id}
+                ):
+                    reply = await self._call_provider(job.id, provider, request, on_progress)
+                return reply, provider
+            except (ProviderFailed, ProviderNotConfigured) as exc:
+                last = position == len(order) - 1
+                movable = isinstance(exc, ProviderNotConfigured) or exc.retryable
+                if last or not movable:
+                    raise
+                log.warning(
+                    "provider failed; falling back",
+                    extra={
+                        "event": "provider.fallback",
+                        "generation_id": job.id,
+                        "provider": provider.id,
+                        "next": order[position + 1].id,
+                        "code": exc.code,
+                    },
+                )
+        raise AssertionError("unreachable: the call order is never empty")  # pragma: no cover
 
     def _process_reply(
         self, data: bytes, output_format: ImageFormat
