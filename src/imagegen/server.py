@@ -38,6 +38,7 @@ from imagegen.identity import TokenVerifier, resolve_jwt_key
 from imagegen.jobs.runner import JobRunner
 from imagegen.jobs.signals import JobSignals, NotificationListener
 from imagegen.providers.base import Provider
+from imagegen.providers.fetch_guard import FetchLimits, GuardedFetcher
 from imagegen.providers.forge import ForgeProvider
 from imagegen.providers.local import LocalProvider
 from imagegen.providers.resilience import ResilientProvider
@@ -157,6 +158,14 @@ class Server:
                 ),
             }
 
+            fetcher = GuardedFetcher(
+                FetchLimits(
+                    max_bytes=settings.max_input_bytes,
+                    allow_hosts=frozenset(settings.fetch_allow_hosts),
+                )
+            )
+            stack.push_async_callback(fetcher.aclose)
+
             signals = JobSignals()
             listener = NotificationListener(dsn, signals)
             await listener.start()
@@ -176,7 +185,7 @@ class Server:
                     blobs,
                     images,
                     SourceLimits(settings.max_input_bytes, settings.max_pixels),
-                    fetcher=None,
+                    fetcher=fetcher,
                 ),
                 user_settings=UserSettingsRepository(pool),
                 providers=providers,

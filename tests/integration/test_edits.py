@@ -193,3 +193,59 @@ async def test_source_limits_at_and_past_their_edges(tmp_path: Path, database_ur
                 ),
             )
         assert reason_of(not_image.value) == "IMG_003"
+
+
+async def test_an_edit_from_an_allowlisted_url_takes_its_type_from_the_bytes(
+    tmp_path: Path, database_url: str
+) -> None:
+    from aiohttp import web
+
+    body = png(90, 30)
+
+    async def serve(_request: web.Request) -> web.Response:
+        # The header lies; the bytes are a PNG.
+        return web.Response(body=body, content_type="image/jpeg")
+
+    app = web.Application()
+    app.router.add_get("/cat.jpg", serve)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        env = {"IMAGEGEN_FETCH_ALLOW_HOSTS": "127.0.0.1"}
+        async with serve_in_process(tmp_path, database_url, env=env) as server:
+            events = await run(
+                server.grpc_port,
+                common_pb2.GenerationSpec(
+                    prompt="flip",
+                    sources=[common_pb2.ImageSource(uri=f"http://127.0.0.1:{port}/cat.jpg")],
+                ),
+            )
+            image = ready(events)
+            assert (image.image.width, image.image.height) == (90, 30)
+        conn = await asyncpg.connect(database_url)
+        try:
+            spec = await conn.fetchval("SELECT spec FROM generations")
+        finally:
+            await conn.close()
+        import json
+
+        assert json.loads(spec)["sources"][0]["mime_type"] == "image/png"
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_url_to_loopback_is_refused_without_the_allowlist(
+    tmp_path: Path, database_url: str
+) -> None:
+    async with serve_in_process(tmp_path, database_url) as server:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await run(
+                server.grpc_port,
+                common_pb2.GenerationSpec(
+                    prompt="flip", sources=[common_pb2.ImageSource(uri="http://127.0.0.1:9/x.png")]
+                ),
+            )
+    assert reason_of(caught.value) == "IMG_003"

@@ -130,6 +130,15 @@ class SourceRef:
 
 
 @dataclass(frozen=True)
+class FetchedBody:
+    """What a guarded server-side fetch brought back."""
+
+    data: bytes
+    final_url: str
+    content_type: str
+
+
+@dataclass(frozen=True)
 class EditSource:
     """A fetched, checked and stored source image of an edit."""
 

@@ -14,20 +14,11 @@ from typing import Protocol
 from imagegen import imaging
 from imagegen.domain.data_url import decode_data_url
 from imagegen.domain.errors import ImageTooLarge, InvalidRequest, NotFound
-from imagegen.domain.models import EditSource, Identity, SourceRef
+from imagegen.domain.models import EditSource, FetchedBody, Identity, SourceRef
 from imagegen.repositories.images import ImageRepository
 from imagegen.storage.base import BlobStore
 
 MAX_SOURCES = 4
-
-
-@dataclass(frozen=True)
-class FetchedBody:
-    """What a guarded fetch brought back."""
-
-    data: bytes
-    final_url: str
-    content_type: str
 
 
 class SourceFetcher(Protocol):

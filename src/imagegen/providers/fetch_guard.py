@@ -1,0 +1,244 @@
+"""The one guard for every server-side URL fetch (caller-given sources and URLs that
+providers return).
+
+Only http(s); the address is checked at connect time, on the address actually
+connected, so DNS rebinding and redirects cannot reach loopback, private, link-local,
+CGNAT, unique-local or metadata addresses; every redirect is followed by hand and
+checked again; the body is capped while it streams, whatever Content-Length says; the
+whole fetch has a deadline. A configured allowlist of hosts (empty by default) lets
+trusted internal hosts through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+import ssl
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpcore
+import httpx
+
+from imagegen.domain.errors import ImageTooLarge, InvalidRequest
+from imagegen.domain.models import FetchedBody
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+Connector = Callable[[str, int, float | None], Awaitable[httpcore.AsyncNetworkStream]]
+
+_METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+_REDIRECTS = {301, 302, 303, 307, 308}
+
+
+@dataclass(frozen=True)
+class FetchLimits:
+    """Caps of one fetch."""
+
+    max_bytes: int
+    timeout: float = 15.0
+    max_redirects: int = 3
+    allow_hosts: frozenset[str] = field(default_factory=frozenset)
+
+
+def is_forbidden_address(ip: str) -> bool:
+    """True for every address that is not plainly public: loopback, private, link-local,
+    CGNAT, unique-local, multicast, reserved, unspecified, metadata, and IPv6 forms
+    that embed such an IPv4 address (mapped, compatible, 6to4, Teredo)."""
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return True
+    if address in _METADATA:
+        return True
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = address.ipv4_mapped or address.sixtofour
+        if address.teredo:
+            embedded = address.teredo[1]
+        if embedded is None and int(address) >> 32 == 0 and int(address) > 1:
+            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)  # IPv4-compatible
+        if embedded is not None:
+            return is_forbidden_address(str(embedded))
+    return not address.is_global or address.is_multicast
+
+
+def literal_address(host: str) -> str | None:
+    """The IP a host names literally, in any spelling inet_aton accepts (0x7f000001,
+    2130706433, 0177.0.0.1, 127.1) or as IPv6; None for a name to resolve."""
+    bare = host.strip("[]")
+    try:
+        return str(ipaddress.ip_address(bare.split("%", 1)[0]))
+    except ValueError:
+        pass
+    try:
+        return socket.inet_ntoa(socket.inet_aton(bare))
+    except OSError:
+        return None
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    """Every address the system resolves `host` to."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+async def direct_connector(
+    ip: str,
+    port: int,
+    timeout: float | None,  # noqa: ASYNC109 - httpcore's connect signature
+) -> httpcore.AsyncNetworkStream:
+    """Open a TCP connection to an already vetted address."""
+    return await httpcore.AnyIOBackend().connect_tcp(ip, port, timeout=timeout)
+
+
+class _GuardedBackend(httpcore.AsyncNetworkBackend):
+    """Resolves, vets every address, then connects to a vetted one. TLS still checks the
+    certificate against the URL's host name (httpcore passes it to start_tls)."""
+
+    def __init__(self, limits: FetchLimits, resolver: Resolver, connector: Connector) -> None:
+        self._limits = limits
+        self._resolver = resolver
+        self._connector = connector
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        literal = literal_address(host)
+        addresses = [literal] if literal else await self._resolver(host, port)
+        if not addresses:
+            raise _Refused(f"{host} does not resolve")
+        allowed = host.lower().strip("[]") in self._limits.allow_hosts or (
+            literal is not None and literal in self._limits.allow_hosts
+        )
+        if not allowed and any(is_forbidden_address(a) for a in addresses):
+            raise _Refused(f"{host} is a private, loopback, link-local or metadata address")
+        return await self._connector(addresses[0], port, timeout)
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise _Refused("unix sockets are never fetched")
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+class _Refused(httpcore.ConnectError):
+    """The guard refused to connect (raised inside httpcore, caught by the fetcher)."""
+
+
+def _shown(url: httpx.URL) -> str:
+    # Query strings may carry credentials: never echo them.
+    return f"{url.scheme}://{url.host}{url.path}"
+
+
+class GuardedFetcher:
+    """Fetches URLs under the guard; see the module docstring."""
+
+    def __init__(
+        self,
+        limits: FetchLimits,
+        *,
+        resolver: Resolver | None = None,
+        connector: Connector | None = None,
+    ) -> None:
+        self._limits = limits
+        transport = httpx.AsyncHTTPTransport(retries=0)
+        # httpx has no public hook for the connect step; its pool takes a network backend.
+        transport._pool = httpcore.AsyncConnectionPool(
+            ssl_context=ssl.create_default_context(),
+            max_connections=20,
+            retries=0,
+            network_backend=_GuardedBackend(
+                limits, resolver or system_resolver, connector or direct_connector
+            ),
+        )
+        self._client = httpx.AsyncClient(
+            transport=transport, trust_env=False, follow_redirects=False, timeout=limits.timeout
+        )
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def fetch(self, url: str) -> FetchedBody:
+        """The body at `url`; IMG_003 when refused or failing, IMG_007 past the byte cap."""
+        try:
+            async with asyncio.timeout(self._limits.timeout):
+                return await self._fetch(url)
+        except TimeoutError:
+            raise InvalidRequest(
+                f"fetching the source URL took longer than {self._limits.timeout:.0f}s",
+                field="sources",
+            ) from None
+
+    async def _fetch(self, url: str) -> FetchedBody:
+        current = self._checked(url)
+        for _ in range(self._limits.max_redirects + 1):
+            try:
+                async with self._client.stream("GET", current) as reply:
+                    if reply.status_code in _REDIRECTS:
+                        location = reply.headers.get("location")
+                        if not location:
+                            raise InvalidRequest("a redirect without a Location", field="sources")
+                        current = self._checked(str(current.join(location)))
+                        continue
+                    if not 200 <= reply.status_code < 300:
+                        raise InvalidRequest(
+                            f"{_shown(current)} answered HTTP {reply.status_code}",
+                            field="sources",
+                        )
+                    data = await self._read_capped(reply)
+                    return FetchedBody(data, _shown(current), reply.headers.get("content-type", ""))
+            except _Refused as exc:
+                raise InvalidRequest(
+                    f"refused to fetch {_shown(current)}: {exc}", field="sources"
+                ) from None
+            except httpx.TransportError as exc:
+                if isinstance(exc.__cause__, _Refused) or isinstance(exc.__context__, _Refused):
+                    raise InvalidRequest(
+                        f"refused to fetch {_shown(current)}: {exc.__cause__ or exc.__context__}",
+                        field="sources",
+                    ) from None
+                raise InvalidRequest(
+                    f"fetching {_shown(current)} failed ({type(exc).__name__})", field="sources"
+                ) from None
+        raise InvalidRequest(f"more than {self._limits.max_redirects} redirects", field="sources")
+
+    def _checked(self, url: str) -> httpx.URL:
+        try:
+            parsed = httpx.URL(url)
+        except (httpx.InvalidURL, TypeError, ValueError):
+            raise InvalidRequest("the source URL is not a valid URL", field="sources") from None
+        if parsed.scheme not in ("http", "https"):
+            raise InvalidRequest("only http and https URLs can be fetched", field="sources")
+        if parsed.userinfo:
+            raise InvalidRequest("URLs with credentials are not fetched", field="sources")
+        if not parsed.host:
+            raise InvalidRequest("the source URL has no host", field="sources")
+        return parsed
+
+    async def _read_capped(self, reply: httpx.Response) -> bytes:
+        declared = reply.headers.get("content-length", "")
+        cap = self._limits.max_bytes
+        if declared.isdigit() and int(declared) > cap:
+            raise ImageTooLarge(
+                f"the source is {declared} bytes; the limit is {cap}", metadata={"limit": str(cap)}
+            )
+        body = bytearray()
+        # Raw bytes: a Content-Encoding is never inflated, so it cannot hide a bomb.
+        async for chunk in reply.aiter_raw():
+            body += chunk
+            if len(body) > cap:
+                raise ImageTooLarge(
+                    f"the source is over the limit of {cap} bytes", metadata={"limit": str(cap)}
+                )
+        return bytes(body)

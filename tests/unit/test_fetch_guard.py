@@ -1,0 +1,217 @@
+"""The fetch guard. No test here sends a packet to anything but loopback, even if the
+guard were broken: name lookup is stubbed and the connect step either records (and
+refuses) or plays back a scripted reply."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpcore
+import pytest
+
+from imagegen.domain.errors import ImageTooLarge, InvalidRequest
+from imagegen.providers.fetch_guard import (
+    FetchLimits,
+    GuardedFetcher,
+    direct_connector,
+    is_forbidden_address,
+)
+
+PUBLIC_IP = "93.184.216.34"
+
+
+class Recorder:
+    """A connect step that records where it was asked to go and never connects,
+    or plays back scripted replies (one per connection)."""
+
+    def __init__(self, replies: list[list[bytes]] | None = None) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self._replies = list(replies or [])
+
+    async def __call__(
+        self, ip: str, port: int, timeout: float | None
+    ) -> httpcore.AsyncNetworkStream:
+        self.calls.append((ip, port))
+        if not self._replies:
+            raise httpcore.ConnectError("the recorder does not connect")
+        return httpcore.AsyncMockStream(self._replies.pop(0))
+
+
+def resolver_for(table: dict[str, list[str]]):
+    async def resolve(host: str, port: int) -> list[str]:
+        return table.get(host, [PUBLIC_IP])
+
+    return resolve
+
+
+def fetcher(
+    recorder: Recorder, table: dict[str, list[str]] | None = None, **limits
+) -> GuardedFetcher:
+    return GuardedFetcher(
+        FetchLimits(max_bytes=limits.pop("max_bytes", 1000), **limits),
+        resolver=resolver_for(table or {}),
+        connector=recorder,
+    )
+
+
+@pytest.mark.parametrize(
+    "ip",
+    [
+        "127.0.0.1",
+        "10.0.0.1",
+        "172.16.0.1",
+        "192.168.1.1",
+        "100.64.0.1",
+        "169.254.169.254",
+        "0.0.0.0",
+        "::1",
+        "fd00::1",
+        "fe80::1",
+        "::ffff:127.0.0.1",
+        "::ffff:10.0.0.1",
+        "224.0.0.1",
+        "2002:7f00:1::",
+        "fd00:ec2::254",
+        "::127.0.0.1",
+    ],
+)
+def test_forbidden_addresses(ip: str) -> None:
+    assert is_forbidden_address(ip)
+
+
+@pytest.mark.parametrize("ip", [PUBLIC_IP, "2606:4700::1", "8.8.8.8"])
+def test_public_addresses(ip: str) -> None:
+    assert not is_forbidden_address(ip)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/",
+        "http://[::1]/",
+        "http://0x7f000001/",
+        "http://2130706433/",
+        "http://0177.0.0.1/",
+        "http://127.1/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://10.0.0.1/",
+        "http://100.64.0.1/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[fd00::1]/",
+        "http://[fe80::1]/",
+    ],
+)
+async def test_literal_private_addresses_are_refused_before_connecting(url: str) -> None:
+    recorder = Recorder()
+    with pytest.raises(InvalidRequest):
+        await fetcher(recorder).fetch(url)
+    assert recorder.calls == []
+
+
+@pytest.mark.parametrize(
+    "addresses", [["10.1.2.3"], ["169.254.169.254"], [PUBLIC_IP, "192.168.0.10"], ["fd00::5"]]
+)
+async def test_names_resolving_to_private_addresses_are_refused(addresses: list[str]) -> None:
+    recorder = Recorder()
+    guard = fetcher(recorder, {"images.example.com": addresses})
+    with pytest.raises(InvalidRequest) as caught:
+        await guard.fetch("https://images.example.com/cat.png?token=secret")
+    assert recorder.calls == []
+    assert "secret" not in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://example.com/x.png",
+        "file:///etc/passwd",
+        "http://user:pw@example.com/x.png",
+        "gopher://x/",
+        "not a url",
+    ],
+)
+async def test_other_schemes_and_credentials_are_refused(url: str) -> None:
+    recorder = Recorder()
+    with pytest.raises(InvalidRequest):
+        await fetcher(recorder).fetch(url)
+    assert recorder.calls == []
+
+
+async def test_a_loopback_listener_sees_no_connection() -> None:
+    connections = 0
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        guard = GuardedFetcher(FetchLimits(max_bytes=1000))  # real resolver and connector
+        for url in (
+            f"http://127.0.0.1:{port}/",
+            f"http://localhost:{port}/",
+            f"http://[::ffff:127.0.0.1]:{port}/",
+            f"http://2130706433:{port}/",
+        ):
+            with pytest.raises(InvalidRequest):
+                await guard.fetch(url)
+        await guard.aclose()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert connections == 0
+
+
+async def test_a_redirect_to_a_private_address_is_refused() -> None:
+    redirect = (
+        b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1/admin\r\nContent-Length: 0\r\n\r\n"
+    )
+    recorder = Recorder([[redirect]])
+    with pytest.raises(InvalidRequest):
+        await fetcher(recorder).fetch("http://images.example.com/x.png")
+    assert recorder.calls == [(PUBLIC_IP, 80)], "only the first, public hop connected"
+
+
+async def test_too_many_redirects() -> None:
+    hop = b"HTTP/1.1 302 Found\r\nLocation: /again\r\nContent-Length: 0\r\n\r\n"
+    recorder = Recorder([[hop] for _ in range(5)])
+    with pytest.raises(InvalidRequest) as caught:
+        await fetcher(recorder, max_redirects=2).fetch("http://images.example.com/x")
+    assert "redirects" in caught.value.message
+
+
+async def test_oversized_bodies_are_refused_whatever_the_headers_say() -> None:
+    declared = b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + b"x" * 10
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"".join(b"200\r\n" + b"y" * 0x200 + b"\r\n" for _ in range(4))
+        + b"0\r\n\r\n"
+    )
+    for reply in (declared, chunked):
+        recorder = Recorder([[reply]])
+        with pytest.raises(ImageTooLarge):
+            await fetcher(recorder, max_bytes=1000).fetch("http://images.example.com/big.png")
+
+
+async def test_allowlisted_loopback_host_is_fetched() -> None:
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 4\r\n\r\nPNG!")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        guard = GuardedFetcher(
+            FetchLimits(max_bytes=100, allow_hosts=frozenset({"127.0.0.1"})),
+            connector=direct_connector,
+        )
+        body = await guard.fetch(f"http://127.0.0.1:{port}/img.png")
+        await guard.aclose()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert body.data == b"PNG!" and body.content_type == "image/png"
