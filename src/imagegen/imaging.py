@@ -147,3 +147,17 @@ def make_preview(image: Image.Image, max_side: int = 128) -> bytes:
     out = io.BytesIO()
     preview.convert("RGB").save(out, format="WEBP", quality=70, method=0)
     return out.getvalue()
+
+
+def make_preview_from_bytes(
+    data: bytes, max_side: int = 128, *, max_pixels: int = 16_777_216
+) -> bytes:
+    """A small WebP of an encoded image (checked like any other image first)."""
+    image = _open(data, max_pixels=max_pixels)
+    try:
+        image.load()
+        return make_preview(image, max_side)
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"the preview does not decode: {exc}") from exc
+    finally:
+        image.close()

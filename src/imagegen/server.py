@@ -41,6 +41,7 @@ from imagegen.providers.base import Provider
 from imagegen.providers.fetch_guard import FetchLimits, GuardedFetcher
 from imagegen.providers.forge import ForgeProvider
 from imagegen.providers.local import LocalProvider
+from imagegen.providers.openai import OpenAIProvider
 from imagegen.providers.resilience import ResilientProvider
 from imagegen.repositories.db import open_pool
 from imagegen.repositories.generations import GenerationQueries, GenerationRepository, JobStore
@@ -155,6 +156,9 @@ class Server:
                 "local": LocalProvider(step_delay=settings.local_step_delay),
                 "forge": ResilientProvider(
                     ForgeProvider(settings.forge.url, settings.forge.api_key, http_client)
+                ),
+                "openai": ResilientProvider(
+                    OpenAIProvider(settings.openai_base_url, settings.openai_api_key, http_client)
                 ),
             }
 

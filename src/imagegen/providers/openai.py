@@ -1,0 +1,256 @@
+"""`openai`: OpenAI Images (gpt-image-1), generations and edits, with streamed
+partial images turned into progress previews.
+
+    POST {OPENAI_BASE_URL}/images/generations   JSON
+    POST {OPENAI_BASE_URL}/images/edits         multipart: image[], mask, prompt, ...
+    Authorization: Bearer {OPENAI_API_KEY}
+    stream=true -> server-sent events: *.partial_image {b64_json, partial_image_index},
+                   then *.completed {b64_json}
+
+Both OPENAI_API_KEY and OPENAI_BASE_URL must be set (no default points at a public
+host); for OpenAI itself the base URL is https://api.openai.com/v1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import json
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pybase64
+
+from imagegen.domain.errors import (
+    ContentPolicyRefused,
+    ImageTooLarge,
+    ProviderFailed,
+    ProviderNotConfigured,
+)
+from imagegen.domain.models import ImageFormat, Size
+from imagegen.imaging import ImageDecodeError, make_preview_from_bytes
+from imagegen.providers.base import (
+    ProgressCallback,
+    ProviderCapabilities,
+    ProviderImage,
+    ProviderRequest,
+)
+from imagegen.providers.prompting import fold_prompt
+
+MODEL = "gpt-image-1"
+SIZES = (Size(1024, 1024), Size(1024, 1536), Size(1536, 1024))
+PARTIAL_IMAGES = 2
+_POLICY_CODES = {"content_policy_violation", "moderation_blocked"}
+
+
+class OpenAIProvider:
+    """OpenAI Images behind the Provider protocol."""
+
+    id = "openai"
+    display_name = "OpenAI Images"
+    models = (MODEL,)
+    capabilities = ProviderCapabilities(
+        edit=True,
+        mask=True,
+        negative_prompt=False,
+        seed=False,
+        style=False,
+        previews=True,
+        sizes=SIZES,
+        formats=tuple(ImageFormat),
+        max_count=4,
+    )
+
+    def __init__(
+        self, base_url: str | None, api_key: str | None, client: httpx.AsyncClient
+    ) -> None:
+        self._base_url = (base_url or "").rstrip("/")
+        self._api_key = api_key or ""
+        self._client = client
+
+    @property
+    def configured(self) -> bool:
+        return bool(self._base_url and self._api_key)
+
+    def check(self, request: ProviderRequest) -> None:
+        """Sizes are checked by the provider's capabilities; everything else is free text."""
+
+    async def generate(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:
+        """One image; partial images arrive as progress previews."""
+        if not self.configured:
+            raise ProviderNotConfigured(
+                "the openai provider needs OPENAI_API_KEY and OPENAI_BASE_URL; "
+                "set both or choose another provider"
+            )
+        prompt = fold_prompt(request.prompt, request.negative_prompt, request.style)
+        size = request.resize_to or request.size
+        size_text = f"{size.width}x{size.height}" if size in SIZES else "auto"
+        fields: dict[str, str] = {
+            "model": request.model or MODEL,
+            "prompt": prompt,
+            "n": "1",
+            "size": size_text,
+            "output_format": "png",
+            "stream": "true",
+            "partial_images": str(PARTIAL_IMAGES),
+        }
+        headers = {"Authorization": f"Bearer {self._api_key}"}
+        await progress(0, "requesting", None)
+        try:
+            async with asyncio.timeout(request.timeout):
+                if request.sources:
+                    files: list[tuple[str, tuple[str, bytes, str]]] = [
+                        ("image[]", (f"source-{i}.{_ext(s.mime_type)}", s.data, s.mime_type))
+                        for i, s in enumerate(request.sources)
+                    ]
+                    if request.mask is not None:
+                        files.append(
+                            ("mask", ("mask.png", request.mask.data, request.mask.mime_type))
+                        )
+                    call = self._client.stream(
+                        "POST",
+                        f"{self._base_url}/images/edits",
+                        data=fields,
+                        files=files,
+                        headers=headers,
+                        timeout=request.timeout,
+                    )
+                else:
+                    body: dict[str, Any] = {
+                        **fields,
+                        "n": 1,
+                        "stream": True,
+                        "partial_images": PARTIAL_IMAGES,
+                    }
+                    call = self._client.stream(
+                        "POST",
+                        f"{self._base_url}/images/generations",
+                        json=body,
+                        headers=headers,
+                        timeout=request.timeout,
+                    )
+                async with call as reply:
+                    if reply.status_code >= 400:
+                        await reply.aread()
+                        _raise_for(reply)
+                    return await self._read_stream(reply, progress)
+        except (TimeoutError, httpx.TimeoutException) as exc:
+            if isinstance(exc, httpx.ConnectTimeout):
+                raise ProviderFailed(
+                    "the openai provider could not be reached", retryable=True
+                ) from exc
+            # Billed per call: an unanswered call may still have run, so no blind retry.
+            raise ProviderFailed(
+                f"the openai provider did not answer within {request.timeout:.1f}s"
+            ) from exc
+        except httpx.TransportError as exc:
+            raise ProviderFailed(
+                f"the openai provider could not be reached ({type(exc).__name__})", retryable=True
+            ) from exc
+
+    async def _read_stream(
+        self, reply: httpx.Response, progress: ProgressCallback
+    ) -> ProviderImage:
+        final: bytes | None = None
+        async for event in _sse_events(reply):
+            kind = str(event.get("type", ""))
+            if kind.endswith("partial_image"):
+                partial = _b64(event.get("b64_json"))
+                index = int(event.get("partial_image_index", 0))
+                try:
+                    preview: bytes | None = await asyncio.to_thread(
+                        make_preview_from_bytes, partial
+                    )
+                except (ImageDecodeError, ImageTooLarge):
+                    preview = None  # a broken partial costs a preview, not the image
+                await progress(10 + 80 * (index + 1) // (PARTIAL_IMAGES + 1), "partial", preview)
+            elif kind.endswith("completed"):
+                final = _b64(event.get("b64_json"))
+            elif kind == "error" or "error" in event:
+                _raise_error_body(event.get("error") or event, 500)
+        if final is None:
+            raise ProviderFailed("the openai stream ended without an image", retryable=True)
+        await progress(90, "received", None)
+        return ProviderImage(data=final, mime_type="image/png", model=MODEL)
+
+
+async def _sse_events(reply: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    data_lines: list[str] = []
+    async for line in reply.aiter_lines():
+        if line.startswith("data:"):
+            data_lines.append(line[5:].strip())
+        elif not line.strip() and data_lines:
+            payload = "\n".join(data_lines)
+            data_lines = []
+            if payload == "[DONE]":
+                return
+            try:
+                yield json.loads(payload)
+            except json.JSONDecodeError as exc:
+                raise ProviderFailed("the openai stream sent an unreadable event") from exc
+    if data_lines:
+        try:
+            yield json.loads("\n".join(data_lines))
+        except json.JSONDecodeError as exc:
+            raise ProviderFailed("the openai stream sent an unreadable event") from exc
+
+
+def _b64(value: object) -> bytes:
+    try:
+        return pybase64.b64decode(str(value), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ProviderFailed("the openai provider sent an image that is not base64") from exc
+
+
+def _ext(mime_type: str) -> str:
+    return {"image/jpeg": "jpg", "image/webp": "webp"}.get(mime_type, "png")
+
+
+def _raise_for(reply: httpx.Response) -> None:
+    try:
+        body = reply.json()
+    except (json.JSONDecodeError, ValueError):
+        body = {}
+    error = body.get("error") if isinstance(body, dict) else None
+    _raise_error_body(error if isinstance(error, dict) else {}, reply.status_code, reply)
+
+
+def _raise_error_body(
+    error: dict[str, Any], status: int, reply: httpx.Response | None = None
+) -> None:
+    code = str(error.get("code") or "")
+    message = str(error.get("message") or "")[:300]
+    if code in _POLICY_CODES:
+        raise ContentPolicyRefused(
+            "the openai provider refused the request under its content policy; change the "
+            f"prompt or image ({message})",
+            metadata={"provider_code": code},
+        )
+    if status == 429 or status >= 500:
+        raise ProviderFailed(
+            f"the openai provider is busy or failing (HTTP {status}); try again later",
+            retryable=True,
+            retry_after=_retry_after(reply),
+            metadata={"http_status": str(status)},
+        )
+    if status in (401, 403):
+        raise ProviderFailed(
+            f"the openai provider refused our key (HTTP {status}); check OPENAI_API_KEY",
+            metadata={"http_status": str(status)},
+        )
+    raise ProviderFailed(
+        f"the openai provider rejected the request (HTTP {status}): {message}",
+        metadata={"http_status": str(status), "provider_code": code},
+    )
+
+
+def _retry_after(reply: httpx.Response | None) -> timedelta | None:
+    if reply is None:
+        return None
+    value = reply.headers.get("retry-after", "").strip()
+    try:
+        return timedelta(seconds=float(value)) if value else None
+    except ValueError:
+        return None

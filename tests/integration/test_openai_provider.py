@@ -1,0 +1,141 @@
+"""OpenAI Images against a local server speaking its wire format."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from imagegen.v1 import common_pb2, generation_pb2
+from PIL import Image
+
+from imagegen.domain.errors import ContentPolicyRefused, ProviderFailed, ProviderNotConfigured
+from imagegen.domain.models import Size
+from imagegen.providers.base import ProviderRequest, SourceImage
+from imagegen.providers.openai import OpenAIProvider
+from imagegen.providers.resilience import ResilientProvider
+from tests.fakes.forge_server import png_bytes
+from tests.fakes.openai_server import OpenAIFake, OpenAIReply
+from tests.inprocess import serve_in_process
+from tests.integration.test_pipeline import generate
+
+E = generation_pb2
+
+
+@pytest.fixture
+async def fake_and_client() -> AsyncIterator[tuple[OpenAIFake, httpx.AsyncClient]]:
+    async with OpenAIFake.start() as fake, httpx.AsyncClient(trust_env=False) as http:
+        yield fake, http
+
+
+async def test_generation_streams_partials_as_previews(fake_and_client) -> None:
+    fake, http = fake_and_client
+    seen: list[tuple[int, str, bytes | None]] = []
+
+    async def progress(percent: int, stage: str, preview: bytes | None) -> None:
+        seen.append((percent, stage, preview))
+
+    provider = OpenAIProvider(fake.url, "sk-test", http)
+    reply = await provider.generate(
+        ProviderRequest(prompt="a fox", size=Size(1024, 1536)), progress
+    )
+    assert Image.open(io.BytesIO(reply.data)).size == (1024, 1024)
+    call = fake.calls[0]
+    assert call.path == "/v1/images/generations"
+    assert call.headers["Authorization"] == "Bearer sk-test"
+    assert call.fields["prompt"] == "a fox" and call.fields["size"] == "1024x1536"
+    assert call.fields["stream"] is True and call.fields["partial_images"] == 2
+    previews = [p for _, stage, p in seen if stage == "partial" and p]
+    assert len(previews) == 2 and len(set(previews)) == 2
+    assert [p for p, _, _ in seen] == sorted(p for p, _, _ in seen)
+
+
+async def test_edit_sends_images_and_mask_as_multipart(fake_and_client) -> None:
+    fake, http = fake_and_client
+    source = SourceImage(png_bytes(32, 32), "image/png", 32, 32)
+    mask = SourceImage(png_bytes(32, 32, (0, 0, 0)), "image/png", 32, 32)
+
+    async def progress(percent: int, stage: str, preview: bytes | None) -> None:
+        return None
+
+    provider = OpenAIProvider(fake.url, "sk-test", http)
+    await provider.generate(
+        ProviderRequest(prompt="add a hat", sources=(source,), mask=mask), progress
+    )
+    call = fake.calls[0]
+    assert call.path == "/v1/images/edits"
+    assert call.fields["prompt"] == "add a hat" and call.fields["model"] == "gpt-image-1"
+    assert [f[1] for f in call.files["image[]"]] == [source.data]
+    assert call.files["mask"][0][1] == mask.data
+
+
+async def test_content_policy_is_img_010_and_not_retried(fake_and_client) -> None:
+    fake, http = fake_and_client
+    fake.default = OpenAIReply(status=400, error_code="moderation_blocked")
+    provider = ResilientProvider(OpenAIProvider(fake.url, "sk-test", http))
+
+    async def progress(percent: int, stage: str, preview: bytes | None) -> None:
+        return None
+
+    with pytest.raises(ContentPolicyRefused) as caught:
+        await provider.generate(ProviderRequest(prompt="something refused"), progress)
+    assert caught.value.code == "IMG_010"
+    assert len(fake.calls) == 1
+
+
+async def test_429_with_retry_after_is_honoured(fake_and_client) -> None:
+    fake, http = fake_and_client
+    fake.script(OpenAIReply(status=429, headers={"Retry-After": "1.5"}))
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    async def progress(percent: int, stage: str, preview: bytes | None) -> None:
+        return None
+
+    provider = ResilientProvider(OpenAIProvider(fake.url, "sk-test", http), sleep=sleep)
+    await provider.generate(ProviderRequest(prompt="a fox", timeout=30), progress)
+    assert len(fake.calls) == 2 and sleeps[0] >= 1.5
+    bare = OpenAIProvider(fake.url, "sk-test", http)
+    fake.script(OpenAIReply(status=429, headers={"Retry-After": "7"}))
+    with pytest.raises(ProviderFailed) as limited:
+        await bare.generate(ProviderRequest(prompt="a fox"), progress)
+    assert limited.value.retryable and limited.value.retry_after == timedelta(seconds=7)
+
+
+async def test_missing_configuration_sends_nothing(fake_and_client) -> None:
+    fake, http = fake_and_client
+
+    async def progress(percent: int, stage: str, preview: bytes | None) -> None:
+        return None
+
+    for provider in (OpenAIProvider(fake.url, None, http), OpenAIProvider(None, "sk", http)):
+        with pytest.raises(ProviderNotConfigured):
+            await provider.generate(ProviderRequest(prompt="a fox"), progress)
+    assert fake.calls == []
+
+
+async def test_partials_reach_the_caller_as_progress_previews(
+    tmp_path: Path, database_url: str
+) -> None:
+    async with OpenAIFake.start() as fake:
+        env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": fake.url}
+        async with serve_in_process(tmp_path, database_url, env=env) as server:
+            events, err = await generate(
+                server.grpc_port, common_pb2.GenerationSpec(prompt="a fox", provider="openai")
+            )
+            refused_fake_reply = OpenAIReply(status=400, error_code="content_policy_violation")
+            fake.script(refused_fake_reply)
+            refused, refused_err = await generate(
+                server.grpc_port, common_pb2.GenerationSpec(prompt="no", provider="openai")
+            )
+    assert err is None and events[-1].type == E.GENERATION_EVENT_TYPE_COMPLETED
+    previews = [
+        e for e in events if e.type == E.GENERATION_EVENT_TYPE_PROGRESS and e.progress.preview
+    ]
+    assert len(previews) == 2
+    assert refused[-1].error.code == "IMG_010" and refused_err is not None
