@@ -118,6 +118,11 @@ SETTINGS: tuple[SettingDoc, ...] = (
     SettingDoc("IMAGEGEN_LOG_LEVEL", "INFO", "Log level."),
     SettingDoc("BUILT_IN_FORGE_API_URL", "(unset)", "Base URL of the Forge ImageService."),
     SettingDoc("BUILT_IN_FORGE_API_KEY", "(unset)", "Bearer key of the Forge ImageService."),
+    SettingDoc(
+        "IMAGEGEN_SDWEBUI_URL",
+        "(unset)",
+        "Base URL of an AUTOMATIC1111 / SD WebUI Forge server (the `sdwebui` provider).",
+    ),
     SettingDoc("OPENAI_API_KEY", "(unset)", "OpenAI Images key."),
     SettingDoc("OPENAI_BASE_URL", "(unset)", "OpenAI-compatible base URL."),
     SettingDoc(
@@ -193,6 +198,7 @@ class Settings:
     forge: ForgeSettings
     openai_api_key: str | None
     openai_base_url: str | None
+    sdwebui_url: str | None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -264,6 +270,7 @@ class Settings:
             ),
             openai_api_key=reader.optional("OPENAI_API_KEY"),
             openai_base_url=reader.optional("OPENAI_BASE_URL"),
+            sdwebui_url=reader.optional("IMAGEGEN_SDWEBUI_URL"),
         )
         return settings
 

@@ -43,6 +43,7 @@ from imagegen.providers.forge import ForgeProvider
 from imagegen.providers.local import LocalProvider
 from imagegen.providers.openai import OpenAIProvider
 from imagegen.providers.resilience import ResilientProvider
+from imagegen.providers.sdwebui import SDWebUIProvider
 from imagegen.repositories.db import open_pool
 from imagegen.repositories.generations import GenerationQueries, GenerationRepository, JobStore
 from imagegen.repositories.images import ImageRepository
@@ -160,6 +161,7 @@ class Server:
                 "openai": ResilientProvider(
                     OpenAIProvider(settings.openai_base_url, settings.openai_api_key, http_client)
                 ),
+                "sdwebui": ResilientProvider(SDWebUIProvider(settings.sdwebui_url, http_client)),
             }
 
             fetcher = GuardedFetcher(
