@@ -206,3 +206,43 @@ async def test_database_failure_after_upload_leaves_no_blob(
     assert_failed_with(events, err, "IMG_004")
     assert await fetch(database_url, "SELECT id FROM images") == []
     assert await list_bucket_keys(s3_endpoint, s3_bucket) == []
+
+
+async def test_forge_503_then_success_stores_one_image(
+    tmp_path: Path, database_url: str, s3_env: dict[str, str], s3_endpoint: str, s3_bucket: str
+) -> None:
+    async with ForgeFake.start() as fake:
+        fake.script(Reply(status=503, body=b"{}"))
+        fake.default = Reply(image=png_bytes(512, 512))
+        env = {**s3_env, "BUILT_IN_FORGE_API_URL": fake.url, "BUILT_IN_FORGE_API_KEY": "k"}
+        async with serve_in_process(tmp_path, database_url, env=env) as server:
+            events, err = await generate(server.grpc_port, forge_spec())
+    assert err is None and events[-1].type == E.GENERATION_EVENT_TYPE_COMPLETED
+    assert len(fake.requests) == 2, "the 503 was retried once"
+    assert len(await fetch(database_url, "SELECT id FROM images")) == 1
+    assert len(await list_bucket_keys(s3_endpoint, s3_bucket)) == 1
+    usage = await fetch(database_url, "SELECT status FROM usage_records")
+    assert [u["status"] for u in usage] == ["succeeded"]
+
+
+async def test_forge_edit_sends_original_images(tmp_path: Path, database_url: str) -> None:
+    import pybase64
+
+    source = png_bytes(48, 48, (10, 20, 30))
+    async with ForgeFake.start() as fake:
+        env = {"BUILT_IN_FORGE_API_URL": fake.url, "BUILT_IN_FORGE_API_KEY": "k"}
+        async with serve_in_process(tmp_path, database_url, env=env) as server:
+            events, err = await generate(
+                server.grpc_port,
+                common_pb2.GenerationSpec(
+                    prompt="turn the sky pink",
+                    provider="forge",
+                    sources=[common_pb2.ImageSource(data=source)],
+                ),
+            )
+    assert err is None and events[-1].type == E.GENERATION_EVENT_TYPE_COMPLETED
+    sent = fake.requests[0].json
+    assert sent["prompt"] == "turn the sky pink"
+    assert sent["original_images"] == [
+        {"b64Json": pybase64.b64encode(source).decode(), "mimeType": "image/png"}
+    ]

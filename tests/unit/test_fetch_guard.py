@@ -195,6 +195,14 @@ async def test_oversized_bodies_are_refused_whatever_the_headers_say() -> None:
             await fetcher(recorder, max_bytes=1000).fetch("http://images.example.com/big.png")
 
 
+async def test_a_content_length_that_understates_never_yields_more_than_declared() -> None:
+    # The server claims 10 bytes and sends 5000: only the declared 10 are ever read.
+    lying = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n" + b"z" * 5000
+    recorder = Recorder([[lying]])
+    body = await fetcher(recorder, max_bytes=1000).fetch("http://images.example.com/x.png")
+    assert body.data == b"z" * 10
+
+
 async def test_allowlisted_loopback_host_is_fetched() -> None:
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
