@@ -104,6 +104,11 @@ SETTINGS: tuple[SettingDoc, ...] = (
         "20971520",
         "Largest source image accepted, in bytes; also sets gRPC's receive limit.",
     ),
+    SettingDoc(
+        "IMAGEGEN_DOWNLOAD_CHUNK_BYTES",
+        "1048576",
+        "Chunk size of DownloadImage streams in bytes (at most 1 MiB).",
+    ),
     SettingDoc("IMAGEGEN_WORKERS", "4", "Jobs one process runs at once."),
     SettingDoc("IMAGEGEN_LEASE", "30", "Seconds a worker's claim on a job lasts without renewal."),
     SettingDoc("IMAGEGEN_MAX_ATTEMPTS", "3", "Times a job is started before it is failed."),
@@ -187,6 +192,7 @@ class Settings:
     fetch_allow_hosts: tuple[str, ...]
     max_pixels: int
     max_input_bytes: int
+    download_chunk_bytes: int
     workers: int
     lease: timedelta
     max_attempts: int
@@ -256,6 +262,10 @@ class Settings:
             ),
             max_pixels=reader.integer("IMAGEGEN_MAX_PIXELS", 16_777_216, minimum=1),
             max_input_bytes=reader.integer("IMAGEGEN_MAX_INPUT_BYTES", 20 * 1024 * 1024, minimum=1),
+            download_chunk_bytes=min(
+                reader.integer("IMAGEGEN_DOWNLOAD_CHUNK_BYTES", 1024 * 1024, minimum=1024),
+                1024 * 1024,
+            ),
             workers=reader.integer("IMAGEGEN_WORKERS", 4, minimum=1),
             lease=reader.seconds("IMAGEGEN_LEASE", 30),
             max_attempts=reader.integer("IMAGEGEN_MAX_ATTEMPTS", 3, minimum=1),

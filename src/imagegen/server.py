@@ -31,6 +31,7 @@ from imagegen.api.interceptors import (
     ErrorInterceptor,
     InflightInterceptor,
 )
+from imagegen.api.library import ImageLibraryServicer
 from imagegen.config import Settings
 from imagegen.domain.pricing import PriceTable
 from imagegen.embedded import start_embedded_postgres
@@ -46,11 +47,12 @@ from imagegen.providers.resilience import ResilientProvider
 from imagegen.providers.sdwebui import SDWebUIProvider
 from imagegen.repositories.db import open_pool
 from imagegen.repositories.generations import GenerationQueries, GenerationRepository, JobStore
-from imagegen.repositories.images import ImageRepository
+from imagegen.repositories.images import ImageRepository, LibraryQueries
 from imagegen.repositories.migrator import apply_migrations
 from imagegen.repositories.usage import UsageRepository
 from imagegen.repositories.user_settings import UserSettingsRepository
 from imagegen.services.generation import GenerationService, PipelineSettings
+from imagegen.services.library import LibraryService, LibrarySettings
 from imagegen.services.sources import SourceLimits, SourceResolver
 from imagegen.storage.base import BlobStore
 from imagegen.storage.local import LocalBlobStore, load_or_create_signing_key
@@ -254,7 +256,19 @@ class Server:
             # Services not built yet are the generated base classes, which answer
             # UNIMPLEMENTED; their type stubs mark the methods abstract, hence the ignores.
             library_pb2_grpc.add_ImageLibraryServiceServicer_to_server(
-                library_pb2_grpc.ImageLibraryServiceServicer(),  # type: ignore[abstract]
+                ImageLibraryServicer(
+                    LibraryService(
+                        images,
+                        LibraryQueries(pool),
+                        blobs,
+                        LibrarySettings(
+                            url_ttl=settings.url_ttl,
+                            max_pixels=settings.max_pixels,
+                            chunk_bytes=settings.download_chunk_bytes,
+                        ),
+                    ),
+                    url_ttl=settings.url_ttl,
+                ),
                 server,
             )
             templates_pb2_grpc.add_PromptTemplateServiceServicer_to_server(

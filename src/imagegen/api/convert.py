@@ -181,11 +181,27 @@ def image_to_proto(image: StoredImage, url_ttl: timedelta) -> common_pb2.Image:
         provider=image.provider,
         model=image.model,
         prompt=image.prompt,
+        negative_prompt=image.negative_prompt,
+        style=_STYLE_TO_PB.get(Style(image.style), common_pb2.STYLE_UNSPECIFIED)
+        if image.style
+        else common_pb2.STYLE_UNSPECIFIED,
+        title=image.title,
+        description=image.description,
+        tags=list(image.tags),
+        favorite=image.favorite,
+        parents=[IMAGES_PREFIX + p for p in image.parent_ids],
     )
+    if image.seed is not None:
+        message.seed = image.seed % 2**32
     created = _timestamp(image.created_at)
     if created is not None:
         message.create_time.CopyFrom(created)
-        message.update_time.CopyFrom(created)
+    updated = _timestamp(image.updated_at or image.created_at)
+    if updated is not None:
+        message.update_time.CopyFrom(updated)
+    deleted = _timestamp(image.deleted_at)
+    if deleted is not None:
+        message.delete_time.CopyFrom(deleted)
     if image.url:
         expire = Timestamp()
         expire.GetCurrentTime()
@@ -275,3 +291,19 @@ def optional_time(message: Message, field: str) -> datetime | None:
         return None
     stamp: Timestamp = getattr(message, field)
     return stamp.ToDatetime(tzinfo=UTC)
+
+
+def format_from_proto(value: common_pb2.ImageFormat.ValueType) -> ImageFormat | None:
+    """None for unspecified; IMG_003 for an unknown value."""
+    if value == common_pb2.IMAGE_FORMAT_UNSPECIFIED:
+        return None
+    if value not in _FORMAT_FROM_PB:
+        raise InvalidRequest(f"format {value} is not a known format", field="format")
+    return _FORMAT_FROM_PB[value]
+
+
+def image_id_from_name(name: str) -> str:
+    """`images/{id}` -> id; a bare id is accepted too."""
+    if not name:
+        raise InvalidRequest("name is required, as images/{image}", field="name")
+    return name.removeprefix(IMAGES_PREFIX)

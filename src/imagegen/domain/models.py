@@ -235,6 +235,15 @@ class StoredImage:
     deleted: bool = False
     is_edit: bool = False
     parent_ids: tuple[str, ...] = ()
+    negative_prompt: str = ""
+    style: str = ""
+    seed: int | None = None
+    title: str = ""
+    description: str = ""
+    tags: tuple[str, ...] = ()
+    favorite: bool = False
+    updated_at: datetime | None = None
+    deleted_at: datetime | None = None
 
 
 @dataclass(frozen=True)

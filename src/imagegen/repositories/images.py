@@ -7,7 +7,9 @@ import uuid
 
 import asyncpg
 
+from imagegen.domain.library import ImageQuery, MetadataUpdate
 from imagegen.domain.models import StoredImage
+from imagegen.domain.paging import Cursor
 
 
 def parse_id(value: str) -> uuid.UUID | None:
@@ -35,6 +37,15 @@ def _image_from_row(row: asyncpg.Record) -> StoredImage:
         index=row["batch_index"],
         deleted=row["deleted_at"] is not None,
         is_edit=row["is_edit"],
+        negative_prompt=row["negative_prompt"],
+        style=row["style"],
+        seed=row["seed"],
+        title=row["title"],
+        description=row["description"],
+        tags=tuple(row["tags"]),
+        favorite=row["favorite"],
+        updated_at=row["updated_at"],
+        deleted_at=row["deleted_at"],
     )
 
 
@@ -134,3 +145,134 @@ class ImageRepository:
             return None
         row = await self._pool.fetchrow("SELECT * FROM images WHERE id = $1", iid)
         return None if row is None else _image_from_row(row)
+
+
+class LibraryQueries:
+    """The library's reads and owner changes; every statement is scoped to the owner."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def list_for_user(
+        self, user_id: str, query: ImageQuery, *, after: Cursor | None, limit: int
+    ) -> list[StoredImage]:
+        """The owner's images, newest first, strictly after `after`."""
+        rows = await self._pool.fetch(
+            """
+            SELECT * FROM images
+             WHERE user_id = $1
+               AND (cardinality($2::text[]) = 0 OR tags @> $2::text[])
+               AND ($3 = '' OR search @@ plainto_tsquery('english', $3))
+               AND (NOT $4 OR favorite)
+               AND ($5::timestamptz IS NULL OR created_at >= $5)
+               AND ($6::timestamptz IS NULL OR created_at < $6)
+               AND ($7 = 'all' OR is_edit = ($7 = 'edit'))
+               AND ($8 OR deleted_at IS NULL)
+               AND ($9::timestamptz IS NULL OR (created_at, id) < ($9, $10::uuid))
+             ORDER BY created_at DESC, id DESC
+             LIMIT $11
+            """,
+            user_id,
+            list(query.tags),
+            query.text,
+            query.favorites_only,
+            query.created_from,
+            query.created_before,
+            query.kind.value,
+            query.show_deleted,
+            after.created_at if after else None,
+            uuid.UUID(after.id) if after else None,
+            limit,
+        )
+        return [_image_from_row(r) for r in rows]
+
+    async def update_metadata(
+        self, user_id: str, image_id: str, update: MetadataUpdate
+    ) -> StoredImage | None:
+        """Change only the named fields; None if the caller has no such image."""
+        iid = parse_id(image_id)
+        if iid is None:
+            return None
+        row = await self._pool.fetchrow(
+            """
+            UPDATE images SET
+                title = CASE WHEN $3 THEN $4 ELSE title END,
+                description = CASE WHEN $5 THEN $6 ELSE description END,
+                tags = CASE WHEN $7 THEN $8::text[] ELSE tags END,
+                favorite = CASE WHEN $9 THEN $10 ELSE favorite END,
+                updated_at = now()
+             WHERE id = $1 AND user_id = $2
+            RETURNING *
+            """,
+            iid,
+            user_id,
+            "title" in update.fields,
+            update.title,
+            "description" in update.fields,
+            update.description,
+            "tags" in update.fields,
+            list(update.tags),
+            "favorite" in update.fields,
+            update.favorite,
+        )
+        return None if row is None else _image_from_row(row)
+
+    async def set_deleted(self, user_id: str, image_id: str, deleted: bool) -> StoredImage | None:
+        """Soft-delete or restore (idempotent); None if the caller has no such image."""
+        iid = parse_id(image_id)
+        if iid is None:
+            return None
+        row = await self._pool.fetchrow(
+            """
+            UPDATE images
+               SET deleted_at = CASE WHEN $3 THEN coalesce(deleted_at, now()) ELSE NULL END,
+                   updated_at = now()
+             WHERE id = $1 AND user_id = $2
+            RETURNING *
+            """,
+            iid,
+            user_id,
+            deleted,
+        )
+        return None if row is None else _image_from_row(row)
+
+    async def delete_row(self, user_id: str, image_id: str) -> StoredImage | None:
+        """Remove the row for good (its edit links go with it); returns what it was."""
+        iid = parse_id(image_id)
+        if iid is None:
+            return None
+        row = await self._pool.fetchrow(
+            "DELETE FROM images WHERE id = $1 AND user_id = $2 RETURNING *", iid, user_id
+        )
+        return None if row is None else _image_from_row(row)
+
+    async def lineage(
+        self, user_id: str, image_id: str, max_depth: int, limit: int
+    ) -> tuple[list[tuple[StoredImage, int]], list[tuple[StoredImage, int]]]:
+        """Ancestors and descendants (nearest first) within `max_depth` links."""
+        iid = uuid.UUID(image_id)
+        result: list[list[tuple[StoredImage, int]]] = []
+        for near, far in (("image_id", "parent_id"), ("parent_id", "image_id")):
+            rows = await self._pool.fetch(
+                f"""
+                WITH RECURSIVE chain(id, depth) AS (
+                    SELECT p.{far}, 1 FROM image_parents p WHERE p.{near} = $1
+                    UNION
+                    SELECT p.{far}, c.depth + 1
+                      FROM image_parents p JOIN chain c ON p.{near} = c.id
+                     WHERE c.depth < $3
+                )
+                SELECT i.*, min(c.depth) AS depth
+                  FROM chain c JOIN images i ON i.id = c.id
+                 WHERE i.user_id = $2
+                 GROUP BY i.id
+                 ORDER BY depth, i.created_at
+                 LIMIT $4
+                """,  # noqa: S608 - the two column names are fixed above, never input
+                iid,
+                user_id,
+                max_depth,
+                limit,
+            )
+            result.append([(_image_from_row(r), int(r["depth"])) for r in rows])
+        return result[0], result[1]
