@@ -32,6 +32,7 @@ from imagegen.api.interceptors import (
     InflightInterceptor,
 )
 from imagegen.api.library import ImageLibraryServicer
+from imagegen.api.templates import PromptTemplateServicer
 from imagegen.config import Settings
 from imagegen.domain.pricing import PriceTable
 from imagegen.embedded import start_embedded_postgres
@@ -49,11 +50,13 @@ from imagegen.repositories.db import open_pool
 from imagegen.repositories.generations import GenerationQueries, GenerationRepository, JobStore
 from imagegen.repositories.images import ImageRepository, LibraryQueries
 from imagegen.repositories.migrator import apply_migrations
+from imagegen.repositories.templates import TemplateRepository
 from imagegen.repositories.usage import UsageRepository
 from imagegen.repositories.user_settings import UserSettingsRepository
 from imagegen.services.generation import GenerationService, PipelineSettings
 from imagegen.services.library import LibraryService, LibrarySettings
 from imagegen.services.sources import SourceLimits, SourceResolver
+from imagegen.services.templates import TemplateService
 from imagegen.storage.base import BlobStore
 from imagegen.storage.local import LocalBlobStore, load_or_create_signing_key
 from imagegen.storage.s3 import open_s3_store
@@ -272,7 +275,9 @@ class Server:
                 server,
             )
             templates_pb2_grpc.add_PromptTemplateServiceServicer_to_server(
-                templates_pb2_grpc.PromptTemplateServiceServicer(),  # type: ignore[abstract]
+                PromptTemplateServicer(
+                    TemplateService(TemplateRepository(pool), service), url_ttl=settings.url_ttl
+                ),
                 server,
             )
             usage_pb2_grpc.add_UsageServiceServicer_to_server(

@@ -307,3 +307,16 @@ def image_id_from_name(name: str) -> str:
     if not name:
         raise InvalidRequest("name is required, as images/{image}", field="name")
     return name.removeprefix(IMAGES_PREFIX)
+
+
+def style_from_proto(value: common_pb2.Style.ValueType) -> Style | None:
+    """None for unspecified; IMG_003 for an unknown value."""
+    if value == common_pb2.STYLE_UNSPECIFIED:
+        return None
+    if value not in _STYLE_FROM_PB:
+        raise InvalidRequest(f"style {value} is not a known style", field="style")
+    return _STYLE_FROM_PB[value]
+
+
+def style_to_proto(style: str) -> common_pb2.Style.ValueType:
+    return _STYLE_TO_PB[Style(style)] if style else common_pb2.STYLE_UNSPECIFIED
