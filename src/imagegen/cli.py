@@ -48,6 +48,19 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default=".", help="directory to save the images in")
     gen.add_argument("--addr", default=None, help="server address (IMAGEGEN_ADDR)")
     gen.add_argument("--user", default="cli", help="user for a minted token when none is given")
+
+    for what, help_text in (
+        ("usage", "usage records"),
+        ("generations", "generation history"),
+    ):
+        group = sub.add_parser(what, help=f"{help_text} reports")
+        actions = group.add_subparsers(dest="action", required=True)
+        export = actions.add_parser("export", help=f"export {help_text} as CSV")
+        export.add_argument("--start", help="start time, ISO 8601 (default: 30 days ago)")
+        export.add_argument("--end", help="end time, ISO 8601 (default: now)")
+        export.add_argument("--out", default="-", help="file to write (default: stdout)")
+        export.add_argument("--addr", default=None, help="server address (IMAGEGEN_ADDR)")
+        export.add_argument("--user", default="cli", help="user for a minted token")
     return parser
 
 
@@ -68,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         from imagegen.client.cli_generate import run_generate
 
         return asyncio.run(run_generate(settings, args))
+    if args.command in ("usage", "generations"):
+        from imagegen.client.cli_export import run_export
+
+        return asyncio.run(run_export(settings, args, args.command))
     return 2  # pragma: no cover - argparse rejects other commands
 
 

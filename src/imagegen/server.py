@@ -33,6 +33,7 @@ from imagegen.api.interceptors import (
 )
 from imagegen.api.library import ImageLibraryServicer
 from imagegen.api.templates import PromptTemplateServicer
+from imagegen.api.usage import UsageServicer
 from imagegen.config import Settings
 from imagegen.domain.pricing import PriceTable
 from imagegen.embedded import start_embedded_postgres
@@ -51,12 +52,13 @@ from imagegen.repositories.generations import GenerationQueries, GenerationRepos
 from imagegen.repositories.images import ImageRepository, LibraryQueries
 from imagegen.repositories.migrator import apply_migrations
 from imagegen.repositories.templates import TemplateRepository
-from imagegen.repositories.usage import UsageRepository
+from imagegen.repositories.usage import UsageQueries, UsageRepository
 from imagegen.repositories.user_settings import UserSettingsRepository
 from imagegen.services.generation import GenerationService, PipelineSettings
 from imagegen.services.library import LibraryService, LibrarySettings
 from imagegen.services.sources import SourceLimits, SourceResolver
 from imagegen.services.templates import TemplateService
+from imagegen.services.usage import UsageService
 from imagegen.storage.base import BlobStore
 from imagegen.storage.local import LocalBlobStore, load_or_create_signing_key
 from imagegen.storage.s3 import open_s3_store
@@ -256,8 +258,6 @@ class Server:
                 ),
                 server,
             )
-            # Services not built yet are the generated base classes, which answer
-            # UNIMPLEMENTED; their type stubs mark the methods abstract, hence the ignores.
             library_pb2_grpc.add_ImageLibraryServiceServicer_to_server(
                 ImageLibraryServicer(
                     LibraryService(
@@ -281,7 +281,9 @@ class Server:
                 server,
             )
             usage_pb2_grpc.add_UsageServiceServicer_to_server(
-                usage_pb2_grpc.UsageServiceServicer(),  # type: ignore[abstract]
+                # GetCreditBalance answers UNIMPLEMENTED (the generated base) until the
+                # credits ledger exists; its stub marks it abstract, hence the ignore.
+                UsageServicer(UsageService(UsageQueries(pool))),  # type: ignore[abstract]
                 server,
             )
             health_servicer = health.aio.HealthServicer()

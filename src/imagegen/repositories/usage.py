@@ -86,3 +86,192 @@ class UsageRepository:
             )
             for r in rows
         ]
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """A usage record as listed and exported."""
+
+    id: str
+    generation_id: str
+    attempt: int
+    provider: str
+    model: str
+    source: str
+    status: str
+    image_count: int
+    credits: int
+    cost_cents: int | None
+    error_code: str
+    error_message: str
+    requested_at: datetime
+    completed_at: datetime
+
+
+@dataclass(frozen=True)
+class UsageTotalsRow:
+    """Sums over a group of usage records."""
+
+    key: str
+    requests: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    image_count: int
+    credits: int
+    cost_cents: int
+    average_seconds: float
+
+
+def _usage_row(r: asyncpg.Record) -> UsageRow:
+    return UsageRow(
+        id=str(r["id"]),
+        generation_id=str(r["generation_id"]) if r["generation_id"] else "",
+        attempt=r["attempt"],
+        provider=r["provider"],
+        model=r["model"],
+        source=r["source"],
+        status=r["status"],
+        image_count=r["image_count"],
+        credits=r["credits"],
+        cost_cents=r["cost_cents"],
+        error_code=r["error_code"],
+        error_message=r["error_message"],
+        requested_at=r["requested_at"],
+        completed_at=r["completed_at"],
+    )
+
+
+_TOTALS = """
+    count(*) AS requests,
+    count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+    count(*) FILTER (WHERE status = 'failed') AS failed,
+    count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+    coalesce(sum(image_count), 0) AS image_count,
+    coalesce(sum(credits), 0) AS credits,
+    coalesce(sum(cost_cents), 0) AS cost_cents,
+    coalesce(avg(extract(epoch FROM completed_at - requested_at))
+             FILTER (WHERE status = 'succeeded'), 0) AS average_seconds
+"""
+
+
+class UsageQueries:
+    """Reads of a user's usage records."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def list_for_user(
+        self,
+        user_id: str,
+        *,
+        statuses: tuple[str, ...],
+        start: datetime | None,
+        end: datetime | None,
+        after: tuple[datetime, str] | None,
+        limit: int,
+        newest_first: bool = True,
+    ) -> list[UsageRow]:
+        order = "DESC" if newest_first else "ASC"
+        compare = "<" if newest_first else ">"
+        rows = await self._pool.fetch(
+            f"""
+            SELECT * FROM usage_records
+             WHERE user_id = $1
+               AND (cardinality($2::text[]) = 0 OR status = ANY($2::text[]))
+               AND ($3::timestamptz IS NULL OR requested_at >= $3)
+               AND ($4::timestamptz IS NULL OR requested_at < $4)
+               AND ($5::timestamptz IS NULL OR (requested_at, id) {compare} ($5, $6::uuid))
+             ORDER BY requested_at {order}, id {order}
+             LIMIT $7
+            """,  # noqa: S608 - order and comparison are fixed strings above
+            user_id,
+            list(statuses),
+            start,
+            end,
+            after[0] if after else None,
+            uuid.UUID(after[1]) if after else None,
+            limit,
+        )
+        return [_usage_row(r) for r in rows]
+
+    async def totals(
+        self, user_id: str, start: datetime, end: datetime, time_zone: str
+    ) -> tuple[UsageTotalsRow, list[UsageTotalsRow], list[UsageTotalsRow], list[UsageTotalsRow]]:
+        """Sums over [start, end): in total, by provider, by day (in `time_zone`), by source."""
+        where = "WHERE user_id = $1 AND requested_at >= $2 AND requested_at < $3"
+        args = (user_id, start, end)
+        total = await self._pool.fetchrow(
+            f"SELECT '' AS key, {_TOTALS} FROM usage_records {where}",  # noqa: S608
+            *args,
+        )
+        groups = []
+        for key in ("provider", "source"):
+            groups.append(
+                await self._pool.fetch(
+                    f"SELECT {key} AS key, {_TOTALS} FROM usage_records {where} "  # noqa: S608
+                    f"GROUP BY {key} ORDER BY {key}",
+                    *args,
+                )
+            )
+        by_day = await self._pool.fetch(
+            f"SELECT to_char(requested_at AT TIME ZONE $4, 'YYYY-MM-DD') AS key, {_TOTALS} "  # noqa: S608
+            f"FROM usage_records {where} GROUP BY 1 ORDER BY 1",
+            *args,
+            time_zone,
+        )
+
+        def convert(r: asyncpg.Record) -> UsageTotalsRow:
+            return UsageTotalsRow(
+                key=r["key"],
+                requests=r["requests"],
+                succeeded=r["succeeded"],
+                failed=r["failed"],
+                cancelled=r["cancelled"],
+                image_count=int(r["image_count"]),
+                credits=int(r["credits"]),
+                cost_cents=int(r["cost_cents"]),
+                average_seconds=float(r["average_seconds"]),
+            )
+
+        return (
+            convert(total),
+            [convert(r) for r in groups[0]],
+            [convert(r) for r in by_day],
+            [convert(r) for r in groups[1]],
+        )
+
+    async def generations_for_export(
+        self,
+        user_id: str,
+        *,
+        states: tuple[str, ...],
+        start: datetime,
+        end: datetime,
+        after: tuple[datetime, str] | None,
+        limit: int,
+    ) -> list[asyncpg.Record]:
+        """Jobs oldest first, each with its image ids, for the history export."""
+        return list(
+            await self._pool.fetch(
+                """
+                SELECT g.*, coalesce(
+                         (SELECT array_agg(i.id::text ORDER BY i.batch_index)
+                            FROM images i WHERE i.generation_id = g.id), '{}') AS image_ids
+                  FROM generations g
+                 WHERE g.user_id = $1
+                   AND (cardinality($2::text[]) = 0 OR g.state = ANY($2::text[]))
+                   AND g.created_at >= $3 AND g.created_at < $4
+                   AND ($5::timestamptz IS NULL OR (g.created_at, g.id) > ($5, $6::uuid))
+                 ORDER BY g.created_at, g.id
+                 LIMIT $7
+                """,
+                user_id,
+                list(states),
+                start,
+                end,
+                after[0] if after else None,
+                uuid.UUID(after[1]) if after else None,
+                limit,
+            )
+        )

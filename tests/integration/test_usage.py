@@ -1,0 +1,131 @@
+"""UsageService and the CLI exports agree with the usage records, failures included."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+from imagegen.v1 import common_pb2, generation_pb2, usage_pb2, usage_pb2_grpc
+
+from tests.inprocess import TEST_JWT_KEY, serve_in_process
+from tests.integration.test_pipeline import CHANNEL_OPTIONS, generate, metadata, reason_of
+
+U = usage_pb2
+E = generation_pb2
+
+
+async def test_stats_lists_and_exports_agree_with_the_records(
+    tmp_path: Path, database_url: str
+) -> None:
+    async with serve_in_process(tmp_path, database_url) as server:
+        port = server.grpc_port
+        small = common_pb2.ImageSize(width=256, height=256)
+        for source in (common_pb2.GENERATION_SOURCE_WORKFLOW, common_pb2.GENERATION_SOURCE_AGENT):
+            events, _ = await generate(
+                port, common_pb2.GenerationSpec(prompt='a fox, "quoted"', size=small, source=source)
+            )
+            assert events[-1].type == E.GENERATION_EVENT_TYPE_COMPLETED
+        failed, _ = await generate(port, common_pb2.GenerationSpec(prompt="x", provider="forge"))
+        assert failed[-1].error.code == "IMG_001"
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as ch:
+            stub = usage_pb2_grpc.UsageServiceStub(ch)
+            md = metadata()
+            listed = await stub.ListUsage(U.ListUsageRequest(), metadata=md)
+            assert len(listed.usage_records) == 3
+            failures = await stub.ListUsage(
+                U.ListUsageRequest(statuses=[U.USAGE_STATUS_FAILED]), metadata=md
+            )
+            assert [(r.provider, r.error_code) for r in failures.usage_records] == [
+                ("forge", "IMG_001")
+            ]
+            page = await stub.ListUsage(U.ListUsageRequest(page_size=2), metadata=md)
+            rest = await stub.ListUsage(
+                U.ListUsageRequest(page_size=2, page_token=page.next_page_token), metadata=md
+            )
+            assert len(page.usage_records) + len(rest.usage_records) == 3
+
+            stats = await stub.GetUsageStats(U.GetUsageStatsRequest(), metadata=md)
+            assert (stats.totals.requests, stats.totals.succeeded, stats.totals.failed) == (3, 2, 1)
+            assert stats.totals.credits == 2 and stats.totals.image_count == 2
+            assert stats.totals.success_rate == pytest.approx(2 / 3)
+            assert stats.totals.average_generation_duration.ToTimedelta().total_seconds() > 0
+            assert {p.provider: p.totals.requests for p in stats.by_provider} == {
+                "forge": 1,
+                "local": 2,
+            }
+            assert {s.source: s.totals.requests for s in stats.by_source} == {
+                common_pb2.GENERATION_SOURCE_WORKFLOW: 1,
+                common_pb2.GENERATION_SOURCE_AGENT: 1,
+                common_pb2.GENERATION_SOURCE_API: 1,
+            }
+            assert sum(d.totals.requests for d in stats.by_day) == 3
+            with pytest.raises(grpc.aio.AioRpcError) as bad_zone:
+                await stub.GetUsageStats(U.GetUsageStatsRequest(time_zone="Mars/Base"), metadata=md)
+            assert reason_of(bad_zone.value) == "IMG_003"
+
+            usage_csv = b"".join(
+                [m.data async for m in stub.ExportUsage(U.ExportUsageRequest(), metadata=md)]
+            ).decode()
+            history_csv = b"".join(
+                [
+                    m.data
+                    async for m in stub.ExportGenerations(U.ExportGenerationsRequest(), metadata=md)
+                ]
+            ).decode()
+            others = await stub.ListUsage(U.ListUsageRequest(), metadata=metadata("bob"))
+            assert list(others.usage_records) == []
+
+        usage_rows = list(csv.DictReader(io.StringIO(usage_csv)))
+        conn = await asyncpg.connect(database_url)
+        try:
+            records = await conn.fetch("SELECT status, credits, provider FROM usage_records")
+        finally:
+            await conn.close()
+        assert sorted(
+            (r["status"], int(r["credits"]), r["provider"]) for r in usage_rows
+        ) == sorted((r["status"], r["credits"], r["provider"]) for r in records)
+        history = list(csv.DictReader(io.StringIO(history_csv)))
+        assert [h["state"] for h in history] == ["completed", "completed", "failed"]
+        assert history[0]["prompt"] == 'a fox, "quoted"'
+        assert history[0]["images"].startswith("images/")
+        assert history[2]["error_code"] == "IMG_001"
+        assert [h["source"] for h in history] == ["workflow", "agent", "api"]
+
+        # The CLI writes the same exports.
+        env = {
+            **os.environ,
+            "IMAGEGEN_ADDR": f"127.0.0.1:{port}",
+            "IMAGEGEN_JWT_KEY": TEST_JWT_KEY,
+            "IMAGEGEN_DATA_DIR": str(tmp_path / "cli"),
+        }
+        for what, expected in (("usage", usage_csv), ("generations", history_csv)):
+            out = tmp_path / f"{what}.csv"
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [
+                    sys.executable,
+                    "-m",
+                    "imagegen.cli",
+                    what,
+                    "export",
+                    "--user",
+                    "alice",
+                    "--out",
+                    str(out),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stderr
+            assert out.read_bytes() == expected.encode()
