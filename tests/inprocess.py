@@ -13,6 +13,8 @@ from imagegen.server import RunningServer, Server
 from imagegen.telemetry import Telemetry
 
 TEST_JWT_KEY = "test-signing-key-0123456789abcdef0123456789abcdef"
+#: Plan limits out of the way; tests of the limits themselves set their own.
+UNLIMITED_PLANS = Path(__file__).parent / "data" / "plans-unlimited.json"
 
 
 @contextlib.asynccontextmanager
@@ -32,6 +34,7 @@ async def serve_in_process(
             "IMAGEGEN_JWT_KEY": TEST_JWT_KEY,
             "IMAGEGEN_LOCAL_STEP_DELAY": "0.01",
             "IMAGEGEN_SHUTDOWN_GRACE": "5",
+            "IMAGEGEN_PLANS_FILE": str(UNLIMITED_PLANS),
             "DATABASE_URL": database_url,
             **(env or {}),
         }

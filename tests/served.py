@@ -89,6 +89,8 @@ async def start_server(
             "IMAGEGEN_READY_FILE": str(ready),
             "IMAGEGEN_JWT_KEY": TEST_JWT_KEY,
             "IMAGEGEN_LOCAL_STEP_DELAY": "0.01",
+            # Plan limits out of the way; tests of the limits themselves set their own.
+            "IMAGEGEN_PLANS_FILE": str(Path(__file__).parent / "data" / "plans-unlimited.json"),
             "DATABASE_URL": database_url,
         }
     )

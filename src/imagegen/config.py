@@ -113,6 +113,8 @@ SETTINGS: tuple[SettingDoc, ...] = (
     SettingDoc("IMAGEGEN_LEASE", "30", "Seconds a worker's claim on a job lasts without renewal."),
     SettingDoc("IMAGEGEN_MAX_ATTEMPTS", "3", "Times a job is started before it is failed."),
     SettingDoc("IMAGEGEN_PRICING_FILE", "(built-in table)", "JSON price table in credits."),
+    SettingDoc("IMAGEGEN_PLANS_FILE", "(built-in table)",
+               "JSON plan limits: requests per hour and day, concurrent generations."),
     SettingDoc("IMAGEGEN_REQUEST_ID_TTL", "86400", "Seconds a request_id is remembered."),
     SettingDoc("IMAGEGEN_PROVIDER_TIMEOUT", "120", "Seconds one provider call may take."),
     SettingDoc(
@@ -197,6 +199,7 @@ class Settings:
     lease: timedelta
     max_attempts: int
     pricing_file: Path | None
+    plans_file: Path | None
     request_id_ttl: timedelta
     provider_timeout: timedelta
     local_step_delay: float
@@ -270,6 +273,7 @@ class Settings:
             lease=reader.seconds("IMAGEGEN_LEASE", 30),
             max_attempts=reader.integer("IMAGEGEN_MAX_ATTEMPTS", 3, minimum=1),
             pricing_file=_path_or_none(reader.optional("IMAGEGEN_PRICING_FILE")),
+            plans_file=_path_or_none(reader.optional("IMAGEGEN_PLANS_FILE")),
             request_id_ttl=reader.seconds("IMAGEGEN_REQUEST_ID_TTL", 86400),
             provider_timeout=reader.seconds("IMAGEGEN_PROVIDER_TIMEOUT", 120),
             local_step_delay=reader.number("IMAGEGEN_LOCAL_STEP_DELAY", 0.05),

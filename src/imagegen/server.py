@@ -35,6 +35,7 @@ from imagegen.api.library import ImageLibraryServicer
 from imagegen.api.templates import PromptTemplateServicer
 from imagegen.api.usage import UsageServicer
 from imagegen.config import Settings
+from imagegen.domain.plans import PlanTable
 from imagegen.domain.pricing import PriceTable
 from imagegen.embedded import start_embedded_postgres
 from imagegen.identity import TokenVerifier, resolve_jwt_key
@@ -201,6 +202,7 @@ class Server:
                     fetcher=fetcher,
                 ),
                 user_settings=UserSettingsRepository(pool),
+                plans=PlanTable.load(settings.plans_file),
                 providers=providers,
                 prices=PriceTable.load(settings.pricing_file),
                 signals=signals,

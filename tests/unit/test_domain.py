@@ -91,3 +91,16 @@ def test_page_tokens_round_trip_and_are_bound_to_their_query() -> None:
     for bad in (-1, 101):
         with pytest.raises(InvalidRequest):
             paging.page_size(bad)
+
+
+def test_plan_table_defaults_and_file() -> None:
+    from imagegen.domain.plans import PlanLimits, PlanTable
+
+    table = PlanTable.default()
+    assert table.limits_for("free") == PlanLimits(10, 50, 1)
+    assert table.limits_for("enterprise") == PlanLimits(None, None, 10)
+    assert table.limits_for("unknown-plan") == PlanLimits(10, 50, 1)
+    custom = PlanTable.from_json(
+        '{"plans": {"free": {"requests_per_hour": 3, "requests_per_day": null, "concurrent": 2}}}'
+    )
+    assert custom.limits_for("free") == PlanLimits(3, None, 2)

@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from imagegen.domain.errors import RequestIdReused, StorageFailed
+from imagegen.domain.errors import RateLimited, RequestIdReused, StorageFailed
 from imagegen.domain.models import (
     EditSource,
     EventType,
@@ -24,6 +24,7 @@ from imagegen.domain.models import (
     Style,
 )
 from imagegen.domain.paging import Cursor
+from imagegen.domain.plans import PlanLimits
 from imagegen.repositories.images import ImageRepository, parse_id
 from imagegen.repositories.usage import UsageRecord, UsageRepository
 
@@ -134,15 +135,24 @@ class GenerationRepository:
         return self._pool
 
     async def create(
-        self, job: NewGeneration, *, request_id_ttl: timedelta
+        self,
+        job: NewGeneration,
+        *,
+        request_id_ttl: timedelta,
+        limits: PlanLimits | None = None,
     ) -> tuple[Generation, bool]:
-        """Store a queued job with its QUEUED event; an existing job for the same
-        request_id is returned instead (created=False), or IMG_009 if its
-        parameters differ."""
+        """Store a queued job with its QUEUED event, within the user's plan limits; an
+        existing job for the same request_id is returned instead (created=False), or
+        IMG_009 if its parameters differ. Limits are counted under a per-user lock, so
+        every replica sees one count."""
         fingerprint = job.spec.fingerprint()
         spec_json = {**spec_to_json(job.spec), **job.extra_spec}
         request_id = job.request_id or None
         async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended('imagegen-user:' || $1, 0))",
+                job.user_id,
+            )
             if request_id is not None:
                 # A request id is remembered for the retention window only.
                 await conn.execute(
@@ -152,6 +162,21 @@ class GenerationRepository:
                     request_id,
                     request_id_ttl,
                 )
+                existing = await conn.fetchrow(
+                    "SELECT * FROM generations WHERE user_id = $1 AND request_id = $2",
+                    job.user_id,
+                    request_id,
+                )
+                if existing is not None:
+                    if existing["fingerprint"] != fingerprint:
+                        raise RequestIdReused(
+                            f"request_id {request_id!r} was used for a different request; "
+                            "use a new request_id for new parameters",
+                            metadata={"request_id": request_id},
+                        )
+                    return _generation_from_row(existing), False
+            if limits is not None:
+                await self._check_limits(conn, job.user_id, limits)
             row = await conn.fetchrow(
                 """
                 INSERT INTO generations (
@@ -160,7 +185,6 @@ class GenerationRepository:
                     provider, state, credits, last_sequence)
                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
                         $16, 'queued', $17, 1)
-                ON CONFLICT (user_id, request_id) WHERE request_id IS NOT NULL DO NOTHING
                 RETURNING *
                 """,
                 uuid.UUID(job.id),
@@ -181,21 +205,6 @@ class GenerationRepository:
                 job.provider,
                 job.credits,
             )
-            if row is None:
-                existing = await conn.fetchrow(
-                    "SELECT * FROM generations WHERE user_id = $1 AND request_id = $2",
-                    job.user_id,
-                    request_id,
-                )
-                if existing is None:  # pragma: no cover - the conflict row vanished
-                    raise RuntimeError("request_id conflict without a row")
-                if existing["fingerprint"] != fingerprint:
-                    raise RequestIdReused(
-                        f"request_id {request_id!r} was used for a different request; "
-                        "use a new request_id for new parameters",
-                        metadata={"request_id": request_id or ""},
-                    )
-                return _generation_from_row(existing), False
             await conn.execute(
                 "INSERT INTO generation_events (generation_id, sequence, event_type, payload) "
                 "VALUES ($1, 1, 'queued', '{}'::jsonb)",
@@ -204,6 +213,47 @@ class GenerationRepository:
             await conn.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, str(row["id"]))
             await conn.execute("SELECT pg_notify($1, $2)", QUEUE_CHANNEL, str(row["id"]))
             return _generation_from_row(row), True
+
+    async def _check_limits(
+        self, conn: asyncpg.Connection, user_id: str, limits: PlanLimits
+    ) -> None:
+        """Requests per hour and per day (accepted ones), then concurrent generations."""
+        row = await conn.fetchrow(
+            """
+            SELECT count(*) FILTER (WHERE created_at > now() - interval '1 hour') AS hour,
+                   count(*) FILTER (WHERE created_at > now() - interval '1 day') AS day,
+                   count(*) FILTER (WHERE state IN ('queued', 'running')) AS running,
+                   extract(epoch FROM min(created_at)
+                       FILTER (WHERE created_at > now() - interval '1 hour')
+                       + interval '1 hour' - now()) AS hour_wait,
+                   extract(epoch FROM min(created_at)
+                       FILTER (WHERE created_at > now() - interval '1 day')
+                       + interval '1 day' - now()) AS day_wait
+              FROM generations
+             WHERE user_id = $1
+               AND (created_at > now() - interval '1 day' OR state IN ('queued', 'running'))
+            """,
+            user_id,
+        )
+        for count, cap, wait, window in (
+            (row["hour"], limits.requests_per_hour, row["hour_wait"], "hour"),
+            (row["day"], limits.requests_per_day, row["day_wait"], "day"),
+        ):
+            if cap is not None and count >= cap:
+                seconds = max(float(wait or 1), 1.0)
+                raise RateLimited(
+                    f"your plan allows {cap} requests per {window}; try again in "
+                    f"{seconds:.0f}s",
+                    retry_after=timedelta(seconds=seconds),
+                    metadata={"limit": f"requests_per_{window}", "cap": str(cap)},
+                )
+        if limits.concurrent is not None and row["running"] >= limits.concurrent:
+            raise RateLimited(
+                f"your plan allows {limits.concurrent} generation(s) at a time; wait for one "
+                "to finish",
+                retry_after=timedelta(seconds=5),
+                metadata={"limit": "concurrent", "cap": str(limits.concurrent)},
+            )
 
     async def get(self, user_id: str, generation_id: str) -> Generation | None:
         """The owner's job, or None (also for another user's or a malformed id)."""

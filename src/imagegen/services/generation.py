@@ -47,6 +47,7 @@ from imagegen.domain.models import (
     SourceRef,
     StoredImage,
 )
+from imagegen.domain.plans import PlanTable
 from imagegen.domain.pricing import PriceTable
 from imagegen.domain.validation import (
     RequestLimits,
@@ -122,6 +123,7 @@ class GenerationService:
         blobs: BlobStore,
         sources: SourceResolver,
         user_settings: UserSettingsRepository,
+        plans: PlanTable | None = None,
         providers: Mapping[str, Provider],
         prices: PriceTable,
         signals: JobSignals,
@@ -137,6 +139,7 @@ class GenerationService:
         self._blobs = blobs
         self._sources = sources
         self._user_settings = user_settings
+        self._plans = plans or PlanTable.default()
         self._providers = providers
         self._prices = prices
         self._signals = signals
@@ -274,7 +277,9 @@ class GenerationService:
         )
         try:
             generation, created = await self._generations.create(
-                job, request_id_ttl=self._settings.request_id_ttl
+                job,
+                request_id_ttl=self._settings.request_id_ttl,
+                limits=self._plans.limits_for(identity.plan),
             )
         except BaseException:
             await self._sources.discard(stored)

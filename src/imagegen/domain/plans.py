@@ -1,0 +1,64 @@
+"""Plan limits. The table is configuration (a JSON file); this module only applies it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class PlanLimits:
+    """A plan's caps; None means unlimited."""
+
+    requests_per_hour: int | None
+    requests_per_day: int | None
+    concurrent: int | None
+
+
+@dataclass(frozen=True)
+class PlanTable:
+    """Limits by plan name."""
+
+    plans: dict[str, PlanLimits]
+
+    @classmethod
+    def default(cls) -> PlanTable:
+        # DESIGN.md: free 10/h, 50/day, 1 concurrent; basic 50, 500, 2; pro 200, 2000, 5;
+        # enterprise unlimited, unlimited, 10.
+        return cls(
+            {
+                "free": PlanLimits(10, 50, 1),
+                "basic": PlanLimits(50, 500, 2),
+                "pro": PlanLimits(200, 2000, 5),
+                "enterprise": PlanLimits(None, None, 10),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> PlanTable:
+        data = json.loads(text)
+
+        def cap(value: object) -> int | None:
+            return None if value is None else int(str(value))
+
+        return cls(
+            {
+                name: PlanLimits(
+                    cap(limits.get("requests_per_hour")),
+                    cap(limits.get("requests_per_day")),
+                    cap(limits.get("concurrent")),
+                )
+                for name, limits in data["plans"].items()
+            }
+        )
+
+    @classmethod
+    def load(cls, path: Path | None) -> PlanTable:
+        return cls.default() if path is None else cls.from_json(path.read_text())
+
+    def limits_for(self, plan: str) -> PlanLimits:
+        """The plan's limits; an unknown plan gets the most restrictive configured one."""
+        if plan in self.plans:
+            return self.plans[plan]
+        return self.plans.get("free") or PlanLimits(0, 0, 0)
