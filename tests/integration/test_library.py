@@ -226,3 +226,46 @@ async def test_download_streams_a_large_image_in_chunks(
     assert chunks[0].metadata.size_bytes == len(data)
     with Image.open(io.BytesIO(data)) as image:
         assert image.format == pil_name and image.size == (2048, 2048)
+
+
+async def test_storage_quota_at_its_edge_and_freed_by_purge(
+    tmp_path: Path, database_url: str
+) -> None:
+    import json
+
+    async with serve_in_process(tmp_path / "probe", database_url) as server:
+        first = await make(server.grpc_port, "a quota probe", seed=7)
+    conn = await asyncpg.connect(database_url)
+    try:
+        size = await conn.fetchval("SELECT size_bytes FROM images")
+    finally:
+        await conn.close()
+    plans = tmp_path / "plans.json"
+    # Room for exactly two images of this size (the same prompt renders the same bytes).
+    plans.write_text(json.dumps({"plans": {"free": {"storage_bytes": size * 2}}}))
+    async with serve_in_process(
+        tmp_path / "quota", database_url, env={"IMAGEGEN_PLANS_FILE": str(plans)}
+    ) as server:
+        port = server.grpc_port
+        await make(port, "a quota probe", seed=7)  # exactly at the quota: accepted
+        from tests.integration.test_pipeline import generate
+
+        events, err = await generate(
+            port,
+            common_pb2.GenerationSpec(
+                prompt="a quota probe", seed=7, size=common_pb2.ImageSize(width=256, height=256)
+            ),
+        )
+        assert events[-1].type == E.GENERATION_EVENT_TYPE_FAILED
+        assert events[-1].error.code == "IMG_008"
+        assert err is not None and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as ch:
+            stub = library_pb2_grpc.ImageLibraryServiceStub(ch)
+            await stub.PurgeImage(L.PurgeImageRequest(name=first), metadata=metadata())
+        again = await run(
+            port,
+            common_pb2.GenerationSpec(
+                prompt="a quota probe", seed=7, size=common_pb2.ImageSize(width=256, height=256)
+            ),
+        )
+        assert again[-1].type == E.GENERATION_EVENT_TYPE_COMPLETED

@@ -270,6 +270,8 @@ class Generation:
     last_sequence: int = 0
     #: W3C trace context of the submitting request, so the worker's spans join its trace
     trace_context: dict[str, str] = field(default_factory=dict)
+    #: the owner's plan when the job was submitted (its limits apply to the job)
+    plan: str = "free"
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+MB = 1_000_000
+
+
 @dataclass(frozen=True)
 class PlanLimits:
     """A plan's caps; None means unlimited."""
@@ -14,6 +17,8 @@ class PlanLimits:
     requests_per_hour: int | None
     requests_per_day: int | None
     concurrent: int | None
+    #: bytes of stored images (soft-deleted ones count until purged)
+    storage_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -28,10 +33,10 @@ class PlanTable:
         # enterprise unlimited, unlimited, 10.
         return cls(
             {
-                "free": PlanLimits(10, 50, 1),
-                "basic": PlanLimits(50, 500, 2),
-                "pro": PlanLimits(200, 2000, 5),
-                "enterprise": PlanLimits(None, None, 10),
+                "free": PlanLimits(10, 50, 1, 500 * MB),
+                "basic": PlanLimits(50, 500, 2, 5_000 * MB),
+                "pro": PlanLimits(200, 2000, 5, 50_000 * MB),
+                "enterprise": PlanLimits(None, None, 10, None),
             }
         )
 
@@ -48,6 +53,7 @@ class PlanTable:
                     cap(limits.get("requests_per_hour")),
                     cap(limits.get("requests_per_day")),
                     cap(limits.get("concurrent")),
+                    cap(limits.get("storage_bytes")),
                 )
                 for name, limits in data["plans"].items()
             }

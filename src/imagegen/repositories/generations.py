@@ -103,6 +103,7 @@ def _generation_from_row(row: asyncpg.Record) -> Generation:
         completed_at=row["completed_at"],
         last_sequence=row["last_sequence"],
         trace_context=dict(row["spec"].get("trace_context") or {}),
+        plan=str(row["spec"].get("plan") or "free"),
     )
 
 

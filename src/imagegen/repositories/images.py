@@ -128,6 +128,13 @@ class ImageRepository:
         )
         return None if row is None else _image_from_row(row)
 
+    async def storage_used(self, user_id: str) -> int:
+        """Bytes of the user's stored images (soft-deleted ones too, until purged)."""
+        value = await self._pool.fetchval(
+            "SELECT coalesce(sum(size_bytes), 0) FROM images WHERE user_id = $1", user_id
+        )
+        return int(value)
+
     async def parents_of(self, image_id: str) -> tuple[str, ...]:
         """The images an edit was made from, in source order."""
         iid = parse_id(image_id)

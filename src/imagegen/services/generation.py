@@ -33,6 +33,7 @@ from imagegen.domain.errors import (
     ProviderFailed,
     ProviderNotConfigured,
     ShuttingDown,
+    StorageQuotaExceeded,
 )
 from imagegen.domain.models import (
     EditSource,
@@ -273,7 +274,7 @@ class GenerationService:
             spec=spec,
             provider=provider_id,
             credits=self.quote(spec),
-            extra_spec={"trace_context": _current_trace_context()},
+            extra_spec={"trace_context": _current_trace_context(), "plan": identity.plan},
         )
         try:
             generation, created = await self._generations.create(
@@ -685,6 +686,7 @@ class GenerationService:
         reported_seed: int | None,
         used_seed: int,
     ) -> None:
+        await self._check_quota(job, len(encoded))
         image_id = str(uuid.uuid4())
         key = blob_key(job.user_id, image_id, info.format.extension, datetime.now(UTC))
         with self._tracer.start_as_current_span("storage.put"):
@@ -752,6 +754,19 @@ class GenerationService:
                 call.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await call
+
+    async def _check_quota(self, job: Generation, size_bytes: int) -> None:
+        """IMG_008 before anything is stored when the image would pass the user's quota."""
+        quota = self._plans.limits_for(job.plan).storage_bytes
+        if quota is None:
+            return
+        used = await self._images.storage_used(job.user_id)
+        if used + size_bytes > quota:
+            raise StorageQuotaExceeded(
+                f"storing this image ({size_bytes} bytes) would pass your storage quota of "
+                f"{quota} bytes ({used} used); purge images to free space",
+                metadata={"quota_bytes": str(quota), "used_bytes": str(used)},
+            )
 
     def _image_price(self, job: Generation) -> int:
         return self._prices.generation_credits(job.spec.size, 1, edit=job.spec.is_edit)
