@@ -49,6 +49,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--addr", default=None, help="server address (IMAGEGEN_ADDR)")
     gen.add_argument("--user", default="cli", help="user for a minted token when none is given")
 
+    credits = sub.add_parser("credits", help="administer credits (talks to the database)")
+    credit_actions = credits.add_subparsers(dest="action", required=True)
+    grant = credit_actions.add_parser("grant", help="grant credits that never expire")
+    grant.add_argument("--user", required=True)
+    grant.add_argument("--amount", type=int, required=True)
+    grant.add_argument("--note", default="granted by an administrator")
+
     for what, help_text in (
         ("usage", "usage records"),
         ("generations", "generation history"),
@@ -81,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         from imagegen.client.cli_generate import run_generate
 
         return asyncio.run(run_generate(settings, args))
+    if args.command == "credits":
+        return _grant(settings, args)
     if args.command in ("usage", "generations"):
         from imagegen.client.cli_export import run_export
 
@@ -123,6 +132,34 @@ def _migrate(settings: Settings) -> int:
 
     applied = asyncio.run(_run())
     print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+    return 0
+
+
+def _grant(settings: Settings, args: argparse.Namespace) -> int:
+    from imagegen.embedded import start_embedded_postgres
+    from imagegen.repositories.credits import CreditLedger
+    from imagegen.repositories.db import open_pool
+
+    if args.amount <= 0:
+        print("imagegen: --amount must be positive", file=sys.stderr)
+        return 2
+
+    async def _run() -> int:
+        embedded = None
+        dsn = settings.database_url
+        if dsn is None:
+            embedded = await start_embedded_postgres(settings.data_dir)
+            dsn = embedded.dsn
+        pool = await open_pool(dsn, max_size=2)
+        try:
+            return await CreditLedger(pool).grant(args.user, args.amount, args.note)
+        finally:
+            await pool.close()
+            if embedded is not None:
+                await embedded.stop()
+
+    balance = asyncio.run(_run())
+    print(f"granted {args.amount} credits to {args.user}; balance {balance}")
     return 0
 
 

@@ -48,6 +48,7 @@ from imagegen.providers.local import LocalProvider
 from imagegen.providers.openai import OpenAIProvider
 from imagegen.providers.resilience import ResilientProvider
 from imagegen.providers.sdwebui import SDWebUIProvider
+from imagegen.repositories.credits import CreditLedger
 from imagegen.repositories.db import open_pool
 from imagegen.repositories.generations import GenerationQueries, GenerationRepository, JobStore
 from imagegen.repositories.images import ImageRepository, LibraryQueries
@@ -185,13 +186,14 @@ class Server:
             await listener.start()
             stack.push_async_callback(listener.stop)
 
-            generations = GenerationRepository(pool)
+            ledger = CreditLedger(pool)
+            generations = GenerationRepository(pool, ledger)
             images = ImageRepository(pool)
             usage = UsageRepository(pool)
             default_provider = settings.effective_default_provider
             service = GenerationService(
                 generations=generations,
-                queries=GenerationQueries(pool),
+                queries=GenerationQueries(pool, ledger),
                 images=images,
                 job_store=JobStore(generations, images, usage),
                 blobs=blobs,
@@ -283,9 +285,11 @@ class Server:
                 server,
             )
             usage_pb2_grpc.add_UsageServiceServicer_to_server(
-                # GetCreditBalance answers UNIMPLEMENTED (the generated base) until the
-                # credits ledger exists; its stub marks it abstract, hence the ignore.
-                UsageServicer(UsageService(UsageQueries(pool))),  # type: ignore[abstract]
+                UsageServicer(
+                    UsageService(UsageQueries(pool)),
+                    ledger,
+                    PlanTable.load(settings.plans_file),
+                ),
                 server,
             )
             health_servicer = health.aio.HealthServicer()

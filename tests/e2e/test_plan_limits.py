@@ -21,7 +21,13 @@ E = generation_pb2
 
 
 def plans_file(tmp_path: Path, **free: int | None) -> str:
-    limits = {"requests_per_hour": None, "requests_per_day": None, "concurrent": None, **free}
+    limits = {
+        "requests_per_hour": None,
+        "requests_per_day": None,
+        "concurrent": None,
+        "monthly_credits": 1000,
+        **free,
+    }
     path = tmp_path / "plans.json"
     path.write_text(json.dumps({"plans": {"free": limits}}))
     return str(path)

@@ -242,7 +242,9 @@ async def test_storage_quota_at_its_edge_and_freed_by_purge(
         await conn.close()
     plans = tmp_path / "plans.json"
     # Room for exactly two images of this size (the same prompt renders the same bytes).
-    plans.write_text(json.dumps({"plans": {"free": {"storage_bytes": size * 2}}}))
+    plans.write_text(
+        json.dumps({"plans": {"free": {"storage_bytes": size * 2, "monthly_credits": 100}}})
+    )
     async with serve_in_process(
         tmp_path / "quota", database_url, env={"IMAGEGEN_PLANS_FILE": str(plans)}
     ) as server:

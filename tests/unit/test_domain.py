@@ -97,8 +97,8 @@ def test_plan_table_defaults_and_file() -> None:
     from imagegen.domain.plans import PlanLimits, PlanTable
 
     table = PlanTable.default()
-    assert table.limits_for("free") == PlanLimits(10, 50, 1, 500_000_000)
-    assert table.limits_for("enterprise") == PlanLimits(None, None, 10, None)
+    assert table.limits_for("free") == PlanLimits(10, 50, 1, 500_000_000, monthly_credits=50)
+    assert table.limits_for("enterprise").concurrent == 10
     assert table.limits_for("unknown-plan") == table.limits_for("free")
     custom = PlanTable.from_json(
         '{"plans": {"free": {"requests_per_hour": 3, "requests_per_day": null, "concurrent": 2}}}'

@@ -18,6 +18,8 @@ class PlanLimits:
     concurrent: int | None
     #: bytes of stored images (soft-deleted ones count until purged)
     storage_bytes: int | None = None
+    #: credits granted at the start of each monthly period; unused ones expire
+    monthly_credits: int = 0
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,10 @@ class PlanTable:
         # enterprise unlimited, unlimited, 10.
         return cls(
             {
-                "free": PlanLimits(10, 50, 1, 500 * MB),
-                "basic": PlanLimits(50, 500, 2, 5_000 * MB),
-                "pro": PlanLimits(200, 2000, 5, 50_000 * MB),
-                "enterprise": PlanLimits(None, None, 10, None),
+                "free": PlanLimits(10, 50, 1, 500 * MB, monthly_credits=50),
+                "basic": PlanLimits(50, 500, 2, 5_000 * MB, monthly_credits=500),
+                "pro": PlanLimits(200, 2000, 5, 50_000 * MB, monthly_credits=2000),
+                "enterprise": PlanLimits(None, None, 10, None, monthly_credits=20000),
             }
         )
 
@@ -53,6 +55,7 @@ class PlanTable:
                     cap(limits.get("requests_per_day")),
                     cap(limits.get("concurrent")),
                     cap(limits.get("storage_bytes")),
+                    int(limits.get("monthly_credits", 0)),
                 )
                 for name, limits in data["plans"].items()
             }

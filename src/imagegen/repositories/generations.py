@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -25,6 +25,7 @@ from imagegen.domain.models import (
 )
 from imagegen.domain.paging import Cursor
 from imagegen.domain.plans import PlanLimits
+from imagegen.repositories.credits import CreditLedger
 from imagegen.repositories.images import ImageRepository, parse_id
 from imagegen.repositories.usage import UsageRecord, UsageRepository
 
@@ -128,8 +129,9 @@ def _event_from_row(row: asyncpg.Record) -> GenerationEvent:
 class GenerationRepository:
     """Jobs, their leases and their append-only, gap-free event logs."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, ledger: CreditLedger | None = None) -> None:
         self._pool = pool
+        self.ledger = ledger
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -141,6 +143,7 @@ class GenerationRepository:
         *,
         request_id_ttl: timedelta,
         limits: PlanLimits | None = None,
+        now: datetime | None = None,
     ) -> tuple[Generation, bool]:
         """Store a queued job with its QUEUED event, within the user's plan limits; an
         existing job for the same request_id is returned instead (created=False), or
@@ -178,6 +181,11 @@ class GenerationRepository:
                     return _generation_from_row(existing), False
             if limits is not None:
                 await self._check_limits(conn, job.user_id, limits)
+            moment = now or datetime.now(UTC)
+            if self.ledger is not None and limits is not None:
+                await self.ledger.ensure_allowance(
+                    conn, job.user_id, limits.monthly_credits, moment
+                )
             row = await conn.fetchrow(
                 """
                 INSERT INTO generations (
@@ -206,6 +214,8 @@ class GenerationRepository:
                 job.provider,
                 job.credits,
             )
+            if self.ledger is not None and limits is not None:
+                await self.ledger.reserve(conn, job.user_id, job.id, job.credits, moment)
             await conn.execute(
                 "INSERT INTO generation_events (generation_id, sequence, event_type, payload) "
                 "VALUES ($1, 1, 'queued', '{}'::jsonb)",
@@ -494,6 +504,11 @@ class JobStore:
             )
             if not ended:
                 return None
+            if self._generations.ledger is not None:
+                owner = await conn.fetchval(
+                    "SELECT user_id FROM generations WHERE id = $1", uuid.UUID(generation_id)
+                )
+                await self._generations.ledger.settle(conn, owner, generation_id, credits)
             if usage is not None:
                 await self._usage.insert(conn, usage)
             return await self._generations.append_event(generation_id, event, conn=conn)
@@ -502,8 +517,9 @@ class JobStore:
 class GenerationQueries:
     """Read models and owner-initiated changes of jobs."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, ledger: CreditLedger | None = None) -> None:
         self._pool = pool
+        self._ledger = ledger
 
     async def list_for_user(
         self,
@@ -565,6 +581,9 @@ class GenerationQueries:
                     gid,
                     row["last_sequence"],
                 )
+                if self._ledger is not None:
+                    # Nothing was delivered: the whole reservation goes back.
+                    await self._ledger.settle(conn, user_id, str(gid), 0)
             elif state is GenerationState.RUNNING:
                 row = await conn.fetchrow(
                     "UPDATE generations SET cancel_requested = true, updated_at = now() "

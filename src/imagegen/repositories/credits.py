@@ -1,0 +1,182 @@
+"""The credits ledger (SQL lives here only). Every change is an appended row; the
+balance is their sum. Callers hold the per-user advisory lock of the generations
+repository while they reserve, so balances never go negative across replicas."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+
+from imagegen.domain.errors import InsufficientCredits
+
+
+def period_start(now: datetime) -> datetime:
+    """The start of the calendar month (UTC) that `now` falls in."""
+    moment = now.astimezone(UTC)
+    return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def next_period(start: datetime) -> datetime:
+    return (
+        start.replace(year=start.year + 1, month=1)
+        if start.month == 12
+        else start.replace(month=start.month + 1)
+    )
+
+
+@dataclass(frozen=True)
+class Balance:
+    """What a user has, by bucket, and what is held by running jobs."""
+
+    available: int
+    allowance_remaining: int
+    purchased: int
+    reserved: int
+    period_start: datetime
+    period_reset: datetime
+
+
+class CreditLedger:
+    """Appends and sums ledger rows."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def ensure_allowance(
+        self, conn: asyncpg.Connection, user_id: str, allowance: int, now: datetime
+    ) -> None:
+        """Open the current period: expire what is left of older allowances and grant
+        this period's (once; caller holds the user's lock)."""
+        start = period_start(now)
+        exists = await conn.fetchval(
+            "SELECT 1 FROM credit_ledger WHERE user_id = $1 AND kind = 'allowance' "
+            "AND period_start = $2",
+            user_id,
+            start,
+        )
+        if exists:
+            return
+        left = await conn.fetchval(
+            "SELECT coalesce(sum(amount), 0) FROM credit_ledger "
+            "WHERE user_id = $1 AND bucket = 'allowance'",
+            user_id,
+        )
+        if left > 0:
+            await conn.execute(
+                "INSERT INTO credit_ledger (user_id, kind, bucket, amount, period_start, note) "
+                "VALUES ($1, 'expire', 'allowance', $2, $3, 'unused allowance expired')",
+                user_id,
+                -int(left),
+                start,
+            )
+        await conn.execute(
+            "INSERT INTO credit_ledger (user_id, kind, bucket, amount, period_start, note) "
+            "VALUES ($1, 'allowance', 'allowance', $2, $3, 'monthly allowance')",
+            user_id,
+            allowance,
+            start,
+        )
+
+    async def reserve(
+        self,
+        conn: asyncpg.Connection,
+        user_id: str,
+        generation_id: str,
+        credits: int,
+        now: datetime,
+    ) -> None:
+        """Hold `credits` for a job, allowance first; IMG_006 if the balance is short."""
+        rows = await conn.fetch(
+            "SELECT bucket, coalesce(sum(amount), 0) AS left FROM credit_ledger "
+            "WHERE user_id = $1 GROUP BY bucket",
+            user_id,
+        )
+        left = {r["bucket"]: int(r["left"]) for r in rows}
+        from_allowance = min(max(left.get("allowance", 0), 0), credits)
+        from_purchased = credits - from_allowance
+        if from_purchased > max(left.get("purchased", 0), 0):
+            reset = next_period(period_start(now))
+            raise InsufficientCredits(
+                f"this request costs {credits} credits and you have "
+                f"{sum(max(v, 0) for v in left.values())}; your monthly allowance resets at "
+                f"{reset.isoformat()}",
+                metadata={"required": str(credits), "reset_time": reset.isoformat()},
+            )
+        for bucket, amount in (("allowance", from_allowance), ("purchased", from_purchased)):
+            if amount:
+                await conn.execute(
+                    "INSERT INTO credit_ledger (user_id, kind, bucket, amount, generation_id) "
+                    "VALUES ($1, 'reserve', $2, $3, $4)",
+                    user_id,
+                    bucket,
+                    -amount,
+                    uuid.UUID(generation_id),
+                )
+
+    async def settle(
+        self, conn: asyncpg.Connection, user_id: str, generation_id: str, charged: int
+    ) -> None:
+        """Keep `charged` of the job's reservation and refund the rest, purchased credits
+        first (they never expire). Called once, inside the job's finishing transaction."""
+        rows = await conn.fetch(
+            "SELECT bucket, -sum(amount) AS held FROM credit_ledger "
+            "WHERE generation_id = $1 AND kind = 'reserve' GROUP BY bucket",
+            uuid.UUID(generation_id),
+        )
+        held = {r["bucket"]: int(r["held"]) for r in rows}
+        to_refund = max(sum(held.values()) - charged, 0)
+        for bucket in ("purchased", "allowance"):
+            amount = min(held.get(bucket, 0), to_refund)
+            if amount:
+                await conn.execute(
+                    "INSERT INTO credit_ledger (user_id, kind, bucket, amount, generation_id) "
+                    "VALUES ($1, 'refund', $2, $3, $4) ON CONFLICT DO NOTHING",
+                    user_id,
+                    bucket,
+                    amount,
+                    uuid.UUID(generation_id),
+                )
+                to_refund -= amount
+
+    async def grant(self, user_id: str, credits: int, note: str = "") -> int:
+        """Add purchased or granted credits (they never expire); returns the new balance."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO credit_ledger (user_id, kind, bucket, amount, note) "
+                "VALUES ($1, 'grant', 'purchased', $2, $3)",
+                user_id,
+                credits,
+                note,
+            )
+            value = await conn.fetchval(
+                "SELECT coalesce(sum(amount), 0) FROM credit_ledger WHERE user_id = $1", user_id
+            )
+            return int(value)
+
+    async def balance(self, user_id: str, now: datetime) -> Balance:
+        row = await self._pool.fetchrow(
+            """
+            SELECT coalesce(sum(amount), 0) AS available,
+                   coalesce(sum(amount) FILTER (WHERE bucket = 'allowance'), 0) AS allowance,
+                   coalesce(sum(amount) FILTER (WHERE bucket = 'purchased'), 0) AS purchased,
+                   coalesce(-sum(amount) FILTER (
+                       WHERE kind IN ('reserve', 'refund') AND generation_id IN (
+                           SELECT id FROM generations
+                            WHERE user_id = $1 AND state IN ('queued', 'running'))), 0)
+                       AS reserved
+              FROM credit_ledger WHERE user_id = $1
+            """,
+            user_id,
+        )
+        start = period_start(now)
+        return Balance(
+            available=int(row["available"]),
+            allowance_remaining=int(row["allowance"]),
+            purchased=int(row["purchased"]),
+            reserved=int(row["reserved"]),
+            period_start=start,
+            period_reset=next_period(start),
+        )
