@@ -271,3 +271,53 @@ async def test_storage_quota_at_its_edge_and_freed_by_purge(
             ),
         )
         assert again[-1].type == E.GENERATION_EVENT_TYPE_COMPLETED
+
+
+async def test_paging_150_images_returns_each_once_in_order_while_new_ones_arrive(
+    tmp_path: Path, database_url: str
+) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        # 100 images of alice's and 50 of bob's, a second apart, some sharing a timestamp.
+        await conn.execute(
+            """
+            INSERT INTO images (id, user_id, storage_key, mime_type, width, height, size_bytes,
+                                provider, prompt, created_at)
+            SELECT gen_random_uuid(), CASE WHEN n % 3 = 0 THEN 'bob' ELSE 'alice' END,
+                   'generated/seed/' || n || '.png', 'image/png', 64, 64, 100, 'local',
+                   'seeded image ' || n,
+                   timestamptz '2026-01-01' + make_interval(secs => n / 2)
+              FROM generate_series(1, 150) AS n
+            """
+        )
+        expected = [
+            f"images/{r['id']}"
+            for r in await conn.fetch(
+                "SELECT id FROM images WHERE user_id = 'alice' ORDER BY created_at DESC, id DESC"
+            )
+        ]
+    finally:
+        await conn.close()
+    assert len(expected) == 100
+    async with serve_in_process(tmp_path, database_url) as server:
+        port = server.grpc_port
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as ch:
+            stub = library_pb2_grpc.ImageLibraryServiceStub(ch)
+            seen: list[str] = []
+            token = ""
+            pages = 0
+            while True:
+                page = await stub.ListImages(
+                    L.ListImagesRequest(page_size=20, page_token=token), metadata=metadata()
+                )
+                pages += 1
+                seen += [i.name for i in page.images]
+                if pages == 2:
+                    # New images arrive mid-way; they are newer than the cursor.
+                    await make(port, "arrives while paging")
+                token = page.next_page_token
+                if not token:
+                    break
+    assert seen[:20] == expected[:20]
+    assert seen == expected, "each of the owner's images exactly once, in order"
+    assert pages == 5
