@@ -135,6 +135,18 @@ class ImageRepository:
         )
         return int(value)
 
+    async def parents_for(self, image_ids: list[str]) -> dict[str, tuple[str, ...]]:
+        """Parents of several images in one round trip."""
+        rows = await self._pool.fetch(
+            "SELECT image_id, parent_id FROM image_parents WHERE image_id = ANY($1::uuid[]) "
+            "ORDER BY image_id, position",
+            [uuid.UUID(i) for i in image_ids],
+        )
+        found: dict[str, list[str]] = {}
+        for row in rows:
+            found.setdefault(str(row["image_id"]), []).append(str(row["parent_id"]))
+        return {key: tuple(value) for key, value in found.items()}
+
     async def parents_of(self, image_id: str) -> tuple[str, ...]:
         """The images an edit was made from, in source order."""
         iid = parse_id(image_id)

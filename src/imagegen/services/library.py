@@ -77,9 +77,12 @@ class LibraryService:
             raise NotFound(f"image {image_id!r} not found")
         return image
 
-    async def with_url(self, image: StoredImage) -> StoredImage:
+    async def with_url(
+        self, image: StoredImage, parents: tuple[str, ...] | None = None
+    ) -> StoredImage:
         """The image with its parents and, unless deleted, a fresh signed URL."""
-        parents = await self._images.parents_of(image.id)
+        if parents is None:
+            parents = await self._images.parents_of(image.id)
         url = ""
         if not image.deleted:
             url = await self._blobs.signed_url(image.storage_key, self._settings.url_ttl)
@@ -105,7 +108,8 @@ class LibraryService:
             next_token = paging.encode_cursor(
                 paging.Cursor(last.created_at, last.id), query.scope()
             )
-        return [await self.with_url(image) for image in page], next_token
+        parents = await self._images.parents_for([image.id for image in page])
+        return [await self.with_url(i, parents.get(i.id, ())) for i in page], next_token
 
     async def update(
         self, identity: Identity, image_id: str, update: MetadataUpdate
