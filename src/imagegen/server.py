@@ -286,7 +286,7 @@ class Server:
             )
             usage_pb2_grpc.add_UsageServiceServicer_to_server(
                 UsageServicer(
-                    UsageService(UsageQueries(pool)),
+                    UsageService(UsageQueries(pool), blobs, settings.url_ttl),
                     ledger,
                     PlanTable.load(settings.plans_file),
                 ),

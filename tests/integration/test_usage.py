@@ -25,7 +25,13 @@ E = generation_pb2
 async def test_stats_lists_and_exports_agree_with_the_records(
     tmp_path: Path, database_url: str
 ) -> None:
-    async with serve_in_process(tmp_path, database_url) as server:
+    pricing = tmp_path / "prices.json"
+    pricing.write_text(
+        '{"tiers": [{"max_pixels": 262144, "credits": 1}, {"max_pixels": 1048576, "credits": 2}],'
+        ' "edit_credits": 2, "provider_cents_per_image": {"local": 3}}'
+    )
+    env = {"IMAGEGEN_PRICING_FILE": str(pricing)}
+    async with serve_in_process(tmp_path, database_url, env=env) as server:
         port = server.grpc_port
         small = common_pb2.ImageSize(width=256, height=256)
         for source in (common_pb2.GENERATION_SOURCE_WORKFLOW, common_pb2.GENERATION_SOURCE_AGENT):
@@ -56,6 +62,7 @@ async def test_stats_lists_and_exports_agree_with_the_records(
             stats = await stub.GetUsageStats(U.GetUsageStatsRequest(), metadata=md)
             assert (stats.totals.requests, stats.totals.succeeded, stats.totals.failed) == (3, 2, 1)
             assert stats.totals.credits == 2 and stats.totals.image_count == 2
+            assert stats.totals.cost_cents == 6, "3 cents per local image, as configured"
             assert stats.totals.success_rate == pytest.approx(2 / 3)
             assert stats.totals.average_generation_duration.ToTimedelta().total_seconds() > 0
             assert {p.provider: p.totals.requests for p in stats.by_provider} == {
@@ -97,6 +104,8 @@ async def test_stats_lists_and_exports_agree_with_the_records(
         assert [h["state"] for h in history] == ["completed", "completed", "failed"]
         assert history[0]["prompt"] == 'a fox, "quoted"'
         assert history[0]["images"].startswith("images/")
+        assert history[0]["image_urls"].startswith("http://127.0.0.1:")
+        assert {r["provider"]: r["cost_cents"] for r in usage_rows} == {"local": "3", "forge": ""}
         assert history[2]["error_code"] == "IMG_001"
         assert [h["source"] for h in history] == ["workflow", "agent", "api"]
 

@@ -122,6 +122,7 @@ class UsageServiceServicer:
         Columns: name, state, provider, model, source, prompt, negative_prompt,
         style, width, height, count, format, seed, credits, attempts, error_code,
         error_message, request_id, images (space-separated `images/{image}`),
+        image_urls (space-separated signed URLs, valid for the configured URL lifetime),
         create_time, start_time, end_time (times in RFC 3339, UTC; empty when unset).
         INVALID_ARGUMENT (IMG_003) for a bad filter or time range.
         """

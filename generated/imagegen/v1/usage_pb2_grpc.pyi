@@ -66,6 +66,7 @@ class UsageServiceStub:
     Columns: name, state, provider, model, source, prompt, negative_prompt,
     style, width, height, count, format, seed, credits, attempts, error_code,
     error_message, request_id, images (space-separated `images/{image}`),
+    image_urls (space-separated signed URLs, valid for the configured URL lifetime),
     create_time, start_time, end_time (times in RFC 3339, UTC; empty when unset).
     INVALID_ARGUMENT (IMG_003) for a bad filter or time range.
     """
@@ -108,6 +109,7 @@ class UsageServiceAsyncStub(UsageServiceStub):
     Columns: name, state, provider, model, source, prompt, negative_prompt,
     style, width, height, count, format, seed, credits, attempts, error_code,
     error_message, request_id, images (space-separated `images/{image}`),
+    image_urls (space-separated signed URLs, valid for the configured URL lifetime),
     create_time, start_time, end_time (times in RFC 3339, UTC; empty when unset).
     INVALID_ARGUMENT (IMG_003) for a bad filter or time range.
     """
@@ -177,6 +179,7 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         Columns: name, state, provider, model, source, prompt, negative_prompt,
         style, width, height, count, format, seed, credits, attempts, error_code,
         error_message, request_id, images (space-separated `images/{image}`),
+        image_urls (space-separated signed URLs, valid for the configured URL lifetime),
         create_time, start_time, end_time (times in RFC 3339, UTC; empty when unset).
         INVALID_ARGUMENT (IMG_003) for a bad filter or time range.
         """

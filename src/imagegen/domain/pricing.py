@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from imagegen.domain.models import Size
@@ -23,6 +23,8 @@ class PriceTable:
 
     tiers: tuple[PriceTier, ...]
     edit_credits: int
+    #: what one delivered image costs us at each provider, in cents (absent: unknown)
+    provider_cents: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def default(cls) -> PriceTable:
@@ -45,11 +47,22 @@ class PriceTable:
         )
         if not tiers:
             raise ValueError("the price table needs at least one tier")
-        return cls(tiers=tiers, edit_credits=int(data["edit_credits"]))
+        return cls(
+            tiers=tiers,
+            edit_credits=int(data["edit_credits"]),
+            provider_cents={
+                str(k): int(v) for k, v in (data.get("provider_cents_per_image") or {}).items()
+            },
+        )
 
     @classmethod
     def load(cls, path: Path | None) -> PriceTable:
         return cls.default() if path is None else cls.from_json(path.read_text())
+
+    def cost_cents(self, provider: str, images: int) -> int | None:
+        """Our cost of `images` delivered images, where the provider's price is configured."""
+        per_image = self.provider_cents.get(provider)
+        return None if per_image is None else per_image * images
 
     def image_credits(self, size: Size) -> int:
         for tier in self.tiers:
@@ -62,7 +75,7 @@ class PriceTable:
 
     def generation_credits(self, size: Size, count: int, *, edit: bool = False) -> int:
         """The price of a request: each image of a batch at its size; an edit flat."""
-        per_image = max(self.edit_credits, self.image_credits(size)) if edit else (
-            self.image_credits(size)
+        per_image = (
+            max(self.edit_credits, self.image_credits(size)) if edit else (self.image_credits(size))
         )
         return per_image * count

@@ -257,7 +257,12 @@ class UsageQueries:
                 """
                 SELECT g.*, coalesce(
                          (SELECT array_agg(i.id::text ORDER BY i.batch_index)
-                            FROM images i WHERE i.generation_id = g.id), '{}') AS image_ids
+                            FROM images i WHERE i.generation_id = g.id AND i.deleted_at IS NULL),
+                         '{}') AS image_ids,
+                       coalesce(
+                         (SELECT array_agg(i.storage_key ORDER BY i.batch_index)
+                            FROM images i WHERE i.generation_id = g.id AND i.deleted_at IS NULL),
+                         '{}') AS image_keys
                   FROM generations g
                  WHERE g.user_id = $1
                    AND (cardinality($2::text[]) = 0 OR g.state = ANY($2::text[]))

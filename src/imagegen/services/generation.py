@@ -890,6 +890,7 @@ class GenerationService:
             requested_at=requested_at,
             error_code=error.code if error else "",
             error_message=error.message if error else "",
+            cost_cents=self._prices.cost_cents(job.provider, image_count),
         )
 
 

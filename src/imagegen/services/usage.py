@@ -13,6 +13,7 @@ from imagegen.domain import paging
 from imagegen.domain.errors import InvalidRequest
 from imagegen.domain.models import Identity
 from imagegen.repositories.usage import UsageQueries, UsageRow, UsageTotalsRow
+from imagegen.storage.base import BlobStore
 
 MAX_RANGE = timedelta(days=366)
 DEFAULT_RANGE = timedelta(days=30)
@@ -55,6 +56,7 @@ GENERATION_COLUMNS = (
     "error_message",
     "request_id",
     "images",
+    "image_urls",
     "create_time",
     "start_time",
     "end_time",
@@ -91,8 +93,15 @@ def _time(value: datetime | None) -> str:
 class UsageService:
     """The caller's usage records and what they add up to."""
 
-    def __init__(self, queries: UsageQueries) -> None:
+    def __init__(
+        self,
+        queries: UsageQueries,
+        blobs: BlobStore | None = None,
+        url_ttl: timedelta | None = None,
+    ) -> None:
         self._queries = queries
+        self._blobs = blobs
+        self._url_ttl = url_ttl or timedelta(minutes=15)
 
     async def list_usage(
         self,
@@ -207,6 +216,12 @@ class UsageService:
                     limit=EXPORT_BATCH,
                 )
                 for g in batch:
+                    urls = []
+                    if self._blobs is not None:
+                        urls = [
+                            await self._blobs.signed_url(key, self._url_ttl)
+                            for key in g["image_keys"]
+                        ]
                     yield [
                         f"generations/{g['id']}",
                         g["state"],
@@ -227,6 +242,7 @@ class UsageService:
                         g["error_message"],
                         g["request_id"] or "",
                         " ".join(f"images/{i}" for i in g["image_ids"]),
+                        " ".join(urls),
                         _time(g["created_at"]),
                         _time(g["started_at"]),
                         _time(g["completed_at"]),
