@@ -20,6 +20,8 @@ import pybase64
 from aiohttp import web
 from PIL import Image
 
+from tests.fakes import serve_on_loopback
+
 PATH = "/images.v1.ImageService/GenerateImage"
 
 
@@ -111,13 +113,6 @@ class ForgeFake:
         fake = cls()
         app = web.Application()
         app.router.add_post(PATH, fake._handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        fake.url = f"http://127.0.0.1:{port}"
-        try:
+        async with serve_on_loopback(app) as url:
+            fake.url = url + ""
             yield fake
-        finally:
-            await runner.cleanup()

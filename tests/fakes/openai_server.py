@@ -12,6 +12,7 @@ from typing import Any
 import pybase64
 from aiohttp import web
 
+from tests.fakes import serve_on_loopback
 from tests.fakes.forge_server import png_bytes
 
 
@@ -97,13 +98,6 @@ class OpenAIFake:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/images/generations", fake._handle)
         app.router.add_post("/v1/images/edits", fake._handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        fake.url = f"http://127.0.0.1:{port}/v1"
-        try:
+        async with serve_on_loopback(app) as url:
+            fake.url = url + "/v1"
             yield fake
-        finally:
-            await runner.cleanup()

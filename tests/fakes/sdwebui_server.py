@@ -13,6 +13,7 @@ from typing import Any
 import pybase64
 from aiohttp import web
 
+from tests.fakes import serve_on_loopback
 from tests.fakes.forge_server import png_bytes
 
 
@@ -101,13 +102,6 @@ class SDFake:
         app.router.add_post("/sdapi/v1/img2img", fake._generate)
         app.router.add_post("/internal/progress", fake._progress)
         app.router.add_post("/sdapi/v1/interrupt", fake._interrupt)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        fake.url = f"http://127.0.0.1:{port}"
-        try:
+        async with serve_on_loopback(app) as url:
+            fake.url = url + ""
             yield fake
-        finally:
-            await runner.cleanup()
