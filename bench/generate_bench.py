@@ -194,6 +194,23 @@ async def main() -> None:
         "BUILT_IN_FORGE_API_KEY": FORGE_KEY,
     }
     (tmp / "served").mkdir()
+    # Plan limits and credits out of the way: the benchmark measures the pipeline.
+    plans = tmp / "plans.json"
+    plans.write_text(
+        json.dumps(
+            {
+                "plans": {
+                    "enterprise": {
+                        "requests_per_hour": None,
+                        "requests_per_day": None,
+                        "concurrent": None,
+                        "monthly_credits": 10_000_000,
+                    }
+                }
+            }
+        )
+    )
+    env["IMAGEGEN_PLANS_FILE"] = str(plans)
     process = subprocess.Popen(
         [sys.executable, "-m", "imagegen.cli", "serve"],
         env=env,
