@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import asyncpg
 
-from imagegen.repositories.generations import EVENTS_CHANNEL, QUEUE_CHANNEL
+from imagegen.repositories.generations import CANCEL_CHANNEL, EVENTS_CHANNEL, QUEUE_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +26,17 @@ class JobSignals:
 
     def __init__(self) -> None:
         self._job_waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
+        self._cancel_waiters: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
         self._queue_waiters: set[asyncio.Event] = set()
 
     def job_changed(self, generation_id: str) -> None:
         """Wake everyone watching this job."""
         for event in list(self._job_waiters.get(generation_id, ())):
+            event.set()
+
+    def cancel_requested(self, generation_id: str) -> None:
+        """Wake the worker running this job: its owner cancelled it."""
+        for event in list(self._cancel_waiters.get(generation_id, ())):
             event.set()
 
     def job_queued(self) -> None:
@@ -40,24 +46,23 @@ class JobSignals:
 
     def wake_all(self) -> None:
         """Wake every waiter (after a lost listener connection, anything may have changed)."""
-        for waiters in list(self._job_waiters.values()):
-            for event in list(waiters):
-                event.set()
+        for table in (self._job_waiters, self._cancel_waiters):
+            for waiters in list(table.values()):
+                for event in list(waiters):
+                    event.set()
         self.job_queued()
 
     @contextlib.contextmanager
     def watch_job(self, generation_id: str) -> Iterator[asyncio.Event]:
         """An event set whenever the job's log may have grown; subscribe before reading."""
-        event = asyncio.Event()
-        self._job_waiters[generation_id].add(event)
-        try:
+        with _subscribed(self._job_waiters, generation_id) as event:
             yield event
-        finally:
-            waiters = self._job_waiters.get(generation_id)
-            if waiters is not None:
-                waiters.discard(event)
-                if not waiters:
-                    del self._job_waiters[generation_id]
+
+    @contextlib.contextmanager
+    def watch_cancel(self, generation_id: str) -> Iterator[asyncio.Event]:
+        """An event set when the job's owner may have cancelled it."""
+        with _subscribed(self._cancel_waiters, generation_id) as event:
+            yield event
 
     @contextlib.contextmanager
     def watch_queue(self) -> Iterator[asyncio.Event]:
@@ -68,6 +73,22 @@ class JobSignals:
             yield event
         finally:
             self._queue_waiters.discard(event)
+
+
+@contextlib.contextmanager
+def _subscribed(
+    table: defaultdict[str, set[asyncio.Event]], generation_id: str
+) -> Iterator[asyncio.Event]:
+    event = asyncio.Event()
+    table[generation_id].add(event)
+    try:
+        yield event
+    finally:
+        waiters = table.get(generation_id)
+        if waiters is not None:
+            waiters.discard(event)
+            if not waiters:
+                del table[generation_id]
 
 
 class NotificationListener:
@@ -103,6 +124,7 @@ class NotificationListener:
                 conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(EVENTS_CHANNEL, self._on_event)
                 await conn.add_listener(QUEUE_CHANNEL, self._on_queue)
+                await conn.add_listener(CANCEL_CHANNEL, self._on_cancel)
                 self.backend_pid = conn.get_server_pid()
                 self._connected.set()
                 # Anything may have happened while we were not listening.
@@ -123,3 +145,6 @@ class NotificationListener:
 
     def _on_queue(self, _conn: object, _pid: int, _channel: str, _payload: str) -> None:
         self._signals.job_queued()
+
+    def _on_cancel(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        self._signals.cancel_requested(payload)

@@ -33,6 +33,8 @@ from imagegen.repositories.usage import UsageRecord, UsageRepository
 EVENTS_CHANNEL = "imagegen_generation_events"
 #: NOTIFY channel that tells workers a job was queued.
 QUEUE_CHANNEL = "imagegen_generation_queue"
+#: NOTIFY channel that carries the id of a running job its owner cancelled.
+CANCEL_CHANNEL = "imagegen_generation_cancel"
 
 
 @dataclass(frozen=True)
@@ -359,32 +361,31 @@ class GenerationRepository:
     async def append_event(
         self, generation_id: str, event: NewEvent, *, conn: asyncpg.Connection | None = None
     ) -> GenerationEvent:
-        """Append one event with the next sequence number (the job row's lock keeps
-        the numbers gap-free) and signal watchers on every replica."""
-        if conn is None:
-            async with self._pool.acquire() as own, own.transaction():
-                return await self._append(own, generation_id, event)
-        return await self._append(conn, generation_id, event)
-
-    async def _append(
-        self, conn: asyncpg.Connection, generation_id: str, event: NewEvent
-    ) -> GenerationEvent:
-        gid = uuid.UUID(generation_id)
-        sequence = await conn.fetchval(
-            "UPDATE generations SET last_sequence = last_sequence + 1, updated_at = now() "
-            "WHERE id = $1 RETURNING last_sequence",
-            gid,
-        )
-        row = await conn.fetchrow(
-            "INSERT INTO generation_events (generation_id, sequence, event_type, payload, preview) "
-            "VALUES ($1, $2, $3, $4, $5) RETURNING *",
-            gid,
-            sequence,
+        """Append one event with the next sequence number and signal watchers on every
+        replica, in one statement (one round trip): the job row's lock keeps the numbers
+        gap-free, and the notification is sent only if the append commits."""
+        row = await (conn or self._pool).fetchrow(
+            """
+            WITH next AS (
+                UPDATE generations SET last_sequence = last_sequence + 1, updated_at = now()
+                 WHERE id = $1 RETURNING last_sequence
+            ), appended AS (
+                INSERT INTO generation_events (generation_id, sequence, event_type, payload,
+                                               preview)
+                SELECT $1, last_sequence, $2, $3, $4 FROM next
+                RETURNING *
+            )
+            SELECT appended.*, pg_notify($5, $6) FROM appended
+            """,
+            uuid.UUID(generation_id),
             event.type.value,
             event.payload,
             event.preview,
+            EVENTS_CHANNEL,
+            generation_id,
         )
-        await conn.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, generation_id)
+        if row is None:
+            raise LookupError(f"generation {generation_id} does not exist")
         return _event_from_row(row)
 
     async def finish(
@@ -590,5 +591,6 @@ class GenerationQueries:
                     "WHERE id = $1 RETURNING *",
                     gid,
                 )
+                await conn.execute("SELECT pg_notify($1, $2)", CANCEL_CHANNEL, str(gid))
             await conn.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, str(gid))
             return _generation_from_row(row)

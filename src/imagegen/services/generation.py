@@ -377,6 +377,7 @@ class GenerationService:
         if generation is None:
             raise NotFound(f"generation {generation_id!r} not found")
         self._signals.job_changed(generation.id)
+        self._signals.cancel_requested(generation.id)
         return generation
 
     async def rerun(
@@ -736,7 +737,8 @@ class GenerationService:
         """The provider call, abandoned as soon as the job's owner cancels it."""
         call = asyncio.create_task(provider.generate(request, on_progress))
         try:
-            with self._signals.watch_job(generation_id) as changed:
+            # Woken by a cancel (this replica's or another's, via NOTIFY), else polled.
+            with self._signals.watch_cancel(generation_id) as changed:
                 while True:
                     woken = asyncio.create_task(changed.wait())
                     done, _ = await asyncio.wait(
