@@ -94,7 +94,6 @@ class RunningServer:
     http_port: int
     settings: Settings
     telemetry: Telemetry
-    draining: bool = False
 
 
 class Server:
@@ -343,14 +342,11 @@ class Server:
         handle.draining = True
         if handle.service is not None:
             handle.service.begin_drain()
-        if self.running is not None:
-            self.running.draining = True
         assert handle.health is not None and handle.server is not None
         for name in ("", *SERVICE_NAMES):
             await handle.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        runner_stop = asyncio.create_task(
-            handle.runner.stop(max(deadline - time.monotonic(), 0)) if handle.runner else _noop()
-        )
+        assert handle.runner is not None
+        runner_stop = asyncio.create_task(handle.runner.stop(max(deadline - time.monotonic(), 0)))
         # While new calls are refused and health says NOT_SERVING, in-flight RPCs (a
         # GenerateImage waiting for its job) get the rest of the grace to finish.
         assert handle.inflight is not None
@@ -358,10 +354,6 @@ class Server:
         await handle.server.stop(max(min(deadline - time.monotonic(), 1.0), 0.1))
         await runner_stop
         log.info("stopped", extra={"event": "server.stopped"})
-
-
-async def _noop() -> None:
-    return None
 
 
 class _GrpcHandle:

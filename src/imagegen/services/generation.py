@@ -481,9 +481,7 @@ class GenerationService:
                     outcome = "completed"
                     span.set_attribute("imagegen.outcome", outcome)
                     await self._finish_completed(job, worker_id, model, requested_at)
-        except Exception as exc:
-            if isinstance(exc, asyncio.CancelledError):  # pragma: no cover - BaseException
-                raise
+        except Exception:
             log.exception("generation %s failed unexpectedly", job.id)
             outcome, code = "failed", ProviderFailed.code
             await self._finish_failed(
