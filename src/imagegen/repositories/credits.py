@@ -14,7 +14,11 @@ from imagegen.domain.errors import InsufficientCredits
 
 
 def period_start(now: datetime) -> datetime:
-    """The start of the calendar month (UTC) that `now` falls in."""
+    """The start of the calendar month (UTC) that `now` falls in.
+
+    Periods are calendar months for every user (not per-user anniversaries). A job that
+    reserved allowance credits before a rollover and is refunded after it returns them to
+    the new period's allowance bucket, where they expire a month late."""
     moment = now.astimezone(UTC)
     return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
 
