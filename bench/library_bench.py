@@ -22,19 +22,17 @@ from imagegen.v1 import library_pb2, library_pb2_grpc
 from imagegen.config import Settings
 from imagegen.embedded import start_embedded_postgres
 from imagegen.identity import mint_token
+from imagegen.repositories.images import LIST_IMAGES_SQL
 from imagegen.repositories.migrator import apply_migrations
 from imagegen.server import Server
 
 JWT_KEY = "bench-signing-key-0123456789abcdef0123456789abcdef"
 WORDS = ["fox", "lighthouse", "cat", "forest", "harbour", "mountain", "river", "city", "owl"]
-LIST_SQL = """
-SELECT * FROM images
- WHERE user_id = $1
-   AND ($2 = '' OR search @@ plainto_tsquery('english', $2))
-   AND deleted_at IS NULL
- ORDER BY created_at DESC, id DESC
- LIMIT 21
-"""
+
+
+def page_args(word: str) -> tuple[object, ...]:
+    """LIST_IMAGES_SQL's parameters for a first page with an optional prompt word."""
+    return ("bench", [], word, False, None, None, "all", False, None, None, 21)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -104,7 +102,7 @@ async def main() -> None:
         served: list[float] = []
         for _ in range(args.pages):
             began = time.perf_counter()
-            await conn.fetch(LIST_SQL, "bench", word)
+            await conn.fetch(LIST_IMAGES_SQL, *page_args(word))
             direct.append(time.perf_counter() - began)
         token = ""
         for _ in range(args.pages):
@@ -120,10 +118,14 @@ async def main() -> None:
             f"{label:<12} {'served':<7} {pct(served, 0.5):8.2f} {pct(served, 0.99):8.2f}   "
             f"{pct(served, 0.5) / pct(direct, 0.5):22.2f} {pct(served, 0.99) / pct(direct, 0.99):5.2f}"
         )
+    # The plan PostgreSQL really uses: the production statement, prepared and run more
+    # than five times (after which a generic plan may take over), then explained.
+    await conn.execute(f"PREPARE page AS {LIST_IMAGES_SQL}")
     for word in ("", "foxes"):
-        plan = await conn.fetch(
-            "EXPLAIN ANALYZE " + LIST_SQL.replace("$1", "'bench'").replace("$2", f"'{word}'")
-        )
+        literal = f"('bench', '{{}}', '{word}', false, NULL, NULL, 'all', false, NULL, NULL, 21)"
+        for _ in range(6):
+            await conn.execute(f"EXECUTE page{literal}")
+        plan = await conn.fetch(f"EXPLAIN (ANALYZE, BUFFERS) EXECUTE page{literal}")
         print(f"\nEXPLAIN ANALYZE (query {word!r}):")
         for row in plan:
             print("  " + row[0])

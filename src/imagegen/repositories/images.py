@@ -166,6 +166,23 @@ class ImageRepository:
         return None if row is None else _image_from_row(row)
 
 
+#: The library's page query; a module constant so the benchmark can EXPLAIN the real thing.
+LIST_IMAGES_SQL = """
+SELECT * FROM images
+ WHERE user_id = $1
+   AND (cardinality($2::text[]) = 0 OR tags @> $2::text[])
+   AND ($3 = '' OR search @@ plainto_tsquery('english', $3))
+   AND (NOT $4 OR favorite)
+   AND ($5::timestamptz IS NULL OR created_at >= $5)
+   AND ($6::timestamptz IS NULL OR created_at < $6)
+   AND ($7 = 'all' OR is_edit = ($7 = 'edit'))
+   AND ($8 OR deleted_at IS NULL)
+   AND ($9::timestamptz IS NULL OR (created_at, id) < ($9, $10::uuid))
+ ORDER BY created_at DESC, id DESC
+ LIMIT $11
+"""
+
+
 class LibraryQueries:
     """The library's reads and owner changes; every statement is scoped to the owner."""
 
@@ -177,20 +194,7 @@ class LibraryQueries:
     ) -> list[StoredImage]:
         """The owner's images, newest first, strictly after `after`."""
         rows = await self._pool.fetch(
-            """
-            SELECT * FROM images
-             WHERE user_id = $1
-               AND (cardinality($2::text[]) = 0 OR tags @> $2::text[])
-               AND ($3 = '' OR search @@ plainto_tsquery('english', $3))
-               AND (NOT $4 OR favorite)
-               AND ($5::timestamptz IS NULL OR created_at >= $5)
-               AND ($6::timestamptz IS NULL OR created_at < $6)
-               AND ($7 = 'all' OR is_edit = ($7 = 'edit'))
-               AND ($8 OR deleted_at IS NULL)
-               AND ($9::timestamptz IS NULL OR (created_at, id) < ($9, $10::uuid))
-             ORDER BY created_at DESC, id DESC
-             LIMIT $11
-            """,
+            LIST_IMAGES_SQL,
             user_id,
             list(query.tags),
             query.text,
