@@ -249,3 +249,34 @@ async def test_a_url_to_loopback_is_refused_without_the_allowlist(
                 ),
             )
     assert reason_of(caught.value) == "IMG_003"
+
+
+async def test_a_refused_edit_fetches_nothing(tmp_path: Path, database_url: str) -> None:
+    import json
+
+    from aiohttp import web
+
+    from tests.fakes import serve_on_loopback
+
+    fetched: list[str] = []
+
+    async def serve(request: web.Request) -> web.Response:
+        fetched.append(request.path)
+        return web.Response(body=png(16, 16), content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/src.png", serve)
+    plans = tmp_path / "plans.json"
+    plans.write_text(json.dumps({"plans": {"free": {"monthly_credits": 1}}}))
+    async with serve_on_loopback(app) as url:
+        env = {"IMAGEGEN_FETCH_ALLOW_HOSTS": "127.0.0.1", "IMAGEGEN_PLANS_FILE": str(plans)}
+        async with serve_in_process(tmp_path, database_url, env=env) as server:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await run(
+                    server.grpc_port,
+                    common_pb2.GenerationSpec(
+                        prompt="invert", sources=[common_pb2.ImageSource(uri=f"{url}/src.png")]
+                    ),
+                )
+    assert reason_of(caught.value) == "IMG_006", "an edit costs 2, the plan grants 1"
+    assert fetched == [], "credits are checked before the source URL is fetched"

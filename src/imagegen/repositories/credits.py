@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import asyncpg
 
 from imagegen.domain.errors import InsufficientCredits
+from imagegen.domain.plans import PlanLimits
 
 
 def period_start(now: datetime) -> datetime:
@@ -83,6 +84,35 @@ class CreditLedger:
             allowance,
             start,
         )
+
+    async def check_available(
+        self,
+        conn: asyncpg.Connection,
+        user_id: str,
+        credits: int,
+        limits: PlanLimits,
+        now: datetime,
+    ) -> None:
+        """IMG_006 if the user surely cannot pay `credits` (counting a period allowance
+        that is not granted yet), without writing anything."""
+        rows = await conn.fetch(
+            "SELECT bucket, coalesce(sum(amount), 0) AS left, "
+            "bool_or(kind = 'allowance' AND period_start = $2) AS current "
+            "FROM credit_ledger WHERE user_id = $1 GROUP BY bucket",
+            user_id,
+            period_start(now),
+        )
+        left = {r["bucket"]: int(r["left"]) for r in rows}
+        granted = any(r["current"] for r in rows)
+        allowance = left.get("allowance", 0) if granted else limits.monthly_credits
+        if credits > max(allowance, 0) + max(left.get("purchased", 0), 0):
+            reset = next_period(period_start(now))
+            raise InsufficientCredits(
+                f"this request costs {credits} credits and you have "
+                f"{max(allowance, 0) + max(left.get('purchased', 0), 0)}; your monthly "
+                f"allowance resets at {reset.isoformat()}",
+                metadata={"required": str(credits), "reset_time": reset.isoformat()},
+            )
 
     async def reserve(
         self,

@@ -227,6 +227,23 @@ class GenerationRepository:
             await conn.execute("SELECT pg_notify($1, $2)", QUEUE_CHANNEL, str(row["id"]))
             return _generation_from_row(row), True
 
+    async def precheck(
+        self, user_id: str, request_id: str, limits: PlanLimits, credits: int, now: datetime
+    ) -> None:
+        """The plan-limit and credit checks of `create`, read-only and without the lock:
+        lets expensive work before a submit (fetching source URLs) be skipped for a request
+        that would be refused anyway. `create` still decides."""
+        async with self._pool.acquire() as conn:
+            if request_id and await conn.fetchval(
+                "SELECT 1 FROM generations WHERE user_id = $1 AND request_id = $2",
+                user_id,
+                request_id,
+            ):
+                return  # a retry: `create` answers with the job it already made
+            await self._check_limits(conn, user_id, limits)
+            if self.ledger is not None:
+                await self.ledger.check_available(conn, user_id, credits, limits, now)
+
     async def _check_limits(
         self, conn: asyncpg.Connection, user_id: str, limits: PlanLimits
     ) -> None:

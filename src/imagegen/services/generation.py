@@ -253,6 +253,15 @@ class GenerationService:
             raise InvalidRequest("a mask needs a source image to apply to", field="mask")
         stored: tuple[EditSource, ...] = ()
         if source_refs:
+            # DESIGN's order puts limits and credits before any work; fetching sources is
+            # work, so a request that would be refused is refused first.
+            await self._generations.precheck(
+                identity.user_id,
+                request_id,
+                self._plans.limits_for(identity.plan),
+                self.quote(spec, edit=True),
+                datetime.now(UTC),
+            )
             stored = await self._sources.resolve(
                 identity, (*source_refs, *((mask_ref,) if mask_ref else ()))
             )
