@@ -5,6 +5,9 @@ refuses) or plays back a scripted reply."""
 from __future__ import annotations
 
 import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpcore
 import pytest
@@ -20,13 +23,50 @@ from imagegen.providers.fetch_guard import (
 PUBLIC_IP = "93.184.216.34"
 
 
+class ScriptedStream(httpcore.AsyncNetworkStream):
+    """A connection that plays back canned reply bytes and records what was written.
+    `stall` makes read() hang (for the deadline test)."""
+
+    def __init__(self, chunks: list[bytes], *, stall: bool = False) -> None:
+        self._chunks = list(chunks)
+        self._stall = stall
+        self.written = bytearray()
+        self.tls_hostname: str | None = None
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        if self._stall:
+            await asyncio.sleep(3600)
+        return self._chunks.pop(0) if self._chunks else b""
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self.written += buffer
+
+    async def aclose(self) -> None:
+        pass
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        # Recorded so a test can see TLS is told the URL's host name, not the IP.
+        self.tls_hostname = server_hostname
+        return self
+
+    def get_extra_info(self, info: str) -> Any:
+        return None
+
+
 class Recorder:
     """A connect step that records where it was asked to go and never connects,
-    or plays back scripted replies (one per connection)."""
+    or hands out scripted streams (one per connection)."""
 
-    def __init__(self, replies: list[list[bytes]] | None = None) -> None:
+    def __init__(self, replies: list[list[bytes]] | None = None, *, stall: bool = False) -> None:
         self.calls: list[tuple[str, int]] = []
+        self.streams: list[ScriptedStream] = []
         self._replies = list(replies or [])
+        self._stall = stall
 
     async def __call__(
         self, ip: str, port: int, timeout: float | None
@@ -34,10 +74,12 @@ class Recorder:
         self.calls.append((ip, port))
         if not self._replies:
             raise httpcore.ConnectError("the recorder does not connect")
-        return httpcore.AsyncMockStream(self._replies.pop(0))
+        stream = ScriptedStream(self._replies.pop(0), stall=self._stall)
+        self.streams.append(stream)
+        return stream
 
 
-def resolver_for(table: dict[str, list[str]]):
+def resolver_for(table: dict[str, list[str]]) -> Callable[[str, int], Awaitable[list[str]]]:
     async def resolve(host: str, port: int) -> list[str]:
         return table.get(host, [PUBLIC_IP])
 
@@ -45,7 +87,7 @@ def resolver_for(table: dict[str, list[str]]):
 
 
 def fetcher(
-    recorder: Recorder, table: dict[str, list[str]] | None = None, **limits
+    recorder: Recorder, table: dict[str, list[str]] | None = None, **limits: Any
 ) -> GuardedFetcher:
     return GuardedFetcher(
         FetchLimits(max_bytes=limits.pop("max_bytes", 1000), **limits),
@@ -223,3 +265,72 @@ async def test_allowlisted_loopback_host_is_fetched() -> None:
         server.close()
         await server.wait_closed()
     assert body.data == b"PNG!" and body.content_type == "image/png"
+
+
+async def test_a_public_fetch_follows_a_redirect_and_reports_the_final_url() -> None:
+    hop = b"HTTP/1.1 302 Found\r\nLocation: https://cdn.example.net/b.png?sig=1\r\n\r\n"
+    done = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 3\r\n\r\nabc"
+    recorder = Recorder([[hop], [done]])
+    guard = fetcher(recorder, {"cdn.example.net": ["2606:4700::1"]})
+    body = await guard.fetch("http://images.example.com/a.png?token=secret")
+    assert body.data == b"abc" and body.content_type == "image/png"
+    assert body.final_url == "https://cdn.example.net/b.png", "no query string is echoed"
+    assert recorder.calls == [(PUBLIC_IP, 80), ("2606:4700::1", 443)]
+    first, second = recorder.streams
+    assert b"Host: images.example.com" in first.written
+    assert b"Accept-Encoding: identity" in first.written
+    # TLS verifies the URL's host name, not the vetted IP the socket went to.
+    assert second.tls_hostname == "cdn.example.net"
+
+
+async def test_an_error_status_is_refused_without_echoing_the_query() -> None:
+    recorder = Recorder([[b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"]])
+    with pytest.raises(InvalidRequest) as caught:
+        await fetcher(recorder).fetch("http://images.example.com/gone.png?token=secret")
+    assert "HTTP 404" in caught.value.message
+    assert "secret" not in caught.value.message
+    assert caught.value.field == "sources"
+
+
+async def test_a_stalled_server_times_out() -> None:
+    recorder = Recorder([[b""]], stall=True)
+    with pytest.raises(InvalidRequest) as caught:
+        await fetcher(recorder, timeout=0.2).fetch("http://images.example.com/slow.png")
+    assert "timed out" in caught.value.message
+
+
+async def test_a_compressed_body_is_refused() -> None:
+    reply = b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 3\r\n\r\nabc"
+    with pytest.raises(InvalidRequest):
+        await fetcher(Recorder([[reply]])).fetch("http://images.example.com/x.png")
+
+
+async def test_an_allowlisted_name_may_resolve_to_a_private_address() -> None:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    recorder = Recorder([[ok]])
+    guard = fetcher(
+        recorder,
+        {"forge.internal": ["10.0.0.7"]},
+        allow_hosts=frozenset({"forge.internal"}),
+    )
+    assert (await guard.fetch("http://forge.internal:7860/out.png")).data == b"ok"
+    assert recorder.calls == [("10.0.0.7", 7860)]
+
+
+async def test_each_vetted_address_is_tried_in_turn() -> None:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    calls: list[str] = []
+
+    async def connect(ip: str, port: int, timeout: float | None) -> httpcore.AsyncNetworkStream:
+        calls.append(ip)
+        if ip == PUBLIC_IP:
+            raise OSError("unreachable")
+        return ScriptedStream([ok])
+
+    guard = GuardedFetcher(
+        FetchLimits(max_bytes=100),
+        resolver=resolver_for({"images.example.com": [PUBLIC_IP, "8.8.8.8"]}),
+        connector=connect,
+    )
+    assert (await guard.fetch("http://images.example.com/x")).data == b"ok"
+    assert calls == [PUBLIC_IP, "8.8.8.8"]

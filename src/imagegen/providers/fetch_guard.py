@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-import ssl
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,7 +117,16 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
         )
         if not allowed and any(is_forbidden_address(a) for a in addresses):
             raise _Refused(f"{host} is a private, loopback, link-local or metadata address")
-        return await self._connector(addresses[0], port, timeout)
+        # Every address is vetted already; try them in order so one dead address of a
+        # multi-homed name does not fail the fetch (the last error is the one reported).
+        last: Exception | None = None
+        for address in dict.fromkeys(addresses):
+            try:
+                return await self._connector(address, port, timeout)
+            except (OSError, httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last = exc
+        assert last is not None
+        raise last
 
     async def connect_unix_socket(
         self,
@@ -137,8 +145,26 @@ class _Refused(httpcore.ConnectError):
 
 
 def _shown(url: httpx.URL) -> str:
-    # Query strings may carry credentials: never echo them.
-    return f"{url.scheme}://{url.host}{url.path}"
+    # Query strings and fragments may carry tokens: never echo them. netloc holds
+    # host[:port] only (userinfo is refused before any fetch anyway).
+    return f"{url.scheme}://{url.netloc.decode('ascii')}{url.path}"
+
+
+class _GuardedTransport(httpx.AsyncHTTPTransport):
+    """httpx's own transport (its response and error mapping) over a pool whose network
+    backend is the guard. httpx has no public hook for the connect step, so the pool the
+    base class built is swapped for one that takes `network_backend`."""
+
+    def __init__(self, backend: httpcore.AsyncNetworkBackend) -> None:
+        super().__init__(retries=0)
+        self._pool = httpcore.AsyncConnectionPool(
+            # The same CA bundle (certifi) a plain httpx client trusts.
+            ssl_context=httpx.create_ssl_context(),
+            max_connections=20,
+            max_keepalive_connections=10,
+            retries=0,
+            network_backend=backend,
+        )
 
 
 class GuardedFetcher:
@@ -152,21 +178,22 @@ class GuardedFetcher:
         connector: Connector | None = None,
     ) -> None:
         self._limits = limits
-        transport = httpx.AsyncHTTPTransport(retries=0)
-        # httpx has no public hook for the connect step; its pool takes a network backend.
-        transport._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl.create_default_context(),
-            max_connections=20,
-            retries=0,
-            network_backend=_GuardedBackend(
-                limits, resolver or system_resolver, connector or direct_connector
-            ),
+        backend = _GuardedBackend(
+            limits, resolver or system_resolver, connector or direct_connector
         )
+        # trust_env=False: no proxy from the environment could route around the guard.
         self._client = httpx.AsyncClient(
-            transport=transport, trust_env=False, follow_redirects=False, timeout=limits.timeout
+            transport=_GuardedTransport(backend),
+            trust_env=False,
+            follow_redirects=False,
+            timeout=limits.timeout,
+            # The body is read raw (never inflated, so no decompression bomb); asking for
+            # identity keeps servers from sending a compressed image we could not use.
+            headers={"Accept-Encoding": "identity"},
         )
 
     async def aclose(self) -> None:
+        """Close pooled connections."""
         await self._client.aclose()
 
     async def fetch(self, url: str) -> FetchedBody:
@@ -176,7 +203,7 @@ class GuardedFetcher:
                 return await self._fetch(url)
         except TimeoutError:
             raise InvalidRequest(
-                f"fetching the source URL took longer than {self._limits.timeout:.0f}s",
+                f"fetching the source URL timed out after {self._limits.timeout:g}s",
                 field="sources",
             ) from None
 
@@ -193,14 +220,23 @@ class GuardedFetcher:
                         continue
                     if not 200 <= reply.status_code < 300:
                         raise InvalidRequest(
-                            f"{_shown(current)} answered HTTP {reply.status_code}",
+                            f"the source URL {_shown(current)} answered HTTP {reply.status_code}",
                             field="sources",
+                        )
+                    encoding = reply.headers.get("content-encoding", "identity").lower()
+                    if encoding not in ("", "identity"):
+                        raise InvalidRequest(
+                            f"{_shown(current)} sent a {encoding}-encoded body", field="sources"
                         )
                     data = await self._read_capped(reply)
                     return FetchedBody(data, _shown(current), reply.headers.get("content-type", ""))
             except _Refused as exc:
                 raise InvalidRequest(
                     f"refused to fetch {_shown(current)}: {exc}", field="sources"
+                ) from None
+            except httpx.TimeoutException:
+                raise InvalidRequest(
+                    f"fetching {_shown(current)} timed out", field="sources"
                 ) from None
             except httpx.TransportError as exc:
                 if isinstance(exc.__cause__, _Refused) or isinstance(exc.__context__, _Refused):
