@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import binascii
-from datetime import UTC, datetime, timedelta
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -25,6 +23,7 @@ from imagegen.providers.base import (
     ProviderImage,
     ProviderRequest,
 )
+from imagegen.providers.http_headers import retry_after
 from imagegen.providers.prompting import fold_prompt
 
 GENERATE_PATH = "/images.v1.ImageService/GenerateImage"
@@ -115,7 +114,7 @@ def _raise_for_status(reply: httpx.Response) -> None:
         raise ProviderFailed(
             f"the forge provider is busy or failing (HTTP {status}); try again later",
             retryable=True,
-            retry_after=_retry_after(reply),
+            retry_after=retry_after(reply),
             metadata={"http_status": str(status)},
         )
     if status in (401, 403):
@@ -127,19 +126,6 @@ def _raise_for_status(reply: httpx.Response) -> None:
         f"the forge provider rejected the request (HTTP {status})",
         metadata={"http_status": str(status)},
     )
-
-
-def _retry_after(reply: httpx.Response) -> timedelta | None:
-    value = reply.headers.get("Retry-After", "").strip()
-    if not value:
-        return None
-    if value.isdigit():
-        return timedelta(seconds=int(value))
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(when - datetime.now(UTC), timedelta(0))
 
 
 def _decode(reply: httpx.Response) -> ProviderImage:

@@ -17,7 +17,6 @@ import asyncio
 import binascii
 import json
 from collections.abc import AsyncIterator
-from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -37,6 +36,7 @@ from imagegen.providers.base import (
     ProviderImage,
     ProviderRequest,
 )
+from imagegen.providers.http_headers import retry_after
 from imagegen.providers.prompting import fold_prompt
 
 MODEL = "gpt-image-1"
@@ -232,7 +232,7 @@ def _raise_error_body(
         raise ProviderFailed(
             f"the openai provider is busy or failing (HTTP {status}); try again later",
             retryable=True,
-            retry_after=_retry_after(reply),
+            retry_after=retry_after(reply),
             metadata={"http_status": str(status)},
         )
     if status in (401, 403):
@@ -244,13 +244,3 @@ def _raise_error_body(
         f"the openai provider rejected the request (HTTP {status}): {message}",
         metadata={"http_status": str(status), "provider_code": code},
     )
-
-
-def _retry_after(reply: httpx.Response | None) -> timedelta | None:
-    if reply is None:
-        return None
-    value = reply.headers.get("retry-after", "").strip()
-    try:
-        return timedelta(seconds=float(value)) if value else None
-    except ValueError:
-        return None
