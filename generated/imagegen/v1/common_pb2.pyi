@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -39,10 +40,28 @@ class ImageFormat(_ImageFormat, metaclass=_ImageFormatEnumTypeWrapper):
     """Shared resources and enums of the imagegen API.
 
     Errors: every failed RPC carries a google.rpc.Status whose details hold a
-    google.rpc.ErrorInfo with `reason` set to a stable code (IMG_001 .. IMG_010),
-    `domain` set to "imagegen.v1" and `metadata` naming the specifics (field,
-    limit). IMG_005 also carries a google.rpc.RetryInfo. A resource that belongs to
-    another caller is always NOT_FOUND.
+    google.rpc.ErrorInfo with `reason` set to a stable code, `domain` set to
+    "imagegen.v1" and `metadata` naming the specifics (field, limit). A resource that
+    belongs to another caller is always NOT_FOUND.
+
+    The reasons, and the gRPC status each comes with:
+      IMG_001  provider credentials not configured            FAILED_PRECONDITION
+      IMG_002  the provider failed                            UNAVAILABLE (retryable) or INTERNAL
+      IMG_003  invalid prompt or request (BadRequest names the field)  INVALID_ARGUMENT
+      IMG_004  storage upload or read failed                  UNAVAILABLE
+      IMG_005  plan rate limit exceeded (with RetryInfo)      RESOURCE_EXHAUSTED
+      IMG_006  insufficient credits                           FAILED_PRECONDITION
+      IMG_007  image too large (bytes or pixels)              INVALID_ARGUMENT
+      IMG_008  storage quota exceeded                         RESOURCE_EXHAUSTED
+      IMG_009  request_id reused with other parameters        FAILED_PRECONDITION
+      IMG_010  refused by the provider's content policy       INVALID_ARGUMENT
+    Reasons that are not IMG codes, and only these:
+      UNAUTHENTICATED    missing or invalid bearer token       UNAUTHENTICATED
+      PERMISSION_DENIED  visible but not changeable by the caller  PERMISSION_DENIED
+      NOT_FOUND          no such resource for this caller      NOT_FOUND
+      SHUTTING_DOWN      this replica drains; retry elsewhere  UNAVAILABLE
+      STREAM_LIMIT       the caller has their plan's maximum of open streams (with
+                         RetryInfo)                            RESOURCE_EXHAUSTED
 
     Encoding of an image file.
     """
@@ -66,13 +85,13 @@ class _StyleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Style.ValueType
     STYLE_UNSPECIFIED: _Style.ValueType  # 0
     """No preset: the prompt alone decides the look."""
     STYLE_PHOTOGRAPHIC: _Style.ValueType  # 1
-    """Photographic, natural light and detail."""
+    """Photographic, natural light and detail (the product's "photorealistic")."""
     STYLE_ARTISTIC: _Style.ValueType  # 2
     """Painterly, expressive brushwork."""
     STYLE_ANIME: _Style.ValueType  # 3
     """Anime and manga look."""
     STYLE_DIGITAL_ART: _Style.ValueType  # 4
-    """Clean digital illustration."""
+    """Clean digital illustration (the product's "illustration")."""
     STYLE_WATERCOLOR: _Style.ValueType  # 5
     """Soft watercolor washes."""
     STYLE_SKETCH: _Style.ValueType  # 6
@@ -81,6 +100,16 @@ class _StyleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Style.ValueType
     """Low-resolution pixel art."""
     STYLE_CINEMATIC: _Style.ValueType  # 8
     """Cinematic, wide contrast and grading."""
+    STYLE_CARTOON: _Style.ValueType  # 9
+    """Cartoon: bold outlines and flat, saturated colours."""
+    STYLE_ABSTRACT: _Style.ValueType  # 10
+    """Abstract: shapes, colour and texture over recognisable subjects."""
+    STYLE_MINIMALIST: _Style.ValueType  # 11
+    """Minimalist: few elements, much empty space, a restrained palette."""
+    STYLE_VINTAGE: _Style.ValueType  # 12
+    """Vintage: faded, warm film tones and grain."""
+    STYLE_MODERN: _Style.ValueType  # 13
+    """Modern: clean geometry, crisp contrast, contemporary design."""
 
 class Style(_Style, metaclass=_StyleEnumTypeWrapper):
     """A style preset. Providers without a native style get it folded into the prompt
@@ -90,13 +119,13 @@ class Style(_Style, metaclass=_StyleEnumTypeWrapper):
 STYLE_UNSPECIFIED: Style.ValueType  # 0
 """No preset: the prompt alone decides the look."""
 STYLE_PHOTOGRAPHIC: Style.ValueType  # 1
-"""Photographic, natural light and detail."""
+"""Photographic, natural light and detail (the product's "photorealistic")."""
 STYLE_ARTISTIC: Style.ValueType  # 2
 """Painterly, expressive brushwork."""
 STYLE_ANIME: Style.ValueType  # 3
 """Anime and manga look."""
 STYLE_DIGITAL_ART: Style.ValueType  # 4
-"""Clean digital illustration."""
+"""Clean digital illustration (the product's "illustration")."""
 STYLE_WATERCOLOR: Style.ValueType  # 5
 """Soft watercolor washes."""
 STYLE_SKETCH: Style.ValueType  # 6
@@ -105,6 +134,16 @@ STYLE_PIXEL_ART: Style.ValueType  # 7
 """Low-resolution pixel art."""
 STYLE_CINEMATIC: Style.ValueType  # 8
 """Cinematic, wide contrast and grading."""
+STYLE_CARTOON: Style.ValueType  # 9
+"""Cartoon: bold outlines and flat, saturated colours."""
+STYLE_ABSTRACT: Style.ValueType  # 10
+"""Abstract: shapes, colour and texture over recognisable subjects."""
+STYLE_MINIMALIST: Style.ValueType  # 11
+"""Minimalist: few elements, much empty space, a restrained palette."""
+STYLE_VINTAGE: Style.ValueType  # 12
+"""Vintage: faded, warm film tones and grain."""
+STYLE_MODERN: Style.ValueType  # 13
+"""Modern: clean geometry, crisp contrast, contemporary design."""
 Global___Style: _TypeAlias = Style  # noqa: Y015
 
 class _GenerationSource:
@@ -143,6 +182,11 @@ Global___GenerationSource: _TypeAlias = GenerationSource  # noqa: Y015
 class ImageSize(_message.Message):
     """Pixel dimensions. Offered everywhere: 256x256, 512x512, 1024x1024 (default),
     1024x1536 and 1536x1024; a provider may list more in ProviderInfo.
+
+    What is stored has exactly the size asked for, whichever provider made it: a
+    provider's image of another size is scaled (keeping its aspect ratio) until it
+    covers the asked size, then cropped to it around its centre. The price follows
+    the delivered size.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -242,18 +286,28 @@ class GenerationSpec(_message.Message):
     source: Global___GenerationSource.ValueType
     """Who is asking, for reporting; unspecified is recorded as API."""
     model: _builtins.str
-    """Provider model name; empty for the provider's default model."""
+    """Provider model name, one of the provider's `models` in ListProviders; empty for
+    the provider's default model. Any other name is INVALID_ARGUMENT (IMG_003) at
+    submit, naming the provider's models.
+    """
     @_builtins.property
     def size(self) -> Global___ImageSize:
         """Output size; unset for 1024x1024, or the first source's aspect ratio for edits."""
 
     @_builtins.property
     def sources(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImageSource]:
-        """Source images for an edit, at most 4; empty for text-to-image."""
+        """Source images for an edit, at most 4; empty for text-to-image. Each source that
+        is not already a library image (bytes, a data: URL or a fetched URL) is stored
+        as one of the caller's library images marked `upload`, counted in their storage
+        quota and recorded as the edit's parent. A stored job (GetGeneration,
+        ListGenerations) gives its sources as library images (`image`), never as data.
+        """
 
     @_builtins.property
     def mask(self) -> Global___ImageSource:
-        """Optional mask for an edit: transparent pixels mark the area to change."""
+        """Optional mask for an edit: transparent pixels mark the area to change. Kept as
+        an upload like a source, but not a parent of the result.
+        """
 
     def __init__(
         self,
@@ -310,6 +364,11 @@ class Image(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     DELETE_TIME_FIELD_NUMBER: _builtins.int
+    UPLOAD_FIELD_NUMBER: _builtins.int
+    SUB_ACCOUNT_FIELD_NUMBER: _builtins.int
+    EDIT_FIELD_NUMBER: _builtins.int
+    CREDITS_FIELD_NUMBER: _builtins.int
+    GENERATION_DURATION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `images/{image}`."""
     uri: _builtins.str
@@ -346,6 +405,17 @@ class Image(_message.Message):
     """Description given by the owner: at most 1000 characters."""
     favorite: _builtins.bool
     """Marked as a favourite by the owner."""
+    upload: _builtins.bool
+    """True for an image the caller supplied as an edit source or mask (uploaded bytes,
+    a data: URL or a fetched URL) rather than one a provider made. Its `generation`
+    is the job it was supplied to; its prompt is that job's.
+    """
+    sub_account: _builtins.str
+    """The owner's sub-account when it was stored; empty for none."""
+    edit: _builtins.bool
+    """True for an image made by editing other images (see `parents`)."""
+    credits: _builtins.int
+    """Credits charged for this image; 0 for an upload."""
     @_builtins.property
     def uri_expire_time(self) -> _timestamp_pb2.Timestamp:
         """When `uri` stops working."""
@@ -369,6 +439,12 @@ class Image(_message.Message):
     @_builtins.property
     def delete_time(self) -> _timestamp_pb2.Timestamp:
         """When it was soft-deleted; unset while it is not deleted."""
+
+    @_builtins.property
+    def generation_duration(self) -> _duration_pb2.Duration:
+        """How long making it took: from its provider call's start to its storage; unset
+        for an upload.
+        """
 
     def __init__(
         self,
@@ -396,10 +472,15 @@ class Image(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         delete_time: _timestamp_pb2.Timestamp | None = ...,
+        upload: _builtins.bool = ...,
+        sub_account: _builtins.str = ...,
+        edit: _builtins.bool = ...,
+        credits: _builtins.int = ...,
+        generation_duration: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "create_time", b"create_time", "delete_time", b"delete_time", "seed", b"seed", "update_time", b"update_time", "uri_expire_time", b"uri_expire_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "create_time", b"create_time", "delete_time", b"delete_time", "generation_duration", b"generation_duration", "seed", b"seed", "update_time", b"update_time", "uri_expire_time", b"uri_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "create_time", b"create_time", "delete_time", b"delete_time", "description", b"description", "favorite", b"favorite", "generation", b"generation", "height", b"height", "index", b"index", "mime_type", b"mime_type", "model", b"model", "name", b"name", "negative_prompt", b"negative_prompt", "parents", b"parents", "prompt", b"prompt", "provider", b"provider", "seed", b"seed", "size_bytes", b"size_bytes", "style", b"style", "tags", b"tags", "title", b"title", "update_time", b"update_time", "uri", b"uri", "uri_expire_time", b"uri_expire_time", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "create_time", b"create_time", "credits", b"credits", "delete_time", b"delete_time", "description", b"description", "edit", b"edit", "favorite", b"favorite", "generation", b"generation", "generation_duration", b"generation_duration", "height", b"height", "index", b"index", "mime_type", b"mime_type", "model", b"model", "name", b"name", "negative_prompt", b"negative_prompt", "parents", b"parents", "prompt", b"prompt", "provider", b"provider", "seed", b"seed", "size_bytes", b"size_bytes", "style", b"style", "sub_account", b"sub_account", "tags", b"tags", "title", b"title", "update_time", b"update_time", "upload", b"upload", "uri", b"uri", "uri_expire_time", b"uri_expire_time", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015

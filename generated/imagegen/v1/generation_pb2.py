@@ -22,80 +22,81 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from imagegen.v1 import common_pb2 as imagegen_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cimagegen/v1/generation.proto\x12\x0bimagegen.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18imagegen/v1/common.proto\"C\n\x0fGenerationError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"u\n\x12GenerationProgress\x12\x0f\n\x07percent\x18\x01 \x01(\x05\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x0f\n\x07preview\x18\x03 \x01(\x0c\x12\x19\n\x11preview_mime_type\x18\x04 \x01(\t\x12\x13\n\x0bimage_index\x18\x05 \x01(\x05\"\x9b\x02\n\x0fGenerationEvent\x12\x12\n\ngeneration\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12.\n\x04type\x18\x03 \x01(\x0e\x32 .imagegen.v1.GenerationEventType\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x08progress\x18\x05 \x01(\x0b\x32\x1f.imagegen.v1.GenerationProgress\x12!\n\x05image\x18\x06 \x01(\x0b\x32\x12.imagegen.v1.Image\x12+\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x1c.imagegen.v1.GenerationError\"\xf2\x03\n\nGeneration\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x04spec\x18\x02 \x01(\x0b\x32\x1b.imagegen.v1.GenerationSpec\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.imagegen.v1.GenerationState\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07\x63redits\x18\x06 \x01(\x03\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\x05\x12+\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x1c.imagegen.v1.GenerationError\x12\"\n\x06images\x18\t \x03(\x0b\x32\x12.imagegen.v1.Image\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x15\n\rlast_sequence\x18\x0b \x01(\x03\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"U\n\x14GenerateImageRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.imagegen.v1.GenerationSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"D\n\x15GenerateImageResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.imagegen.v1.GenerationEvent\"X\n\x17SubmitGenerationRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.imagegen.v1.GenerationSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"G\n\x18SubmitGenerationResponse\x12+\n\ngeneration\x18\x01 \x01(\x0b\x32\x17.imagegen.v1.Generation\">\n\x16WatchGenerationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"F\n\x17WatchGenerationResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.imagegen.v1.GenerationEvent\"$\n\x14GetGenerationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"D\n\x15GetGenerationResponse\x12+\n\ngeneration\x18\x01 \x01(\x0b\x32\x17.imagegen.v1.Generation\"\xd9\x01\n\x16ListGenerationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12,\n\x06states\x18\x03 \x03(\x0e\x32\x1c.imagegen.v1.GenerationState\x12\x35\n\x11\x63reate_time_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x63reate_time_end\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"`\n\x17ListGenerationsResponse\x12,\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x17.imagegen.v1.Generation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\";\n\x17\x43\x61ncelGenerationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"G\n\x18\x43\x61ncelGenerationResponse\x12+\n\ngeneration\x18\x01 \x01(\x0b\x32\x17.imagegen.v1.Generation\":\n\x16RerunGenerationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"F\n\x17RerunGenerationResponse\x12+\n\ngeneration\x18\x01 \x01(\x0b\x32\x17.imagegen.v1.Generation\"C\n\x16QuoteGenerationRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.imagegen.v1.GenerationSpec\"<\n\x17QuoteGenerationResponse\x12\x0f\n\x07\x63redits\x18\x01 \x01(\x03\x12\x10\n\x08provider\x18\x02 \x01(\t\"\xdf\x01\n\x14ProviderCapabilities\x12\x0c\n\x04\x65\x64it\x18\x01 \x01(\x08\x12\x0c\n\x04mask\x18\x02 \x01(\x08\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\x08\x12\x0c\n\x04seed\x18\x04 \x01(\x08\x12\r\n\x05style\x18\x05 \x01(\x08\x12\x10\n\x08previews\x18\x06 \x01(\x08\x12%\n\x05sizes\x18\x07 \x03(\x0b\x32\x16.imagegen.v1.ImageSize\x12)\n\x07\x66ormats\x18\x08 \x03(\x0e\x32\x18.imagegen.v1.ImageFormat\x12\x11\n\tmax_count\x18\t \x01(\x05\"\xae\x01\n\x0cProviderInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x37\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32!.imagegen.v1.ProviderCapabilities\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\"\n\x06styles\x18\x05 \x03(\x0e\x32\x12.imagegen.v1.Style\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x06 \x01(\x08\"\x16\n\x14ListProvidersRequest\"E\n\x15ListProvidersResponse\x12,\n\tproviders\x18\x01 \x03(\x0b\x32\x19.imagegen.v1.ProviderInfo\"(\n\x0cUserSettings\x12\x18\n\x10\x64\x65\x66\x61ult_provider\x18\x01 \x01(\t\"\x18\n\x16GetUserSettingsRequest\"F\n\x17GetUserSettingsResponse\x12+\n\x08settings\x18\x01 \x01(\x0b\x32\x19.imagegen.v1.UserSettings\"y\n\x19UpdateUserSettingsRequest\x12+\n\x08settings\x18\x01 \x01(\x0b\x32\x19.imagegen.v1.UserSettings\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"I\n\x1aUpdateUserSettingsResponse\x12+\n\x08settings\x18\x01 \x01(\x0b\x32\x19.imagegen.v1.UserSettings*\xcb\x01\n\x0fGenerationState\x12 \n\x1cGENERATION_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17GENERATION_STATE_QUEUED\x10\x01\x12\x1c\n\x18GENERATION_STATE_RUNNING\x10\x02\x12\x1e\n\x1aGENERATION_STATE_COMPLETED\x10\x03\x12\x1b\n\x17GENERATION_STATE_FAILED\x10\x04\x12\x1e\n\x1aGENERATION_STATE_CANCELLED\x10\x05*\xb8\x02\n\x13GenerationEventType\x12%\n!GENERATION_EVENT_TYPE_UNSPECIFIED\x10\x00\x12 \n\x1cGENERATION_EVENT_TYPE_QUEUED\x10\x01\x12!\n\x1dGENERATION_EVENT_TYPE_STARTED\x10\x02\x12\"\n\x1eGENERATION_EVENT_TYPE_PROGRESS\x10\x03\x12%\n!GENERATION_EVENT_TYPE_IMAGE_READY\x10\x04\x12#\n\x1fGENERATION_EVENT_TYPE_COMPLETED\x10\x05\x12 \n\x1cGENERATION_EVENT_TYPE_FAILED\x10\x06\x12#\n\x1fGENERATION_EVENT_TYPE_CANCELLED\x10\x07\x32\xa3\x08\n\x16ImageGenerationService\x12X\n\rGenerateImage\x12!.imagegen.v1.GenerateImageRequest\x1a\".imagegen.v1.GenerateImageResponse0\x01\x12_\n\x10SubmitGeneration\x12$.imagegen.v1.SubmitGenerationRequest\x1a%.imagegen.v1.SubmitGenerationResponse\x12^\n\x0fWatchGeneration\x12#.imagegen.v1.WatchGenerationRequest\x1a$.imagegen.v1.WatchGenerationResponse0\x01\x12V\n\rGetGeneration\x12!.imagegen.v1.GetGenerationRequest\x1a\".imagegen.v1.GetGenerationResponse\x12\\\n\x0fListGenerations\x12#.imagegen.v1.ListGenerationsRequest\x1a$.imagegen.v1.ListGenerationsResponse\x12_\n\x10\x43\x61ncelGeneration\x12$.imagegen.v1.CancelGenerationRequest\x1a%.imagegen.v1.CancelGenerationResponse\x12\\\n\x0fRerunGeneration\x12#.imagegen.v1.RerunGenerationRequest\x1a$.imagegen.v1.RerunGenerationResponse\x12\\\n\x0fQuoteGeneration\x12#.imagegen.v1.QuoteGenerationRequest\x1a$.imagegen.v1.QuoteGenerationResponse\x12V\n\rListProviders\x12!.imagegen.v1.ListProvidersRequest\x1a\".imagegen.v1.ListProvidersResponse\x12\\\n\x0fGetUserSettings\x12#.imagegen.v1.GetUserSettingsRequest\x1a$.imagegen.v1.GetUserSettingsResponse\x12\x65\n\x12UpdateUserSettings\x12&.imagegen.v1.UpdateUserSettingsRequest\x1a\'.imagegen.v1.UpdateUserSettingsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cimagegen/v1/generation.proto\x12\x0bimagegen.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18imagegen/v1/common.proto\"C\n\x0fGenerationError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\"u\n\x12GenerationProgress\x12\x0f\n\x07percent\x18\x01 \x01(\x05\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x0f\n\x07preview\x18\x03 \x01(\x0c\x12\x19\n\x11preview_mime_type\x18\x04 \x01(\t\x12\x13\n\x0bimage_index\x18\x05 \x01(\x05\"\x9b\x02\n\x0fGenerationEvent\x12\x12\n\ngeneration\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x03\x12.\n\x04type\x18\x03 \x01(\x0e\x32 .imagegen.v1.GenerationEventType\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x08progress\x18\x05 \x01(\x0b\x32\x1f.imagegen.v1.GenerationProgress\x12!\n\x05image\x18\x06 \x01(\x0b\x32\x12.imagegen.v1.Image\x12+\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x1c.imagegen.v1.GenerationError\"\xc2\x04\n\nGeneration\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x04spec\x18\x02 \x01(\x0b\x32\x1b.imagegen.v1.GenerationSpec\x12+\n\x05state\x18\x03 \x01(\x0e\x32\x1c.imagegen.v1.GenerationState\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x0f\n\x07\x63redits\x18\x06 \x01(\x03\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\x05\x12+\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x1c.imagegen.v1.GenerationError\x12\"\n\x06images\x18\t \x03(\x0b\x32\x12.imagegen.v1.Image\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x15\n\rlast_sequence\x18\x0b \x01(\x03\x12/\n\x0b\x63reate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bsub_account\x18\x10 \x01(\t\x12+\n\x08\x64uration\x18\x11 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0c\n\x04\x65\x64it\x18\x12 \x01(\x08\"U\n\x14GenerateImageRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.imagegen.v1.GenerationSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"D\n\x15GenerateImageResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.imagegen.v1.GenerationEvent\"X\n\x17SubmitGenerationRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.imagegen.v1.GenerationSpec\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"G\n\x18SubmitGenerationResponse\x12+\n\ngeneration\x18\x01 \x01(\x0b\x32\x17.imagegen.v1.Generation\">\n\x16WatchGenerationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_sequence\x18\x02 \x01(\x03\"F\n\x17WatchGenerationResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.imagegen.v1.GenerationEvent\"$\n\x14GetGenerationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"D\n\x15GetGenerationResponse\x12+\n\ngeneration\x18\x01 \x01(\x0b\x32\x17.imagegen.v1.Generation\"\xd9\x01\n\x16ListGenerationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12,\n\x06states\x18\x03 \x03(\x0e\x32\x1c.imagegen.v1.GenerationState\x12\x35\n\x11\x63reate_time_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x63reate_time_end\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"`\n\x17ListGenerationsResponse\x12,\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x17.imagegen.v1.Generation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\";\n\x17\x43\x61ncelGenerationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"G\n\x18\x43\x61ncelGenerationResponse\x12+\n\ngeneration\x18\x01 \x01(\x0b\x32\x17.imagegen.v1.Generation\":\n\x16RerunGenerationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"F\n\x17RerunGenerationResponse\x12+\n\ngeneration\x18\x01 \x01(\x0b\x32\x17.imagegen.v1.Generation\"C\n\x16QuoteGenerationRequest\x12)\n\x04spec\x18\x01 \x01(\x0b\x32\x1b.imagegen.v1.GenerationSpec\"<\n\x17QuoteGenerationResponse\x12\x0f\n\x07\x63redits\x18\x01 \x01(\x03\x12\x10\n\x08provider\x18\x02 \x01(\t\"\xdf\x01\n\x14ProviderCapabilities\x12\x0c\n\x04\x65\x64it\x18\x01 \x01(\x08\x12\x0c\n\x04mask\x18\x02 \x01(\x08\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\x08\x12\x0c\n\x04seed\x18\x04 \x01(\x08\x12\r\n\x05style\x18\x05 \x01(\x08\x12\x10\n\x08previews\x18\x06 \x01(\x08\x12%\n\x05sizes\x18\x07 \x03(\x0b\x32\x16.imagegen.v1.ImageSize\x12)\n\x07\x66ormats\x18\x08 \x03(\x0e\x32\x18.imagegen.v1.ImageFormat\x12\x11\n\tmax_count\x18\t \x01(\x05\"\xae\x01\n\x0cProviderInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x37\n\x0c\x63\x61pabilities\x18\x03 \x01(\x0b\x32!.imagegen.v1.ProviderCapabilities\x12\x0e\n\x06models\x18\x04 \x03(\t\x12\"\n\x06styles\x18\x05 \x03(\x0e\x32\x12.imagegen.v1.Style\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x06 \x01(\x08\"\x16\n\x14ListProvidersRequest\"E\n\x15ListProvidersResponse\x12,\n\tproviders\x18\x01 \x03(\x0b\x32\x19.imagegen.v1.ProviderInfo\"(\n\x0cUserSettings\x12\x18\n\x10\x64\x65\x66\x61ult_provider\x18\x01 \x01(\t\"\x18\n\x16GetUserSettingsRequest\"F\n\x17GetUserSettingsResponse\x12+\n\x08settings\x18\x01 \x01(\x0b\x32\x19.imagegen.v1.UserSettings\"y\n\x19UpdateUserSettingsRequest\x12+\n\x08settings\x18\x01 \x01(\x0b\x32\x19.imagegen.v1.UserSettings\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"I\n\x1aUpdateUserSettingsResponse\x12+\n\x08settings\x18\x01 \x01(\x0b\x32\x19.imagegen.v1.UserSettings*\xcb\x01\n\x0fGenerationState\x12 \n\x1cGENERATION_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17GENERATION_STATE_QUEUED\x10\x01\x12\x1c\n\x18GENERATION_STATE_RUNNING\x10\x02\x12\x1e\n\x1aGENERATION_STATE_COMPLETED\x10\x03\x12\x1b\n\x17GENERATION_STATE_FAILED\x10\x04\x12\x1e\n\x1aGENERATION_STATE_CANCELLED\x10\x05*\xb8\x02\n\x13GenerationEventType\x12%\n!GENERATION_EVENT_TYPE_UNSPECIFIED\x10\x00\x12 \n\x1cGENERATION_EVENT_TYPE_QUEUED\x10\x01\x12!\n\x1dGENERATION_EVENT_TYPE_STARTED\x10\x02\x12\"\n\x1eGENERATION_EVENT_TYPE_PROGRESS\x10\x03\x12%\n!GENERATION_EVENT_TYPE_IMAGE_READY\x10\x04\x12#\n\x1fGENERATION_EVENT_TYPE_COMPLETED\x10\x05\x12 \n\x1cGENERATION_EVENT_TYPE_FAILED\x10\x06\x12#\n\x1fGENERATION_EVENT_TYPE_CANCELLED\x10\x07\x32\xa3\x08\n\x16ImageGenerationService\x12X\n\rGenerateImage\x12!.imagegen.v1.GenerateImageRequest\x1a\".imagegen.v1.GenerateImageResponse0\x01\x12_\n\x10SubmitGeneration\x12$.imagegen.v1.SubmitGenerationRequest\x1a%.imagegen.v1.SubmitGenerationResponse\x12^\n\x0fWatchGeneration\x12#.imagegen.v1.WatchGenerationRequest\x1a$.imagegen.v1.WatchGenerationResponse0\x01\x12V\n\rGetGeneration\x12!.imagegen.v1.GetGenerationRequest\x1a\".imagegen.v1.GetGenerationResponse\x12\\\n\x0fListGenerations\x12#.imagegen.v1.ListGenerationsRequest\x1a$.imagegen.v1.ListGenerationsResponse\x12_\n\x10\x43\x61ncelGeneration\x12$.imagegen.v1.CancelGenerationRequest\x1a%.imagegen.v1.CancelGenerationResponse\x12\\\n\x0fRerunGeneration\x12#.imagegen.v1.RerunGenerationRequest\x1a$.imagegen.v1.RerunGenerationResponse\x12\\\n\x0fQuoteGeneration\x12#.imagegen.v1.QuoteGenerationRequest\x1a$.imagegen.v1.QuoteGenerationResponse\x12V\n\rListProviders\x12!.imagegen.v1.ListProvidersRequest\x1a\".imagegen.v1.ListProvidersResponse\x12\\\n\x0fGetUserSettings\x12#.imagegen.v1.GetUserSettingsRequest\x1a$.imagegen.v1.GetUserSettingsResponse\x12\x65\n\x12UpdateUserSettings\x12&.imagegen.v1.UpdateUserSettingsRequest\x1a\'.imagegen.v1.UpdateUserSettingsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imagegen.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATIONSTATE']._serialized_start=3229
-  _globals['_GENERATIONSTATE']._serialized_end=3432
-  _globals['_GENERATIONEVENTTYPE']._serialized_start=3435
-  _globals['_GENERATIONEVENTTYPE']._serialized_end=3747
-  _globals['_GENERATIONERROR']._serialized_start=138
-  _globals['_GENERATIONERROR']._serialized_end=205
-  _globals['_GENERATIONPROGRESS']._serialized_start=207
-  _globals['_GENERATIONPROGRESS']._serialized_end=324
-  _globals['_GENERATIONEVENT']._serialized_start=327
-  _globals['_GENERATIONEVENT']._serialized_end=610
-  _globals['_GENERATION']._serialized_start=613
-  _globals['_GENERATION']._serialized_end=1111
-  _globals['_GENERATEIMAGEREQUEST']._serialized_start=1113
-  _globals['_GENERATEIMAGEREQUEST']._serialized_end=1198
-  _globals['_GENERATEIMAGERESPONSE']._serialized_start=1200
-  _globals['_GENERATEIMAGERESPONSE']._serialized_end=1268
-  _globals['_SUBMITGENERATIONREQUEST']._serialized_start=1270
-  _globals['_SUBMITGENERATIONREQUEST']._serialized_end=1358
-  _globals['_SUBMITGENERATIONRESPONSE']._serialized_start=1360
-  _globals['_SUBMITGENERATIONRESPONSE']._serialized_end=1431
-  _globals['_WATCHGENERATIONREQUEST']._serialized_start=1433
-  _globals['_WATCHGENERATIONREQUEST']._serialized_end=1495
-  _globals['_WATCHGENERATIONRESPONSE']._serialized_start=1497
-  _globals['_WATCHGENERATIONRESPONSE']._serialized_end=1567
-  _globals['_GETGENERATIONREQUEST']._serialized_start=1569
-  _globals['_GETGENERATIONREQUEST']._serialized_end=1605
-  _globals['_GETGENERATIONRESPONSE']._serialized_start=1607
-  _globals['_GETGENERATIONRESPONSE']._serialized_end=1675
-  _globals['_LISTGENERATIONSREQUEST']._serialized_start=1678
-  _globals['_LISTGENERATIONSREQUEST']._serialized_end=1895
-  _globals['_LISTGENERATIONSRESPONSE']._serialized_start=1897
-  _globals['_LISTGENERATIONSRESPONSE']._serialized_end=1993
-  _globals['_CANCELGENERATIONREQUEST']._serialized_start=1995
-  _globals['_CANCELGENERATIONREQUEST']._serialized_end=2054
-  _globals['_CANCELGENERATIONRESPONSE']._serialized_start=2056
-  _globals['_CANCELGENERATIONRESPONSE']._serialized_end=2127
-  _globals['_RERUNGENERATIONREQUEST']._serialized_start=2129
-  _globals['_RERUNGENERATIONREQUEST']._serialized_end=2187
-  _globals['_RERUNGENERATIONRESPONSE']._serialized_start=2189
-  _globals['_RERUNGENERATIONRESPONSE']._serialized_end=2259
-  _globals['_QUOTEGENERATIONREQUEST']._serialized_start=2261
-  _globals['_QUOTEGENERATIONREQUEST']._serialized_end=2328
-  _globals['_QUOTEGENERATIONRESPONSE']._serialized_start=2330
-  _globals['_QUOTEGENERATIONRESPONSE']._serialized_end=2390
-  _globals['_PROVIDERCAPABILITIES']._serialized_start=2393
-  _globals['_PROVIDERCAPABILITIES']._serialized_end=2616
-  _globals['_PROVIDERINFO']._serialized_start=2619
-  _globals['_PROVIDERINFO']._serialized_end=2793
-  _globals['_LISTPROVIDERSREQUEST']._serialized_start=2795
-  _globals['_LISTPROVIDERSREQUEST']._serialized_end=2817
-  _globals['_LISTPROVIDERSRESPONSE']._serialized_start=2819
-  _globals['_LISTPROVIDERSRESPONSE']._serialized_end=2888
-  _globals['_USERSETTINGS']._serialized_start=2890
-  _globals['_USERSETTINGS']._serialized_end=2930
-  _globals['_GETUSERSETTINGSREQUEST']._serialized_start=2932
-  _globals['_GETUSERSETTINGSREQUEST']._serialized_end=2956
-  _globals['_GETUSERSETTINGSRESPONSE']._serialized_start=2958
-  _globals['_GETUSERSETTINGSRESPONSE']._serialized_end=3028
-  _globals['_UPDATEUSERSETTINGSREQUEST']._serialized_start=3030
-  _globals['_UPDATEUSERSETTINGSREQUEST']._serialized_end=3151
-  _globals['_UPDATEUSERSETTINGSRESPONSE']._serialized_start=3153
-  _globals['_UPDATEUSERSETTINGSRESPONSE']._serialized_end=3226
-  _globals['_IMAGEGENERATIONSERVICE']._serialized_start=3750
-  _globals['_IMAGEGENERATIONSERVICE']._serialized_end=4809
+  _globals['_GENERATIONSTATE']._serialized_start=3341
+  _globals['_GENERATIONSTATE']._serialized_end=3544
+  _globals['_GENERATIONEVENTTYPE']._serialized_start=3547
+  _globals['_GENERATIONEVENTTYPE']._serialized_end=3859
+  _globals['_GENERATIONERROR']._serialized_start=170
+  _globals['_GENERATIONERROR']._serialized_end=237
+  _globals['_GENERATIONPROGRESS']._serialized_start=239
+  _globals['_GENERATIONPROGRESS']._serialized_end=356
+  _globals['_GENERATIONEVENT']._serialized_start=359
+  _globals['_GENERATIONEVENT']._serialized_end=642
+  _globals['_GENERATION']._serialized_start=645
+  _globals['_GENERATION']._serialized_end=1223
+  _globals['_GENERATEIMAGEREQUEST']._serialized_start=1225
+  _globals['_GENERATEIMAGEREQUEST']._serialized_end=1310
+  _globals['_GENERATEIMAGERESPONSE']._serialized_start=1312
+  _globals['_GENERATEIMAGERESPONSE']._serialized_end=1380
+  _globals['_SUBMITGENERATIONREQUEST']._serialized_start=1382
+  _globals['_SUBMITGENERATIONREQUEST']._serialized_end=1470
+  _globals['_SUBMITGENERATIONRESPONSE']._serialized_start=1472
+  _globals['_SUBMITGENERATIONRESPONSE']._serialized_end=1543
+  _globals['_WATCHGENERATIONREQUEST']._serialized_start=1545
+  _globals['_WATCHGENERATIONREQUEST']._serialized_end=1607
+  _globals['_WATCHGENERATIONRESPONSE']._serialized_start=1609
+  _globals['_WATCHGENERATIONRESPONSE']._serialized_end=1679
+  _globals['_GETGENERATIONREQUEST']._serialized_start=1681
+  _globals['_GETGENERATIONREQUEST']._serialized_end=1717
+  _globals['_GETGENERATIONRESPONSE']._serialized_start=1719
+  _globals['_GETGENERATIONRESPONSE']._serialized_end=1787
+  _globals['_LISTGENERATIONSREQUEST']._serialized_start=1790
+  _globals['_LISTGENERATIONSREQUEST']._serialized_end=2007
+  _globals['_LISTGENERATIONSRESPONSE']._serialized_start=2009
+  _globals['_LISTGENERATIONSRESPONSE']._serialized_end=2105
+  _globals['_CANCELGENERATIONREQUEST']._serialized_start=2107
+  _globals['_CANCELGENERATIONREQUEST']._serialized_end=2166
+  _globals['_CANCELGENERATIONRESPONSE']._serialized_start=2168
+  _globals['_CANCELGENERATIONRESPONSE']._serialized_end=2239
+  _globals['_RERUNGENERATIONREQUEST']._serialized_start=2241
+  _globals['_RERUNGENERATIONREQUEST']._serialized_end=2299
+  _globals['_RERUNGENERATIONRESPONSE']._serialized_start=2301
+  _globals['_RERUNGENERATIONRESPONSE']._serialized_end=2371
+  _globals['_QUOTEGENERATIONREQUEST']._serialized_start=2373
+  _globals['_QUOTEGENERATIONREQUEST']._serialized_end=2440
+  _globals['_QUOTEGENERATIONRESPONSE']._serialized_start=2442
+  _globals['_QUOTEGENERATIONRESPONSE']._serialized_end=2502
+  _globals['_PROVIDERCAPABILITIES']._serialized_start=2505
+  _globals['_PROVIDERCAPABILITIES']._serialized_end=2728
+  _globals['_PROVIDERINFO']._serialized_start=2731
+  _globals['_PROVIDERINFO']._serialized_end=2905
+  _globals['_LISTPROVIDERSREQUEST']._serialized_start=2907
+  _globals['_LISTPROVIDERSREQUEST']._serialized_end=2929
+  _globals['_LISTPROVIDERSRESPONSE']._serialized_start=2931
+  _globals['_LISTPROVIDERSRESPONSE']._serialized_end=3000
+  _globals['_USERSETTINGS']._serialized_start=3002
+  _globals['_USERSETTINGS']._serialized_end=3042
+  _globals['_GETUSERSETTINGSREQUEST']._serialized_start=3044
+  _globals['_GETUSERSETTINGSREQUEST']._serialized_end=3068
+  _globals['_GETUSERSETTINGSRESPONSE']._serialized_start=3070
+  _globals['_GETUSERSETTINGSRESPONSE']._serialized_end=3140
+  _globals['_UPDATEUSERSETTINGSREQUEST']._serialized_start=3142
+  _globals['_UPDATEUSERSETTINGSREQUEST']._serialized_end=3263
+  _globals['_UPDATEUSERSETTINGSRESPONSE']._serialized_start=3265
+  _globals['_UPDATEUSERSETTINGSRESPONSE']._serialized_end=3338
+  _globals['_IMAGEGENERATIONSERVICE']._serialized_start=3862
+  _globals['_IMAGEGENERATIONSERVICE']._serialized_end=4921
 # @@protoc_insertion_point(module_scope)

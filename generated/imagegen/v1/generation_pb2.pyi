@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -247,6 +248,9 @@ class Generation(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    SUB_ACCOUNT_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    EDIT_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `generations/{generation}`."""
     state: Global___GenerationState.ValueType
@@ -263,6 +267,10 @@ class Generation(_message.Message):
     """The caller's idempotency key, if one was given."""
     last_sequence: _builtins.int
     """Sequence number of the newest event; watch with after_sequence to resume."""
+    sub_account: _builtins.str
+    """The owner's sub-account when it was submitted; empty for none."""
+    edit: _builtins.bool
+    """True for an edit (spec.sources is not empty)."""
     @_builtins.property
     def spec(self) -> _common_pb2.GenerationSpec:
         """What was asked for."""
@@ -273,7 +281,10 @@ class Generation(_message.Message):
 
     @_builtins.property
     def images(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.Image]:
-        """The images stored so far, in batch order, with fresh signed URLs."""
+        """The images stored so far, in batch order, with fresh signed URLs (no URL for a
+        soft-deleted one; a purged one is gone). The same in GetGeneration,
+        ListGenerations and every other response that carries a Generation.
+        """
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -290,6 +301,12 @@ class Generation(_message.Message):
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """When it reached a terminal state; unset before."""
+
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """How long it ran: from start_time to end_time; unset until it ends (and for a
+        job cancelled before it started).
+        """
 
     def __init__(
         self,
@@ -309,10 +326,13 @@ class Generation(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        sub_account: _builtins.str = ...,
+        duration: _duration_pb2.Duration | None = ...,
+        edit: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "spec", b"spec", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "error", b"error", "spec", b"spec", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "create_time", b"create_time", "credits", b"credits", "end_time", b"end_time", "error", b"error", "images", b"images", "last_sequence", b"last_sequence", "model", b"model", "name", b"name", "provider", b"provider", "request_id", b"request_id", "spec", b"spec", "start_time", b"start_time", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "create_time", b"create_time", "credits", b"credits", "duration", b"duration", "edit", b"edit", "end_time", b"end_time", "error", b"error", "images", b"images", "last_sequence", b"last_sequence", "model", b"model", "name", b"name", "provider", b"provider", "request_id", b"request_id", "spec", b"spec", "start_time", b"start_time", "state", b"state", "sub_account", b"sub_account", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -112,9 +112,12 @@ class ImageGenerationServiceServicer:
 
     def GenerateImage(self, request, context):
         """Submits a generation and streams its events until the terminal one.
-        Refusals before a job exists come as a non-OK status at once:
-        INVALID_ARGUMENT (IMG_003, IMG_007), RESOURCE_EXHAUSTED (IMG_005),
-        FAILED_PRECONDITION (IMG_001, IMG_006, IMG_009), UNAUTHENTICATED.
+        Refusals before a job exists come as a non-OK status at once, and leave no job,
+        no charge and no rate-limit slot behind: INVALID_ARGUMENT (IMG_003, IMG_007),
+        RESOURCE_EXHAUSTED (IMG_005; IMG_008 when the caller's storage is already full;
+        STREAM_LIMIT when the caller has their plan's maximum of open streams),
+        FAILED_PRECONDITION (IMG_001 when the chosen provider is not configured here and
+        no fallback can serve it, IMG_006, IMG_009), UNAUTHENTICATED.
         A job that fails sends its FAILED event and then ends with that error's status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -132,8 +135,12 @@ class ImageGenerationServiceServicer:
     def WatchGeneration(self, request, context):
         """Streams a job's stored events after `after_sequence`, then its live ones,
         until the terminal event; then ends OK (the terminal event carries any error).
-        NOT_FOUND if the job does not exist or is not the caller's. UNAVAILABLE when
-        this replica shuts down: watch again, from the last sequence seen.
+        A watch with `after_sequence` at or past a finished job's last sequence ends at
+        once, OK and with no events; past a running job's last sequence it follows the
+        job. NOT_FOUND if the job does not exist or is not the caller's. UNAVAILABLE
+        when this replica shuts down: watch again, from the last sequence seen.
+        RESOURCE_EXHAUSTED (STREAM_LIMIT, with RetryInfo) when the caller already has
+        their plan's maximum of open streams (GenerateImage and WatchGeneration count).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,8 +171,10 @@ class ImageGenerationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RerunGeneration(self, request, context):
-        """Runs a job again with the same settings as a new job.
-        NOT_FOUND if it is not the caller's; refusals as SubmitGeneration.
+        """Runs a job again with the same settings as a new job; an edit runs again on the
+        same library images. NOT_FOUND if it is not the caller's; FAILED_PRECONDITION
+        (IMG_003) if one of its source images was purged since; refusals as
+        SubmitGeneration.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

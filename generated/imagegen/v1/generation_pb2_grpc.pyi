@@ -43,9 +43,12 @@ class ImageGenerationServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ImageGenerationServiceAsyncStub: ...
     GenerateImage: _grpc.UnaryStreamMultiCallable[_generation_pb2.GenerateImageRequest, _generation_pb2.GenerateImageResponse]
     """Submits a generation and streams its events until the terminal one.
-    Refusals before a job exists come as a non-OK status at once:
-    INVALID_ARGUMENT (IMG_003, IMG_007), RESOURCE_EXHAUSTED (IMG_005),
-    FAILED_PRECONDITION (IMG_001, IMG_006, IMG_009), UNAUTHENTICATED.
+    Refusals before a job exists come as a non-OK status at once, and leave no job,
+    no charge and no rate-limit slot behind: INVALID_ARGUMENT (IMG_003, IMG_007),
+    RESOURCE_EXHAUSTED (IMG_005; IMG_008 when the caller's storage is already full;
+    STREAM_LIMIT when the caller has their plan's maximum of open streams),
+    FAILED_PRECONDITION (IMG_001 when the chosen provider is not configured here and
+    no fallback can serve it, IMG_006, IMG_009), UNAUTHENTICATED.
     A job that fails sends its FAILED event and then ends with that error's status.
     """
     SubmitGeneration: _grpc.UnaryUnaryMultiCallable[_generation_pb2.SubmitGenerationRequest, _generation_pb2.SubmitGenerationResponse]
@@ -55,8 +58,12 @@ class ImageGenerationServiceStub:
     WatchGeneration: _grpc.UnaryStreamMultiCallable[_generation_pb2.WatchGenerationRequest, _generation_pb2.WatchGenerationResponse]
     """Streams a job's stored events after `after_sequence`, then its live ones,
     until the terminal event; then ends OK (the terminal event carries any error).
-    NOT_FOUND if the job does not exist or is not the caller's. UNAVAILABLE when
-    this replica shuts down: watch again, from the last sequence seen.
+    A watch with `after_sequence` at or past a finished job's last sequence ends at
+    once, OK and with no events; past a running job's last sequence it follows the
+    job. NOT_FOUND if the job does not exist or is not the caller's. UNAVAILABLE
+    when this replica shuts down: watch again, from the last sequence seen.
+    RESOURCE_EXHAUSTED (STREAM_LIMIT, with RetryInfo) when the caller already has
+    their plan's maximum of open streams (GenerateImage and WatchGeneration count).
     """
     GetGeneration: _grpc.UnaryUnaryMultiCallable[_generation_pb2.GetGenerationRequest, _generation_pb2.GetGenerationResponse]
     """Returns one of the caller's jobs. NOT_FOUND if it is not the caller's."""
@@ -70,8 +77,10 @@ class ImageGenerationServiceStub:
     returns it unchanged. NOT_FOUND if it is not the caller's.
     """
     RerunGeneration: _grpc.UnaryUnaryMultiCallable[_generation_pb2.RerunGenerationRequest, _generation_pb2.RerunGenerationResponse]
-    """Runs a job again with the same settings as a new job.
-    NOT_FOUND if it is not the caller's; refusals as SubmitGeneration.
+    """Runs a job again with the same settings as a new job; an edit runs again on the
+    same library images. NOT_FOUND if it is not the caller's; FAILED_PRECONDITION
+    (IMG_003) if one of its source images was purged since; refusals as
+    SubmitGeneration.
     """
     QuoteGeneration: _grpc.UnaryUnaryMultiCallable[_generation_pb2.QuoteGenerationRequest, _generation_pb2.QuoteGenerationResponse]
     """Returns the price in credits of a request without running it.
@@ -101,9 +110,12 @@ class ImageGenerationServiceAsyncStub(ImageGenerationServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GenerateImage: _aio.UnaryStreamMultiCallable[_generation_pb2.GenerateImageRequest, _generation_pb2.GenerateImageResponse]  # type: ignore[assignment]
     """Submits a generation and streams its events until the terminal one.
-    Refusals before a job exists come as a non-OK status at once:
-    INVALID_ARGUMENT (IMG_003, IMG_007), RESOURCE_EXHAUSTED (IMG_005),
-    FAILED_PRECONDITION (IMG_001, IMG_006, IMG_009), UNAUTHENTICATED.
+    Refusals before a job exists come as a non-OK status at once, and leave no job,
+    no charge and no rate-limit slot behind: INVALID_ARGUMENT (IMG_003, IMG_007),
+    RESOURCE_EXHAUSTED (IMG_005; IMG_008 when the caller's storage is already full;
+    STREAM_LIMIT when the caller has their plan's maximum of open streams),
+    FAILED_PRECONDITION (IMG_001 when the chosen provider is not configured here and
+    no fallback can serve it, IMG_006, IMG_009), UNAUTHENTICATED.
     A job that fails sends its FAILED event and then ends with that error's status.
     """
     SubmitGeneration: _aio.UnaryUnaryMultiCallable[_generation_pb2.SubmitGenerationRequest, _generation_pb2.SubmitGenerationResponse]  # type: ignore[assignment]
@@ -113,8 +125,12 @@ class ImageGenerationServiceAsyncStub(ImageGenerationServiceStub):
     WatchGeneration: _aio.UnaryStreamMultiCallable[_generation_pb2.WatchGenerationRequest, _generation_pb2.WatchGenerationResponse]  # type: ignore[assignment]
     """Streams a job's stored events after `after_sequence`, then its live ones,
     until the terminal event; then ends OK (the terminal event carries any error).
-    NOT_FOUND if the job does not exist or is not the caller's. UNAVAILABLE when
-    this replica shuts down: watch again, from the last sequence seen.
+    A watch with `after_sequence` at or past a finished job's last sequence ends at
+    once, OK and with no events; past a running job's last sequence it follows the
+    job. NOT_FOUND if the job does not exist or is not the caller's. UNAVAILABLE
+    when this replica shuts down: watch again, from the last sequence seen.
+    RESOURCE_EXHAUSTED (STREAM_LIMIT, with RetryInfo) when the caller already has
+    their plan's maximum of open streams (GenerateImage and WatchGeneration count).
     """
     GetGeneration: _aio.UnaryUnaryMultiCallable[_generation_pb2.GetGenerationRequest, _generation_pb2.GetGenerationResponse]  # type: ignore[assignment]
     """Returns one of the caller's jobs. NOT_FOUND if it is not the caller's."""
@@ -128,8 +144,10 @@ class ImageGenerationServiceAsyncStub(ImageGenerationServiceStub):
     returns it unchanged. NOT_FOUND if it is not the caller's.
     """
     RerunGeneration: _aio.UnaryUnaryMultiCallable[_generation_pb2.RerunGenerationRequest, _generation_pb2.RerunGenerationResponse]  # type: ignore[assignment]
-    """Runs a job again with the same settings as a new job.
-    NOT_FOUND if it is not the caller's; refusals as SubmitGeneration.
+    """Runs a job again with the same settings as a new job; an edit runs again on the
+    same library images. NOT_FOUND if it is not the caller's; FAILED_PRECONDITION
+    (IMG_003) if one of its source images was purged since; refusals as
+    SubmitGeneration.
     """
     QuoteGeneration: _aio.UnaryUnaryMultiCallable[_generation_pb2.QuoteGenerationRequest, _generation_pb2.QuoteGenerationResponse]  # type: ignore[assignment]
     """Returns the price in credits of a request without running it.
@@ -162,9 +180,12 @@ class ImageGenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_generation_pb2.GenerateImageResponse], _abc.AsyncIterator[_generation_pb2.GenerateImageResponse]]:
         """Submits a generation and streams its events until the terminal one.
-        Refusals before a job exists come as a non-OK status at once:
-        INVALID_ARGUMENT (IMG_003, IMG_007), RESOURCE_EXHAUSTED (IMG_005),
-        FAILED_PRECONDITION (IMG_001, IMG_006, IMG_009), UNAUTHENTICATED.
+        Refusals before a job exists come as a non-OK status at once, and leave no job,
+        no charge and no rate-limit slot behind: INVALID_ARGUMENT (IMG_003, IMG_007),
+        RESOURCE_EXHAUSTED (IMG_005; IMG_008 when the caller's storage is already full;
+        STREAM_LIMIT when the caller has their plan's maximum of open streams),
+        FAILED_PRECONDITION (IMG_001 when the chosen provider is not configured here and
+        no fallback can serve it, IMG_006, IMG_009), UNAUTHENTICATED.
         A job that fails sends its FAILED event and then ends with that error's status.
         """
 
@@ -186,8 +207,12 @@ class ImageGenerationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_generation_pb2.WatchGenerationResponse], _abc.AsyncIterator[_generation_pb2.WatchGenerationResponse]]:
         """Streams a job's stored events after `after_sequence`, then its live ones,
         until the terminal event; then ends OK (the terminal event carries any error).
-        NOT_FOUND if the job does not exist or is not the caller's. UNAVAILABLE when
-        this replica shuts down: watch again, from the last sequence seen.
+        A watch with `after_sequence` at or past a finished job's last sequence ends at
+        once, OK and with no events; past a running job's last sequence it follows the
+        job. NOT_FOUND if the job does not exist or is not the caller's. UNAVAILABLE
+        when this replica shuts down: watch again, from the last sequence seen.
+        RESOURCE_EXHAUSTED (STREAM_LIMIT, with RetryInfo) when the caller already has
+        their plan's maximum of open streams (GenerateImage and WatchGeneration count).
         """
 
     @_abc_1.abstractmethod
@@ -225,8 +250,10 @@ class ImageGenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _generation_pb2.RerunGenerationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_generation_pb2.RerunGenerationResponse, _abc.Awaitable[_generation_pb2.RerunGenerationResponse]]:
-        """Runs a job again with the same settings as a new job.
-        NOT_FOUND if it is not the caller's; refusals as SubmitGeneration.
+        """Runs a job again with the same settings as a new job; an edit runs again on the
+        same library images. NOT_FOUND if it is not the caller's; FAILED_PRECONDITION
+        (IMG_003) if one of its source images was purged since; refusals as
+        SubmitGeneration.
         """
 
     @_abc_1.abstractmethod

@@ -30,21 +30,29 @@ class _ImageKind:
 class _ImageKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ImageKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     IMAGE_KIND_UNSPECIFIED: _ImageKind.ValueType  # 0
-    """No filter: originals and edits alike."""
+    """No filter: originals, edits and uploads alike."""
     IMAGE_KIND_ORIGINAL: _ImageKind.ValueType  # 1
-    """Only images made from a prompt alone (no parents)."""
+    """Only images made from a prompt alone (not edits, not uploads)."""
     IMAGE_KIND_EDIT: _ImageKind.ValueType  # 2
-    """Only images made by editing other images (with parents)."""
+    """Only images made by editing other images."""
+    IMAGE_KIND_UPLOAD: _ImageKind.ValueType  # 3
+    """Only images the caller supplied as edit sources or masks (Image.upload)."""
+    IMAGE_KIND_GENERATED: _ImageKind.ValueType  # 4
+    """Only images a provider made: originals and edits, no uploads."""
 
 class ImageKind(_ImageKind, metaclass=_ImageKindEnumTypeWrapper):
-    """Which images to list by how they were made."""
+    """Which images to list by how they were made. Unspecified lists all of them."""
 
 IMAGE_KIND_UNSPECIFIED: ImageKind.ValueType  # 0
-"""No filter: originals and edits alike."""
+"""No filter: originals, edits and uploads alike."""
 IMAGE_KIND_ORIGINAL: ImageKind.ValueType  # 1
-"""Only images made from a prompt alone (no parents)."""
+"""Only images made from a prompt alone (not edits, not uploads)."""
 IMAGE_KIND_EDIT: ImageKind.ValueType  # 2
-"""Only images made by editing other images (with parents)."""
+"""Only images made by editing other images."""
+IMAGE_KIND_UPLOAD: ImageKind.ValueType  # 3
+"""Only images the caller supplied as edit sources or masks (Image.upload)."""
+IMAGE_KIND_GENERATED: ImageKind.ValueType  # 4
+"""Only images a provider made: originals and edits, no uploads."""
 Global___ImageKind: _TypeAlias = ImageKind  # noqa: Y015
 
 @_typing.final
