@@ -220,7 +220,7 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         default_provider = stored or self._default_provider
         infos = []
         for provider_id, provider in sorted(self._providers.items()):
-            if not getattr(provider, "configured", True):
+            if not provider.configured:
                 # Listed only once it has what it needs to answer.
                 continue
             caps = provider.capabilities

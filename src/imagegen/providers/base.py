@@ -90,6 +90,12 @@ class Provider(Protocol):
         """Model names it offers; the first is the default."""
         ...
 
+    @property
+    def configured(self) -> bool:
+        """Whether it has what it needs (URL, credentials) to take a call; one that is
+        not is listed nowhere and refused at submit."""
+        ...
+
     def check(self, request: ProviderRequest) -> None:
         """Refuse, before a job exists, what this provider will not be able to do
         (InvalidRequest naming the reason). Sources may be empty placeholders here."""

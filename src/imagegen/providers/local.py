@@ -51,6 +51,8 @@ class LocalProvider:
     id = "local"
     display_name = "Built-in renderer"
     models = (MODEL,)
+    #: built in: always ready
+    configured = True
     capabilities = ProviderCapabilities(
         edit=True,
         mask=False,

@@ -130,7 +130,7 @@ class ResilientProvider:
 
     @property
     def configured(self) -> bool:
-        return bool(getattr(self._inner, "configured", True))
+        return self._inner.configured
 
     def check(self, request: ProviderRequest) -> None:
         self._inner.check(request)

@@ -924,4 +924,4 @@ def _fit(size: Size, max_pixels: int) -> Size:
 
 
 def _is_configured(provider: Provider | None) -> bool:
-    return provider is not None and bool(getattr(provider, "configured", True))
+    return provider is not None and provider.configured
