@@ -55,6 +55,11 @@ class ImageFormat(_ImageFormat, metaclass=_ImageFormatEnumTypeWrapper):
       IMG_008  storage quota exceeded                         RESOURCE_EXHAUSTED
       IMG_009  request_id reused with other parameters        FAILED_PRECONDITION
       IMG_010  refused by the provider's content policy       INVALID_ARGUMENT
+      IMG_011  blocked by content moderation (names the categories, never the
+               matched words)                                 INVALID_ARGUMENT; PERMISSION_DENIED
+               with RetryInfo to the suspension's end while the caller is suspended
+               for repeated blocks
+      IMG_012  content moderation unavailable (with RetryInfo) UNAVAILABLE
     Reasons that are not IMG codes, and only these:
       UNAUTHENTICATED    missing or invalid bearer token       UNAUTHENTICATED
       PERMISSION_DENIED  visible but not changeable by the caller  PERMISSION_DENIED
@@ -178,6 +183,58 @@ GENERATION_SOURCE_AGENT: GenerationSource.ValueType  # 4
 """An AI agent."""
 Global___GenerationSource: _TypeAlias = GenerationSource  # noqa: Y015
 
+class _OutpaintAnchor:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OutpaintAnchorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OutpaintAnchor.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OUTPAINT_ANCHOR_UNSPECIFIED: _OutpaintAnchor.ValueType  # 0
+    """Not set: centred."""
+    OUTPAINT_ANCHOR_CENTER: _OutpaintAnchor.ValueType  # 1
+    """Centred on both axes."""
+    OUTPAINT_ANCHOR_TOP: _OutpaintAnchor.ValueType  # 2
+    """Against the top edge, centred across."""
+    OUTPAINT_ANCHOR_BOTTOM: _OutpaintAnchor.ValueType  # 3
+    """Against the bottom edge, centred across."""
+    OUTPAINT_ANCHOR_LEFT: _OutpaintAnchor.ValueType  # 4
+    """Against the left edge, centred vertically."""
+    OUTPAINT_ANCHOR_RIGHT: _OutpaintAnchor.ValueType  # 5
+    """Against the right edge, centred vertically."""
+    OUTPAINT_ANCHOR_TOP_LEFT: _OutpaintAnchor.ValueType  # 6
+    """In the top left corner."""
+    OUTPAINT_ANCHOR_TOP_RIGHT: _OutpaintAnchor.ValueType  # 7
+    """In the top right corner."""
+    OUTPAINT_ANCHOR_BOTTOM_LEFT: _OutpaintAnchor.ValueType  # 8
+    """In the bottom left corner."""
+    OUTPAINT_ANCHOR_BOTTOM_RIGHT: _OutpaintAnchor.ValueType  # 9
+    """In the bottom right corner."""
+
+class OutpaintAnchor(_OutpaintAnchor, metaclass=_OutpaintAnchorEnumTypeWrapper):
+    """Where the source image sits on an outpainted canvas that was given by its size."""
+
+OUTPAINT_ANCHOR_UNSPECIFIED: OutpaintAnchor.ValueType  # 0
+"""Not set: centred."""
+OUTPAINT_ANCHOR_CENTER: OutpaintAnchor.ValueType  # 1
+"""Centred on both axes."""
+OUTPAINT_ANCHOR_TOP: OutpaintAnchor.ValueType  # 2
+"""Against the top edge, centred across."""
+OUTPAINT_ANCHOR_BOTTOM: OutpaintAnchor.ValueType  # 3
+"""Against the bottom edge, centred across."""
+OUTPAINT_ANCHOR_LEFT: OutpaintAnchor.ValueType  # 4
+"""Against the left edge, centred vertically."""
+OUTPAINT_ANCHOR_RIGHT: OutpaintAnchor.ValueType  # 5
+"""Against the right edge, centred vertically."""
+OUTPAINT_ANCHOR_TOP_LEFT: OutpaintAnchor.ValueType  # 6
+"""In the top left corner."""
+OUTPAINT_ANCHOR_TOP_RIGHT: OutpaintAnchor.ValueType  # 7
+"""In the top right corner."""
+OUTPAINT_ANCHOR_BOTTOM_LEFT: OutpaintAnchor.ValueType  # 8
+"""In the bottom left corner."""
+OUTPAINT_ANCHOR_BOTTOM_RIGHT: OutpaintAnchor.ValueType  # 9
+"""In the bottom right corner."""
+Global___OutpaintAnchor: _TypeAlias = OutpaintAnchor  # noqa: Y015
+
 @_typing.final
 class ImageSize(_message.Message):
     """Pixel dimensions. Offered everywhere: 256x256, 512x512, 1024x1024 (default),
@@ -264,6 +321,8 @@ class GenerationSpec(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     SOURCES_FIELD_NUMBER: _builtins.int
     MASK_FIELD_NUMBER: _builtins.int
+    OUTPAINT_FIELD_NUMBER: _builtins.int
+    UPSCALE_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The text prompt, or for an edit the instruction: 1 to 4000 characters."""
@@ -309,6 +368,21 @@ class GenerationSpec(_message.Message):
         an upload like a source, but not a parent of the result.
         """
 
+    @_builtins.property
+    def outpaint(self) -> Global___Outpaint:
+        """Extends the first source image outward (outpainting): the result is the source
+        on a larger canvas with the new area filled to match. Needs exactly one source
+        and a provider whose capabilities say `outpaint`; `size` is then ignored (the
+        output size follows from the outpaint). Priced and recorded as an edit.
+        """
+
+    @_builtins.property
+    def upscale(self) -> Global___Upscale:
+        """Enlarges the first source image by a factor (upscaling); see
+        ImageGenerationService.UpscaleImage, which fills this in. Needs exactly one source
+        and a provider whose capabilities say `upscale`; `size` is then ignored.
+        """
+
     def __init__(
         self,
         *,
@@ -323,11 +397,13 @@ class GenerationSpec(_message.Message):
         source: Global___GenerationSource.ValueType = ...,
         sources: _abc.Iterable[Global___ImageSource] | None = ...,
         mask: Global___ImageSource | None = ...,
+        outpaint: Global___Outpaint | None = ...,
+        upscale: Global___Upscale | None = ...,
         model: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "mask", b"mask", "seed", b"seed", "size", b"size"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "mask", b"mask", "outpaint", b"outpaint", "seed", b"seed", "size", b"size", "upscale", b"upscale"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "count", b"count", "format", b"format", "mask", b"mask", "model", b"model", "negative_prompt", b"negative_prompt", "prompt", b"prompt", "provider", b"provider", "seed", b"seed", "size", b"size", "source", b"source", "sources", b"sources", "style", b"style"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "count", b"count", "format", b"format", "mask", b"mask", "model", b"model", "negative_prompt", b"negative_prompt", "outpaint", b"outpaint", "prompt", b"prompt", "provider", b"provider", "seed", b"seed", "size", b"size", "source", b"source", "sources", b"sources", "style", b"style", "upscale", b"upscale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
@@ -369,6 +445,7 @@ class Image(_message.Message):
     EDIT_FIELD_NUMBER: _builtins.int
     CREDITS_FIELD_NUMBER: _builtins.int
     GENERATION_DURATION_FIELD_NUMBER: _builtins.int
+    USAGE_NOTICE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `images/{image}`."""
     uri: _builtins.str
@@ -416,6 +493,11 @@ class Image(_message.Message):
     """True for an image made by editing other images (see `parents`)."""
     credits: _builtins.int
     """Credits charged for this image; 0 for an upload."""
+    usage_notice: _builtins.str
+    """The deployment's usage notice for generated images (IMAGEGEN_USAGE_NOTICE), also
+    embedded in the file as XMP `xmpRights:UsageTerms` and `dc:rights`, next to a
+    C2PA manifest that marks the image as made by AI. Empty for an upload.
+    """
     @_builtins.property
     def uri_expire_time(self) -> _timestamp_pb2.Timestamp:
         """When `uri` stops working."""
@@ -477,13 +559,94 @@ class Image(_message.Message):
         edit: _builtins.bool = ...,
         credits: _builtins.int = ...,
         generation_duration: _duration_pb2.Duration | None = ...,
+        usage_notice: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "create_time", b"create_time", "delete_time", b"delete_time", "generation_duration", b"generation_duration", "seed", b"seed", "update_time", b"update_time", "uri_expire_time", b"uri_expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "create_time", b"create_time", "credits", b"credits", "delete_time", b"delete_time", "description", b"description", "edit", b"edit", "favorite", b"favorite", "generation", b"generation", "generation_duration", b"generation_duration", "height", b"height", "index", b"index", "mime_type", b"mime_type", "model", b"model", "name", b"name", "negative_prompt", b"negative_prompt", "parents", b"parents", "prompt", b"prompt", "provider", b"provider", "seed", b"seed", "size_bytes", b"size_bytes", "style", b"style", "sub_account", b"sub_account", "tags", b"tags", "title", b"title", "update_time", b"update_time", "upload", b"upload", "uri", b"uri", "uri_expire_time", b"uri_expire_time", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "create_time", b"create_time", "credits", b"credits", "delete_time", b"delete_time", "description", b"description", "edit", b"edit", "favorite", b"favorite", "generation", b"generation", "generation_duration", b"generation_duration", "height", b"height", "index", b"index", "mime_type", b"mime_type", "model", b"model", "name", b"name", "negative_prompt", b"negative_prompt", "parents", b"parents", "prompt", b"prompt", "provider", b"provider", "seed", b"seed", "size_bytes", b"size_bytes", "style", b"style", "sub_account", b"sub_account", "tags", b"tags", "title", b"title", "update_time", b"update_time", "upload", b"upload", "uri", b"uri", "uri_expire_time", b"uri_expire_time", "usage_notice", b"usage_notice", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
 Global___Image: _TypeAlias = Image  # noqa: Y015
+
+@_typing.final
+class Outpaint(_message.Message):
+    """How to extend a source image. Give either the pixels to add on each side, or a
+    target size with an anchor, not both. The result (source plus extension) must
+    stay within the pixel limit, each side at most 4096 pixels; otherwise
+    INVALID_ARGUMENT (IMG_003, or IMG_007 past the pixel limit).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEFT_FIELD_NUMBER: _builtins.int
+    TOP_FIELD_NUMBER: _builtins.int
+    RIGHT_FIELD_NUMBER: _builtins.int
+    BOTTOM_FIELD_NUMBER: _builtins.int
+    TARGET_SIZE_FIELD_NUMBER: _builtins.int
+    ANCHOR_FIELD_NUMBER: _builtins.int
+    left: _builtins.int
+    """Pixels to add on the left, 0 to 2048."""
+    top: _builtins.int
+    """Pixels to add at the top, 0 to 2048."""
+    right: _builtins.int
+    """Pixels to add on the right, 0 to 2048."""
+    bottom: _builtins.int
+    """Pixels to add at the bottom, 0 to 2048."""
+    anchor: Global___OutpaintAnchor.ValueType
+    """Where the source sits on `target_size`; unspecified for the centre."""
+    @_builtins.property
+    def target_size(self) -> Global___ImageSize:
+        """The canvas size to reach, at least the source's size on both axes; unset when
+        the sides above are given.
+        """
+
+    def __init__(
+        self,
+        *,
+        left: _builtins.int = ...,
+        top: _builtins.int = ...,
+        right: _builtins.int = ...,
+        bottom: _builtins.int = ...,
+        target_size: Global___ImageSize | None = ...,
+        anchor: Global___OutpaintAnchor.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["target_size", b"target_size"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anchor", b"anchor", "bottom", b"bottom", "left", b"left", "right", b"right", "target_size", b"target_size", "top", b"top"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Outpaint: _TypeAlias = Outpaint  # noqa: Y015
+
+@_typing.final
+class Upscale(_message.Message):
+    """How to enlarge a source image."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FACTOR_FIELD_NUMBER: _builtins.int
+    UPSCALER_FIELD_NUMBER: _builtins.int
+    factor: _builtins.int
+    """2 or 4; the result is the source's width and height times this, within the
+    pixel limit (else INVALID_ARGUMENT, IMG_007, at submit).
+    """
+    upscaler: _builtins.str
+    """The provider's upscaler to use, one of ProviderInfo.upscalers; empty for the
+    provider's default.
+    """
+    def __init__(
+        self,
+        *,
+        factor: _builtins.int = ...,
+        upscaler: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["factor", b"factor", "upscaler", b"upscaler"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Upscale: _TypeAlias = Upscale  # noqa: Y015

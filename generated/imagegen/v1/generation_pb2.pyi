@@ -113,7 +113,7 @@ class GenerationError(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     RETRYABLE_FIELD_NUMBER: _builtins.int
     code: _builtins.str
-    """Stable code, IMG_001 to IMG_010."""
+    """Stable code, IMG_001 to IMG_012 (see common.proto)."""
     message: _builtins.str
     """What went wrong and what to do about it, for people."""
     retryable: _builtins.bool
@@ -251,6 +251,11 @@ class Generation(_message.Message):
     SUB_ACCOUNT_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
     EDIT_FIELD_NUMBER: _builtins.int
+    USAGE_NOTICE_FIELD_NUMBER: _builtins.int
+    FIRST_SEQUENCE_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    CALLBACK_URI_FIELD_NUMBER: _builtins.int
+    WEBHOOK_DELIVERIES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `generations/{generation}`."""
     state: Global___GenerationState.ValueType
@@ -271,6 +276,19 @@ class Generation(_message.Message):
     """The owner's sub-account when it was submitted; empty for none."""
     edit: _builtins.bool
     """True for an edit (spec.sources is not empty)."""
+    usage_notice: _builtins.str
+    """The deployment's usage notice for generated images (see Image.usage_notice)."""
+    first_sequence: _builtins.int
+    """Sequence number of the oldest event still stored. After the retention period
+    a finished job's progress events are compacted away (the QUEUED, terminal and
+    IMAGE_READY events are kept), so a replay starts at the first kept event.
+    """
+    batch: _builtins.str
+    """The batch it was submitted in, `batches/{batch}`; empty for a single job."""
+    callback_uri: _builtins.str
+    """The URL told when the job ends (a webhook), with the query string removed;
+    empty for none.
+    """
     @_builtins.property
     def spec(self) -> _common_pb2.GenerationSpec:
         """What was asked for."""
@@ -308,6 +326,10 @@ class Generation(_message.Message):
         job cancelled before it started).
         """
 
+    @_builtins.property
+    def webhook_deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookDelivery]:
+        """Every attempt to deliver the job's webhook, oldest first."""
+
     def __init__(
         self,
         *,
@@ -329,14 +351,68 @@ class Generation(_message.Message):
         sub_account: _builtins.str = ...,
         duration: _duration_pb2.Duration | None = ...,
         edit: _builtins.bool = ...,
+        usage_notice: _builtins.str = ...,
+        first_sequence: _builtins.int = ...,
+        batch: _builtins.str = ...,
+        callback_uri: _builtins.str = ...,
+        webhook_deliveries: _abc.Iterable[Global___WebhookDelivery] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration", "end_time", b"end_time", "error", b"error", "spec", b"spec", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "create_time", b"create_time", "credits", b"credits", "duration", b"duration", "edit", b"edit", "end_time", b"end_time", "error", b"error", "images", b"images", "last_sequence", b"last_sequence", "model", b"model", "name", b"name", "provider", b"provider", "request_id", b"request_id", "spec", b"spec", "start_time", b"start_time", "state", b"state", "sub_account", b"sub_account", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "batch", b"batch", "callback_uri", b"callback_uri", "create_time", b"create_time", "credits", b"credits", "duration", b"duration", "edit", b"edit", "end_time", b"end_time", "error", b"error", "first_sequence", b"first_sequence", "images", b"images", "last_sequence", b"last_sequence", "model", b"model", "name", b"name", "provider", b"provider", "request_id", b"request_id", "spec", b"spec", "start_time", b"start_time", "state", b"state", "sub_account", b"sub_account", "update_time", b"update_time", "usage_notice", b"usage_notice", "webhook_deliveries", b"webhook_deliveries"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Generation: _TypeAlias = Generation  # noqa: Y015
+
+@_typing.final
+class WebhookDelivery(_message.Message):
+    """One attempt to POST a job's (or a batch's) terminal state to its callback URL,
+    signed the Standard Webhooks way (`webhook-id`, `webhook-timestamp`,
+    `webhook-signature` headers). Retried with backoff until a 2xx answer or the
+    attempts run out; every attempt reuses the same `webhook-id`, so receivers can
+    drop duplicates.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEBHOOK_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    webhook_id: _builtins.str
+    """The `webhook-id` header, the same on every attempt of one callback."""
+    attempt: _builtins.int
+    """Which attempt this was, from 1."""
+    http_status: _builtins.int
+    """The HTTP status the receiver answered; 0 when no answer came."""
+    error: _builtins.str
+    """Why the attempt failed, for people; empty when it succeeded."""
+    delivered: _builtins.bool
+    """Whether the receiver accepted it (a 2xx answer); then no attempt follows."""
+    @_builtins.property
+    def attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """When the attempt was made."""
+
+    def __init__(
+        self,
+        *,
+        webhook_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        http_status: _builtins.int = ...,
+        error: _builtins.str = ...,
+        delivered: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt_time", b"attempt_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempt_time", b"attempt_time", "delivered", b"delivered", "error", b"error", "http_status", b"http_status", "webhook_id", b"webhook_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookDelivery: _TypeAlias = WebhookDelivery  # noqa: Y015
 
 @_typing.final
 class GenerateImageRequest(_message.Message):
@@ -398,8 +474,14 @@ class SubmitGenerationRequest(_message.Message):
 
     SPEC_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CALLBACK_URI_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Optional idempotency key; see the service comment."""
+    callback_uri: _builtins.str
+    """Optional https URL POSTed to (a webhook) when the job ends; the SSRF guard and
+    its allowlist apply, a loopback or private address is INVALID_ARGUMENT
+    (IMG_003) unless allowlisted. At most 2048 characters.
+    """
     @_builtins.property
     def spec(self) -> _common_pb2.GenerationSpec:
         """What to make."""
@@ -409,10 +491,11 @@ class SubmitGenerationRequest(_message.Message):
         *,
         spec: _common_pb2.GenerationSpec | None = ...,
         request_id: _builtins.str = ...,
+        callback_uri: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback_uri", b"callback_uri", "request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -549,10 +632,13 @@ class ListGenerationsRequest(_message.Message):
     STATES_FIELD_NUMBER: _builtins.int
     CREATE_TIME_START_FIELD_NUMBER: _builtins.int
     CREATE_TIME_END_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Page size, 1 to 100; 0 for 20."""
     page_token: _builtins.str
     """next_page_token of the previous page; empty for the first page."""
+    batch: _builtins.str
+    """Only jobs of this batch, `batches/{batch}`; empty for all."""
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[Global___GenerationState.ValueType]:
         """Only jobs in these states; empty for all."""
@@ -573,10 +659,11 @@ class ListGenerationsRequest(_message.Message):
         states: _abc.Iterable[Global___GenerationState.ValueType] | None = ...,
         create_time_start: _timestamp_pb2.Timestamp | None = ...,
         create_time_end: _timestamp_pb2.Timestamp | None = ...,
+        batch: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time_end", b"create_time_end", "create_time_start", b"create_time_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time_end", b"create_time_end", "create_time_start", b"create_time_start", "page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "create_time_end", b"create_time_end", "create_time_start", b"create_time_start", "page_size", b"page_size", "page_token", b"page_token", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -775,6 +862,8 @@ class ProviderCapabilities(_message.Message):
     SIZES_FIELD_NUMBER: _builtins.int
     FORMATS_FIELD_NUMBER: _builtins.int
     MAX_COUNT_FIELD_NUMBER: _builtins.int
+    OUTPAINT_FIELD_NUMBER: _builtins.int
+    UPSCALE_FIELD_NUMBER: _builtins.int
     edit: _builtins.bool
     """It can edit source images."""
     mask: _builtins.bool
@@ -789,6 +878,10 @@ class ProviderCapabilities(_message.Message):
     """It sends previews while it works."""
     max_count: _builtins.int
     """Most images one request may ask for."""
+    outpaint: _builtins.bool
+    """It can extend an image (GenerationSpec.outpaint)."""
+    upscale: _builtins.bool
+    """It can enlarge an image (UpscaleImage)."""
     @_builtins.property
     def sizes(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.ImageSize]:
         """Output sizes it makes."""
@@ -809,10 +902,12 @@ class ProviderCapabilities(_message.Message):
         sizes: _abc.Iterable[_common_pb2.ImageSize] | None = ...,
         formats: _abc.Iterable[_common_pb2.ImageFormat.ValueType] | None = ...,
         max_count: _builtins.int = ...,
+        outpaint: _builtins.bool = ...,
+        upscale: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["edit", b"edit", "formats", b"formats", "mask", b"mask", "max_count", b"max_count", "negative_prompt", b"negative_prompt", "previews", b"previews", "seed", b"seed", "sizes", b"sizes", "style", b"style"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["edit", b"edit", "formats", b"formats", "mask", b"mask", "max_count", b"max_count", "negative_prompt", b"negative_prompt", "outpaint", b"outpaint", "previews", b"previews", "seed", b"seed", "sizes", b"sizes", "style", b"style", "upscale", b"upscale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -830,6 +925,7 @@ class ProviderInfo(_message.Message):
     MODELS_FIELD_NUMBER: _builtins.int
     STYLES_FIELD_NUMBER: _builtins.int
     DEFAULT_FIELD_NUMBER: _builtins.int
+    UPSCALERS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Provider id, as used in GenerationSpec.provider."""
     display_name: _builtins.str
@@ -848,6 +944,12 @@ class ProviderInfo(_message.Message):
     def styles(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.Style.ValueType]:
         """Style presets it renders."""
 
+    @_builtins.property
+    def upscalers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Upscaler names it offers for UpscaleImage; the first is its default. Empty
+        when it cannot upscale.
+        """
+
     def __init__(
         self,
         *,
@@ -857,10 +959,11 @@ class ProviderInfo(_message.Message):
         models: _abc.Iterable[_builtins.str] | None = ...,
         styles: _abc.Iterable[_common_pb2.Style.ValueType] | None = ...,
         default: _builtins.bool = ...,
+        upscalers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "default", b"default", "display_name", b"display_name", "id", b"id", "models", b"models", "styles", b"styles"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "default", b"default", "display_name", b"display_name", "id", b"id", "models", b"models", "styles", b"styles", "upscalers", b"upscalers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1023,3 +1126,316 @@ class UpdateUserSettingsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateUserSettingsResponse: _TypeAlias = UpdateUserSettingsResponse  # noqa: Y015
+
+@_typing.final
+class WaitGenerationRequest(_message.Message):
+    """Request of WaitGeneration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The job, `generations/{generation}`."""
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long to wait at most; unset or zero for the deployment's default
+        (IMAGEGEN_WAIT_DEFAULT), and never longer than its maximum (IMAGEGEN_WAIT_MAX).
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitGenerationRequest: _TypeAlias = WaitGenerationRequest  # noqa: Y015
+
+@_typing.final
+class WaitGenerationResponse(_message.Message):
+    """Response of WaitGeneration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def generation(self) -> Global___Generation:
+        """The job as it stands when it ended or the timeout passed."""
+
+    def __init__(
+        self,
+        *,
+        generation: Global___Generation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitGenerationResponse: _TypeAlias = WaitGenerationResponse  # noqa: Y015
+
+@_typing.final
+class BatchGenerateRequest(_message.Message):
+    """Request of BatchGenerate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPECS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CALLBACK_URI_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Optional idempotency key for the whole batch; see the service comment."""
+    callback_uri: _builtins.str
+    """Optional https URL POSTed to once when every job of the batch has ended, with
+    all of them; as SubmitGenerationRequest.callback_uri.
+    """
+    @_builtins.property
+    def specs(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.GenerationSpec]:
+        """What to make, one job per spec, 1 to IMAGEGEN_MAX_BATCH specs."""
+
+    def __init__(
+        self,
+        *,
+        specs: _abc.Iterable[_common_pb2.GenerationSpec] | None = ...,
+        request_id: _builtins.str = ...,
+        callback_uri: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback_uri", b"callback_uri", "request_id", b"request_id", "specs", b"specs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchGenerateRequest: _TypeAlias = BatchGenerateRequest  # noqa: Y015
+
+@_typing.final
+class BatchGenerateResponse(_message.Message):
+    """Response of BatchGenerate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_FIELD_NUMBER: _builtins.int
+    GENERATIONS_FIELD_NUMBER: _builtins.int
+    batch: _builtins.str
+    """The batch, `batches/{batch}`; ListGenerations filters by it."""
+    @_builtins.property
+    def generations(self) -> _containers.RepeatedCompositeFieldContainer[Global___Generation]:
+        """The jobs, in the order of the request's specs."""
+
+    def __init__(
+        self,
+        *,
+        batch: _builtins.str = ...,
+        generations: _abc.Iterable[Global___Generation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "generations", b"generations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BatchGenerateResponse: _TypeAlias = BatchGenerateResponse  # noqa: Y015
+
+@_typing.final
+class UpscaleImageRequest(_message.Message):
+    """Request of UpscaleImage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMAGE_FIELD_NUMBER: _builtins.int
+    FACTOR_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    UPSCALER_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    image: _builtins.str
+    """The library image to enlarge, `images/{image}`."""
+    factor: _builtins.int
+    """2 or 4."""
+    provider: _builtins.str
+    """Provider id; empty for the caller's stored default, else the deployment's."""
+    upscaler: _builtins.str
+    """The provider's upscaler (ProviderInfo.upscalers); empty for its default."""
+    request_id: _builtins.str
+    """Optional idempotency key; see the service comment."""
+    source: _common_pb2.GenerationSource.ValueType
+    """Who is asking, for reporting; unspecified is recorded as API."""
+    format: _common_pb2.ImageFormat.ValueType
+    """Output encoding; unspecified for the source's."""
+    def __init__(
+        self,
+        *,
+        image: _builtins.str = ...,
+        factor: _builtins.int = ...,
+        provider: _builtins.str = ...,
+        upscaler: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+        source: _common_pb2.GenerationSource.ValueType = ...,
+        format: _common_pb2.ImageFormat.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["factor", b"factor", "format", b"format", "image", b"image", "provider", b"provider", "request_id", b"request_id", "source", b"source", "upscaler", b"upscaler"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpscaleImageRequest: _TypeAlias = UpscaleImageRequest  # noqa: Y015
+
+@_typing.final
+class UpscaleImageResponse(_message.Message):
+    """Response of UpscaleImage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GENERATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def generation(self) -> Global___Generation:
+        """The queued job."""
+
+    def __init__(
+        self,
+        *,
+        generation: Global___Generation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generation", b"generation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpscaleImageResponse: _TypeAlias = UpscaleImageResponse  # noqa: Y015
+
+@_typing.final
+class WebhookSecret(_message.Message):
+    """The caller's webhook signing secret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECRET_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    PREVIOUS_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    secret: _builtins.str
+    """The secret, `whsec_` and base64 of 32 random bytes, as Standard Webhooks
+    receivers take it. Keep it secret.
+    """
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was made."""
+
+    @_builtins.property
+    def previous_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """Until when callbacks are also signed with the previous secret; unset when no
+        rotation is in its grace period.
+        """
+
+    def __init__(
+        self,
+        *,
+        secret: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        previous_expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "previous_expire_time", b"previous_expire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "previous_expire_time", b"previous_expire_time", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookSecret: _TypeAlias = WebhookSecret  # noqa: Y015
+
+@_typing.final
+class GetWebhookSecretRequest(_message.Message):
+    """Request of GetWebhookSecret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWebhookSecretRequest: _TypeAlias = GetWebhookSecretRequest  # noqa: Y015
+
+@_typing.final
+class GetWebhookSecretResponse(_message.Message):
+    """Response of GetWebhookSecret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECRET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def secret(self) -> Global___WebhookSecret:
+        """The caller's current secret."""
+
+    def __init__(
+        self,
+        *,
+        secret: Global___WebhookSecret | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["secret", b"secret"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWebhookSecretResponse: _TypeAlias = GetWebhookSecretResponse  # noqa: Y015
+
+@_typing.final
+class RotateWebhookSecretRequest(_message.Message):
+    """Request of RotateWebhookSecret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Optional idempotency key: a retry with the same id returns the same new secret
+    instead of rotating again.
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateWebhookSecretRequest: _TypeAlias = RotateWebhookSecretRequest  # noqa: Y015
+
+@_typing.final
+class RotateWebhookSecretResponse(_message.Message):
+    """Response of RotateWebhookSecret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECRET_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def secret(self) -> Global___WebhookSecret:
+        """The new secret."""
+
+    def __init__(
+        self,
+        *,
+        secret: Global___WebhookSecret | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["secret", b"secret"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateWebhookSecretResponse: _TypeAlias = RotateWebhookSecretResponse  # noqa: Y015

@@ -97,6 +97,31 @@ class ImageGenerationServiceStub:
                 request_serializer=imagegen_dot_v1_dot_generation__pb2.UpdateUserSettingsRequest.SerializeToString,
                 response_deserializer=imagegen_dot_v1_dot_generation__pb2.UpdateUserSettingsResponse.FromString,
                 _registered_method=True)
+        self.WaitGeneration = channel.unary_unary(
+                '/imagegen.v1.ImageGenerationService/WaitGeneration',
+                request_serializer=imagegen_dot_v1_dot_generation__pb2.WaitGenerationRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_generation__pb2.WaitGenerationResponse.FromString,
+                _registered_method=True)
+        self.BatchGenerate = channel.unary_unary(
+                '/imagegen.v1.ImageGenerationService/BatchGenerate',
+                request_serializer=imagegen_dot_v1_dot_generation__pb2.BatchGenerateRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_generation__pb2.BatchGenerateResponse.FromString,
+                _registered_method=True)
+        self.UpscaleImage = channel.unary_unary(
+                '/imagegen.v1.ImageGenerationService/UpscaleImage',
+                request_serializer=imagegen_dot_v1_dot_generation__pb2.UpscaleImageRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_generation__pb2.UpscaleImageResponse.FromString,
+                _registered_method=True)
+        self.GetWebhookSecret = channel.unary_unary(
+                '/imagegen.v1.ImageGenerationService/GetWebhookSecret',
+                request_serializer=imagegen_dot_v1_dot_generation__pb2.GetWebhookSecretRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_generation__pb2.GetWebhookSecretResponse.FromString,
+                _registered_method=True)
+        self.RotateWebhookSecret = channel.unary_unary(
+                '/imagegen.v1.ImageGenerationService/RotateWebhookSecret',
+                request_serializer=imagegen_dot_v1_dot_generation__pb2.RotateWebhookSecretRequest.SerializeToString,
+                response_deserializer=imagegen_dot_v1_dot_generation__pb2.RotateWebhookSecretResponse.FromString,
+                _registered_method=True)
 
 
 class ImageGenerationServiceServicer:
@@ -210,6 +235,62 @@ class ImageGenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WaitGeneration(self, request, context):
+        """Waits, without a stream, until a job ends or `timeout` passes, and returns it
+        as it then stands (after google.longrunning.Operations.WaitOperation): COMPLETED,
+        FAILED or CANCELLED once it ended, else QUEUED or RUNNING. A finished job is
+        returned at once. NOT_FOUND if it is not the caller's; INVALID_ARGUMENT
+        (IMG_003) for a negative timeout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchGenerate(self, request, context):
+        """Submits several generations in one call: each spec becomes its own job,
+        returned in the order given. The batch is accepted or refused whole (a refusal
+        leaves no job and no charge): every job counts toward the hourly and daily
+        request limits and its price is reserved; the batch's jobs run at most the
+        plan's concurrency at a time (the rest wait queued) instead of being refused for
+        concurrency. A retry with the same request_id returns the same jobs.
+        Refusals as SubmitGeneration, plus INVALID_ARGUMENT (IMG_003) for an empty
+        batch or one over the deployment's maximum (IMAGEGEN_MAX_BATCH), naming the
+        failing spec's index in the ErrorInfo metadata.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpscaleImage(self, request, context):
+        """Enlarges one of the caller's library images by 2x or 4x as a new job, followed
+        like any other (WatchGeneration, GetGeneration, cancel, request_id, limits,
+        credits by the price table); its result is a new library image whose parent is
+        the source. NOT_FOUND if the image is not the caller's; FAILED_PRECONDITION if
+        it is soft-deleted; INVALID_ARGUMENT (IMG_003) for another factor, an upscaler
+        the provider does not offer or a provider that cannot upscale; IMG_007 when the
+        result would pass the pixel limit; other refusals as SubmitGeneration.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWebhookSecret(self, request, context):
+        """Returns the caller's webhook signing secret (`whsec_...`), making one on first
+        use. Callbacks to the caller's URLs are signed with it the Standard Webhooks way.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateWebhookSecret(self, request, context):
+        """Replaces the caller's webhook signing secret. During the grace period
+        (IMAGEGEN_WEBHOOK_SECRET_GRACE) callbacks carry signatures by both the new and
+        the previous secret, so receivers can switch without losing a callback.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageGenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -267,6 +348,31 @@ def add_ImageGenerationServiceServicer_to_server(servicer, server):
                     servicer.UpdateUserSettings,
                     request_deserializer=imagegen_dot_v1_dot_generation__pb2.UpdateUserSettingsRequest.FromString,
                     response_serializer=imagegen_dot_v1_dot_generation__pb2.UpdateUserSettingsResponse.SerializeToString,
+            ),
+            'WaitGeneration': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitGeneration,
+                    request_deserializer=imagegen_dot_v1_dot_generation__pb2.WaitGenerationRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_generation__pb2.WaitGenerationResponse.SerializeToString,
+            ),
+            'BatchGenerate': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchGenerate,
+                    request_deserializer=imagegen_dot_v1_dot_generation__pb2.BatchGenerateRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_generation__pb2.BatchGenerateResponse.SerializeToString,
+            ),
+            'UpscaleImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpscaleImage,
+                    request_deserializer=imagegen_dot_v1_dot_generation__pb2.UpscaleImageRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_generation__pb2.UpscaleImageResponse.SerializeToString,
+            ),
+            'GetWebhookSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWebhookSecret,
+                    request_deserializer=imagegen_dot_v1_dot_generation__pb2.GetWebhookSecretRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_generation__pb2.GetWebhookSecretResponse.SerializeToString,
+            ),
+            'RotateWebhookSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateWebhookSecret,
+                    request_deserializer=imagegen_dot_v1_dot_generation__pb2.RotateWebhookSecretRequest.FromString,
+                    response_serializer=imagegen_dot_v1_dot_generation__pb2.RotateWebhookSecretResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -574,6 +680,141 @@ class ImageGenerationService:
             '/imagegen.v1.ImageGenerationService/UpdateUserSettings',
             imagegen_dot_v1_dot_generation__pb2.UpdateUserSettingsRequest.SerializeToString,
             imagegen_dot_v1_dot_generation__pb2.UpdateUserSettingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitGeneration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.v1.ImageGenerationService/WaitGeneration',
+            imagegen_dot_v1_dot_generation__pb2.WaitGenerationRequest.SerializeToString,
+            imagegen_dot_v1_dot_generation__pb2.WaitGenerationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchGenerate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.v1.ImageGenerationService/BatchGenerate',
+            imagegen_dot_v1_dot_generation__pb2.BatchGenerateRequest.SerializeToString,
+            imagegen_dot_v1_dot_generation__pb2.BatchGenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpscaleImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.v1.ImageGenerationService/UpscaleImage',
+            imagegen_dot_v1_dot_generation__pb2.UpscaleImageRequest.SerializeToString,
+            imagegen_dot_v1_dot_generation__pb2.UpscaleImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWebhookSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.v1.ImageGenerationService/GetWebhookSecret',
+            imagegen_dot_v1_dot_generation__pb2.GetWebhookSecretRequest.SerializeToString,
+            imagegen_dot_v1_dot_generation__pb2.GetWebhookSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateWebhookSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/imagegen.v1.ImageGenerationService/RotateWebhookSecret',
+            imagegen_dot_v1_dot_generation__pb2.RotateWebhookSecretRequest.SerializeToString,
+            imagegen_dot_v1_dot_generation__pb2.RotateWebhookSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,

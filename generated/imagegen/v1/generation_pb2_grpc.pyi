@@ -94,6 +94,42 @@ class ImageGenerationServiceStub:
     """Changes the caller's generation settings named in `update_mask`.
     INVALID_ARGUMENT (IMG_003) for an unknown provider or field.
     """
+    WaitGeneration: _grpc.UnaryUnaryMultiCallable[_generation_pb2.WaitGenerationRequest, _generation_pb2.WaitGenerationResponse]
+    """Waits, without a stream, until a job ends or `timeout` passes, and returns it
+    as it then stands (after google.longrunning.Operations.WaitOperation): COMPLETED,
+    FAILED or CANCELLED once it ended, else QUEUED or RUNNING. A finished job is
+    returned at once. NOT_FOUND if it is not the caller's; INVALID_ARGUMENT
+    (IMG_003) for a negative timeout.
+    """
+    BatchGenerate: _grpc.UnaryUnaryMultiCallable[_generation_pb2.BatchGenerateRequest, _generation_pb2.BatchGenerateResponse]
+    """Submits several generations in one call: each spec becomes its own job,
+    returned in the order given. The batch is accepted or refused whole (a refusal
+    leaves no job and no charge): every job counts toward the hourly and daily
+    request limits and its price is reserved; the batch's jobs run at most the
+    plan's concurrency at a time (the rest wait queued) instead of being refused for
+    concurrency. A retry with the same request_id returns the same jobs.
+    Refusals as SubmitGeneration, plus INVALID_ARGUMENT (IMG_003) for an empty
+    batch or one over the deployment's maximum (IMAGEGEN_MAX_BATCH), naming the
+    failing spec's index in the ErrorInfo metadata.
+    """
+    UpscaleImage: _grpc.UnaryUnaryMultiCallable[_generation_pb2.UpscaleImageRequest, _generation_pb2.UpscaleImageResponse]
+    """Enlarges one of the caller's library images by 2x or 4x as a new job, followed
+    like any other (WatchGeneration, GetGeneration, cancel, request_id, limits,
+    credits by the price table); its result is a new library image whose parent is
+    the source. NOT_FOUND if the image is not the caller's; FAILED_PRECONDITION if
+    it is soft-deleted; INVALID_ARGUMENT (IMG_003) for another factor, an upscaler
+    the provider does not offer or a provider that cannot upscale; IMG_007 when the
+    result would pass the pixel limit; other refusals as SubmitGeneration.
+    """
+    GetWebhookSecret: _grpc.UnaryUnaryMultiCallable[_generation_pb2.GetWebhookSecretRequest, _generation_pb2.GetWebhookSecretResponse]
+    """Returns the caller's webhook signing secret (`whsec_...`), making one on first
+    use. Callbacks to the caller's URLs are signed with it the Standard Webhooks way.
+    """
+    RotateWebhookSecret: _grpc.UnaryUnaryMultiCallable[_generation_pb2.RotateWebhookSecretRequest, _generation_pb2.RotateWebhookSecretResponse]
+    """Replaces the caller's webhook signing secret. During the grace period
+    (IMAGEGEN_WEBHOOK_SECRET_GRACE) callbacks carry signatures by both the new and
+    the previous secret, so receivers can switch without losing a callback.
+    """
 
 @_typing.type_check_only
 class ImageGenerationServiceAsyncStub(ImageGenerationServiceStub):
@@ -160,6 +196,42 @@ class ImageGenerationServiceAsyncStub(ImageGenerationServiceStub):
     UpdateUserSettings: _aio.UnaryUnaryMultiCallable[_generation_pb2.UpdateUserSettingsRequest, _generation_pb2.UpdateUserSettingsResponse]  # type: ignore[assignment]
     """Changes the caller's generation settings named in `update_mask`.
     INVALID_ARGUMENT (IMG_003) for an unknown provider or field.
+    """
+    WaitGeneration: _aio.UnaryUnaryMultiCallable[_generation_pb2.WaitGenerationRequest, _generation_pb2.WaitGenerationResponse]  # type: ignore[assignment]
+    """Waits, without a stream, until a job ends or `timeout` passes, and returns it
+    as it then stands (after google.longrunning.Operations.WaitOperation): COMPLETED,
+    FAILED or CANCELLED once it ended, else QUEUED or RUNNING. A finished job is
+    returned at once. NOT_FOUND if it is not the caller's; INVALID_ARGUMENT
+    (IMG_003) for a negative timeout.
+    """
+    BatchGenerate: _aio.UnaryUnaryMultiCallable[_generation_pb2.BatchGenerateRequest, _generation_pb2.BatchGenerateResponse]  # type: ignore[assignment]
+    """Submits several generations in one call: each spec becomes its own job,
+    returned in the order given. The batch is accepted or refused whole (a refusal
+    leaves no job and no charge): every job counts toward the hourly and daily
+    request limits and its price is reserved; the batch's jobs run at most the
+    plan's concurrency at a time (the rest wait queued) instead of being refused for
+    concurrency. A retry with the same request_id returns the same jobs.
+    Refusals as SubmitGeneration, plus INVALID_ARGUMENT (IMG_003) for an empty
+    batch or one over the deployment's maximum (IMAGEGEN_MAX_BATCH), naming the
+    failing spec's index in the ErrorInfo metadata.
+    """
+    UpscaleImage: _aio.UnaryUnaryMultiCallable[_generation_pb2.UpscaleImageRequest, _generation_pb2.UpscaleImageResponse]  # type: ignore[assignment]
+    """Enlarges one of the caller's library images by 2x or 4x as a new job, followed
+    like any other (WatchGeneration, GetGeneration, cancel, request_id, limits,
+    credits by the price table); its result is a new library image whose parent is
+    the source. NOT_FOUND if the image is not the caller's; FAILED_PRECONDITION if
+    it is soft-deleted; INVALID_ARGUMENT (IMG_003) for another factor, an upscaler
+    the provider does not offer or a provider that cannot upscale; IMG_007 when the
+    result would pass the pixel limit; other refusals as SubmitGeneration.
+    """
+    GetWebhookSecret: _aio.UnaryUnaryMultiCallable[_generation_pb2.GetWebhookSecretRequest, _generation_pb2.GetWebhookSecretResponse]  # type: ignore[assignment]
+    """Returns the caller's webhook signing secret (`whsec_...`), making one on first
+    use. Callbacks to the caller's URLs are signed with it the Standard Webhooks way.
+    """
+    RotateWebhookSecret: _aio.UnaryUnaryMultiCallable[_generation_pb2.RotateWebhookSecretRequest, _generation_pb2.RotateWebhookSecretResponse]  # type: ignore[assignment]
+    """Replaces the caller's webhook signing secret. During the grace period
+    (IMAGEGEN_WEBHOOK_SECRET_GRACE) callbacks carry signatures by both the new and
+    the previous secret, so receivers can switch without losing a callback.
     """
 
 class ImageGenerationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -290,6 +362,72 @@ class ImageGenerationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_generation_pb2.UpdateUserSettingsResponse, _abc.Awaitable[_generation_pb2.UpdateUserSettingsResponse]]:
         """Changes the caller's generation settings named in `update_mask`.
         INVALID_ARGUMENT (IMG_003) for an unknown provider or field.
+        """
+
+    @_abc_1.abstractmethod
+    def WaitGeneration(
+        self,
+        request: _generation_pb2.WaitGenerationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.WaitGenerationResponse, _abc.Awaitable[_generation_pb2.WaitGenerationResponse]]:
+        """Waits, without a stream, until a job ends or `timeout` passes, and returns it
+        as it then stands (after google.longrunning.Operations.WaitOperation): COMPLETED,
+        FAILED or CANCELLED once it ended, else QUEUED or RUNNING. A finished job is
+        returned at once. NOT_FOUND if it is not the caller's; INVALID_ARGUMENT
+        (IMG_003) for a negative timeout.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchGenerate(
+        self,
+        request: _generation_pb2.BatchGenerateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.BatchGenerateResponse, _abc.Awaitable[_generation_pb2.BatchGenerateResponse]]:
+        """Submits several generations in one call: each spec becomes its own job,
+        returned in the order given. The batch is accepted or refused whole (a refusal
+        leaves no job and no charge): every job counts toward the hourly and daily
+        request limits and its price is reserved; the batch's jobs run at most the
+        plan's concurrency at a time (the rest wait queued) instead of being refused for
+        concurrency. A retry with the same request_id returns the same jobs.
+        Refusals as SubmitGeneration, plus INVALID_ARGUMENT (IMG_003) for an empty
+        batch or one over the deployment's maximum (IMAGEGEN_MAX_BATCH), naming the
+        failing spec's index in the ErrorInfo metadata.
+        """
+
+    @_abc_1.abstractmethod
+    def UpscaleImage(
+        self,
+        request: _generation_pb2.UpscaleImageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.UpscaleImageResponse, _abc.Awaitable[_generation_pb2.UpscaleImageResponse]]:
+        """Enlarges one of the caller's library images by 2x or 4x as a new job, followed
+        like any other (WatchGeneration, GetGeneration, cancel, request_id, limits,
+        credits by the price table); its result is a new library image whose parent is
+        the source. NOT_FOUND if the image is not the caller's; FAILED_PRECONDITION if
+        it is soft-deleted; INVALID_ARGUMENT (IMG_003) for another factor, an upscaler
+        the provider does not offer or a provider that cannot upscale; IMG_007 when the
+        result would pass the pixel limit; other refusals as SubmitGeneration.
+        """
+
+    @_abc_1.abstractmethod
+    def GetWebhookSecret(
+        self,
+        request: _generation_pb2.GetWebhookSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.GetWebhookSecretResponse, _abc.Awaitable[_generation_pb2.GetWebhookSecretResponse]]:
+        """Returns the caller's webhook signing secret (`whsec_...`), making one on first
+        use. Callbacks to the caller's URLs are signed with it the Standard Webhooks way.
+        """
+
+    @_abc_1.abstractmethod
+    def RotateWebhookSecret(
+        self,
+        request: _generation_pb2.RotateWebhookSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.RotateWebhookSecretResponse, _abc.Awaitable[_generation_pb2.RotateWebhookSecretResponse]]:
+        """Replaces the caller's webhook signing secret. During the grace period
+        (IMAGEGEN_WEBHOOK_SECRET_GRACE) callbacks carry signatures by both the new and
+        the previous secret, so receivers can switch without losing a callback.
         """
 
 def add_ImageGenerationServiceServicer_to_server(servicer: ImageGenerationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

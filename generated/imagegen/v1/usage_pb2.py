@@ -28,47 +28,49 @@ from imagegen.v1 import common_pb2 as imagegen_dot_v1_dot_common__pb2
 from imagegen.v1 import generation_pb2 as imagegen_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17imagegen/v1/usage.proto\x12\x0bimagegen.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18imagegen/v1/common.proto\x1a\x1cimagegen/v1/generation.proto\"\xa3\x02\n\rCreditBalance\x12\x19\n\x11\x61vailable_credits\x18\x01 \x01(\x03\x12\x18\n\x10reserved_credits\x18\x02 \x01(\x03\x12!\n\x19monthly_allowance_credits\x18\x03 \x01(\x03\x12#\n\x1b\x61llowance_remaining_credits\x18\x04 \x01(\x03\x12\x19\n\x11purchased_credits\x18\x05 \x01(\x03\x12\x0c\n\x04plan\x18\x06 \x01(\t\x12\x35\n\x11period_start_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11period_reset_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x98\x03\n\x0bUsageRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12-\n\x06source\x18\x06 \x01(\x0e\x32\x1d.imagegen.v1.GenerationSource\x12(\n\x06status\x18\x07 \x01(\x0e\x32\x18.imagegen.v1.UsageStatus\x12\x13\n\x0bimage_count\x18\x08 \x01(\x05\x12\x0f\n\x07\x63redits\x18\t \x01(\x03\x12\x17\n\ncost_cents\x18\n \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nerror_code\x18\x0b \x01(\t\x12\x15\n\rerror_message\x18\x0c \x01(\t\x12\x30\n\x0crequest_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rcomplete_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.TimestampB\r\n\x0b_cost_cents\"\xe5\x01\n\x0bUsageTotals\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x11\n\tsucceeded\x18\x02 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x03\x12\x11\n\tcancelled\x18\x04 \x01(\x03\x12\x13\n\x0bimage_count\x18\x05 \x01(\x03\x12\x0f\n\x07\x63redits\x18\x06 \x01(\x03\x12\x12\n\ncost_cents\x18\x07 \x01(\x03\x12\x14\n\x0csuccess_rate\x18\x08 \x01(\x01\x12>\n\x1b\x61verage_generation_duration\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\"K\n\rProviderUsage\x12\x10\n\x08provider\x18\x01 \x01(\t\x12(\n\x06totals\x18\x02 \x01(\x0b\x32\x18.imagegen.v1.UsageTotals\"D\n\nDailyUsage\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12(\n\x06totals\x18\x02 \x01(\x0b\x32\x18.imagegen.v1.UsageTotals\"f\n\x0bSourceUsage\x12-\n\x06source\x18\x01 \x01(\x0e\x32\x1d.imagegen.v1.GenerationSource\x12(\n\x06totals\x18\x02 \x01(\x0b\x32\x18.imagegen.v1.UsageTotals\"\x19\n\x17GetCreditBalanceRequest\"G\n\x18GetCreditBalanceResponse\x12+\n\x07\x62\x61lance\x18\x01 \x01(\x0b\x32\x1a.imagegen.v1.CreditBalance\"\xd3\x01\n\x10ListUsageRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12*\n\x08statuses\x18\x03 \x03(\x0e\x32\x18.imagegen.v1.UsageStatus\x12\x36\n\x12request_time_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10request_time_end\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x11ListUsageResponse\x12/\n\rusage_records\x18\x01 \x03(\x0b\x32\x18.imagegen.v1.UsageRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x87\x01\n\x14GetUsageStatsRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttime_zone\x18\x03 \x01(\t\"\xa6\x02\n\x15GetUsageStatsResponse\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x06totals\x18\x03 \x01(\x0b\x32\x18.imagegen.v1.UsageTotals\x12/\n\x0b\x62y_provider\x18\x04 \x03(\x0b\x32\x1a.imagegen.v1.ProviderUsage\x12\'\n\x06\x62y_day\x18\x05 \x03(\x0b\x32\x17.imagegen.v1.DailyUsage\x12+\n\tby_source\x18\x06 \x03(\x0b\x32\x18.imagegen.v1.SourceUsage\"\x9e\x01\n\x12\x45xportUsageRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x08statuses\x18\x03 \x03(\x0e\x32\x18.imagegen.v1.UsageStatus\"#\n\x13\x45xportUsageResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xa6\x01\n\x18\x45xportGenerationsRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x06states\x18\x03 \x03(\x0e\x32\x1c.imagegen.v1.GenerationState\")\n\x19\x45xportGenerationsResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c*|\n\x0bUsageStatus\x12\x1c\n\x18USAGE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16USAGE_STATUS_SUCCEEDED\x10\x01\x12\x17\n\x13USAGE_STATUS_FAILED\x10\x02\x12\x1a\n\x16USAGE_STATUS_CANCELLED\x10\x03\x32\xcd\x03\n\x0cUsageService\x12_\n\x10GetCreditBalance\x12$.imagegen.v1.GetCreditBalanceRequest\x1a%.imagegen.v1.GetCreditBalanceResponse\x12J\n\tListUsage\x12\x1d.imagegen.v1.ListUsageRequest\x1a\x1e.imagegen.v1.ListUsageResponse\x12V\n\rGetUsageStats\x12!.imagegen.v1.GetUsageStatsRequest\x1a\".imagegen.v1.GetUsageStatsResponse\x12R\n\x0b\x45xportUsage\x12\x1f.imagegen.v1.ExportUsageRequest\x1a .imagegen.v1.ExportUsageResponse0\x01\x12\x64\n\x11\x45xportGenerations\x12%.imagegen.v1.ExportGenerationsRequest\x1a&.imagegen.v1.ExportGenerationsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17imagegen/v1/usage.proto\x12\x0bimagegen.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18imagegen/v1/common.proto\x1a\x1cimagegen/v1/generation.proto\"\xa3\x02\n\rCreditBalance\x12\x19\n\x11\x61vailable_credits\x18\x01 \x01(\x03\x12\x18\n\x10reserved_credits\x18\x02 \x01(\x03\x12!\n\x19monthly_allowance_credits\x18\x03 \x01(\x03\x12#\n\x1b\x61llowance_remaining_credits\x18\x04 \x01(\x03\x12\x19\n\x11purchased_credits\x18\x05 \x01(\x03\x12\x0c\n\x04plan\x18\x06 \x01(\t\x12\x35\n\x11period_start_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11period_reset_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xbe\x03\n\x0bUsageRecord\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12-\n\x06source\x18\x06 \x01(\x0e\x32\x1d.imagegen.v1.GenerationSource\x12(\n\x06status\x18\x07 \x01(\x0e\x32\x18.imagegen.v1.UsageStatus\x12\x13\n\x0bimage_count\x18\x08 \x01(\x05\x12\x0f\n\x07\x63redits\x18\t \x01(\x03\x12\x17\n\ncost_cents\x18\n \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nerror_code\x18\x0b \x01(\t\x12\x15\n\rerror_message\x18\x0c \x01(\t\x12\x30\n\x0crequest_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rcomplete_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x04kind\x18\x0f \x01(\x0e\x32\x16.imagegen.v1.UsageKindB\r\n\x0b_cost_cents\"\xe5\x01\n\x0bUsageTotals\x12\x10\n\x08requests\x18\x01 \x01(\x03\x12\x11\n\tsucceeded\x18\x02 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x03\x12\x11\n\tcancelled\x18\x04 \x01(\x03\x12\x13\n\x0bimage_count\x18\x05 \x01(\x03\x12\x0f\n\x07\x63redits\x18\x06 \x01(\x03\x12\x12\n\ncost_cents\x18\x07 \x01(\x03\x12\x14\n\x0csuccess_rate\x18\x08 \x01(\x01\x12>\n\x1b\x61verage_generation_duration\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration\"K\n\rProviderUsage\x12\x10\n\x08provider\x18\x01 \x01(\t\x12(\n\x06totals\x18\x02 \x01(\x0b\x32\x18.imagegen.v1.UsageTotals\"D\n\nDailyUsage\x12\x0c\n\x04\x64\x61te\x18\x01 \x01(\t\x12(\n\x06totals\x18\x02 \x01(\x0b\x32\x18.imagegen.v1.UsageTotals\"f\n\x0bSourceUsage\x12-\n\x06source\x18\x01 \x01(\x0e\x32\x1d.imagegen.v1.GenerationSource\x12(\n\x06totals\x18\x02 \x01(\x0b\x32\x18.imagegen.v1.UsageTotals\"\x19\n\x17GetCreditBalanceRequest\"G\n\x18GetCreditBalanceResponse\x12+\n\x07\x62\x61lance\x18\x01 \x01(\x0b\x32\x1a.imagegen.v1.CreditBalance\"\xd3\x01\n\x10ListUsageRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12*\n\x08statuses\x18\x03 \x03(\x0e\x32\x18.imagegen.v1.UsageStatus\x12\x36\n\x12request_time_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x10request_time_end\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"]\n\x11ListUsageResponse\x12/\n\rusage_records\x18\x01 \x03(\x0b\x32\x18.imagegen.v1.UsageRecord\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x87\x01\n\x14GetUsageStatsRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttime_zone\x18\x03 \x01(\t\"\xa6\x02\n\x15GetUsageStatsResponse\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x06totals\x18\x03 \x01(\x0b\x32\x18.imagegen.v1.UsageTotals\x12/\n\x0b\x62y_provider\x18\x04 \x03(\x0b\x32\x1a.imagegen.v1.ProviderUsage\x12\'\n\x06\x62y_day\x18\x05 \x03(\x0b\x32\x17.imagegen.v1.DailyUsage\x12+\n\tby_source\x18\x06 \x03(\x0b\x32\x18.imagegen.v1.SourceUsage\"\x9e\x01\n\x12\x45xportUsageRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x08statuses\x18\x03 \x03(\x0e\x32\x18.imagegen.v1.UsageStatus\"#\n\x13\x45xportUsageResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\xa6\x01\n\x18\x45xportGenerationsRequest\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x06states\x18\x03 \x03(\x0e\x32\x1c.imagegen.v1.GenerationState\")\n\x19\x45xportGenerationsResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c*|\n\x0bUsageStatus\x12\x1c\n\x18USAGE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16USAGE_STATUS_SUCCEEDED\x10\x01\x12\x17\n\x13USAGE_STATUS_FAILED\x10\x02\x12\x1a\n\x16USAGE_STATUS_CANCELLED\x10\x03*e\n\tUsageKind\x12\x1a\n\x16USAGE_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15USAGE_KIND_GENERATION\x10\x01\x12!\n\x1dUSAGE_KIND_PROMPT_ENHANCEMENT\x10\x02\x32\xcd\x03\n\x0cUsageService\x12_\n\x10GetCreditBalance\x12$.imagegen.v1.GetCreditBalanceRequest\x1a%.imagegen.v1.GetCreditBalanceResponse\x12J\n\tListUsage\x12\x1d.imagegen.v1.ListUsageRequest\x1a\x1e.imagegen.v1.ListUsageResponse\x12V\n\rGetUsageStats\x12!.imagegen.v1.GetUsageStatsRequest\x1a\".imagegen.v1.GetUsageStatsResponse\x12R\n\x0b\x45xportUsage\x12\x1f.imagegen.v1.ExportUsageRequest\x1a .imagegen.v1.ExportUsageResponse0\x01\x12\x64\n\x11\x45xportGenerations\x12%.imagegen.v1.ExportGenerationsRequest\x1a&.imagegen.v1.ExportGenerationsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'imagegen.v1.usage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_USAGESTATUS']._serialized_start=2603
-  _globals['_USAGESTATUS']._serialized_end=2727
+  _globals['_USAGESTATUS']._serialized_start=2641
+  _globals['_USAGESTATUS']._serialized_end=2765
+  _globals['_USAGEKIND']._serialized_start=2767
+  _globals['_USAGEKIND']._serialized_end=2868
   _globals['_CREDITBALANCE']._serialized_start=162
   _globals['_CREDITBALANCE']._serialized_end=453
   _globals['_USAGERECORD']._serialized_start=456
-  _globals['_USAGERECORD']._serialized_end=864
-  _globals['_USAGETOTALS']._serialized_start=867
-  _globals['_USAGETOTALS']._serialized_end=1096
-  _globals['_PROVIDERUSAGE']._serialized_start=1098
-  _globals['_PROVIDERUSAGE']._serialized_end=1173
-  _globals['_DAILYUSAGE']._serialized_start=1175
-  _globals['_DAILYUSAGE']._serialized_end=1243
-  _globals['_SOURCEUSAGE']._serialized_start=1245
-  _globals['_SOURCEUSAGE']._serialized_end=1347
-  _globals['_GETCREDITBALANCEREQUEST']._serialized_start=1349
-  _globals['_GETCREDITBALANCEREQUEST']._serialized_end=1374
-  _globals['_GETCREDITBALANCERESPONSE']._serialized_start=1376
-  _globals['_GETCREDITBALANCERESPONSE']._serialized_end=1447
-  _globals['_LISTUSAGEREQUEST']._serialized_start=1450
-  _globals['_LISTUSAGEREQUEST']._serialized_end=1661
-  _globals['_LISTUSAGERESPONSE']._serialized_start=1663
-  _globals['_LISTUSAGERESPONSE']._serialized_end=1756
-  _globals['_GETUSAGESTATSREQUEST']._serialized_start=1759
-  _globals['_GETUSAGESTATSREQUEST']._serialized_end=1894
-  _globals['_GETUSAGESTATSRESPONSE']._serialized_start=1897
-  _globals['_GETUSAGESTATSRESPONSE']._serialized_end=2191
-  _globals['_EXPORTUSAGEREQUEST']._serialized_start=2194
-  _globals['_EXPORTUSAGEREQUEST']._serialized_end=2352
-  _globals['_EXPORTUSAGERESPONSE']._serialized_start=2354
-  _globals['_EXPORTUSAGERESPONSE']._serialized_end=2389
-  _globals['_EXPORTGENERATIONSREQUEST']._serialized_start=2392
-  _globals['_EXPORTGENERATIONSREQUEST']._serialized_end=2558
-  _globals['_EXPORTGENERATIONSRESPONSE']._serialized_start=2560
-  _globals['_EXPORTGENERATIONSRESPONSE']._serialized_end=2601
-  _globals['_USAGESERVICE']._serialized_start=2730
-  _globals['_USAGESERVICE']._serialized_end=3191
+  _globals['_USAGERECORD']._serialized_end=902
+  _globals['_USAGETOTALS']._serialized_start=905
+  _globals['_USAGETOTALS']._serialized_end=1134
+  _globals['_PROVIDERUSAGE']._serialized_start=1136
+  _globals['_PROVIDERUSAGE']._serialized_end=1211
+  _globals['_DAILYUSAGE']._serialized_start=1213
+  _globals['_DAILYUSAGE']._serialized_end=1281
+  _globals['_SOURCEUSAGE']._serialized_start=1283
+  _globals['_SOURCEUSAGE']._serialized_end=1385
+  _globals['_GETCREDITBALANCEREQUEST']._serialized_start=1387
+  _globals['_GETCREDITBALANCEREQUEST']._serialized_end=1412
+  _globals['_GETCREDITBALANCERESPONSE']._serialized_start=1414
+  _globals['_GETCREDITBALANCERESPONSE']._serialized_end=1485
+  _globals['_LISTUSAGEREQUEST']._serialized_start=1488
+  _globals['_LISTUSAGEREQUEST']._serialized_end=1699
+  _globals['_LISTUSAGERESPONSE']._serialized_start=1701
+  _globals['_LISTUSAGERESPONSE']._serialized_end=1794
+  _globals['_GETUSAGESTATSREQUEST']._serialized_start=1797
+  _globals['_GETUSAGESTATSREQUEST']._serialized_end=1932
+  _globals['_GETUSAGESTATSRESPONSE']._serialized_start=1935
+  _globals['_GETUSAGESTATSRESPONSE']._serialized_end=2229
+  _globals['_EXPORTUSAGEREQUEST']._serialized_start=2232
+  _globals['_EXPORTUSAGEREQUEST']._serialized_end=2390
+  _globals['_EXPORTUSAGERESPONSE']._serialized_start=2392
+  _globals['_EXPORTUSAGERESPONSE']._serialized_end=2427
+  _globals['_EXPORTGENERATIONSREQUEST']._serialized_start=2430
+  _globals['_EXPORTGENERATIONSREQUEST']._serialized_end=2596
+  _globals['_EXPORTGENERATIONSRESPONSE']._serialized_start=2598
+  _globals['_EXPORTGENERATIONSRESPONSE']._serialized_end=2639
+  _globals['_USAGESERVICE']._serialized_start=2871
+  _globals['_USAGESERVICE']._serialized_end=3332
 # @@protoc_insertion_point(module_scope)

@@ -51,6 +51,30 @@ USAGE_STATUS_CANCELLED: UsageStatus.ValueType  # 3
 """Its owner cancelled it; nothing was charged for images not delivered."""
 Global___UsageStatus: _TypeAlias = UsageStatus  # noqa: Y015
 
+class _UsageKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UsageKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UsageKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    USAGE_KIND_UNSPECIFIED: _UsageKind.ValueType  # 0
+    """Not set: recorded before kinds existed, a generation."""
+    USAGE_KIND_GENERATION: _UsageKind.ValueType  # 1
+    """An attempt of a generation job (text-to-image, edit, outpaint or upscale)."""
+    USAGE_KIND_PROMPT_ENHANCEMENT: _UsageKind.ValueType  # 2
+    """A prompt enhancement (PromptAssistantService.EnhancePrompt)."""
+
+class UsageKind(_UsageKind, metaclass=_UsageKindEnumTypeWrapper):
+    """What a usage record is for."""
+
+USAGE_KIND_UNSPECIFIED: UsageKind.ValueType  # 0
+"""Not set: recorded before kinds existed, a generation."""
+USAGE_KIND_GENERATION: UsageKind.ValueType  # 1
+"""An attempt of a generation job (text-to-image, edit, outpaint or upscale)."""
+USAGE_KIND_PROMPT_ENHANCEMENT: UsageKind.ValueType  # 2
+"""A prompt enhancement (PromptAssistantService.EnhancePrompt)."""
+Global___UsageKind: _TypeAlias = UsageKind  # noqa: Y015
+
 @_typing.final
 class CreditBalance(_message.Message):
     """The caller's credits. Spending uses the period's allowance first, then bought
@@ -114,7 +138,7 @@ Global___CreditBalance: _TypeAlias = CreditBalance  # noqa: Y015
 
 @_typing.final
 class UsageRecord(_message.Message):
-    """One attempt of a generation job, as charged."""
+    """One attempt of a generation job, or one prompt enhancement, as charged."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -132,6 +156,7 @@ class UsageRecord(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     REQUEST_TIME_FIELD_NUMBER: _builtins.int
     COMPLETE_TIME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name, `usage/{usage}`."""
     generation: _builtins.str
@@ -157,9 +182,13 @@ class UsageRecord(_message.Message):
     reports no cost.
     """
     error_code: _builtins.str
-    """Stable code of its error, IMG_001 to IMG_010; empty unless it failed."""
+    """Stable code of its error, IMG_001 to IMG_012; empty unless it failed."""
     error_message: _builtins.str
     """Its error for people; empty unless it failed."""
+    kind: Global___UsageKind.ValueType
+    """What the record is for; generation records before this field existed read as
+    unspecified.
+    """
     @_builtins.property
     def request_time(self) -> _timestamp_pb2.Timestamp:
         """When the job was submitted."""
@@ -185,10 +214,11 @@ class UsageRecord(_message.Message):
         error_message: _builtins.str = ...,
         request_time: _timestamp_pb2.Timestamp | None = ...,
         complete_time: _timestamp_pb2.Timestamp | None = ...,
+        kind: Global___UsageKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_cost_cents", b"_cost_cents", "complete_time", b"complete_time", "cost_cents", b"cost_cents", "request_time", b"request_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cost_cents", b"_cost_cents", "attempt", b"attempt", "complete_time", b"complete_time", "cost_cents", b"cost_cents", "credits", b"credits", "error_code", b"error_code", "error_message", b"error_message", "generation", b"generation", "image_count", b"image_count", "model", b"model", "name", b"name", "provider", b"provider", "request_time", b"request_time", "source", b"source", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_cost_cents", b"_cost_cents", "attempt", b"attempt", "complete_time", b"complete_time", "cost_cents", b"cost_cents", "credits", b"credits", "error_code", b"error_code", "error_message", b"error_message", "generation", b"generation", "image_count", b"image_count", "kind", b"kind", "model", b"model", "name", b"name", "provider", b"provider", "request_time", b"request_time", "source", b"source", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__cost_cents: _TypeAlias = _typing.Literal["cost_cents"]  # noqa: Y015
     _WhichOneofArgType__cost_cents: _TypeAlias = _typing.Literal["_cost_cents", b"_cost_cents"]  # noqa: Y015
