@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from datetime import timedelta
+from typing import Any
 
 import grpc
 
@@ -248,3 +249,20 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
                 )
             )
         return generation_pb2.ListProvidersResponse(providers=infos)
+
+    # Added to the contract ahead of their use cases (issues 13 and 14); until those
+    # land they answer UNIMPLEMENTED, as the generated base class would.
+    async def WaitGeneration(self, request: Any, context: Any) -> Any:
+        raise NotImplementedError
+
+    async def BatchGenerate(self, request: Any, context: Any) -> Any:
+        raise NotImplementedError
+
+    async def UpscaleImage(self, request: Any, context: Any) -> Any:
+        raise NotImplementedError
+
+    async def GetWebhookSecret(self, request: Any, context: Any) -> Any:
+        raise NotImplementedError
+
+    async def RotateWebhookSecret(self, request: Any, context: Any) -> Any:
+        raise NotImplementedError
