@@ -197,9 +197,9 @@ class ImageGenerationServiceServicer:
 
     def RerunGeneration(self, request, context):
         """Runs a job again with the same settings as a new job; an edit runs again on the
-        same library images. NOT_FOUND if it is not the caller's; FAILED_PRECONDITION
-        (IMG_003) if one of its source images was purged since; refusals as
-        SubmitGeneration.
+        same library images. NOT_FOUND if it is not the caller's; INVALID_ARGUMENT
+        (IMG_003, naming the source) if one of its source images was purged since;
+        refusals as SubmitGeneration.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

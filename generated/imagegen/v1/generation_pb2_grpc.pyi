@@ -78,9 +78,9 @@ class ImageGenerationServiceStub:
     """
     RerunGeneration: _grpc.UnaryUnaryMultiCallable[_generation_pb2.RerunGenerationRequest, _generation_pb2.RerunGenerationResponse]
     """Runs a job again with the same settings as a new job; an edit runs again on the
-    same library images. NOT_FOUND if it is not the caller's; FAILED_PRECONDITION
-    (IMG_003) if one of its source images was purged since; refusals as
-    SubmitGeneration.
+    same library images. NOT_FOUND if it is not the caller's; INVALID_ARGUMENT
+    (IMG_003, naming the source) if one of its source images was purged since;
+    refusals as SubmitGeneration.
     """
     QuoteGeneration: _grpc.UnaryUnaryMultiCallable[_generation_pb2.QuoteGenerationRequest, _generation_pb2.QuoteGenerationResponse]
     """Returns the price in credits of a request without running it.
@@ -181,9 +181,9 @@ class ImageGenerationServiceAsyncStub(ImageGenerationServiceStub):
     """
     RerunGeneration: _aio.UnaryUnaryMultiCallable[_generation_pb2.RerunGenerationRequest, _generation_pb2.RerunGenerationResponse]  # type: ignore[assignment]
     """Runs a job again with the same settings as a new job; an edit runs again on the
-    same library images. NOT_FOUND if it is not the caller's; FAILED_PRECONDITION
-    (IMG_003) if one of its source images was purged since; refusals as
-    SubmitGeneration.
+    same library images. NOT_FOUND if it is not the caller's; INVALID_ARGUMENT
+    (IMG_003, naming the source) if one of its source images was purged since;
+    refusals as SubmitGeneration.
     """
     QuoteGeneration: _aio.UnaryUnaryMultiCallable[_generation_pb2.QuoteGenerationRequest, _generation_pb2.QuoteGenerationResponse]  # type: ignore[assignment]
     """Returns the price in credits of a request without running it.
@@ -323,9 +323,9 @@ class ImageGenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_generation_pb2.RerunGenerationResponse, _abc.Awaitable[_generation_pb2.RerunGenerationResponse]]:
         """Runs a job again with the same settings as a new job; an edit runs again on the
-        same library images. NOT_FOUND if it is not the caller's; FAILED_PRECONDITION
-        (IMG_003) if one of its source images was purged since; refusals as
-        SubmitGeneration.
+        same library images. NOT_FOUND if it is not the caller's; INVALID_ARGUMENT
+        (IMG_003, naming the source) if one of its source images was purged since;
+        refusals as SubmitGeneration.
         """
 
     @_abc_1.abstractmethod
