@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
     except ConfigError as exc:
         print(f"imagegen: configuration error: {exc}", file=sys.stderr)
-        return 2
+        # Docker reserves a HEALTHCHECK's exit code 2; unhealthy is 1.
+        return 1 if args.command == "health" else 2
     if args.command == "serve":
         return _serve(settings)
     if args.command == "migrate":

@@ -62,6 +62,11 @@ async def test_health_is_zero_when_serving_and_one_for_an_unknown_service(
         )
         assert named.returncode == 0, named.stderr
 
+        # A bad setting is unhealthy (1), never Docker's reserved 2.
+        misconfigured = await run_health({**server.env, "IMAGEGEN_GRPC_PORT": "seventy"})
+        assert misconfigured.returncode == 1
+        assert "IMAGEGEN_GRPC_PORT" in misconfigured.stderr
+
         unknown = await run_health(
             server.env, "--addr", server.grpc_address, "--service", "no.such.Service"
         )
