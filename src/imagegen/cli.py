@@ -1,4 +1,4 @@
-"""`imagegen`: serve, migrate, mint a token, or generate from the command line."""
+"""`imagegen`: serve, migrate, check health, mint a token, or generate from the command line."""
 
 from __future__ import annotations
 
@@ -29,6 +29,21 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("serve", help="serve gRPC (and signed URLs, /metrics over HTTP)")
     sub.add_parser("migrate", help="apply database migrations and exit")
+
+    health = sub.add_parser(
+        "health",
+        help="exit 0 if the server's gRPC health says SERVING, else 1 (the image's HEALTHCHECK)",
+    )
+    health.add_argument(
+        "--addr",
+        default=None,
+        help="server address (default: this machine's IMAGEGEN_HOST:IMAGEGEN_GRPC_PORT, "
+        "loopback when the host is 0.0.0.0)",
+    )
+    health.add_argument(
+        "--service", default="", help='grpc.health.v1 service name ("" is the whole server)'
+    )
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer")
 
     token = sub.add_parser("token", help="mint a development token (printed on the last line)")
     token.add_argument("--user", required=True, help="user id (the `sub` claim)")
@@ -77,11 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings.from_env()
     except ConfigError as exc:
         print(f"imagegen: configuration error: {exc}", file=sys.stderr)
-        return 2
+        # Docker reserves a HEALTHCHECK's exit code 2; unhealthy is 1.
+        return 1 if args.command == "health" else 2
     if args.command == "serve":
         return _serve(settings)
     if args.command == "migrate":
         return _migrate(settings)
+    if args.command == "health":
+        return _health(settings, args)
     if args.command == "token":
         return _token(settings, args)
     if args.command == "generate":
@@ -133,6 +151,17 @@ def _migrate(settings: Settings) -> int:
     applied = asyncio.run(_run())
     print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
     return 0
+
+
+def _health(settings: Settings, args: argparse.Namespace) -> int:
+    from imagegen.healthcheck import check_health, local_address
+
+    # Not IMAGEGEN_ADDR: a health check asks about the server beside it, the one these
+    # same settings configure, never a remote one a CLI user points at.
+    address = args.addr or local_address(settings.host, settings.grpc_port)
+    answer = check_health(address, args.service, timeout=args.timeout)
+    print(answer.detail, file=sys.stdout if answer.serving else sys.stderr)
+    return 0 if answer.serving else 1
 
 
 def _grant(settings: Settings, args: argparse.Namespace) -> int:

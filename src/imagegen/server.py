@@ -309,6 +309,9 @@ class Server:
                 local_store.public_url = (
                     settings.public_url or f"http://{_url_host(settings.host)}:{http_port}"
                 ).rstrip("/")
+                notice = public_url_notice(settings.host, settings.public_url, http_port)
+                if notice is not None:
+                    log.warning(notice, extra={"event": "server.public_url_unset"})
 
             await runner.start()
             telemetry.generation_metrics.register_queue_observer(lambda: runner.queue_stats)
@@ -366,7 +369,22 @@ class _GrpcHandle:
         self.service: GenerationService | None = None
 
 
+def public_url_notice(host: str, public_url: str | None, http_port: int) -> str | None:
+    """The start-up line for a server that binds every interface but builds its signed
+    URLs on loopback (no IMAGEGEN_PUBLIC_URL), which callers elsewhere cannot open."""
+    if public_url or host not in _ANY_HOST:
+        return None
+    return (
+        f"IMAGEGEN_HOST is {host or '(empty)'} but IMAGEGEN_PUBLIC_URL is not set: signed "
+        f"image URLs start with http://{_url_host(host)}:{http_port}, which only this "
+        "machine can open; set IMAGEGEN_PUBLIC_URL to the base URL callers reach"
+    )
+
+
+_ANY_HOST = ("0.0.0.0", "", "::")
+
+
 def _url_host(host: str) -> str:
-    if host in ("0.0.0.0", "", "::"):
+    if host in _ANY_HOST:
         return "127.0.0.1"
     return f"[{host}]" if ":" in host else host
