@@ -17,7 +17,7 @@ from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 GENERATED_CONTRACT = Path(__file__).resolve().parents[2] / "generated" / "imagegen" / "v1"
 
 
-class GeneratedContractHook(BuildHookInterface):  # type: ignore[type-arg]
+class GeneratedContractHook(BuildHookInterface):
     """Adds generated/imagegen/v1 to regular (non-editable) wheels."""
 
     PLUGIN_NAME = "custom"
