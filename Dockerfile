@@ -8,10 +8,13 @@ FROM python:3.11-slim AS build
 WORKDIR /src
 RUN pip install --no-cache-dir build==1.2.2
 COPY pyproject.toml README.md ./
+COPY clients/python ./clients/python
 COPY src ./src
 COPY generated ./generated
 COPY migrations ./migrations
-RUN python -m build --wheel --outdir /dist
+# Two wheels: the server and the client it depends on (imagegen.client, imagegen.v1).
+RUN python -m build --wheel --outdir /dist \
+    && python -m build --wheel --outdir /dist clients/python
 
 FROM python:3.11-slim AS runtime
 # --- user and data directory -----------------------------------------------------------

@@ -103,13 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "token":
         return _token(settings, args)
     if args.command == "generate":
-        from imagegen.client.cli_generate import run_generate
+        from imagegen.cli_generate import run_generate
 
         return asyncio.run(run_generate(settings, args))
     if args.command == "credits":
         return _grant(settings, args)
     if args.command in ("usage", "generations"):
-        from imagegen.client.cli_export import run_export
+        from imagegen.cli_export import run_export
 
         return asyncio.run(run_export(settings, args, args.command))
     return 2  # pragma: no cover - argparse rejects other commands

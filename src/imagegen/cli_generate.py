@@ -12,7 +12,7 @@ import grpc
 import httpx
 from grpc_status import rpc_status
 
-from imagegen.client._client import ImageGenClient
+from imagegen.client import ImageGenClient
 from imagegen.config import Settings
 from imagegen.v1 import common_pb2, generation_pb2
 

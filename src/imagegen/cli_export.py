@@ -12,8 +12,8 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from imagegen.client._client import CHANNEL_OPTIONS
-from imagegen.client.cli_generate import _token
+from imagegen.cli_generate import _token
+from imagegen.client import CHANNEL_OPTIONS
 from imagegen.config import Settings
 from imagegen.v1 import usage_pb2, usage_pb2_grpc
 
