@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import stat
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from PIL import Image
 
+from imagegen import cli
 from imagegen.config import (
     DEFAULT_USAGE_NOTICE,
     MAX_USAGE_NOTICE_CHARS,
@@ -38,6 +40,7 @@ from imagegen.provenance import (
 from imagegen.provenance.signing import (
     DEV_BUNDLE_FILE,
     load_or_create_dev_signing,
+    make_dev_chain,
     signing_material_from_pem,
 )
 
@@ -365,3 +368,55 @@ def test_a_notice_at_the_limit_is_accepted_and_one_longer_refused() -> None:
 def test_half_a_signing_configuration_is_refused(only: str) -> None:
     with pytest.raises(ConfigError, match="both IMAGEGEN_C2PA_CERT and IMAGEGEN_C2PA_KEY"):
         Settings.from_env({only: "/some/file.pem"})
+
+
+# `imagegen provenance FILE`.
+
+
+@pytest.fixture
+def marked_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    data_dir = tmp_path / "data"
+    monkeypatch.setenv("IMAGEGEN_DATA_DIR", str(data_dir))
+    marker = ProvenanceMarker(load_or_create_dev_signing(data_dir))
+    path = tmp_path / "image.png"
+    path.write_bytes(marker.mark(png(), ImageFormat.PNG, FACTS))
+    return path
+
+
+def test_the_cli_prints_a_trusted_report(
+    marked_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["provenance", str(marked_file)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("C2PA manifest: Trusted (urn:c2pa:")
+    assert "trainedAlgorithmicMedia" in out
+    assert "xmpRights:UsageTerms: notice" in out
+
+
+def test_the_cli_prints_json(marked_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["provenance", "--json", str(marked_file)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["validation_state"] == "Trusted"
+    assert report["xmp"]["rights"] == "notice"
+
+
+def test_the_cli_uses_the_anchors_it_is_given(
+    marked_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, _, other_ca = make_dev_chain()
+    (tmp_path / "other-ca.pem").write_text(other_ca)
+    assert (
+        cli.main(["provenance", "--anchors", str(tmp_path / "other-ca.pem"), str(marked_file)]) == 0
+    )
+    assert capsys.readouterr().out.startswith("C2PA manifest: Valid")
+
+
+def test_the_cli_exits_1_for_an_unmarked_image_and_2_for_a_missing_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("IMAGEGEN_DATA_DIR", str(tmp_path / "data"))
+    (tmp_path / "plain.png").write_bytes(png())
+    assert cli.main(["provenance", str(tmp_path / "plain.png")]) == 1
+    assert capsys.readouterr().out.startswith("C2PA manifest: none")
+    assert cli.main(["provenance", str(tmp_path / "missing.png")]) == 2
+    assert "missing.png" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from imagegen.provenance.marker import ProvenanceError, ProvenanceMarker
 from imagegen.provenance.report import (
     IngredientReport,
     ProvenanceReport,
+    format_report,
     read_marks,
 )
 from imagegen.provenance.signing import (
@@ -43,6 +44,7 @@ __all__ = [
     "ProvenanceReport",
     "SigningMaterial",
     "XmpFields",
+    "format_report",
     "load_signing_material",
     "open_marker",
     "read_marks",

@@ -170,3 +170,41 @@ def _failures(results: dict[str, Any]) -> tuple[str, ...]:
             for item in (delta.get("validationDeltas") or {}).get("failure", [])
         )
     return tuple(found)
+
+
+def format_report(report: ProvenanceReport) -> str:
+    """The report as text for a terminal (what `imagegen provenance FILE` prints)."""
+    lines: list[str] = []
+    if not report.has_manifest:
+        lines.append("C2PA manifest: none")
+    elif report.manifest_error:
+        lines.append(f"C2PA manifest: unreadable ({report.manifest_error})")
+    else:
+        lines.append(f"C2PA manifest: {report.validation_state} ({report.label})")
+        lines += [
+            f"  title: {report.title}",
+            f"  claim generator: {report.claim_generator}",
+            f"  signer: {report.signer}",
+            f"  digital source type: {report.digital_source_type}",
+            f"  actions: {', '.join(report.actions)}",
+            f"  provider: {report.provider or '-'}, model: {report.model or '-'}",
+            f"  created: {report.created or '-'}",
+        ]
+        for ingredient in report.ingredients:
+            lines.append(
+                f"  ingredient ({ingredient.relationship}): {ingredient.title} "
+                f"[{ingredient.format}]"
+                + (f" sha256 {ingredient.sha256}" if ingredient.sha256 else "")
+                + (f" manifest {ingredient.manifest_label}" if ingredient.manifest_label else "")
+            )
+        lines += [f"  failure: {failure}" for failure in report.failures]
+    xmp = report.xmp
+    lines += [
+        "XMP:",
+        f"  Iptc4xmpExt:DigitalSourceType: {xmp.digital_source_type or '-'}",
+        f"  xmpRights:UsageTerms: {xmp.usage_terms or '-'}",
+        f"  dc:rights: {xmp.rights or '-'}",
+        f"  xmp:CreatorTool: {xmp.creator_tool or '-'}",
+        f"  xmp:CreateDate: {xmp.create_date or '-'}",
+    ]
+    return "\n".join(lines)
