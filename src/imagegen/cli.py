@@ -64,6 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--addr", default=None, help="server address (IMAGEGEN_ADDR)")
     gen.add_argument("--user", default="cli", help="user for a minted token when none is given")
 
+    provenance = sub.add_parser(
+        "provenance",
+        help="print an image's C2PA manifest and XMP marks (exit 1 if none or invalid)",
+    )
+    provenance.add_argument("file", help="PNG, JPEG or WebP file")
+    provenance.add_argument(
+        "--anchors",
+        help="PEM file of trusted roots (default: the development CA in the data directory)",
+    )
+    provenance.add_argument("--json", action="store_true", help="print JSON")
+
     credits = sub.add_parser("credits", help="administer credits (talks to the database)")
     credit_actions = credits.add_subparsers(dest="action", required=True)
     grant = credit_actions.add_parser("grant", help="grant credits that never expire")
@@ -108,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(run_generate(settings, args))
     if args.command == "credits":
         return _grant(settings, args)
+    if args.command == "provenance":
+        return _provenance(settings, args)
     if args.command in ("usage", "generations"):
         from imagegen.cli_export import run_export
 
@@ -190,6 +203,24 @@ def _grant(settings: Settings, args: argparse.Namespace) -> int:
     balance = asyncio.run(_run())
     print(f"granted {args.amount} credits to {args.user}; balance {balance}")
     return 0
+
+
+def _provenance(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from imagegen.provenance import DEV_CA_FILE, format_report, read_marks
+
+    anchors_path = Path(args.anchors) if args.anchors else settings.data_dir / DEV_CA_FILE
+    try:
+        data = Path(args.file).read_bytes()
+        anchors = anchors_path.read_text() if args.anchors or anchors_path.exists() else None
+        report = read_marks(data, trust_anchors_pem=anchors)
+    except (OSError, ValueError) as exc:
+        print(f"imagegen: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+    return 0 if report.validation_state in ("Trusted", "Valid") else 1
 
 
 def _token(settings: Settings, args: argparse.Namespace) -> int:

@@ -14,6 +14,12 @@ from datetime import timedelta
 from pathlib import Path
 
 MAX_URL_TTL = timedelta(days=7)
+MAX_USAGE_NOTICE_CHARS = 2000
+#: What images say about themselves when a deployment sets no IMAGEGEN_USAGE_NOTICE.
+DEFAULT_USAGE_NOTICE = (
+    "This image was generated or edited with AI (imagegen). It may resemble existing "
+    "works or people; use it only as the terms of the service that produced it allow."
+)
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,7 @@ SETTINGS: tuple[SettingDoc, ...] = (
     SettingDoc(
         "IMAGEGEN_DATA_DIR",
         "~/.local/share/imagegen",
-        "Data directory: embedded PostgreSQL, local blobs, development JWT key.",
+        "Data directory: embedded PostgreSQL, local blobs, development JWT key and C2PA CA.",
     ),
     SettingDoc("IMAGEGEN_HOST", "127.0.0.1", "Address the gRPC and HTTP servers bind."),
     SettingDoc("IMAGEGEN_GRPC_PORT", "50051", "gRPC port; 0 binds a free port."),
@@ -79,6 +85,22 @@ SETTINGS: tuple[SettingDoc, ...] = (
     SettingDoc("IMAGEGEN_JWT_ALGORITHMS", "HS256", "Comma-separated accepted JWT algorithms."),
     SettingDoc("IMAGEGEN_JWT_ISSUER", "(unchecked)", "Required `iss` claim, if set."),
     SettingDoc("IMAGEGEN_JWT_AUDIENCE", "(unchecked)", "Required `aud` claim, if set."),
+    SettingDoc(
+        "IMAGEGEN_C2PA_CERT",
+        "(development CA in the data directory)",
+        "C2PA signing certificate chain, leaf first, as PEM text or a path to a PEM file.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_C2PA_KEY",
+        "(development key in the data directory)",
+        "Private key of the C2PA signing certificate, as PEM text or a path to a PEM file.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_USAGE_NOTICE",
+        "(a notice that the image was made with AI)",
+        f"Usage notice put in every image's XMP (`dc:rights`, `xmpRights:UsageTerms`); "
+        f"at most {MAX_USAGE_NOTICE_CHARS} characters.",
+    ),
     SettingDoc(
         "IMAGEGEN_DEFAULT_PROVIDER",
         "forge if configured, else local",
@@ -167,6 +189,16 @@ class JwtSettings:
 
 
 @dataclass(frozen=True)
+class ProvenanceSettings:
+    """How images are marked: the C2PA signing chain and key (both or neither; PEM text or
+    file paths, resolved by imagegen.provenance) and the usage notice."""
+
+    cert: str | None
+    key: str | None
+    usage_notice: str
+
+
+@dataclass(frozen=True)
 class ForgeSettings:
     """The Forge ImageService; both values are needed for it to be usable."""
 
@@ -189,6 +221,7 @@ class Settings:
     url_ttl: timedelta
     shutdown_grace: timedelta
     jwt: JwtSettings
+    provenance: ProvenanceSettings
     default_provider: str | None
     fallback_providers: tuple[str, ...]
     fetch_allow_hosts: tuple[str, ...]
@@ -235,6 +268,16 @@ class Settings:
         )
         if not algorithms or any(a.lower() == "none" for a in algorithms):
             raise ConfigError("IMAGEGEN_JWT_ALGORITHMS must list real algorithms (not none)")
+        c2pa_cert = reader.optional("IMAGEGEN_C2PA_CERT")
+        c2pa_key = reader.optional("IMAGEGEN_C2PA_KEY")
+        if (c2pa_cert is None) != (c2pa_key is None):
+            # Half a configuration would silently fall back to the development CA.
+            raise ConfigError("set both IMAGEGEN_C2PA_CERT and IMAGEGEN_C2PA_KEY, or neither")
+        usage_notice = reader.text("IMAGEGEN_USAGE_NOTICE", DEFAULT_USAGE_NOTICE)
+        if len(usage_notice) > MAX_USAGE_NOTICE_CHARS:
+            raise ConfigError(
+                f"IMAGEGEN_USAGE_NOTICE must be at most {MAX_USAGE_NOTICE_CHARS} characters"
+            )
         settings = cls(
             data_dir=data_dir,
             host=reader.text("IMAGEGEN_HOST", "127.0.0.1"),
@@ -251,6 +294,9 @@ class Settings:
                 algorithms=algorithms,
                 issuer=reader.optional("IMAGEGEN_JWT_ISSUER"),
                 audience=reader.optional("IMAGEGEN_JWT_AUDIENCE"),
+            ),
+            provenance=ProvenanceSettings(
+                cert=c2pa_cert, key=c2pa_key, usage_notice=usage_notice
             ),
             default_provider=reader.optional("IMAGEGEN_DEFAULT_PROVIDER"),
             fallback_providers=tuple(
