@@ -97,6 +97,12 @@ def test_dimensions_come_from_the_header(fmt: str, options: dict[str, object]) -
     assert (header.width, header.height) == (37, 23)
 
 
+@pytest.mark.parametrize("options", [{"lossless": True}, {}])
+def test_the_smallest_webp_passes(options: dict[str, object]) -> None:
+    data = encode(Image.new("RGB", (1, 1)), "WEBP", **options)
+    assert checked(data) is data
+
+
 def test_webp_extended_header_with_alpha() -> None:
     data = encode(picture(41, 19, "RGBA"), "WEBP")
     assert data[12:16] == b"VP8X"

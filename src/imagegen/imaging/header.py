@@ -203,10 +203,11 @@ def _next_marker(data: bytes, position: int) -> int:
 
 def _webp_header(data: bytes) -> ImageHeader:
     # RIFF header (12), then the first chunk: FourCC (4), size (4), data.
-    if len(data) < 30:
-        raise ImageDecodeError("the WebP image is truncated in its header")
     kind = data[12:16]
     body = 20
+    # VP8X and VP8 carry the dimensions in their first 10 bytes, VP8L in its first 5.
+    if len(data) < body + (5 if kind == b"VP8L" else 10):
+        raise ImageDecodeError("the WebP image is truncated in its header")
     if kind == b"VP8X":
         flags = data[body]
         width = 1 + int.from_bytes(data[body + 4 : body + 7], "little")
