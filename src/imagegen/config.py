@@ -131,6 +131,19 @@ SETTINGS: tuple[SettingDoc, ...] = (
         "1048576",
         "Chunk size of DownloadImage streams in bytes (at most 1 MiB).",
     ),
+    SettingDoc(
+        "IMAGEGEN_PNG_COMPRESS_LEVEL",
+        "6",
+        "zlib level (0-9) of PNGs the service encodes; a reply already in the asked "
+        "format and size is stored as it came.",
+    ),
+    SettingDoc("IMAGEGEN_JPEG_QUALITY", "90", "Quality (1-100) of JPEGs the service encodes."),
+    SettingDoc("IMAGEGEN_WEBP_QUALITY", "90", "Quality (1-100) of WebPs the service encodes."),
+    SettingDoc(
+        "IMAGEGEN_WEBP_EFFORT",
+        "4",
+        "CPU effort (0-6) of WebP encoding; higher is smaller and slower.",
+    ),
     SettingDoc("IMAGEGEN_WORKERS", "4", "Jobs one process runs at once."),
     SettingDoc("IMAGEGEN_LEASE", "30", "Seconds a worker's claim on a job lasts without renewal."),
     SettingDoc("IMAGEGEN_MAX_ATTEMPTS", "3", "Times a job is started before it is failed."),
@@ -228,6 +241,10 @@ class Settings:
     max_pixels: int
     max_input_bytes: int
     download_chunk_bytes: int
+    png_compress_level: int
+    jpeg_quality: int
+    webp_quality: int
+    webp_effort: int
     workers: int
     lease: timedelta
     max_attempts: int
@@ -315,6 +332,12 @@ class Settings:
                 reader.integer("IMAGEGEN_DOWNLOAD_CHUNK_BYTES", 1024 * 1024, minimum=1024),
                 1024 * 1024,
             ),
+            png_compress_level=reader.integer(
+                "IMAGEGEN_PNG_COMPRESS_LEVEL", 6, minimum=0, maximum=9
+            ),
+            jpeg_quality=reader.integer("IMAGEGEN_JPEG_QUALITY", 90, minimum=1, maximum=100),
+            webp_quality=reader.integer("IMAGEGEN_WEBP_QUALITY", 90, minimum=1, maximum=100),
+            webp_effort=reader.integer("IMAGEGEN_WEBP_EFFORT", 4, minimum=0, maximum=6),
             workers=reader.integer("IMAGEGEN_WORKERS", 4, minimum=1),
             lease=reader.seconds("IMAGEGEN_LEASE", 30),
             max_attempts=reader.integer("IMAGEGEN_MAX_ATTEMPTS", 3, minimum=1),
@@ -372,7 +395,9 @@ class _Reader:
             raise ConfigError(f"{name} must be at least {minimum}")
         return value
 
-    def integer(self, name: str, default: int, *, minimum: int = 0) -> int:
+    def integer(
+        self, name: str, default: int, *, minimum: int = 0, maximum: int | None = None
+    ) -> int:
         raw = self.optional(name)
         if raw is None:
             return default
@@ -382,6 +407,8 @@ class _Reader:
             raise ConfigError(f"{name} must be an integer, not {raw!r}") from None
         if value < minimum:
             raise ConfigError(f"{name} must be at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{name} must be at most {maximum}")
         return value
 
     def port(self, name: str, default: int) -> int:

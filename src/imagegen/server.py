@@ -39,6 +39,7 @@ from imagegen.domain.plans import PlanTable
 from imagegen.domain.pricing import PriceTable
 from imagegen.embedded import start_embedded_postgres
 from imagegen.identity import TokenVerifier, resolve_jwt_key
+from imagegen.imaging import EncodeSettings
 from imagegen.jobs.runner import JobRunner
 from imagegen.jobs.signals import JobSignals, NotificationListener
 from imagegen.providers.base import Provider
@@ -216,6 +217,7 @@ class Server:
                     max_attempts=settings.max_attempts,
                     default_provider=default_provider,
                     fallback_providers=settings.fallback_providers,
+                    encode=_encode_settings(settings),
                 ),
                 tracer=telemetry.tracer,
             )
@@ -271,6 +273,7 @@ class Server:
                             url_ttl=settings.url_ttl,
                             max_pixels=settings.max_pixels,
                             chunk_bytes=settings.download_chunk_bytes,
+                            encode=_encode_settings(settings),
                         ),
                     ),
                     url_ttl=settings.url_ttl,
@@ -382,6 +385,15 @@ def public_url_notice(host: str, public_url: str | None, http_port: int) -> str 
 
 
 _ANY_HOST = ("0.0.0.0", "", "::")
+
+
+def _encode_settings(settings: Settings) -> EncodeSettings:
+    return EncodeSettings(
+        png_compress_level=settings.png_compress_level,
+        jpeg_quality=settings.jpeg_quality,
+        webp_quality=settings.webp_quality,
+        webp_effort=settings.webp_effort,
+    )
 
 
 def _url_host(host: str) -> str:

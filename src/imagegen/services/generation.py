@@ -109,6 +109,7 @@ class PipelineSettings:
     default_provider: str
     fallback_providers: tuple[str, ...] = ()
     watch_poll_interval: float = 1.0
+    encode: imaging.EncodeSettings = dataclasses.field(default_factory=imaging.EncodeSettings)
 
 
 class GenerationService:
@@ -581,7 +582,10 @@ class GenerationService:
             await self._checkpoint(job.id)
             with self._tracer.start_as_current_span("image.process"):
                 encoded, info = await asyncio.to_thread(
-                    self._process_reply, reply.data, job.spec.output_format
+                    self._process_reply,
+                    reply.data,
+                    job.spec.output_format,
+                    None if job.spec.size_from_source else job.spec.size,
                 )
             await self._store(
                 job,
@@ -663,25 +667,28 @@ class GenerationService:
         raise AssertionError("unreachable: the call order is never empty")  # pragma: no cover
 
     def _process_reply(
-        self, data: bytes, output_format: ImageFormat
+        self, data: bytes, output_format: ImageFormat, size: Size | None
     ) -> tuple[bytes, imaging.ImageInfo]:
-        """Check the provider's bytes (type by content, pixel limit) and encode them
-        in the asked format. Runs in a worker thread."""
+        """The image to store for the provider's bytes, in the asked format and size
+        (None: the reply's): stored as it came when it already matches, else decoded,
+        fitted and encoded once. Runs in a worker thread."""
         try:
-            imaging.inspect_image(data, max_pixels=self._settings.max_pixels)
-            encoded = imaging.convert_image(
-                data, output_format, max_pixels=self._settings.max_pixels
+            prepared = imaging.prepare_output(
+                data,
+                target_format=output_format,
+                target_size=size,
+                limits=imaging.ImageLimits(max_pixels=self._settings.max_pixels),
+                encode_settings=self._settings.encode,
             )
-            info = imaging.inspect_image(encoded, max_pixels=self._settings.max_pixels)
         except ImageTooLarge as exc:
             raise ProviderFailed(
                 f"the provider returned an image over the pixel limit: {exc.message}"
             ) from exc
         except imaging.ImageDecodeError as exc:
             raise ProviderFailed(
-                f"the provider returned bytes that are not a PNG, JPEG or WebP image ({exc})"
+                f"the provider returned bytes that are not a whole PNG, JPEG or WebP image ({exc})"
             ) from exc
-        return encoded, info
+        return prepared.data, prepared.info
 
     async def _store(
         self,

@@ -32,6 +32,7 @@ class LibrarySettings:
     url_ttl: timedelta
     max_pixels: int
     chunk_bytes: int = MAX_CHUNK_BYTES
+    encode: imaging.EncodeSettings = dataclasses.field(default_factory=imaging.EncodeSettings)
 
 
 @dataclass(frozen=True)
@@ -153,13 +154,18 @@ class LibraryService:
     async def download(
         self, identity: Identity, image_id: str, target: ImageFormat | None
     ) -> Download:
-        """The image's bytes, converted in a thread when another format is asked for."""
+        """The image's bytes; in another format when asked (one decode and one encode,
+        in a thread)."""
         image = await self._owned(identity, image_id)
         data = await self._blobs.get(image.storage_key)
         mime_type = image.mime_type
         if target is not None and target.mime_type != image.mime_type:
             data = await asyncio.to_thread(
-                imaging.convert_image, data, target, max_pixels=self._settings.max_pixels
+                imaging.convert_image,
+                data,
+                target,
+                max_pixels=self._settings.max_pixels,
+                encode_settings=self._settings.encode,
             )
             mime_type = target.mime_type
         extension = ImageFormat.from_mime(mime_type).extension

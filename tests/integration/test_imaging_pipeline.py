@@ -1,0 +1,93 @@
+"""The reply-to-stored-image step inside a real server: a reply of the asked format and
+size is stored byte for byte, another size is fitted to exactly the asked one, and a
+truncated reply is IMG_002 with nothing stored."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from imagegen.v1 import common_pb2
+from PIL import Image
+
+from tests.fakes.forge_server import ForgeFake, Reply
+from tests.inprocess import serve_in_process
+from tests.integration.test_pipeline import assert_failed_with, fetch, forge_spec, generate
+from tests.unit.test_imaging_check import encode, picture
+
+
+async def stored_object(s3_endpoint: str, bucket: str, key: str) -> bytes:
+    from aiobotocore.session import get_session
+
+    async with get_session().create_client(
+        "s3", endpoint_url=s3_endpoint, region_name="us-east-1"
+    ) as s3:
+        reply = await s3.get_object(Bucket=bucket, Key=key)
+        async with reply["Body"] as body:
+            data: bytes = await body.read()
+            return data
+
+
+@pytest.fixture
+def forge_env(s3_endpoint: str, s3_bucket: str) -> dict[str, str]:
+    return {"IMAGEGEN_S3_ENDPOINT": s3_endpoint, "IMAGEGEN_S3_BUCKET": s3_bucket}
+
+
+async def run(
+    tmp_path: Path, database_url: str, env: dict[str, str], reply: bytes, **spec: object
+) -> tuple[list, object]:
+    async with ForgeFake.start() as fake:
+        fake.default = Reply(image=reply)
+        full_env = {**env, "BUILT_IN_FORGE_API_URL": fake.url, "BUILT_IN_FORGE_API_KEY": "k"}
+        async with serve_in_process(tmp_path, database_url, env=full_env) as server:
+            return await generate(server.grpc_port, forge_spec(**spec))
+
+
+async def test_a_reply_of_the_asked_format_and_size_is_stored_as_it_came(
+    tmp_path: Path, database_url: str, forge_env: dict[str, str], s3_endpoint: str, s3_bucket: str
+) -> None:
+    reply = encode(picture(512, 512), "PNG")
+    _, err = await run(tmp_path, database_url, forge_env, reply)
+    assert err is None, err
+    rows = await fetch(database_url, "SELECT storage_key, width, height, size_bytes FROM images")
+    assert [(r["width"], r["height"], r["size_bytes"]) for r in rows] == [(512, 512, len(reply))]
+    assert await stored_object(s3_endpoint, s3_bucket, rows[0]["storage_key"]) == reply
+
+
+@pytest.mark.parametrize(("width", "height"), [(256, 256), (1024, 1536), (1536, 1024)])
+async def test_another_size_is_fitted_to_exactly_the_asked_one(
+    tmp_path: Path,
+    database_url: str,
+    forge_env: dict[str, str],
+    s3_endpoint: str,
+    s3_bucket: str,
+    width: int,
+    height: int,
+) -> None:
+    reply = encode(picture(1024, 1024) if width != height else picture(1536, 1024), "PNG")
+    _, err = await run(
+        tmp_path,
+        database_url,
+        forge_env,
+        reply,
+        size=common_pb2.ImageSize(width=width, height=height),
+        format=common_pb2.IMAGE_FORMAT_WEBP,
+    )
+    assert err is None, err
+    rows = await fetch(database_url, "SELECT storage_key, mime_type, width, height FROM images")
+    assert [(r["mime_type"], r["width"], r["height"]) for r in rows] == [
+        ("image/webp", width, height)
+    ]
+    stored = await stored_object(s3_endpoint, s3_bucket, rows[0]["storage_key"])
+    with Image.open(io.BytesIO(stored)) as image:
+        assert (image.format, image.size) == ("WEBP", (width, height))
+
+
+async def test_a_truncated_reply_is_img_002_and_stores_nothing(
+    tmp_path: Path, database_url: str, forge_env: dict[str, str]
+) -> None:
+    whole = encode(picture(512, 512), "PNG")
+    events, err = await run(tmp_path, database_url, forge_env, whole[: len(whole) - 100])
+    assert_failed_with(events, err, "IMG_002")
+    assert await fetch(database_url, "SELECT id FROM images") == []
