@@ -98,9 +98,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
+    from imagegen.ports import PortUnavailable, ensure_ports_free
     from imagegen.server import Server
     from imagegen.telemetry import configure_logging
 
+    try:
+        ensure_ports_free(settings)
+    except PortUnavailable as exc:
+        print(f"imagegen: {exc}", file=sys.stderr)
+        return 1
     configure_logging(settings.log_level)
     if settings.database_url is None:
         print(
@@ -113,7 +119,12 @@ def _serve(settings: Settings) -> int:
             "get a token with: imagegen token --user alice",
             file=sys.stderr,
         )
-    asyncio.run(Server(settings).run())
+    try:
+        asyncio.run(Server(settings).run())
+    except PortUnavailable as exc:
+        # Taken between the check above and the bind; what had started is stopped.
+        print(f"imagegen: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
