@@ -35,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--plan", default="free", choices=PLANS)
     token.add_argument("--sub-account", default="", help="sub-account (team) id")
     token.add_argument("--hours", type=float, default=24.0, help="lifetime in hours")
+    token.add_argument(
+        "--create-key",
+        action="store_true",
+        help="make a development signing key in IMAGEGEN_DATA_DIR if there is none "
+        "(by default the server's key must exist: tokens signed with another key are refused)",
+    )
 
     gen = sub.add_parser("generate", help="generate images and save them")
     gen.add_argument("prompt")
@@ -175,9 +181,13 @@ def _grant(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _token(settings: Settings, args: argparse.Namespace) -> int:
-    from imagegen.identity import mint_token, resolve_jwt_key
+    from imagegen.identity import NoSigningKey, mint_token, resolve_jwt_key
 
-    key = resolve_jwt_key(settings.jwt, settings.data_dir)
+    try:
+        key = resolve_jwt_key(settings.jwt, settings.data_dir, create=args.create_key)
+    except NoSigningKey as exc:
+        print(f"imagegen: {exc}", file=sys.stderr)
+        return 2
     token = mint_token(
         key,
         user_id=args.user,

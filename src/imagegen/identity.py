@@ -322,13 +322,27 @@ def _read_dev_key(path: Path) -> str:
     return key
 
 
-def resolve_jwt_key(settings: JwtSettings, data_dir: Path) -> str:
-    """The configured IMAGEGEN_JWT_KEY, or the development key in `data_dir`."""
+class NoSigningKey(ConfigError):
+    """No IMAGEGEN_JWT_KEY and no development key where one was looked for."""
+
+
+def resolve_jwt_key(settings: JwtSettings, data_dir: Path, *, create: bool = True) -> str:
+    """The configured IMAGEGEN_JWT_KEY, or the development key in `data_dir`. With
+    `create=False` (a tool minting tokens for a server) a missing key raises NoSigningKey
+    saying where it looked, instead of making a key no server uses."""
     if settings.key:
         return settings.key
     if not all(a in _HMAC_ALGORITHMS for a in settings.algorithms):
         raise ConfigError(
             "IMAGEGEN_JWT_KEY must be set (a PEM public key) when IMAGEGEN_JWT_ALGORITHMS "
             "names a public-key algorithm; the development key is HMAC only"
+        )
+    path = data_dir / DEV_KEY_FILE
+    if not create and not path.exists():
+        raise NoSigningKey(
+            f"no signing key: IMAGEGEN_JWT_KEY is not set and there is no {path} "
+            f"(looked in IMAGEGEN_DATA_DIR={data_dir}); run this with the server's "
+            "IMAGEGEN_DATA_DIR (the server makes the key on its first start) or its "
+            "IMAGEGEN_JWT_KEY, or pass --create-key to make a new key there"
         )
     return load_or_create_dev_key(data_dir)
