@@ -73,7 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         export.add_argument("--end", help="end time, ISO 8601 (default: now)")
         export.add_argument("--out", default="-", help="file to write (default: stdout)")
         export.add_argument("--addr", default=None, help="server address (IMAGEGEN_ADDR)")
-        export.add_argument("--user", default="cli", help="user for a minted token")
+        export.add_argument(
+            "--user",
+            default="cli",
+            help="whose rows to export (default: cli, the user `imagegen generate` calls as); "
+            "ignored when IMAGEGEN_TOKEN is set: its user's rows are exported",
+        )
     return parser
 
 

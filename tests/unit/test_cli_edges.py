@@ -1,4 +1,5 @@
-"""`imagegen token` mints with the server's key and never silently invents one."""
+"""The CLI's friendly edges: `imagegen token` never silently invents a key, exports say
+whose rows they hold."""
 
 from __future__ import annotations
 
@@ -52,3 +53,13 @@ def test_a_configured_key_needs_no_data_directory(
     token = capsys.readouterr().out.strip().splitlines()[-1]
     assert jwt.decode(token, "c" * 64, algorithms=["HS256"])["sub"] == "alice"
     assert not data_dir.exists()
+
+
+@pytest.mark.parametrize("what", ["usage", "generations"])
+def test_export_help_says_whose_rows_by_default(
+    what: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main([what, "export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "whose rows to export (default: cli" in text
