@@ -42,11 +42,6 @@ class EmbeddedPostgres:
     _server: Any
     _users_file: Path
 
-    @property
-    def postmaster_pid(self) -> int | None:
-        """The pid of the server's postmaster, as its postmaster.pid file says."""
-        return postmaster_pid(Path(self._server.pgdata))
-
     async def stop(self) -> None:
         """Leave the server; the last live user (stale pids dropped first) stops it."""
 

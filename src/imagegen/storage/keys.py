@@ -39,6 +39,8 @@ _DIGEST_MARK = "_-"
 MAX_SEGMENT_CHARS = 255
 #: How much of the escaped id a digest form keeps in front, for people reading a listing.
 _DIGEST_HEAD_CHARS = 120
+#: Image and source ids are ours (UUIDs); the bound keeps file names well inside NAME_MAX.
+_MAX_ITEM_ID_CHARS = 128
 
 
 def _escape(user_id: str) -> str:
@@ -100,7 +102,7 @@ def user_id_of_segment(segment: str) -> str | None:
 
 
 def _dated_key(folder: str, user_id: str, item_id: str, extension: str, now: datetime) -> str:
-    if not _SIMPLE_ID.fullmatch(item_id) or ".." in item_id:
+    if not _SIMPLE_ID.fullmatch(item_id) or ".." in item_id or len(item_id) > _MAX_ITEM_ID_CHARS:
         raise ValueError(f"id {item_id!r} cannot be used in a blob key")
     if not _EXTENSION.fullmatch(extension):
         raise ValueError(f"extension {extension!r} cannot be used in a blob key")
