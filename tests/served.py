@@ -67,14 +67,17 @@ class ServedProcess:
 
 async def start_server(
     tmp_path: Path,
-    database_url: str,
+    database_url: str | None,
     *,
     extra_env: Mapping[str, str] | None = None,
     name: str = "server",
     timeout: float = 60,
+    data_dir: Path | None = None,
 ) -> ServedProcess:
-    """Start `imagegen serve` on free ports and wait for its ready line."""
-    data_dir = tmp_path / f"{name}-data"
+    """Start `imagegen serve` on free ports and wait for its ready line. With no
+    database_url it runs the embedded PostgreSQL in its data directory (which must be
+    one the postgres system user can enter: tests.conftest.postgres_friendly_dir)."""
+    data_dir = data_dir or tmp_path / f"{name}-data"
     data_dir.mkdir(parents=True, exist_ok=True)
     ready = tmp_path / f"{name}.ready"
     log_path = tmp_path / f"{name}.log"
@@ -91,9 +94,11 @@ async def start_server(
             "IMAGEGEN_LOCAL_STEP_DELAY": "0.01",
             # Plan limits out of the way; tests of the limits themselves set their own.
             "IMAGEGEN_PLANS_FILE": str(Path(__file__).parent / "data" / "plans-unlimited.json"),
-            "DATABASE_URL": database_url,
         }
     )
+    env.pop("DATABASE_URL", None)
+    if database_url is not None:
+        env["DATABASE_URL"] = database_url
     env.update(extra_env or {})
     log_file = log_path.open("wb")
     process = subprocess.Popen(

@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--plan", default="free", choices=PLANS)
     token.add_argument("--sub-account", default="", help="sub-account (team) id")
     token.add_argument("--hours", type=float, default=24.0, help="lifetime in hours")
+    token.add_argument(
+        "--create-key",
+        action="store_true",
+        help="make a development signing key in IMAGEGEN_DATA_DIR if there is none "
+        "(by default the server's key must exist: tokens signed with another key are refused)",
+    )
 
     gen = sub.add_parser("generate", help="generate images and save them")
     gen.add_argument("prompt")
@@ -93,7 +99,12 @@ def _parser() -> argparse.ArgumentParser:
         export.add_argument("--end", help="end time, ISO 8601 (default: now)")
         export.add_argument("--out", default="-", help="file to write (default: stdout)")
         export.add_argument("--addr", default=None, help="server address (IMAGEGEN_ADDR)")
-        export.add_argument("--user", default="cli", help="user for a minted token")
+        export.add_argument(
+            "--user",
+            default="cli",
+            help="whose rows to export (default: cli, the user `imagegen generate` calls as); "
+            "ignored when IMAGEGEN_TOKEN is set: its user's rows are exported",
+        )
     return parser
 
 
@@ -129,9 +140,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(settings: Settings) -> int:
+    from imagegen.ports import PortUnavailable, ensure_ports_free
     from imagegen.server import Server
     from imagegen.telemetry import configure_logging
 
+    try:
+        ensure_ports_free(settings)
+    except PortUnavailable as exc:
+        print(f"imagegen: {exc}", file=sys.stderr)
+        return 1
     configure_logging(settings.log_level)
     if settings.database_url is None:
         print(
@@ -144,7 +161,12 @@ def _serve(settings: Settings) -> int:
             "get a token with: imagegen token --user alice",
             file=sys.stderr,
         )
-    asyncio.run(Server(settings).run())
+    try:
+        asyncio.run(Server(settings).run())
+    except PortUnavailable as exc:
+        # Taken between the check above and the bind; what had started is stopped.
+        print(f"imagegen: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -224,9 +246,13 @@ def _provenance(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _token(settings: Settings, args: argparse.Namespace) -> int:
-    from imagegen.identity import mint_token, resolve_jwt_key
+    from imagegen.identity import NoSigningKey, mint_token, resolve_jwt_key
 
-    key = resolve_jwt_key(settings.jwt, settings.data_dir)
+    try:
+        key = resolve_jwt_key(settings.jwt, settings.data_dir, create=args.create_key)
+    except NoSigningKey as exc:
+        print(f"imagegen: {exc}", file=sys.stderr)
+        return 2
     token = mint_token(
         key,
         user_id=args.user,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import json
 import os
 import sys
 from datetime import UTC, datetime
@@ -52,12 +54,27 @@ async def run_export(settings: Settings, args: argparse.Namespace, what: str) ->
             print(f"imagegen: {err.code().name}: {err.details()}", file=sys.stderr)
             return 1
     data = b"".join(chunks)
+    whose = f"{what} of user {_whose(args.user)}"
     if args.out == "-":
         sys.stdout.buffer.write(data)
+        print(f"imagegen: exported {whose}", file=sys.stderr)
     else:
         await asyncio.to_thread(_write, args.out, data)
-        print(f"wrote {args.out} ({len(data)} bytes)", file=sys.stderr)
+        print(f"wrote {args.out} ({len(data)} bytes): {whose}", file=sys.stderr)
     return 0
+
+
+def _whose(user: str) -> str:
+    """The user whose rows the server returned: IMAGEGEN_TOKEN's `sub`, else --user."""
+    token = os.environ.get("IMAGEGEN_TOKEN")
+    if not token:
+        return repr(user)
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        return repr(str(claims["sub"]))
+    except (IndexError, ValueError, KeyError, TypeError):
+        return "named in IMAGEGEN_TOKEN"
 
 
 def _write(path: str, data: bytes) -> None:

@@ -38,8 +38,11 @@ DEFAULT_PLAN = "free"
 
 #: Shortest HMAC secret accepted: RFC 7518 §3.2 asks for at least the hash size (256 bits).
 MIN_HMAC_KEY_BYTES = 32
-MAX_USER_ID_CHARS = 128
-MAX_SUB_ACCOUNT_CHARS = 128
+#: OpenID Connect Core 1.0 §2 caps `sub` at 255 ASCII characters; we take any unicode text
+#: of up to 255 characters, so every subject an identity provider issues is accepted.
+#: Storage keys encode it (imagegen.storage.keys), so no character is refused for them.
+MAX_USER_ID_CHARS = 255
+MAX_SUB_ACCOUNT_CHARS = 255
 #: Far above any real token of ours; refusing larger ones before parsing bounds the work.
 MAX_TOKEN_CHARS = 8192
 
@@ -190,11 +193,28 @@ class TokenVerifier:
         return _identity_from_claims(claims)
 
 
+def _storable(text: str) -> bool:
+    """Whether PostgreSQL can keep the text: it holds no NUL and no lone surrogate (a JSON
+    `\\ud800` escape decodes to one, and it has no UTF-8 form)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _identity_from_claims(claims: Mapping[str, Any]) -> Identity:
     user_id = claims.get("sub")
     if not isinstance(user_id, str) or not 1 <= len(user_id) <= MAX_USER_ID_CHARS:
         raise Unauthenticated(
             f"token `sub` must be a user id of 1 to {MAX_USER_ID_CHARS} characters: {_MINT_HINT}"
+        )
+    if not _storable(user_id):
+        raise Unauthenticated(
+            "token `sub` holds a NUL character or a lone UTF-16 surrogate, "
+            "which no user id may hold"
         )
     sub_account = claims.get("sub_account", "")
     if sub_account is None:
@@ -202,6 +222,11 @@ def _identity_from_claims(claims: Mapping[str, Any]) -> Identity:
     if not isinstance(sub_account, str) or len(sub_account) > MAX_SUB_ACCOUNT_CHARS:
         raise Unauthenticated(
             f"token `sub_account` must be text of at most {MAX_SUB_ACCOUNT_CHARS} characters"
+        )
+    if not _storable(sub_account):
+        raise Unauthenticated(
+            "token `sub_account` holds a NUL character or a lone UTF-16 surrogate, "
+            "which no sub-account may hold"
         )
     plan = claims.get("plan", DEFAULT_PLAN)
     if plan is None:
@@ -232,6 +257,8 @@ def mint_token(
     _check_algorithms([algorithm], key)
     if not 1 <= len(user_id) <= MAX_USER_ID_CHARS:
         raise ValueError(f"user id must be 1 to {MAX_USER_ID_CHARS} characters")
+    if not _storable(user_id) or not _storable(sub_account):
+        raise ValueError("user id and sub-account may not hold NUL or a lone surrogate")
     if plan not in PLANS:
         raise ValueError(f"plan must be one of {', '.join(sorted(PLANS))}, not {plan!r}")
     if len(sub_account) > MAX_SUB_ACCOUNT_CHARS:
@@ -295,13 +322,27 @@ def _read_dev_key(path: Path) -> str:
     return key
 
 
-def resolve_jwt_key(settings: JwtSettings, data_dir: Path) -> str:
-    """The configured IMAGEGEN_JWT_KEY, or the development key in `data_dir`."""
+class NoSigningKey(ConfigError):
+    """No IMAGEGEN_JWT_KEY and no development key where one was looked for."""
+
+
+def resolve_jwt_key(settings: JwtSettings, data_dir: Path, *, create: bool = True) -> str:
+    """The configured IMAGEGEN_JWT_KEY, or the development key in `data_dir`. With
+    `create=False` (a tool minting tokens for a server) a missing key raises NoSigningKey
+    saying where it looked, instead of making a key no server uses."""
     if settings.key:
         return settings.key
     if not all(a in _HMAC_ALGORITHMS for a in settings.algorithms):
         raise ConfigError(
             "IMAGEGEN_JWT_KEY must be set (a PEM public key) when IMAGEGEN_JWT_ALGORITHMS "
             "names a public-key algorithm; the development key is HMAC only"
+        )
+    path = data_dir / DEV_KEY_FILE
+    if not create and not path.exists():
+        raise NoSigningKey(
+            f"no signing key: IMAGEGEN_JWT_KEY is not set and there is no {path} "
+            f"(looked in IMAGEGEN_DATA_DIR={data_dir}); run this with the server's "
+            "IMAGEGEN_DATA_DIR (the server makes the key on its first start) or its "
+            "IMAGEGEN_JWT_KEY, or pass --create-key to make a new key there"
         )
     return load_or_create_dev_key(data_dir)

@@ -42,6 +42,7 @@ from imagegen.identity import TokenVerifier, resolve_jwt_key
 from imagegen.imaging import EncodeSettings
 from imagegen.jobs.runner import JobRunner
 from imagegen.jobs.signals import JobSignals, NotificationListener
+from imagegen.ports import bind_failure, ensure_ports_free
 from imagegen.providers.base import Provider
 from imagegen.providers.fetch_guard import FetchLimits, GuardedFetcher
 from imagegen.providers.forge import ForgeProvider
@@ -129,6 +130,9 @@ class Server:
     @contextlib.asynccontextmanager
     async def _serving(self) -> AsyncIterator[_GrpcHandle]:
         settings = self._settings
+        # Before anything starts (the embedded PostgreSQL included): a busy port is one
+        # line naming its setting, not a traceback after a database came up.
+        ensure_ports_free(settings)
         async with contextlib.AsyncExitStack() as stack:
             telemetry = self._telemetry or setup_telemetry()
             if self._telemetry is None:
@@ -299,14 +303,28 @@ class Server:
             reflection.enable_server_reflection(
                 (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
-            grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+            # The ports were free at start; these turn a port taken meanwhile into the same
+            # one-line error, and the exit stack stops what was started.
+            try:
+                grpc_port = server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+            except RuntimeError as exc:
+                raise bind_failure(
+                    "IMAGEGEN_GRPC_PORT", settings.host, settings.grpc_port, exc
+                ) from None
             if grpc_port == 0:
-                raise RuntimeError(f"cannot bind gRPC on {settings.host}:{settings.grpc_port}")
+                raise bind_failure(
+                    "IMAGEGEN_GRPC_PORT", settings.host, settings.grpc_port, RuntimeError()
+                )
 
             http_app = build_http_app(local_store=local_store, metrics_text=telemetry.metrics_text)
-            http_runner, http_port = await start_http_server(
-                http_app, settings.host, settings.http_port
-            )
+            try:
+                http_runner, http_port = await start_http_server(
+                    http_app, settings.host, settings.http_port
+                )
+            except OSError as exc:
+                raise bind_failure(
+                    "IMAGEGEN_HTTP_PORT", settings.host, settings.http_port, exc
+                ) from None
             stack.push_async_callback(http_runner.cleanup)
             if local_store is not None:
                 local_store.public_url = (

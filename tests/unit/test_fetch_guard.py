@@ -115,13 +115,28 @@ def fetcher(
         "2002:7f00:1::",
         "fd00:ec2::254",
         "::127.0.0.1",
+        # NAT64: the well-known prefix and the local-use one carry an IPv4 address that a
+        # translator connects to.
+        "64:ff9b::7f00:1",
+        "64:ff9b::a00:1",
+        "64:ff9b::a9fe:a9fe",
+        "64:ff9b::c0a8:101",
+        "64:ff9b::",
+        "64:ff9b:1::7f00:1",
+        "64:ff9b:1::ac10:1",
+        "64:ff9b:1::",
+        # Local-use with the IPv4 address somewhere other than the last 32 bits: ambiguous.
+        "64:ff9b:1:abcd::808:808",
+        "64:ff9b:1:7f00:0:100::",
     ],
 )
 def test_forbidden_addresses(ip: str) -> None:
     assert is_forbidden_address(ip)
 
 
-@pytest.mark.parametrize("ip", [PUBLIC_IP, "2606:4700::1", "8.8.8.8"])
+@pytest.mark.parametrize(
+    "ip", [PUBLIC_IP, "2606:4700::1", "8.8.8.8", "64:ff9b::808:808", "64:ff9b:1::5db8:d822"]
+)
 def test_public_addresses(ip: str) -> None:
     assert not is_forbidden_address(ip)
 
@@ -141,6 +156,8 @@ def test_public_addresses(ip: str) -> None:
         "http://169.254.169.254/latest/meta-data/",
         "http://[fd00::1]/",
         "http://[fe80::1]/",
+        "http://[64:ff9b::7f00:1]/",
+        "http://[64:ff9b:1::a9fe:a9fe]/latest/meta-data/",
     ],
 )
 async def test_literal_private_addresses_are_refused_before_connecting(url: str) -> None:
@@ -151,7 +168,15 @@ async def test_literal_private_addresses_are_refused_before_connecting(url: str)
 
 
 @pytest.mark.parametrize(
-    "addresses", [["10.1.2.3"], ["169.254.169.254"], [PUBLIC_IP, "192.168.0.10"], ["fd00::5"]]
+    "addresses",
+    [
+        ["10.1.2.3"],
+        ["169.254.169.254"],
+        [PUBLIC_IP, "192.168.0.10"],
+        ["fd00::5"],
+        ["64:ff9b::a9fe:a9fe"],
+        ["64:ff9b:1::7f00:1"],
+    ],
 )
 async def test_names_resolving_to_private_addresses_are_refused(addresses: list[str]) -> None:
     recorder = Recorder()
@@ -315,6 +340,15 @@ async def test_an_allowlisted_name_may_resolve_to_a_private_address() -> None:
     )
     assert (await guard.fetch("http://forge.internal:7860/out.png")).data == b"ok"
     assert recorder.calls == [("10.0.0.7", 7860)]
+
+
+async def test_a_name_behind_dns64_with_a_public_ipv4_is_fetched() -> None:
+    # DNS64 gives an IPv4-only public host a NAT64 address; the embedded IPv4 is public.
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    recorder = Recorder([[ok]])
+    guard = fetcher(recorder, {"v4only.example.com": ["64:ff9b::5db8:d822"]})
+    assert (await guard.fetch("http://v4only.example.com/x.png")).data == b"ok"
+    assert recorder.calls == [("64:ff9b::5db8:d822", 80)]
 
 
 async def test_each_vetted_address_is_tried_in_turn() -> None:

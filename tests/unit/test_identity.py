@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import stat
 from datetime import UTC, datetime, timedelta
@@ -23,6 +25,7 @@ from imagegen.identity import (
     mint_token,
     resolve_jwt_key,
 )
+from tests.subjects import SUBJECTS
 
 KEY = "k" * 40
 OTHER_KEY = "o" * 40
@@ -176,13 +179,49 @@ def test_unknown_plan_is_refused() -> None:
         verifier().verify(token)
 
 
-@pytest.mark.parametrize("sub", ["", "x" * 129])
+@pytest.mark.parametrize("sub", ["", "x" * 256, "山" * 256])
 def test_user_id_length_is_checked(sub: str) -> None:
     token = jwt.encode(
         {"sub": sub, "exp": datetime.now(UTC) + timedelta(minutes=5)}, KEY, algorithm="HS256"
     )
-    with pytest.raises(Unauthenticated, match="sub"):
+    with pytest.raises(Unauthenticated, match="1 to 255 characters"):
         verifier().verify(token)
+
+
+@pytest.mark.parametrize("sub", [*SUBJECTS, " ", "tab\there\r\n"])
+def test_any_subject_an_identity_provider_issues_is_accepted(sub: str) -> None:
+    token = jwt.encode(
+        {"sub": sub, "exp": datetime.now(UTC) + timedelta(minutes=5)}, KEY, algorithm="HS256"
+    )
+    assert verifier().verify(token).user_id == sub
+    assert verifier().verify(mint_token(KEY, user_id=sub, sub_account=sub)) == Identity(
+        sub, sub, "free"
+    )
+
+
+def _token_with_raw_payload(payload: str) -> str:
+    header = b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64url(payload.encode())
+    signing_input = f"{header}.{body}".encode()
+    signature = b64url(hmac.new(KEY.encode(), signing_input, hashlib.sha256).digest())
+    return f"{header}.{body}.{signature}"
+
+
+@pytest.mark.parametrize(
+    ("claim", "escaped"),
+    [("sub", "a\\u0000b"), ("sub", "a\\ud800b"), ("sub_account", "t\\u0000")],
+)
+def test_text_postgresql_cannot_hold_is_refused(claim: str, escaped: str) -> None:
+    # JSON escapes decode to a NUL or a lone surrogate: PostgreSQL's text refuses both, so
+    # the token is refused here, saying why, instead of failing later as INTERNAL.
+    exp = int((datetime.now(UTC) + timedelta(minutes=5)).timestamp())
+    sub = "alice" if claim != "sub" else escaped
+    extra = f', "{claim}": "{escaped}"' if claim != "sub" else ""
+    token = _token_with_raw_payload(f'{{"sub": "{sub}", "exp": {exp}{extra}}}')
+    with pytest.raises(Unauthenticated, match=f"`{claim}` holds a NUL"):
+        verifier().verify(token)
+    with pytest.raises(ValueError, match="NUL"):
+        mint_token(KEY, user_id="a\x00b")
 
 
 @pytest.mark.parametrize("garbage", ["", "not-a-jwt", "a.b.c", "x" * 10_000])

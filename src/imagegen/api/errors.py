@@ -46,7 +46,8 @@ def _by_retryable(exc: domain.ImageGenError) -> grpc.StatusCode:
     return grpc.StatusCode.UNAVAILABLE if exc.retryable else grpc.StatusCode.INTERNAL
 
 
-#: Domain error class -> gRPC status code. The DESIGN.md table, in one place.
+#: Domain error class -> gRPC status code, in one place: the table at the top of
+#: proto/imagegen/v1/common.proto.
 STATUS_TABLE: dict[type[domain.ImageGenError], _StatusFor] = {
     domain.ProviderNotConfigured: _fixed(grpc.StatusCode.FAILED_PRECONDITION),  # IMG_001
     domain.ProviderFailed: _by_retryable,  # IMG_002

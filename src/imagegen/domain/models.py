@@ -99,7 +99,8 @@ class Size:
         return f"{self.width}x{self.height}"
 
 
-#: The sizes every provider offers (DESIGN.md); the first square one is the default.
+#: The sizes every provider offers (the ImageSize comment in proto/imagegen/v1/common.proto);
+#: 1024x1024 is the default.
 STANDARD_SIZES: tuple[Size, ...] = (
     Size(256, 256),
     Size(512, 512),

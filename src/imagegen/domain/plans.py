@@ -30,8 +30,7 @@ class PlanTable:
 
     @classmethod
     def default(cls) -> PlanTable:
-        # DESIGN.md: free 10/h, 50/day, 1 concurrent; basic 50, 500, 2; pro 200, 2000, 5;
-        # enterprise unlimited, unlimited, 10.
+        # The table in docs/plans-and-prices.md (tests/unit/test_docs.py keeps them equal).
         return cls(
             {
                 "free": PlanLimits(10, 50, 1, 500 * MB, monthly_credits=50),

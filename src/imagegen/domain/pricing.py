@@ -28,7 +28,7 @@ class PriceTable:
 
     @classmethod
     def default(cls) -> PriceTable:
-        # DESIGN.md: 512x512 = 1, up to 1024x1024 = 2, an edit = 2; larger sizes by pixels.
+        # The table in docs/plans-and-prices.md (tests/unit/test_docs.py keeps them equal).
         return cls(
             tiers=(
                 PriceTier(512 * 512, 1),

@@ -28,6 +28,9 @@ Resolver = Callable[[str, int], Awaitable[list[str]]]
 Connector = Callable[[str, int, float | None], Awaitable[httpcore.AsyncNetworkStream]]
 
 _METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+#: NAT64 prefixes (RFC 6052, RFC 8215): a translator turns these into IPv4 connections.
+_NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
+_NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")
 _REDIRECTS = {301, 302, 303, 307, 308}
 
 
@@ -41,10 +44,27 @@ class FetchLimits:
     allow_hosts: frozenset[str] = field(default_factory=frozenset)
 
 
+def _nat64_embedded(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address a NAT64 translator would connect to; 0.0.0.0 (always forbidden)
+    where its place cannot be known."""
+    if address in _NAT64_WELL_KNOWN:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if address in _NAT64_LOCAL_USE:
+        # Inside the local-use /48 the operator picks the layout (RFC 6052 allows prefixes
+        # of 48 to 96 bits, each putting the IPv4 address elsewhere). With bits 48-95 zero
+        # only the /96 layout names a routable IPv4 address (every other layout reads as
+        # 0.0.0.0/8), so the last 32 bits are judged; any other address is ambiguous and
+        # refused (a trusted host behind such a translator goes in the allowlist).
+        if (int(address) >> 32) & ((1 << 48) - 1):
+            return ipaddress.IPv4Address(0)
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
 def is_forbidden_address(ip: str) -> bool:
     """True for every address that is not plainly public: loopback, private, link-local,
     CGNAT, unique-local, multicast, reserved, unspecified, metadata, and IPv6 forms
-    that embed such an IPv4 address (mapped, compatible, 6to4, Teredo)."""
+    that embed such an IPv4 address (mapped, compatible, 6to4, Teredo, NAT64)."""
     try:
         address = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:
@@ -52,7 +72,7 @@ def is_forbidden_address(ip: str) -> bool:
     if address in _METADATA:
         return True
     if isinstance(address, ipaddress.IPv6Address):
-        embedded = address.ipv4_mapped or address.sixtofour
+        embedded = address.ipv4_mapped or address.sixtofour or _nat64_embedded(address)
         if address.teredo:
             embedded = address.teredo[1]
         if embedded is None and int(address) >> 32 == 0 and int(address) > 1:

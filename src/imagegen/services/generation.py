@@ -254,8 +254,8 @@ class GenerationService:
             raise InvalidRequest("a mask needs a source image to apply to", field="mask")
         stored: tuple[EditSource, ...] = ()
         if source_refs:
-            # DESIGN's order puts limits and credits before any work; fetching sources is
-            # work, so a request that would be refused is refused first.
+            # Limits and credits come before any work (docs/plans-and-prices.md); fetching
+            # sources is work, so a request that would be refused is refused first.
             await self._generations.precheck(
                 identity.user_id,
                 request_id,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
@@ -17,6 +16,7 @@ from imagegen.domain.errors import ImageTooLarge, InvalidRequest, NotFound
 from imagegen.domain.models import EditSource, FetchedBody, Identity, SourceRef
 from imagegen.repositories.images import ImageRepository
 from imagegen.storage.base import BlobStore
+from imagegen.storage.keys import source_key
 
 MAX_SOURCES = 4
 
@@ -78,11 +78,7 @@ class SourceResolver:
         data = await self._bytes_of(ref)
         info = await self._inspect(data)
         digest = hashlib.sha256(data).hexdigest()
-        now = datetime.now(UTC)
-        key = (
-            f"sources/{identity.user_id}/{now:%Y}/{now:%m}/"
-            f"{now:%Y%m%dT%H%M%S%f}Z-{uuid.uuid4()}.{info.format.extension}"
-        )
+        key = source_key(identity.user_id, info.format.extension, datetime.now(UTC))
         await self._blobs.put(key, data, info.mime_type)
         return EditSource(digest, key, info.mime_type, info.width, info.height)
 

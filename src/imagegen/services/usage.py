@@ -255,6 +255,18 @@ class UsageService:
             yield chunk
 
 
+#: What a spreadsheet takes as the start of a formula (OWASP, "CSV Injection").
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise_cell(value: object) -> object:
+    """A text cell that a spreadsheet would run as a formula (`=HYPERLINK(...)` in a
+    prompt) gets a leading single quote, as OWASP recommends; numbers stay numbers."""
+    if isinstance(value, str) and value.startswith(FORMULA_TRIGGERS):
+        return "'" + value
+    return value
+
+
 async def _csv_chunks(
     header: Iterable[str], rows: AsyncIterator[list[object]]
 ) -> AsyncIterator[bytes]:
@@ -262,7 +274,7 @@ async def _csv_chunks(
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(header)
     async for row in rows:
-        writer.writerow(row)
+        writer.writerow([neutralise_cell(cell) for cell in row])
         # Counted in characters: even at 4 bytes each a chunk stays under 1 MiB.
         if buffer.tell() >= CHUNK_BYTES // 8:
             yield buffer.getvalue().encode()
