@@ -34,6 +34,11 @@ _STYLE_TO_PB = {
     Style.SKETCH: common_pb2.STYLE_SKETCH,
     Style.PIXEL_ART: common_pb2.STYLE_PIXEL_ART,
     Style.CINEMATIC: common_pb2.STYLE_CINEMATIC,
+    Style.CARTOON: common_pb2.STYLE_CARTOON,
+    Style.ABSTRACT: common_pb2.STYLE_ABSTRACT,
+    Style.MINIMALIST: common_pb2.STYLE_MINIMALIST,
+    Style.VINTAGE: common_pb2.STYLE_VINTAGE,
+    Style.MODERN: common_pb2.STYLE_MODERN,
 }
 _STYLE_FROM_PB = {v: k for k, v in _STYLE_TO_PB.items()}
 

@@ -30,14 +30,21 @@ class ImageFormat(enum.StrEnum):
 class Style(enum.StrEnum):
     """Style presets. Each renders visibly differently on every provider."""
 
+    #: the product's "photorealistic"
     PHOTOGRAPHIC = "photographic"
     ARTISTIC = "artistic"
     ANIME = "anime"
+    #: the product's "illustration"
     DIGITAL_ART = "digital_art"
     WATERCOLOR = "watercolor"
     SKETCH = "sketch"
     PIXEL_ART = "pixel_art"
     CINEMATIC = "cinematic"
+    CARTOON = "cartoon"
+    ABSTRACT = "abstract"
+    MINIMALIST = "minimalist"
+    VINTAGE = "vintage"
+    MODERN = "modern"
 
 
 class GenerationSource(enum.StrEnum):
