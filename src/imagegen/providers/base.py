@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Protocol
 
+from imagegen.domain.errors import ProviderFailed
 from imagegen.domain.models import DEFAULT_SIZE, STANDARD_SIZES, ImageFormat, Size, Style
 
 #: Called by a provider as it works: percent 0-100 (never falling), a stage word,
@@ -65,6 +67,27 @@ class ProviderImage:
     model: str = ""
     seed: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+
+class ProviderUnavailable(ProviderFailed):
+    """IMG_002 that says the provider itself is down, overloaded or broken (5xx, 429,
+    timeouts, connection errors, replies its API does not promise): the failures that
+    count toward opening its circuit breaker. A refusal caused by the request is a plain
+    ProviderFailed or a ContentPolicyRefused, and never counts."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool = False,
+        retry_after: timedelta | None = None,
+        throttled: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, retryable=retryable, retry_after=retry_after, metadata=metadata)
+        #: the provider asked us to slow down (HTTP 429): it counts against its health
+        #: only once retries are exhausted
+        self.throttled = throttled
 
 
 class Provider(Protocol):

@@ -15,15 +15,16 @@ from typing import Any
 import httpx
 import pybase64
 
-from imagegen.domain.errors import ProviderFailed, ProviderNotConfigured
+from imagegen.domain.errors import ProviderNotConfigured
 from imagegen.domain.models import STANDARD_SIZES, ImageFormat
 from imagegen.providers.base import (
     ProgressCallback,
     ProviderCapabilities,
     ProviderImage,
     ProviderRequest,
+    ProviderUnavailable,
 )
-from imagegen.providers.http_headers import retry_after
+from imagegen.providers.http_failures import raise_for_status, transport_errors
 from imagegen.providers.prompting import fold_prompt
 
 GENERATE_PATH = "/images.v1.ImageService/GenerateImage"
@@ -78,7 +79,7 @@ class ForgeProvider:
                 for s in request.sources
             ]
         await progress(0, "requesting", None)
-        try:
+        with transport_errors(provider=self.id, timeout=request.timeout):
             async with asyncio.timeout(request.timeout):
                 reply = await self._client.post(
                     self._base_url + GENERATE_PATH,
@@ -86,46 +87,10 @@ class ForgeProvider:
                     headers={"Authorization": f"Bearer {self._api_key}"},
                     timeout=httpx.Timeout(request.timeout, connect=min(request.timeout, 10.0)),
                 )
-        except (TimeoutError, httpx.TimeoutException) as exc:
-            if isinstance(exc, httpx.ConnectTimeout):
-                raise ProviderFailed(
-                    "the forge provider could not be reached", retryable=True
-                ) from exc
-            # The call may have run (and billed) at the provider: never blindly retried.
-            raise ProviderFailed(
-                f"the forge provider did not answer within {request.timeout:.1f}s",
-                metadata={"timeout_s": f"{request.timeout:.1f}"},
-            ) from exc
-        except httpx.TransportError as exc:
-            raise ProviderFailed(
-                f"the forge provider could not be reached ({type(exc).__name__})", retryable=True
-            ) from exc
-        _raise_for_status(reply)
+        raise_for_status(reply, provider=self.id, key_setting="BUILT_IN_FORGE_API_KEY")
         image = _decode(reply)
         await progress(90, "received", None)
         return image
-
-
-def _raise_for_status(reply: httpx.Response) -> None:
-    status = reply.status_code
-    if status < 400:
-        return
-    if status == 429 or status >= 500:
-        raise ProviderFailed(
-            f"the forge provider is busy or failing (HTTP {status}); try again later",
-            retryable=True,
-            retry_after=retry_after(reply),
-            metadata={"http_status": str(status)},
-        )
-    if status in (401, 403):
-        raise ProviderFailed(
-            f"the forge provider refused our key (HTTP {status}); check BUILT_IN_FORGE_API_KEY",
-            metadata={"http_status": str(status)},
-        )
-    raise ProviderFailed(
-        f"the forge provider rejected the request (HTTP {status})",
-        metadata={"http_status": str(status)},
-    )
 
 
 def _decode(reply: httpx.Response) -> ProviderImage:
@@ -136,9 +101,9 @@ def _decode(reply: httpx.Response) -> ProviderImage:
         mime_type = str(image.get("mimeType", ""))
         data = pybase64.b64decode(str(encoded), validate=True)
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
-        raise ProviderFailed(
+        raise ProviderUnavailable(
             f"the forge provider answered something that is not a base64 image ({exc})"
         ) from exc
     if not data:
-        raise ProviderFailed("the forge provider answered an empty image")
+        raise ProviderUnavailable("the forge provider answered an empty image")
     return ProviderImage(data=data, mime_type=mime_type, model=MODEL)

@@ -22,12 +22,7 @@ from typing import Any
 import httpx
 import pybase64
 
-from imagegen.domain.errors import (
-    ContentPolicyRefused,
-    ImageTooLarge,
-    ProviderFailed,
-    ProviderNotConfigured,
-)
+from imagegen.domain.errors import ImageTooLarge, ProviderNotConfigured
 from imagegen.domain.models import ImageFormat, Size
 from imagegen.imaging import ImageDecodeError, make_preview_from_bytes
 from imagegen.providers.base import (
@@ -35,8 +30,9 @@ from imagegen.providers.base import (
     ProviderCapabilities,
     ProviderImage,
     ProviderRequest,
+    ProviderUnavailable,
 )
-from imagegen.providers.http_headers import retry_after
+from imagegen.providers.http_failures import status_failure, transport_errors
 from imagegen.providers.prompting import fold_prompt
 
 MODEL = "gpt-image-1"
@@ -98,7 +94,7 @@ class OpenAIProvider:
         }
         headers = {"Authorization": f"Bearer {self._api_key}"}
         await progress(0, "requesting", None)
-        try:
+        with transport_errors(provider=self.id, timeout=request.timeout):
             async with asyncio.timeout(request.timeout):
                 if request.sources:
                     files: list[tuple[str, tuple[str, bytes, str]]] = [
@@ -136,19 +132,6 @@ class OpenAIProvider:
                         await reply.aread()
                         _raise_for(reply)
                     return await self._read_stream(reply, progress)
-        except (TimeoutError, httpx.TimeoutException) as exc:
-            if isinstance(exc, httpx.ConnectTimeout):
-                raise ProviderFailed(
-                    "the openai provider could not be reached", retryable=True
-                ) from exc
-            # Billed per call: an unanswered call may still have run, so no blind retry.
-            raise ProviderFailed(
-                f"the openai provider did not answer within {request.timeout:.1f}s"
-            ) from exc
-        except httpx.TransportError as exc:
-            raise ProviderFailed(
-                f"the openai provider could not be reached ({type(exc).__name__})", retryable=True
-            ) from exc
 
     async def _read_stream(
         self, reply: httpx.Response, progress: ProgressCallback
@@ -171,7 +154,7 @@ class OpenAIProvider:
             elif kind == "error" or "error" in event:
                 _raise_error_body(event.get("error") or event, 500)
         if final is None:
-            raise ProviderFailed("the openai stream ended without an image", retryable=True)
+            raise ProviderUnavailable("the openai stream ended without an image", retryable=True)
         await progress(90, "received", None)
         return ProviderImage(data=final, mime_type="image/png", model=MODEL)
 
@@ -189,19 +172,19 @@ async def _sse_events(reply: httpx.Response) -> AsyncIterator[dict[str, Any]]:
             try:
                 yield json.loads(payload)
             except json.JSONDecodeError as exc:
-                raise ProviderFailed("the openai stream sent an unreadable event") from exc
+                raise ProviderUnavailable("the openai stream sent an unreadable event") from exc
     if data_lines:
         try:
             yield json.loads("\n".join(data_lines))
         except json.JSONDecodeError as exc:
-            raise ProviderFailed("the openai stream sent an unreadable event") from exc
+            raise ProviderUnavailable("the openai stream sent an unreadable event") from exc
 
 
 def _b64(value: object) -> bytes:
     try:
         return pybase64.b64decode(str(value), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ProviderFailed("the openai provider sent an image that is not base64") from exc
+        raise ProviderUnavailable("the openai provider sent an image that is not base64") from exc
 
 
 def _ext(mime_type: str) -> str:
@@ -221,26 +204,14 @@ def _raise_error_body(
     error: dict[str, Any], status: int, reply: httpx.Response | None = None
 ) -> None:
     code = str(error.get("code") or "")
-    message = str(error.get("message") or "")[:300]
-    if code in _POLICY_CODES:
-        raise ContentPolicyRefused(
-            "the openai provider refused the request under its content policy; change the "
-            f"prompt or image ({message})",
-            metadata={"provider_code": code},
-        )
-    if status == 429 or status >= 500:
-        raise ProviderFailed(
-            f"the openai provider is busy or failing (HTTP {status}); try again later",
-            retryable=True,
-            retry_after=retry_after(reply),
-            metadata={"http_status": str(status)},
-        )
-    if status in (401, 403):
-        raise ProviderFailed(
-            f"the openai provider refused our key (HTTP {status}); check OPENAI_API_KEY",
-            metadata={"http_status": str(status)},
-        )
-    raise ProviderFailed(
-        f"the openai provider rejected the request (HTTP {status}): {message}",
-        metadata={"http_status": str(status), "provider_code": code},
+    failure = status_failure(
+        status,
+        provider="openai",
+        reply=reply,
+        key_setting="OPENAI_API_KEY",
+        detail=str(error.get("message") or ""),
+        provider_code=code,
+        content_policy=code in _POLICY_CODES,
     )
+    if failure is not None:
+        raise failure

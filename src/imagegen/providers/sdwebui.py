@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pybase64
 
-from imagegen.domain.errors import ImageTooLarge, ProviderFailed, ProviderNotConfigured
+from imagegen.domain.errors import ImageTooLarge, ProviderNotConfigured
 from imagegen.domain.models import STANDARD_SIZES, ImageFormat
 from imagegen.imaging import ImageDecodeError, make_preview_from_bytes
 from imagegen.providers.base import (
@@ -32,7 +32,9 @@ from imagegen.providers.base import (
     ProviderCapabilities,
     ProviderImage,
     ProviderRequest,
+    ProviderUnavailable,
 )
+from imagegen.providers.http_failures import raise_for_status, transport_errors, transport_failure
 from imagegen.providers.prompting import fold_prompt
 
 log = logging.getLogger(__name__)
@@ -115,9 +117,7 @@ class SDWebUIProvider:
                 reply = call.result()
         except TimeoutError as exc:
             await self._interrupt_if_ours(task_id)
-            raise ProviderFailed(
-                f"the sdwebui provider did not finish within {request.timeout:.1f}s"
-            ) from exc
+            raise transport_failure(exc, provider=self.id, timeout=request.timeout) from exc
         except asyncio.CancelledError:
             # Cancelled by the job's owner (or shutdown): stop the server's work only if
             # it is ours; another client's job must not be interrupted.
@@ -133,28 +133,17 @@ class SDWebUIProvider:
         return ProviderImage(data=image, mime_type="image/png", model=MODEL, seed=request.seed)
 
     async def _post(self, path: str, body: dict[str, Any], budget: float) -> dict[str, Any]:
-        try:
+        with transport_errors(provider=self.id, timeout=budget):
             reply = await self._client.post(self._base_url + path, json=body, timeout=budget)
-        except httpx.TimeoutException as exc:
-            raise ProviderFailed("the sdwebui provider did not answer in time") from exc
-        except httpx.TransportError as exc:
-            raise ProviderFailed(
-                f"the sdwebui server could not be reached ({type(exc).__name__})", retryable=True
-            ) from exc
-        if reply.status_code >= 500 or reply.status_code == 429:
-            raise ProviderFailed(
-                f"the sdwebui server failed (HTTP {reply.status_code})", retryable=True
-            )
-        if reply.status_code >= 400:
-            raise ProviderFailed(
-                f"the sdwebui server rejected the request (HTTP {reply.status_code})"
-            )
+        raise_for_status(reply, provider=self.id, detail=_error_detail(reply))
         try:
             data = reply.json()
         except ValueError as exc:
-            raise ProviderFailed("the sdwebui server answered something that is not JSON") from exc
+            raise ProviderUnavailable(
+                "the sdwebui server answered something that is not JSON"
+            ) from exc
         if not isinstance(data, dict):
-            raise ProviderFailed("the sdwebui server answered an unexpected shape")
+            raise ProviderUnavailable("the sdwebui server answered an unexpected shape")
         return data
 
     async def _task_state(self, task_id: str) -> dict[str, Any]:
@@ -197,8 +186,25 @@ class SDWebUIProvider:
 def _first_image(reply: dict[str, Any]) -> bytes:
     images = reply.get("images")
     if not isinstance(images, list) or not images:
-        raise ProviderFailed("the sdwebui server answered without an image")
+        raise ProviderUnavailable("the sdwebui server answered without an image")
     try:
         return pybase64.b64decode(str(images[0]).split(",", 1)[-1], validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ProviderFailed("the sdwebui server sent an image that is not base64") from exc
+        raise ProviderUnavailable("the sdwebui server sent an image that is not base64") from exc
+
+
+def _error_detail(reply: httpx.Response) -> str:
+    """The server's own words for a failure (FastAPI's `detail`, or A1111's `error` and
+    `errors`), when there are any."""
+    if reply.status_code < 400:
+        return ""
+    try:
+        body = reply.json()
+    except ValueError:
+        return ""
+    if not isinstance(body, dict):
+        return ""
+    for key in ("detail", "errors", "error"):
+        if body.get(key):
+            return str(body[key])[:300]
+    return ""
