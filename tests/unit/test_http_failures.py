@@ -77,9 +77,25 @@ def test_an_ambiguous_timeout_is_never_retryable() -> None:
 
 
 def test_a_request_that_never_left_is_retryable() -> None:
-    for exc in (httpx.ConnectError("refused"), httpx.ConnectTimeout("slow")):
+    for exc in (
+        httpx.ConnectError("refused"),
+        httpx.ConnectTimeout("slow"),
+        httpx.PoolTimeout("no free connection"),
+    ):
         failure = transport_failure(exc, provider="p", timeout=2.0)
         assert isinstance(failure, ProviderUnavailable) and failure.retryable
+
+
+def test_a_connection_lost_after_sending_is_as_ambiguous_as_a_timeout() -> None:
+    for exc in (
+        httpx.ReadError("reset"),
+        httpx.WriteError("reset"),
+        httpx.RemoteProtocolError("server disconnected without sending a response"),
+    ):
+        failure = transport_failure(exc, provider="p", timeout=2.0)
+        assert isinstance(failure, ProviderUnavailable)
+        assert not failure.retryable, type(exc).__name__
+        assert "may have run" in failure.message
 
 
 def test_transport_errors_translates_what_it_wraps() -> None:

@@ -2,10 +2,11 @@
 sdwebui), so that retries and the circuit breaker judge them all alike.
 
     what happened                              raised                     retried  breaker
-    connect timeout, transport error           ProviderUnavailable        yes      counts
-    read/write/pool timeout, deadline          ProviderUnavailable        never    counts
-    (ambiguous: the call may have run and
-    been billed)
+    connect error, connect or pool timeout     ProviderUnavailable        yes      counts
+    (the request never left us)
+    read/write timeout, deadline, a connection ProviderUnavailable        never    counts
+    lost after sending (ambiguous: the call
+    may have run and been billed)
     HTTP 429                                   ProviderUnavailable        yes      counts once
                                                (throttled, Retry-After)            retries end
     HTTP 5xx, 408                              ProviderUnavailable        yes      counts
@@ -32,20 +33,27 @@ from imagegen.domain.errors import ContentPolicyRefused, ImageGenError, Provider
 from imagegen.providers.base import ProviderUnavailable
 from imagegen.providers.http_headers import retry_after
 
+#: Transport errors raised before a request could reach the provider: safe to send again.
+_NEVER_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
 
 def transport_failure(exc: BaseException, *, provider: str, timeout: float) -> ProviderFailed:
     """The domain error for a timeout or transport error of a call to `provider`."""
-    if isinstance(exc, TimeoutError | httpx.TimeoutException) and not isinstance(
-        exc, httpx.ConnectTimeout
-    ):
+    if isinstance(exc, _NEVER_SENT):
+        return ProviderUnavailable(
+            f"the {provider} provider could not be reached ({type(exc).__name__})",
+            retryable=True,
+        )
+    if isinstance(exc, TimeoutError | httpx.TimeoutException):
         # The call may have run (and billed) at the provider: never sent blindly again.
         return ProviderUnavailable(
             f"the {provider} provider did not answer within {timeout:.1f}s",
             metadata={"timeout_s": f"{timeout:.1f}"},
         )
+    # Lost after the request went out (reset, protocol error): as ambiguous as a timeout.
     return ProviderUnavailable(
-        f"the {provider} provider could not be reached ({type(exc).__name__})",
-        retryable=True,
+        f"the {provider} provider dropped the connection ({type(exc).__name__}); "
+        "the call was not repeated because it may have run"
     )
 
 
