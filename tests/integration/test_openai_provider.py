@@ -42,7 +42,7 @@ async def test_generation_streams_partials_as_previews(fake_and_client) -> None:
     reply = await provider.generate(
         ProviderRequest(prompt="a fox", size=Size(1024, 1536)), progress
     )
-    assert Image.open(io.BytesIO(reply.data)).size == (1024, 1024)
+    assert Image.open(io.BytesIO(reply.data)).size == (1024, 1536)
     call = fake.calls[0]
     assert call.path == "/v1/images/generations"
     assert call.headers["Authorization"] == "Bearer sk-test"
