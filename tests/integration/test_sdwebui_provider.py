@@ -10,6 +10,7 @@ import pybase64
 import pytest
 from imagegen.v1 import common_pb2, generation_pb2
 
+from imagegen.domain.errors import InvalidRequest
 from imagegen.domain.models import Size
 from imagegen.providers.base import ProviderRequest, SourceImage
 from imagegen.providers.sdwebui import SDWebUIProvider
@@ -101,3 +102,40 @@ async def test_cancel_interrupts_only_while_our_job_runs() -> None:
         assert fake.interrupts == 1, "the foreign job was not interrupted"
         assert not fake.tasks["task(someone-else)"].interrupted
         foreign.cancel()
+
+
+async def test_models_are_learned_from_the_server_and_refreshed_when_stale() -> None:
+    now = [0.0]
+    async with SDFake.start(step_delay=0.01) as fake, httpx.AsyncClient(trust_env=False) as http:
+        provider = SDWebUIProvider(
+            fake.url, http, steps=2, poll_interval=0.05, models_max_age=60, clock=lambda: now[0]
+        )
+        assert provider.models == ("sdwebui",), "nothing learned yet"
+        assert await provider.refresh_models() == (
+            "v1-5-pruned-emaonly",
+            "sd_xl_base_1.0",
+            "dreamshaper_8",
+        )
+        provider.check(ProviderRequest(prompt="a", model="sd_xl_base_1.0"))
+        with pytest.raises(InvalidRequest) as caught:
+            provider.check(ProviderRequest(prompt="a", model="sdwebui"))
+        assert "v1-5-pruned-emaonly, sd_xl_base_1.0, dreamshaper_8" in caught.value.message
+
+        fake.checkpoints = ("juggernaut_xl",)
+        fake.loaded = "juggernaut_xl"
+        await provider.generate(ProviderRequest(prompt="a"), quiet)
+        assert fake.model_requests == 1, "fresh enough: no refresh after this generation"
+        now[0] += 61
+        reply = await provider.generate(ProviderRequest(prompt="a"), quiet)
+        assert fake.model_requests == 2 and provider.models == ("juggernaut_xl",)
+        assert reply.model == "juggernaut_xl", "the model the server reports it used"
+
+
+async def test_a_server_that_cannot_list_its_models_keeps_the_last_list() -> None:
+    async with SDFake.start() as fake:
+        closed_url = fake.url
+    async with httpx.AsyncClient(trust_env=False) as http:
+        provider = SDWebUIProvider(closed_url, http, models_timeout=2)
+        assert await provider.refresh_models() == ("sdwebui",)
+        provider.check(ProviderRequest(prompt="a", model="sdwebui"))
+        assert await SDWebUIProvider(None, http).refresh_models() == ("sdwebui",)

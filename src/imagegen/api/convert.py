@@ -151,6 +151,7 @@ def spec_from_proto(spec: common_pb2.GenerationSpec) -> GenerationSpec:
         output_format=_FORMAT_FROM_PB.get(spec.format, ImageFormat.PNG),
         seed=spec.seed if spec.HasField("seed") else None,
         provider=spec.provider,
+        model=spec.model,
         source=_SOURCE_FROM_PB.get(spec.source, GenerationSource.API),
     )
 
@@ -166,6 +167,7 @@ def spec_to_proto(spec: GenerationSpec) -> common_pb2.GenerationSpec:
         count=spec.count,
         format=_FORMAT_TO_PB[spec.output_format],
         provider=spec.provider,
+        model=spec.model,
         source=_SOURCE_TO_PB[spec.source],
     )
     if spec.seed is not None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol
 
-from imagegen.domain.errors import ProviderFailed
+from imagegen.domain.errors import InvalidRequest, ProviderFailed
 from imagegen.domain.models import DEFAULT_SIZE, STANDARD_SIZES, ImageFormat, Size, Style
 
 #: Called by a provider as it works: percent 0-100 (never falling), a stage word,
@@ -49,7 +49,11 @@ class ProviderRequest:
     style: Style | None = None
     size: Size = DEFAULT_SIZE
     seed: int = 0
+    #: one of the provider's `models`; empty for its default (the first)
     model: str = ""
+    #: the format the caller will get; a provider that can answer in it is asked to, so
+    #: the reply can be stored as it comes (the pipeline converts any other)
+    output_format: ImageFormat = ImageFormat.PNG
     sources: tuple[SourceImage, ...] = ()
     mask: SourceImage | None = None
     #: for edits: the size the caller asked for (else the provider keeps the source's)
@@ -67,6 +71,21 @@ class ProviderImage:
     model: str = ""
     seed: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+
+def check_model(provider: str, models: tuple[str, ...], model: str) -> None:
+    """IMG_003 (field `model`) naming the provider's models when `model` is not one of
+    them; empty means the provider's default and always passes."""
+    if not model or model in models:
+        return
+    shown = model if len(model) <= 80 else model[:80] + "..."
+    raise InvalidRequest(
+        f"model {shown!r} is not offered by the {provider} provider; use one of "
+        f"{', '.join(models)}, or leave it empty for its default ({models[0]}); "
+        "ListProviders shows each provider's models",
+        field="model",
+        metadata={"provider": provider, "models": ",".join(models)},
+    )
 
 
 class ProviderUnavailable(ProviderFailed):

@@ -23,6 +23,7 @@ from imagegen.providers.base import (
     ProviderImage,
     ProviderRequest,
     ProviderUnavailable,
+    check_model,
 )
 from imagegen.providers.http_failures import raise_for_status, transport_errors
 from imagegen.providers.prompting import fold_prompt
@@ -61,7 +62,9 @@ class ForgeProvider:
         return bool(self._base_url and self._api_key)
 
     def check(self, request: ProviderRequest) -> None:
-        """Everything the contract allows can be sent to Forge (edits take free text)."""
+        """Everything the contract allows can be sent to Forge (edits take free text); its
+        one model is the only name accepted."""
+        check_model(self.id, self.models, request.model)
 
     async def generate(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:
         """One call to GenerateImage. IMG_001 before any request when unconfigured."""

@@ -26,6 +26,7 @@ from imagegen.providers.base import (
     ProviderCapabilities,
     ProviderImage,
     ProviderRequest,
+    check_model,
 )
 from imagegen.providers.local_edits import apply_operations, parse_instruction
 
@@ -75,7 +76,9 @@ class LocalProvider:
         self._step_delay = step_delay
 
     def check(self, request: ProviderRequest) -> None:
-        """Edits must use instructions this renderer understands (IMG_003 otherwise)."""
+        """Edits must use instructions this renderer understands, and the model must be
+        its own (IMG_003 otherwise)."""
+        check_model(self.id, self.models, request.model)
         if request.sources:
             parse_instruction(request.prompt)
 

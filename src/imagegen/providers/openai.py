@@ -31,11 +31,14 @@ from imagegen.providers.base import (
     ProviderImage,
     ProviderRequest,
     ProviderUnavailable,
+    check_model,
 )
 from imagegen.providers.http_failures import status_failure, transport_errors
 from imagegen.providers.prompting import fold_prompt
 
-MODEL = "gpt-image-1"
+#: gpt-image models: the same parameters, sizes and streamed partial images
+MODELS = ("gpt-image-1", "gpt-image-1-mini")
+MODEL = MODELS[0]
 SIZES = (Size(1024, 1024), Size(1024, 1536), Size(1536, 1024))
 PARTIAL_IMAGES = 2
 _POLICY_CODES = {"content_policy_violation", "moderation_blocked"}
@@ -46,7 +49,7 @@ class OpenAIProvider:
 
     id = "openai"
     display_name = "OpenAI Images"
-    models = (MODEL,)
+    models = MODELS
     capabilities = ProviderCapabilities(
         edit=True,
         mask=True,
@@ -71,7 +74,9 @@ class OpenAIProvider:
         return bool(self._base_url and self._api_key)
 
     def check(self, request: ProviderRequest) -> None:
-        """Sizes are checked by the provider's capabilities; everything else is free text."""
+        """The model must be a gpt-image model (IMG_003 naming them); sizes are checked by
+        the capabilities and everything else is free text."""
+        check_model(self.id, self.models, request.model)
 
     async def generate(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:
         """One image; partial images arrive as progress previews."""
@@ -83,8 +88,9 @@ class OpenAIProvider:
         prompt = fold_prompt(request.prompt, request.negative_prompt, request.style)
         size = request.resize_to or request.size
         size_text = f"{size.width}x{size.height}" if size in SIZES else "auto"
+        model = request.model or MODEL
         fields: dict[str, str] = {
-            "model": request.model or MODEL,
+            "model": model,
             "prompt": prompt,
             "n": "1",
             "size": size_text,
@@ -131,10 +137,10 @@ class OpenAIProvider:
                     if reply.status_code >= 400:
                         await reply.aread()
                         _raise_for(reply)
-                    return await self._read_stream(reply, progress)
+                    return await self._read_stream(reply, progress, model)
 
     async def _read_stream(
-        self, reply: httpx.Response, progress: ProgressCallback
+        self, reply: httpx.Response, progress: ProgressCallback, model: str
     ) -> ProviderImage:
         final: bytes | None = None
         async for event in _sse_events(reply):
@@ -156,7 +162,7 @@ class OpenAIProvider:
         if final is None:
             raise ProviderUnavailable("the openai stream ended without an image", retryable=True)
         await progress(90, "received", None)
-        return ProviderImage(data=final, mime_type="image/png", model=MODEL)
+        return ProviderImage(data=final, mime_type="image/png", model=model)
 
 
 async def _sse_events(reply: httpx.Response) -> AsyncIterator[dict[str, Any]]:

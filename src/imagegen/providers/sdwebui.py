@@ -7,9 +7,18 @@
     POST /internal/progress {id_task, live_preview: true}
       -> {active, queued, completed, progress (0-1), live_preview ("data:image/...")}
     POST /sdapi/v1/interrupt      (stops whatever job that server is running)
+    GET  /sdapi/v1/sd-models      -> [{title, model_name, hash, filename, ...}]
+    GET  /sdapi/v1/options        -> {sd_model_checkpoint: "<title>", ...}
 
 Each call carries our own task id, so progress is read for our job only. The interrupt
 is global to the server: it is sent on cancel only while our task is the active one.
+
+Models are the server's checkpoints by `model_name`, the loaded one first (the default:
+an empty model sends no override, so the server keeps what it has loaded). They are
+learned from the server when the service starts and again after a generation once the
+list is older than `models_max_age`, never at submit. A chosen model goes out as
+`override_settings.sd_model_checkpoint` (restored afterwards by the server). Until the
+list is learned the provider offers only `sdwebui`, its loaded checkpoint.
 """
 
 from __future__ import annotations
@@ -17,14 +26,17 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
+import json
 import logging
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pybase64
 
-from imagegen.domain.errors import ImageTooLarge, ProviderNotConfigured
+from imagegen.domain.errors import ImageTooLarge, ProviderFailed, ProviderNotConfigured
 from imagegen.domain.models import STANDARD_SIZES, ImageFormat
 from imagegen.imaging import ImageDecodeError, make_preview_from_bytes
 from imagegen.providers.base import (
@@ -33,6 +45,7 @@ from imagegen.providers.base import (
     ProviderImage,
     ProviderRequest,
     ProviderUnavailable,
+    check_model,
 )
 from imagegen.providers.http_failures import raise_for_status, transport_errors, transport_failure
 from imagegen.providers.prompting import fold_prompt
@@ -47,7 +60,6 @@ class SDWebUIProvider:
 
     id = "sdwebui"
     display_name = "Stable Diffusion (SD WebUI)"
-    models = (MODEL,)
     capabilities = ProviderCapabilities(
         edit=True,
         mask=True,
@@ -67,18 +79,71 @@ class SDWebUIProvider:
         *,
         steps: int = DEFAULT_STEPS,
         poll_interval: float = 0.5,
+        models_timeout: float = 5.0,
+        models_max_age: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._base_url = (base_url or "").rstrip("/")
         self._client = client
         self._steps = steps
         self._poll_interval = poll_interval
+        self._models_timeout = models_timeout
+        self._models_max_age = models_max_age
+        self._clock = clock
+        self._models: tuple[str, ...] = (MODEL,)
+        self._models_learned_at: float | None = None
 
     @property
     def configured(self) -> bool:
         return bool(self._base_url)
 
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The server's checkpoints (loaded first) as last learned; `sdwebui` before that."""
+        return self._models
+
     def check(self, request: ProviderRequest) -> None:
-        """Everything the contract allows maps onto txt2img or img2img."""
+        """Everything the contract allows maps onto txt2img or img2img; a model must be
+        one of the server's checkpoints (IMG_003 naming them)."""
+        check_model(self.id, self.models, request.model)
+
+    async def refresh_models(self) -> tuple[str, ...]:
+        """Learn the server's checkpoints; keeps the last list when the server cannot say
+        (never raises). Bounded by `models_timeout`."""
+        if not self.configured:
+            return self._models
+        try:
+            with transport_errors(provider=self.id, timeout=self._models_timeout):
+                async with asyncio.timeout(self._models_timeout):
+                    listed = await self._client.get(
+                        f"{self._base_url}/sdapi/v1/sd-models", timeout=self._models_timeout
+                    )
+                    options = await self._client.get(
+                        f"{self._base_url}/sdapi/v1/options", timeout=self._models_timeout
+                    )
+            raise_for_status(listed, provider=self.id)
+            raise_for_status(options, provider=self.id)
+            checkpoints = listed.json()
+            loaded = options.json().get("sd_model_checkpoint", "")
+        except (ProviderFailed, ValueError, AttributeError) as exc:
+            log.warning("could not learn the sdwebui server's models: %s", exc)
+            return self._models
+        names: list[str] = []
+        first = ""
+        for checkpoint in checkpoints if isinstance(checkpoints, list) else ():
+            if not isinstance(checkpoint, dict) or not checkpoint.get("model_name"):
+                continue
+            name = str(checkpoint["model_name"])
+            names.append(name)
+            if loaded and loaded in (checkpoint.get("title"), name, checkpoint.get("filename")):
+                first = name
+        if names:
+            if first:
+                names.remove(first)
+                names.insert(0, first)
+            self._models = tuple(dict.fromkeys(names))
+            self._models_learned_at = self._clock()
+        return self._models
 
     async def generate(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:
         """txt2img, or img2img for edits, with progress read from the server while it runs."""
@@ -99,6 +164,9 @@ class SDWebUIProvider:
             "n_iter": 1,
             "force_task_id": task_id,
         }
+        if request.model and request.model != MODEL:
+            body["override_settings"] = {"sd_model_checkpoint": request.model}
+            body["override_settings_restore_afterwards"] = True
         path = "/sdapi/v1/txt2img"
         if request.sources:
             path = "/sdapi/v1/img2img"
@@ -129,8 +197,20 @@ class SDWebUIProvider:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await call
         image = _first_image(reply)
+        info = _info(reply)
         await progress(90, "received", None)
-        return ProviderImage(data=image, mime_type="image/png", model=MODEL, seed=request.seed)
+        if self._models_stale():
+            await self.refresh_models()
+        return ProviderImage(
+            data=image,
+            mime_type="image/png",
+            model=str(info.get("sd_model_name") or request.model or self.models[0]),
+            seed=_int_or(info.get("seed"), request.seed),
+        )
+
+    def _models_stale(self) -> bool:
+        learned = self._models_learned_at
+        return learned is None or self._clock() - learned >= self._models_max_age
 
     async def _post(self, path: str, body: dict[str, Any], budget: float) -> dict[str, Any]:
         with transport_errors(provider=self.id, timeout=budget):
@@ -208,3 +288,16 @@ def _error_detail(reply: httpx.Response) -> str:
         if body.get(key):
             return str(body[key])[:300]
     return ""
+
+
+def _info(reply: dict[str, Any]) -> dict[str, Any]:
+    """The generation's `info` (a JSON string in A1111's reply), or {}."""
+    try:
+        info = json.loads(str(reply.get("info") or "{}"))
+    except json.JSONDecodeError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _int_or(value: object, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
