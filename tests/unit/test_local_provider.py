@@ -86,3 +86,16 @@ async def test_cancellation_stops_rendering_between_stages() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert "rendered" not in stages
+
+
+async def test_it_reports_its_model_and_the_seed_it_used() -> None:
+    reply = await LocalProvider(step_delay=0).generate(
+        small(size=Size(1536, 1024), seed=99, model="local-pillow-1"), no_progress
+    )
+    assert (reply.model, reply.seed) == ("local-pillow-1", 99)
+    with Image.open(io.BytesIO(reply.data)) as image:
+        assert image.size == (1536, 1024)
+
+
+async def no_progress(percent: int, stage: str, preview: bytes | None) -> None:
+    return None

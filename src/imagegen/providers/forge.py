@@ -1,19 +1,33 @@
-"""`forge`: the platform's Forge ImageService, JSON over HTTP.
+"""`forge`: the platform's Forge ImageService, JSON over HTTP (Connect's unary protocol).
 
 POST {BUILT_IN_FORGE_API_URL}/images.v1.ImageService/GenerateImage
 Authorization: Bearer {BUILT_IN_FORGE_API_KEY}
 {"prompt": "...", "original_images": [{"b64Json": "...", "mimeType": "image/png"}]}
 -> {"image": {"b64Json": "...", "mimeType": "image/png"}}
+failures: HTTP status + {"code": "invalid_argument", "message": "...", "details": [...]}
+
+The request body is only `prompt` and `original_images`: the API has no field for the
+size, model, seed, style or negative prompt. So the style preset and the negative
+prompt are folded into the prompt (providers/prompting.py); the reply, whatever its
+size, is fitted to the asked size by the pipeline's one fit rule; the seed is not used
+(capabilities.seed is false) and the one model is `forge-image`.
+
+A content-policy refusal (IMG_010) is recognised in a Connect error by a
+google.rpc.ErrorInfo detail whose reason names a policy, safety or moderation block, or
+by a message that does; any other 4xx is the request's own failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import binascii
+import re
 from typing import Any
 
 import httpx
 import pybase64
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2
 
 from imagegen.domain.errors import ProviderNotConfigured
 from imagegen.domain.models import STANDARD_SIZES, ImageFormat
@@ -90,7 +104,16 @@ class ForgeProvider:
                     headers={"Authorization": f"Bearer {self._api_key}"},
                     timeout=httpx.Timeout(request.timeout, connect=min(request.timeout, 10.0)),
                 )
-        raise_for_status(reply, provider=self.id, key_setting="BUILT_IN_FORGE_API_KEY")
+        if reply.status_code >= 400:
+            code, message, refused = _connect_error(reply)
+            raise_for_status(
+                reply,
+                provider=self.id,
+                key_setting="BUILT_IN_FORGE_API_KEY",
+                detail=message,
+                provider_code=code,
+                content_policy=refused,
+            )
         image = _decode(reply)
         await progress(90, "received", None)
         return image
@@ -110,3 +133,37 @@ def _decode(reply: httpx.Response) -> ProviderImage:
     if not data:
         raise ProviderUnavailable("the forge provider answered an empty image")
     return ProviderImage(data=data, mime_type=mime_type, model=MODEL)
+
+
+_REFUSAL = re.compile(r"content[ _-]?policy|safety|moderat", re.IGNORECASE)
+
+
+def _connect_error(reply: httpx.Response) -> tuple[str, str, bool]:
+    """A Connect error's code, message, and whether it is a content-policy refusal."""
+    try:
+        error = reply.json()
+    except ValueError:
+        return "", "", False
+    if not isinstance(error, dict):
+        return "", "", False
+    code = str(error.get("code") or "")
+    message = str(error.get("message") or "")
+    reasons: list[str] = []
+    for detail in error.get("details") or ():
+        if not isinstance(detail, dict) or detail.get("type") != "google.rpc.ErrorInfo":
+            continue
+        info = error_details_pb2.ErrorInfo()
+        try:
+            value = str(detail.get("value") or "")
+            info.ParseFromString(pybase64.b64decode(value + "=" * (-len(value) % 4)))
+        except (binascii.Error, ValueError, DecodeError):
+            continue
+        reasons.append(info.reason)
+    refused = any(_REFUSAL.search(reason) for reason in reasons) or (
+        code in _REFUSAL_CODES and bool(_REFUSAL.search(message))
+    )
+    return code, message, refused
+
+
+#: Connect codes a refusal of content comes with (never unavailable or internal).
+_REFUSAL_CODES = {"invalid_argument", "permission_denied", "failed_precondition"}

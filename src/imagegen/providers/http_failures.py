@@ -103,7 +103,7 @@ def status_failure(
         )
     if status >= 500 or status == 408:
         return ProviderUnavailable(
-            f"the {provider} provider is failing (HTTP {status}); try again later",
+            f"the {provider} provider is failing (HTTP {status}){said}; try again later",
             retryable=True,
             retry_after=retry_after(reply),
             metadata=metadata,

@@ -1,4 +1,4 @@
-"""`openai`: OpenAI Images (gpt-image-1), generations and edits, with streamed
+"""`openai`: OpenAI Images (gpt-image models), generations and edits, with streamed
 partial images turned into progress previews.
 
     POST {OPENAI_BASE_URL}/images/generations   JSON
@@ -6,6 +6,19 @@ partial images turned into progress previews.
     Authorization: Bearer {OPENAI_API_KEY}
     stream=true -> server-sent events: *.partial_image {b64_json, partial_image_index},
                    then *.completed {b64_json}
+
+What goes out, field by field:
+    model           the chosen model, or gpt-image-1
+    size            the asked size when gpt-image takes it (1024x1024, 1024x1536,
+                    1536x1024), else the nearest of those by shape: square for 256x256
+                    and 512x512; the pipeline fits the reply to the exact asked size
+    output_format   the asked format (png, jpeg, webp), so the reply can be stored as is
+    n               1 (a batch is one call per image)
+    prompt          with the style preset and the negative prompt folded in
+                    (providers/prompting.py): the API has no field for either
+    image[], mask   for edits: every source, and the mask (transparent = change), which
+                    is the contract's own mask convention
+The API takes no seed (capabilities.seed is false).
 
 Both OPENAI_API_KEY and OPENAI_BASE_URL must be set (no default points at a public
 host); for OpenAI itself the base URL is https://api.openai.com/v1.
@@ -23,7 +36,7 @@ import httpx
 import pybase64
 
 from imagegen.domain.errors import ImageTooLarge, ProviderNotConfigured
-from imagegen.domain.models import ImageFormat, Size
+from imagegen.domain.models import STANDARD_SIZES, ImageFormat, Size
 from imagegen.imaging import ImageDecodeError, make_preview_from_bytes
 from imagegen.providers.base import (
     ProgressCallback,
@@ -39,7 +52,8 @@ from imagegen.providers.prompting import fold_prompt
 #: gpt-image models: the same parameters, sizes and streamed partial images
 MODELS = ("gpt-image-1", "gpt-image-1-mini")
 MODEL = MODELS[0]
-SIZES = (Size(1024, 1024), Size(1024, 1536), Size(1536, 1024))
+#: the sizes gpt-image models generate
+NATIVE_SIZES = (Size(1024, 1024), Size(1024, 1536), Size(1536, 1024))
 PARTIAL_IMAGES = 2
 _POLICY_CODES = {"content_policy_violation", "moderation_blocked"}
 
@@ -57,7 +71,8 @@ class OpenAIProvider:
         seed=False,
         style=False,
         previews=True,
-        sizes=SIZES,
+        # Every standard size: the nearest native one is asked for and the pipeline fits it.
+        sizes=STANDARD_SIZES,
         formats=tuple(ImageFormat),
         max_count=4,
     )
@@ -86,15 +101,14 @@ class OpenAIProvider:
                 "set both or choose another provider"
             )
         prompt = fold_prompt(request.prompt, request.negative_prompt, request.style)
-        size = request.resize_to or request.size
-        size_text = f"{size.width}x{size.height}" if size in SIZES else "auto"
+        size = native_size(request.resize_to or request.size)
         model = request.model or MODEL
         fields: dict[str, str] = {
             "model": model,
             "prompt": prompt,
             "n": "1",
-            "size": size_text,
-            "output_format": "png",
+            "size": str(size),
+            "output_format": request.output_format.value,
             "stream": "true",
             "partial_images": str(PARTIAL_IMAGES),
         }
@@ -137,10 +151,12 @@ class OpenAIProvider:
                     if reply.status_code >= 400:
                         await reply.aread()
                         _raise_for(reply)
-                    return await self._read_stream(reply, progress, model)
+                    return await self._read_stream(
+                        reply, progress, model, request.output_format.mime_type
+                    )
 
     async def _read_stream(
-        self, reply: httpx.Response, progress: ProgressCallback, model: str
+        self, reply: httpx.Response, progress: ProgressCallback, model: str, mime_type: str
     ) -> ProviderImage:
         final: bytes | None = None
         async for event in _sse_events(reply):
@@ -162,7 +178,20 @@ class OpenAIProvider:
         if final is None:
             raise ProviderUnavailable("the openai stream ended without an image", retryable=True)
         await progress(90, "received", None)
-        return ProviderImage(data=final, mime_type="image/png", model=model)
+        return ProviderImage(data=final, mime_type=mime_type, model=model)
+
+
+def native_size(size: Size) -> Size:
+    """The size to ask gpt-image for: `size` itself when it is native, else the native
+    size nearest in shape (landscape, portrait or square)."""
+    if size in NATIVE_SIZES:
+        return size
+    ratio = size.width / max(size.height, 1)
+    if ratio >= 1.25:
+        return Size(1536, 1024)
+    if ratio <= 0.8:
+        return Size(1024, 1536)
+    return Size(1024, 1024)
 
 
 async def _sse_events(reply: httpx.Response) -> AsyncIterator[dict[str, Any]]:

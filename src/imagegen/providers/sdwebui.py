@@ -10,6 +10,16 @@
     GET  /sdapi/v1/sd-models      -> [{title, model_name, hash, filename, ...}]
     GET  /sdapi/v1/options        -> {sd_model_checkpoint: "<title>", ...}
 
+What goes out, field by field: `width`/`height` the asked size (for an edit without one,
+the source's), `seed` the job's seed (the seed the server reports back is recorded),
+`negative_prompt` natively, the style preset folded into `prompt` (the API's `styles`
+are names saved on that one server, not presets; providers/prompting.py), the model as
+below. An edit is img2img with every source in `init_images`; a mask goes out as
+A1111's inpainting mask (white = repaint, made from the contract's mask, whose
+transparent pixels mark the area to change) with `inpainting_fill` 1 (start from the
+original), `inpaint_full_res` false (the whole picture), `mask_blur` 4 and
+`inpainting_mask_invert` 0. Replies are PNG; the pipeline converts and fits them.
+
 Each call carries our own task id, so progress is read for our job only. The interrupt
 is global to the server: it is sent on cancel only while our task is the active one.
 
@@ -26,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
+import io
 import json
 import logging
 import time
@@ -35,6 +46,7 @@ from typing import Any
 
 import httpx
 import pybase64
+from PIL import Image
 
 from imagegen.domain.errors import ImageTooLarge, ProviderFailed, ProviderNotConfigured
 from imagegen.domain.models import STANDARD_SIZES, ImageFormat
@@ -173,7 +185,15 @@ class SDWebUIProvider:
             body["init_images"] = [pybase64.b64encode(s.data).decode() for s in request.sources]
             body["denoising_strength"] = 0.6
             if request.mask is not None:
-                body["mask"] = pybase64.b64encode(request.mask.data).decode()
+                mask = await asyncio.to_thread(inpainting_mask, request.mask.data)
+                body.update(
+                    mask=pybase64.b64encode(mask).decode(),
+                    mask_blur=4,
+                    inpainting_fill=1,
+                    inpaint_full_res=False,
+                    inpainting_mask_invert=0,
+                    denoising_strength=0.75,
+                )
         await progress(0, "queued", None)
         call = asyncio.create_task(self._post(path, body, request.timeout))
         try:
@@ -301,3 +321,21 @@ def _info(reply: dict[str, Any]) -> dict[str, Any]:
 
 def _int_or(value: object, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def inpainting_mask(data: bytes) -> bytes:
+    """A1111's inpainting mask (white repaints, black keeps) from the contract's mask
+    (transparent pixels mark the area to change), as a greyscale PNG of the same size.
+    A mask with no transparency changes nothing. Runs in a worker thread."""
+    with Image.open(io.BytesIO(data)) as opened:
+        opened.load()
+        has_alpha = "A" in opened.getbands() or "transparency" in opened.info
+        alpha = (
+            opened.convert("RGBA").getchannel("A")
+            if has_alpha
+            else Image.new("L", opened.size, 255)
+        )
+    repaint = alpha.point(lambda value: 255 if value < 128 else 0)
+    out = io.BytesIO()
+    repaint.save(out, format="PNG")
+    return out.getvalue()
