@@ -3,7 +3,8 @@
 Every fake records each request it receives in its provider's own wire form (tests
 assert what was RECEIVED: size, model, seed, style or its fold, mask), and can be
 scripted to answer: an image of another size than the one asked for, 400, 429 with
-Retry-After, 5xx, a content-policy refusal in that provider's words, a slow reply, or
+Retry-After, 5xx, a content-policy refusal in that provider's words (forge, openai; the
+A1111 API has none: its safety checkers return a blacked-out image), a slow reply, or
 a connection dropped after the request arrived.
 """
 
