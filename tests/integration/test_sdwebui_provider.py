@@ -144,6 +144,20 @@ async def test_a_server_that_cannot_list_its_models_keeps_the_last_list() -> Non
         provider = SDWebUIProvider(closed_url, http, models_timeout=2)
         assert await provider.refresh_models() == ("sdwebui",)
         provider.check(ProviderRequest(prompt="a", model="sdwebui"))
+    async with SDFake.start(step_delay=0.01) as fake, httpx.AsyncClient(trust_env=False) as http:
+        now = [0.0]
+        provider = SDWebUIProvider(
+            fake.url, http, steps=1, poll_interval=0.05, models_retry=30, clock=lambda: now[0]
+        )
+        fake.checkpoints = ()
+        assert await provider.refresh_models() == ("sdwebui",)
+        await provider.generate(ProviderRequest(prompt="a"), quiet)
+        assert fake.model_requests == 1, "an empty answer is asked again only after a while"
+        now[0] += 30
+        fake.checkpoints = ("dreamshaper_8",)
+        fake.loaded = "dreamshaper_8"
+        await provider.generate(ProviderRequest(prompt="a"), quiet)
+        assert fake.model_requests == 2 and provider.models == ("dreamshaper_8",)
         assert await SDWebUIProvider(None, http).refresh_models() == ("sdwebui",)
 
 

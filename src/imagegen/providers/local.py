@@ -1,12 +1,11 @@
 """`local`: a built-in renderer that needs no network or keys.
 
-It paints a deterministic picture from (prompt, negative prompt, seed, style, size), at
-exactly the asked size, and reports its one model (local-pillow-1) and the seed it used:
-the same inputs give the same PNG bytes, each of the 13 style presets paints with its
-own technique,
-and it reports real progress with a preview after every stage. Rendering runs in a
-worker thread; the pauses between stages are async, so cancellation takes effect
-between stages.
+It paints a deterministic picture from (prompt, negative prompt, seed, style, size) at
+exactly the asked size, and reports its one model (local-pillow-1) and the seed it used.
+The same inputs give the same PNG bytes, each of the 13 style presets paints with its
+own technique, and it reports real progress with a preview after every stage.
+Rendering runs in a worker thread; the pauses between stages are async, so
+cancellation takes effect between stages.
 """
 
 from __future__ import annotations

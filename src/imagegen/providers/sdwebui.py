@@ -26,7 +26,8 @@ is global to the server: it is sent on cancel only while our task is the active 
 Models are the server's checkpoints by `model_name`, the loaded one first (the default:
 an empty model sends no override, so the server keeps what it has loaded). They are
 learned from the server when the service starts and again after a generation once the
-list is older than `models_max_age`, never at submit. A chosen model goes out as
+list is older than `models_max_age` (or, when the server could not list them,
+`models_retry` after that try), never at submit. A chosen model goes out as
 `override_settings.sd_model_checkpoint` (restored afterwards by the server). Until the
 list is learned the provider offers only `sdwebui`, its loaded checkpoint.
 """
@@ -93,6 +94,7 @@ class SDWebUIProvider:
         poll_interval: float = 0.5,
         models_timeout: float = 5.0,
         models_max_age: float = 300.0,
+        models_retry: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._base_url = (base_url or "").rstrip("/")
@@ -101,9 +103,11 @@ class SDWebUIProvider:
         self._poll_interval = poll_interval
         self._models_timeout = models_timeout
         self._models_max_age = models_max_age
+        self._models_retry = models_retry
         self._clock = clock
         self._models: tuple[str, ...] = (MODEL,)
-        self._models_learned_at: float | None = None
+        #: when the list should be asked for again (None: never asked)
+        self._models_due_at: float | None = None
 
     @property
     def configured(self) -> bool:
@@ -139,6 +143,7 @@ class SDWebUIProvider:
             loaded = options.json().get("sd_model_checkpoint", "")
         except (ProviderFailed, ValueError, AttributeError) as exc:
             log.warning("could not learn the sdwebui server's models: %s", exc)
+            self._models_due_at = self._clock() + self._models_retry
             return self._models
         names: list[str] = []
         first = ""
@@ -154,7 +159,9 @@ class SDWebUIProvider:
                 names.remove(first)
                 names.insert(0, first)
             self._models = tuple(dict.fromkeys(names))
-            self._models_learned_at = self._clock()
+        self._models_due_at = self._clock() + (
+            self._models_max_age if names else self._models_retry
+        )
         return self._models
 
     async def generate(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:
@@ -229,8 +236,7 @@ class SDWebUIProvider:
         )
 
     def _models_stale(self) -> bool:
-        learned = self._models_learned_at
-        return learned is None or self._clock() - learned >= self._models_max_age
+        return self._models_due_at is None or self._clock() >= self._models_due_at
 
     async def _post(self, path: str, body: dict[str, Any], budget: float) -> dict[str, Any]:
         with transport_errors(provider=self.id, timeout=budget):
