@@ -9,18 +9,10 @@ import sys
 from datetime import timedelta
 
 from imagegen.config import ConfigError, Settings
+from imagegen.domain.models import Style
 
 PLANS = ("free", "basic", "pro", "enterprise")
-STYLES = (
-    "photographic",
-    "artistic",
-    "anime",
-    "digital_art",
-    "watercolor",
-    "sketch",
-    "pixel_art",
-    "cinematic",
-)
+STYLES = tuple(style.value for style in Style)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -166,6 +166,10 @@ class Server:
                 limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
             )
             stack.push_async_callback(http_client.aclose)
+            sdwebui = SDWebUIProvider(settings.sdwebui_url, http_client)
+            # Its models are the server's checkpoints, learned here (bounded, never fails
+            # the start) so that submit can check a model name without a network call.
+            await sdwebui.refresh_models()
             providers: dict[str, Provider] = {
                 "local": LocalProvider(step_delay=settings.local_step_delay),
                 "forge": ResilientProvider(
@@ -174,7 +178,7 @@ class Server:
                 "openai": ResilientProvider(
                     OpenAIProvider(settings.openai_base_url, settings.openai_api_key, http_client)
                 ),
-                "sdwebui": ResilientProvider(SDWebUIProvider(settings.sdwebui_url, http_client)),
+                "sdwebui": ResilientProvider(sdwebui),
             }
 
             fetcher = GuardedFetcher(

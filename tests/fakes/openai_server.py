@@ -1,5 +1,16 @@
-"""A local HTTP server speaking OpenAI Images' wire format (generations and edits,
-JSON and multipart, streamed partial images as server-sent events, errors)."""
+"""A local HTTP server speaking OpenAI Images' wire format: generations (JSON) and edits
+(multipart: image[], mask), streamed partial images as server-sent events, and errors
+as {"error": {"message", "type", "param", "code"}}.
+
+Like the real API it refuses, with 400 invalid_value, a size gpt-image models do not
+take (1024x1024, 1024x1536, 1536x1024 or auto), an unknown model or output format, and a
+mask without an image. It answers at the asked size unless told another one.
+
+async with OpenAIFake.start() as fake:
+    fake.url      # base URL including /v1, for OPENAI_BASE_URL
+    fake.calls    # every request received (SeenCall); `await fake.calls.wait_for(n)`
+    fake.script(OpenAIReply(...))
+"""
 
 from __future__ import annotations
 
@@ -10,39 +21,108 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pybase64
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 
-from tests.fakes import serve_on_loopback
-from tests.fakes.forge_server import png_bytes
+from tests.fakes import Pauses, Seen, drop_connection, encoded_image, png_bytes, serve_on_loopback
+
+SIZES = {"1024x1024": (1024, 1024), "1024x1536": (1024, 1536), "1536x1024": (1536, 1024)}
+MODELS = ("gpt-image-1", "gpt-image-1-mini")
+FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 @dataclass
 class OpenAIReply:
+    """One scripted answer; the default is a stream with two partials and the image."""
+
     status: int = 200
     error_code: str = ""
+    message: str = "scripted failure"
     headers: dict[str, str] = field(default_factory=dict)
     partials: int = 2
+    #: width, height of the final image (default: the asked size; auto is 1024x1024)
+    size: tuple[int, int] | None = None
+    delay: float = 0.0
+    drop: bool = False
+
+    @classmethod
+    def policy_refusal(cls) -> OpenAIReply:
+        """gpt-image's refusal: 400 with code moderation_blocked."""
+        return cls(
+            status=400,
+            error_code="moderation_blocked",
+            message="Your request was rejected by the safety system.",
+        )
 
 
 @dataclass
 class SeenCall:
+    """One request as the Images API received it (JSON fields or multipart parts)."""
+
     path: str
     headers: dict[str, str]
     fields: dict[str, Any]
     files: dict[str, list[tuple[str, bytes, str]]]
 
+    @property
+    def is_edit(self) -> bool:
+        return self.path.endswith("/edits")
+
+    @property
+    def prompt(self) -> str:
+        return str(self.fields.get("prompt", ""))
+
+    @property
+    def model(self) -> str:
+        return str(self.fields.get("model", ""))
+
+    @property
+    def size(self) -> str:
+        return str(self.fields.get("size", ""))
+
+    @property
+    def output_format(self) -> str:
+        return str(self.fields.get("output_format", "png"))
+
+    @property
+    def n(self) -> int:
+        return int(self.fields.get("n", 1))
+
+    @property
+    def images(self) -> list[bytes]:
+        return [data for _, data, _ in self.files.get("image[]", [])]
+
+    @property
+    def mask(self) -> bytes | None:
+        masks = self.files.get("mask")
+        return masks[0][1] if masks else None
+
+
+def _error(status: int, message: str, code: str | None, param: str | None = None) -> web.Response:
+    body = {
+        "error": {
+            "message": message,
+            "type": "invalid_request_error" if status < 500 else "server_error",
+            "param": param,
+            "code": code,
+        }
+    }
+    return web.json_response(body, status=status)
+
 
 class OpenAIFake:
+    """The fake server; see the module docstring."""
+
     def __init__(self) -> None:
-        self.calls: list[SeenCall] = []
+        self.calls: Seen[SeenCall] = Seen()
         self._script: list[OpenAIReply] = []
         self.default = OpenAIReply()
         self.url = ""
+        self.pauses = Pauses()
 
     def script(self, *replies: OpenAIReply) -> None:
         self._script.extend(replies)
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
+    async def _read(self, request: web.Request) -> SeenCall:
         fields: dict[str, Any] = {}
         files: dict[str, list[tuple[str, bytes, str]]] = {}
         if request.content_type == "application/json":
@@ -50,30 +130,70 @@ class OpenAIFake:
         else:
             reader = await request.multipart()
             async for part in reader:
-                assert isinstance(part, type(part))
+                if not isinstance(part, BodyPartReader):
+                    continue
                 name = part.name or ""
-                data = await part.read()  # type: ignore[union-attr]
-                if part.filename:  # type: ignore[union-attr]
-                    files.setdefault(name, []).append(
-                        (part.filename, bytes(data), part.headers.get("Content-Type", ""))  # type: ignore[union-attr]
-                    )
+                data = bytes(await part.read())
+                if part.filename:
+                    content_type = part.headers.get("Content-Type", "")
+                    files.setdefault(name, []).append((part.filename, data, content_type))
                 else:
-                    fields[name] = bytes(data).decode()
-        self.calls.append(SeenCall(request.path, dict(request.headers), fields, files))
+                    fields[name] = data.decode()
+        return SeenCall(request.path, dict(request.headers), fields, files)
+
+    def _invalid(self, call: SeenCall) -> web.Response | None:
+        """What the real API refuses before generating anything."""
+        if call.size and call.size != "auto" and call.size not in SIZES:
+            return _error(
+                400,
+                f"Invalid value: '{call.size}'. Supported values are: '1024x1024', "
+                "'1024x1536', '1536x1024', and 'auto'.",
+                "invalid_value",
+                "size",
+            )
+        if call.model and call.model not in MODELS:
+            message = f"The model '{call.model}' does not exist."
+            return _error(400, message, "invalid_value", "model")
+        if call.output_format not in FORMATS:
+            return _error(400, "Invalid output_format.", "invalid_value", "output_format")
+        if call.is_edit and not call.images:
+            return _error(400, "Missing image.", "invalid_value", "image")
+        if not call.prompt:
+            return _error(400, "Missing prompt.", "invalid_value", "prompt")
+        return None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        call = await self._read(request)
+        await self.calls.record(call)
         reply = self._script.pop(0) if self._script else self.default
+        if reply.delay:
+            await self.pauses.sleep(reply.delay)
+        if reply.drop:
+            return await drop_connection(request)
         if reply.status != 200:
-            body = {
-                "error": {
-                    "message": "scripted failure",
-                    "type": "invalid_request_error",
-                    "code": reply.error_code or None,
+            response = _error(reply.status, reply.message, reply.error_code or None)
+            response.headers.update(reply.headers)
+            return response
+        invalid = self._invalid(call)
+        if invalid is not None:
+            return invalid
+        width, height = reply.size or SIZES.get(call.size, (1024, 1024))
+        mime_type = FORMATS[call.output_format]
+        final = pybase64.b64encode(encoded_image(width, height, mime_type)).decode()
+        prefix = "image_edit" if call.is_edit else "image_generation"
+        stream = call.fields.get("stream") in (True, "true")
+        if not stream:
+            return web.json_response(
+                {
+                    "created": 0,
+                    "data": [{"b64_json": final}],
+                    "output_format": call.output_format,
+                    "size": f"{width}x{height}",
                 }
-            }
-            return web.json_response(body, status=reply.status, headers=reply.headers)
-        prefix = "image_edit" if request.path.endswith("/edits") else "image_generation"
+            )
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        for index in range(reply.partials):
+        for index in range(min(reply.partials, int(call.fields.get("partial_images", 0)))):
             partial = png_bytes(64, 64, (40 * (index + 1), 80, 160))
             event = {
                 "type": f"{prefix}.partial_image",
@@ -83,11 +203,13 @@ class OpenAIFake:
             await response.write(
                 f"event: {prefix}.partial_image\ndata: {json.dumps(event)}\n\n".encode()
             )
-        final = {
+        done = {
             "type": f"{prefix}.completed",
-            "b64_json": pybase64.b64encode(png_bytes(1024, 1024)).decode(),
+            "b64_json": final,
+            "size": f"{width}x{height}",
+            "output_format": call.output_format,
         }
-        await response.write(f"event: {prefix}.completed\ndata: {json.dumps(final)}\n\n".encode())
+        await response.write(f"event: {prefix}.completed\ndata: {json.dumps(done)}\n\n".encode())
         await response.write_eof()
         return response
 
@@ -100,4 +222,7 @@ class OpenAIFake:
         app.router.add_post("/v1/images/edits", fake._handle)
         async with serve_on_loopback(app) as url:
             fake.url = url + "/v1"
-            yield fake
+            try:
+                yield fake
+            finally:
+                fake.pauses.stop()

@@ -1,11 +1,21 @@
 """A local HTTP server speaking the AUTOMATIC1111 / SD WebUI API: txt2img, img2img,
-per-task progress with live previews, and the global interrupt. It runs one job at a
-time, like the real server, and can hold a foreign client's job first."""
+per-task progress with live previews, the global interrupt, and the checkpoint list
+(sd-models, options). It runs one job at a time, like the real server, and can hold a
+foreign client's job first.
+
+async with SDFake.start() as fake:
+    fake.url      # for IMAGEGEN_SDWEBUI_URL
+    fake.calls    # every txt2img/img2img received: (path, JSON body); `wait_for(n)`
+    fake.script(SDReply(...))   # else: an image at the asked width x height
+    fake.checkpoints, fake.loaded   # what sd-models and options report
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,8 +23,9 @@ from typing import Any
 import pybase64
 from aiohttp import web
 
-from tests.fakes import serve_on_loopback
-from tests.fakes.forge_server import png_bytes
+from tests.fakes import Pauses, Seen, drop_connection, png_bytes, serve_on_loopback
+
+CHECKPOINTS = ("sd_xl_base_1.0", "v1-5-pruned-emaonly", "dreamshaper_8")
 
 
 @dataclass
@@ -27,34 +38,89 @@ class Task:
 
 
 @dataclass
+class SDReply:
+    """One scripted answer to txt2img/img2img."""
+
+    status: int = 200
+    #: width, height of the image answered (default: the asked width x height)
+    size: tuple[int, int] | None = None
+    #: FastAPI's error body: {"detail": ...} (A1111 answers {"error", "detail", "errors"})
+    detail: str = "scripted failure"
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    drop: bool = False
+
+
+@dataclass
 class SDFake:
     step_delay: float = 0.1
-    calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    calls: Seen[tuple[str, dict[str, Any]]] = field(default_factory=Seen)
     interrupts: int = 0
     url: str = ""
     tasks: dict[str, Task] = field(default_factory=dict)
+    checkpoints: tuple[str, ...] = CHECKPOINTS
+    loaded: str = CHECKPOINTS[1]
+    model_requests: int = 0
+    pauses: Pauses = field(default_factory=Pauses)
+    _script: list[SDReply] = field(default_factory=list)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _current: Task | None = None
+
+    def script(self, *replies: SDReply) -> None:
+        self._script.extend(replies)
+
+    def body(self, index: int = 0) -> dict[str, Any]:
+        """The JSON body of the index-th txt2img/img2img call."""
+        return self.calls[index][1]
 
     async def run_job(self, task: Task) -> None:
         async with self._lock:
             self._current = task
             task.state = "active"
             while task.step < task.steps and not task.interrupted:
-                await asyncio.sleep(self.step_delay)
+                await self.pauses.sleep(self.step_delay)
                 task.step += 1
             task.state = "completed"
             self._current = None
 
+    def _title(self, name: str) -> str:
+        return f"{name}.safetensors [{hashlib.sha256(name.encode()).hexdigest()[:10]}]"
+
     async def _generate(self, request: web.Request) -> web.Response:
         body = await request.json()
-        self.calls.append((request.path, body))
+        await self.calls.record((request.path, body))
+        reply = self._script.pop(0) if self._script else SDReply()
+        if reply.delay:
+            await self.pauses.sleep(reply.delay)
+        if reply.drop:
+            return await drop_connection(request)
+        if reply.status != 200:
+            return web.json_response(
+                {"error": "HTTPException", "detail": reply.detail, "body": "", "errors": ""},
+                status=reply.status,
+                headers=reply.headers,
+            )
         task = Task(body.get("force_task_id") or "anonymous", int(body.get("steps", 10)))
         self.tasks[task.id] = task
         await self.run_job(task)
+        checkpoint = (body.get("override_settings") or {}).get("sd_model_checkpoint")
+        if checkpoint is not None and checkpoint not in self.checkpoints:
+            # A1111 does not refuse an unknown checkpoint; it keeps the loaded one.
+            checkpoint = None
+        model = checkpoint or self.loaded
         color = (200, 40, 40) if request.path.endswith("txt2img") else (40, 200, 40)
-        image = pybase64.b64encode(png_bytes(body["width"], body["height"], color)).decode()
-        return web.json_response({"images": [image], "parameters": {}, "info": "{}"})
+        width, height = reply.size or (int(body["width"]), int(body["height"]))
+        image = pybase64.b64encode(png_bytes(width, height, color)).decode()
+        info = {
+            "prompt": body.get("prompt", ""),
+            "negative_prompt": body.get("negative_prompt", ""),
+            "seed": body.get("seed", -1),
+            "width": width,
+            "height": height,
+            "sd_model_name": model,
+            "sd_model_hash": self._title(model)[-11:-1],
+        }
+        return web.json_response({"images": [image], "parameters": body, "info": json.dumps(info)})
 
     async def _progress(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -87,6 +153,27 @@ class SDFake:
             self._current.interrupted = True
         return web.json_response({})
 
+    async def _sd_models(self, _request: web.Request) -> web.Response:
+        self.model_requests += 1
+        return web.json_response(
+            [
+                {
+                    "title": self._title(name),
+                    "model_name": name,
+                    "hash": self._title(name)[-11:-1],
+                    "sha256": None,
+                    "filename": f"/models/Stable-diffusion/{name}.safetensors",
+                    "config": None,
+                }
+                for name in self.checkpoints
+            ]
+        )
+
+    async def _options(self, _request: web.Request) -> web.Response:
+        return web.json_response(
+            {"sd_model_checkpoint": self._title(self.loaded), "samples_format": "png"}
+        )
+
     def start_foreign_job(self, steps: int) -> asyncio.Task[None]:
         """Occupy the server with another client's job."""
         task = Task("task(someone-else)", steps)
@@ -102,6 +189,11 @@ class SDFake:
         app.router.add_post("/sdapi/v1/img2img", fake._generate)
         app.router.add_post("/internal/progress", fake._progress)
         app.router.add_post("/sdapi/v1/interrupt", fake._interrupt)
+        app.router.add_get("/sdapi/v1/sd-models", fake._sd_models)
+        app.router.add_get("/sdapi/v1/options", fake._options)
         async with serve_on_loopback(app) as url:
-            fake.url = url + ""
-            yield fake
+            fake.url = url
+            try:
+                yield fake
+            finally:
+                fake.pauses.stop()

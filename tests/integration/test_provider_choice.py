@@ -27,7 +27,8 @@ async def test_listing_shows_configured_providers_only(tmp_path: Path, database_
     assert [p.id for p in listed.providers] == ["local"]
     local = listed.providers[0]
     assert local.default and local.capabilities.edit and local.capabilities.previews
-    assert len(local.styles) == 8
+    assert len(local.styles) == 13, "every preset of the contract, the seed's five included"
+    assert list(local.models) == ["local-pillow-1"]
     assert {(s.width, s.height) for s in local.capabilities.sizes} >= {(1024, 1024), (512, 512)}
 
 

@@ -1,4 +1,4 @@
-"""The `local` renderer: deterministic, eight distinct styles, exact sizes, real progress."""
+"""The `local` renderer: deterministic, thirteen distinct styles, exact sizes, real progress."""
 
 from __future__ import annotations
 
@@ -40,15 +40,16 @@ async def test_same_inputs_give_the_same_bytes() -> None:
     assert len({first, other_seed, other_prompt, other_negative}) == 4
 
 
-async def test_the_eight_styles_look_different() -> None:
-    images = {}
-    for style in Style:
-        data, _ = await render(small(style=style))
+@pytest.mark.parametrize("prompt", ["a red fox in snow", "a city at night"])
+async def test_every_style_and_no_style_look_different(prompt: str) -> None:
+    images: dict[Style | None, Image.Image] = {}
+    for style in (None, *Style):
+        data, _ = await render(small(style=style, prompt=prompt))
         images[style] = Image.open(io.BytesIO(data)).convert("RGB")
-    assert len(images) == 8
+    assert len(images) == 14, "all 13 presets and no preset"
     for (a, image_a), (b, image_b) in itertools.combinations(images.items(), 2):
         difference = ImageStat.Stat(ImageChops.difference(image_a, image_b)).mean
-        assert sum(difference) / 3 > 8, f"{a} and {b} look alike ({difference})"
+        assert sum(difference) / 3 > 12, f"{a} and {b} look alike ({difference})"
 
 
 @pytest.mark.parametrize("size", STANDARD_SIZES, ids=str)
@@ -85,3 +86,16 @@ async def test_cancellation_stops_rendering_between_stages() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert "rendered" not in stages
+
+
+async def test_it_reports_its_model_and_the_seed_it_used() -> None:
+    reply = await LocalProvider(step_delay=0).generate(
+        small(size=Size(1536, 1024), seed=99, model="local-pillow-1"), no_progress
+    )
+    assert (reply.model, reply.seed) == ("local-pillow-1", 99)
+    with Image.open(io.BytesIO(reply.data)) as image:
+        assert image.size == (1536, 1024)
+
+
+async def no_progress(percent: int, stage: str, preview: bytes | None) -> None:
+    return None

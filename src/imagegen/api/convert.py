@@ -34,6 +34,11 @@ _STYLE_TO_PB = {
     Style.SKETCH: common_pb2.STYLE_SKETCH,
     Style.PIXEL_ART: common_pb2.STYLE_PIXEL_ART,
     Style.CINEMATIC: common_pb2.STYLE_CINEMATIC,
+    Style.CARTOON: common_pb2.STYLE_CARTOON,
+    Style.ABSTRACT: common_pb2.STYLE_ABSTRACT,
+    Style.MINIMALIST: common_pb2.STYLE_MINIMALIST,
+    Style.VINTAGE: common_pb2.STYLE_VINTAGE,
+    Style.MODERN: common_pb2.STYLE_MODERN,
 }
 _STYLE_FROM_PB = {v: k for k, v in _STYLE_TO_PB.items()}
 
@@ -146,6 +151,7 @@ def spec_from_proto(spec: common_pb2.GenerationSpec) -> GenerationSpec:
         output_format=_FORMAT_FROM_PB.get(spec.format, ImageFormat.PNG),
         seed=spec.seed if spec.HasField("seed") else None,
         provider=spec.provider,
+        model=spec.model,
         source=_SOURCE_FROM_PB.get(spec.source, GenerationSource.API),
     )
 
@@ -161,6 +167,7 @@ def spec_to_proto(spec: GenerationSpec) -> common_pb2.GenerationSpec:
         count=spec.count,
         format=_FORMAT_TO_PB[spec.output_format],
         provider=spec.provider,
+        model=spec.model,
         source=_SOURCE_TO_PB[spec.source],
     )
     if spec.seed is not None:

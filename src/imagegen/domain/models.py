@@ -30,14 +30,21 @@ class ImageFormat(enum.StrEnum):
 class Style(enum.StrEnum):
     """Style presets. Each renders visibly differently on every provider."""
 
+    #: the product's "photorealistic"
     PHOTOGRAPHIC = "photographic"
     ARTISTIC = "artistic"
     ANIME = "anime"
+    #: the product's "illustration"
     DIGITAL_ART = "digital_art"
     WATERCOLOR = "watercolor"
     SKETCH = "sketch"
     PIXEL_ART = "pixel_art"
     CINEMATIC = "cinematic"
+    CARTOON = "cartoon"
+    ABSTRACT = "abstract"
+    MINIMALIST = "minimalist"
+    VINTAGE = "vintage"
+    MODERN = "modern"
 
 
 class GenerationSource(enum.StrEnum):
@@ -185,6 +192,8 @@ class GenerationSpec:
     output_format: ImageFormat = ImageFormat.PNG
     seed: int | None = None
     provider: str = ""
+    #: one of the provider's models; empty for the provider's default
+    model: str = ""
     source: GenerationSource = GenerationSource.API
     #: source images of an edit; empty for text-to-image
     sources: tuple[EditSource, ...] = ()
@@ -198,8 +207,9 @@ class GenerationSpec:
 
     def fingerprint(self) -> dict[str, object]:
         """The parameters that make two requests "the same" for idempotency
-        (sources by content, wherever they came from)."""
-        return {
+        (sources by content, wherever they came from). `model` is there only when set,
+        so a job stored before models could be chosen still matches its retry."""
+        fingerprint: dict[str, object] = {
             "sources": [s.sha256 for s in self.sources],
             "mask": self.mask.sha256 if self.mask else "",
             "prompt": self.prompt,
@@ -213,6 +223,9 @@ class GenerationSpec:
             "provider": self.provider,
             "source": self.source.value,
         }
+        if self.model:
+            fingerprint["model"] = self.model
+        return fingerprint
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Protocol
 
+from imagegen.domain.errors import InvalidRequest, ProviderFailed
 from imagegen.domain.models import DEFAULT_SIZE, STANDARD_SIZES, ImageFormat, Size, Style
 
 #: Called by a provider as it works: percent 0-100 (never falling), a stage word,
@@ -47,7 +49,11 @@ class ProviderRequest:
     style: Style | None = None
     size: Size = DEFAULT_SIZE
     seed: int = 0
+    #: one of the provider's `models`; empty for its default (the first)
     model: str = ""
+    #: the format the caller will get; a provider that can answer in it is asked to, so
+    #: the reply can be stored as it comes (the pipeline converts any other)
+    output_format: ImageFormat = ImageFormat.PNG
     sources: tuple[SourceImage, ...] = ()
     mask: SourceImage | None = None
     #: for edits: the size the caller asked for (else the provider keeps the source's)
@@ -65,6 +71,42 @@ class ProviderImage:
     model: str = ""
     seed: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+
+def check_model(provider: str, models: tuple[str, ...], model: str) -> None:
+    """IMG_003 (field `model`) naming the provider's models when `model` is not one of
+    them; empty means the provider's default and always passes."""
+    if not model or model in models:
+        return
+    shown = model if len(model) <= 80 else model[:80] + "..."
+    raise InvalidRequest(
+        f"model {shown!r} is not offered by the {provider} provider; use one of "
+        f"{', '.join(models)}, or leave it empty for its default ({models[0]}); "
+        "ListProviders shows each provider's models",
+        field="model",
+        metadata={"provider": provider, "models": ",".join(models)},
+    )
+
+
+class ProviderUnavailable(ProviderFailed):
+    """IMG_002 that says the provider itself is down, overloaded or broken (5xx, 429,
+    timeouts, connection errors, replies its API does not promise): the failures that
+    count toward opening its circuit breaker. A refusal caused by the request is a plain
+    ProviderFailed or a ContentPolicyRefused, and never counts."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool = False,
+        retry_after: timedelta | None = None,
+        throttled: bool = False,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, retryable=retryable, retry_after=retry_after, metadata=metadata)
+        #: the provider asked us to slow down (HTTP 429): it counts against its health
+        #: only once retries are exhausted
+        self.throttled = throttled
 
 
 class Provider(Protocol):

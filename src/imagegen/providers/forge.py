@@ -1,29 +1,45 @@
-"""`forge`: the platform's Forge ImageService, JSON over HTTP.
+"""`forge`: the platform's Forge ImageService, JSON over HTTP (Connect's unary protocol).
 
 POST {BUILT_IN_FORGE_API_URL}/images.v1.ImageService/GenerateImage
 Authorization: Bearer {BUILT_IN_FORGE_API_KEY}
 {"prompt": "...", "original_images": [{"b64Json": "...", "mimeType": "image/png"}]}
 -> {"image": {"b64Json": "...", "mimeType": "image/png"}}
+failures: HTTP status + {"code": "invalid_argument", "message": "...", "details": [...]}
+
+The request body is only `prompt` and `original_images`: the API has no field for the
+size, model, seed, style or negative prompt. So the style preset and the negative
+prompt are folded into the prompt (providers/prompting.py); the reply, whatever its
+size, is fitted to the asked size by the pipeline's one fit rule; the seed is not used
+(capabilities.seed is false) and the one model is `forge-image`.
+
+A content-policy refusal (IMG_010) is recognised in a Connect error by a
+google.rpc.ErrorInfo detail whose reason names a policy, safety or moderation block, or
+by a message that does; any other 4xx is the request's own failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import binascii
+import re
 from typing import Any
 
 import httpx
 import pybase64
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2
 
-from imagegen.domain.errors import ProviderFailed, ProviderNotConfigured
+from imagegen.domain.errors import ProviderNotConfigured
 from imagegen.domain.models import STANDARD_SIZES, ImageFormat
 from imagegen.providers.base import (
     ProgressCallback,
     ProviderCapabilities,
     ProviderImage,
     ProviderRequest,
+    ProviderUnavailable,
+    check_model,
 )
-from imagegen.providers.http_headers import retry_after
+from imagegen.providers.http_failures import raise_for_status, transport_errors
 from imagegen.providers.prompting import fold_prompt
 
 GENERATE_PATH = "/images.v1.ImageService/GenerateImage"
@@ -60,7 +76,9 @@ class ForgeProvider:
         return bool(self._base_url and self._api_key)
 
     def check(self, request: ProviderRequest) -> None:
-        """Everything the contract allows can be sent to Forge (edits take free text)."""
+        """Everything the contract allows can be sent to Forge (edits take free text); its
+        one model is the only name accepted."""
+        check_model(self.id, self.models, request.model)
 
     async def generate(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:
         """One call to GenerateImage. IMG_001 before any request when unconfigured."""
@@ -78,7 +96,7 @@ class ForgeProvider:
                 for s in request.sources
             ]
         await progress(0, "requesting", None)
-        try:
+        with transport_errors(provider=self.id, timeout=request.timeout):
             async with asyncio.timeout(request.timeout):
                 reply = await self._client.post(
                     self._base_url + GENERATE_PATH,
@@ -86,46 +104,19 @@ class ForgeProvider:
                     headers={"Authorization": f"Bearer {self._api_key}"},
                     timeout=httpx.Timeout(request.timeout, connect=min(request.timeout, 10.0)),
                 )
-        except (TimeoutError, httpx.TimeoutException) as exc:
-            if isinstance(exc, httpx.ConnectTimeout):
-                raise ProviderFailed(
-                    "the forge provider could not be reached", retryable=True
-                ) from exc
-            # The call may have run (and billed) at the provider: never blindly retried.
-            raise ProviderFailed(
-                f"the forge provider did not answer within {request.timeout:.1f}s",
-                metadata={"timeout_s": f"{request.timeout:.1f}"},
-            ) from exc
-        except httpx.TransportError as exc:
-            raise ProviderFailed(
-                f"the forge provider could not be reached ({type(exc).__name__})", retryable=True
-            ) from exc
-        _raise_for_status(reply)
+        if reply.status_code >= 400:
+            code, message, refused = _connect_error(reply)
+            raise_for_status(
+                reply,
+                provider=self.id,
+                key_setting="BUILT_IN_FORGE_API_KEY",
+                detail=message,
+                provider_code=code,
+                content_policy=refused,
+            )
         image = _decode(reply)
         await progress(90, "received", None)
         return image
-
-
-def _raise_for_status(reply: httpx.Response) -> None:
-    status = reply.status_code
-    if status < 400:
-        return
-    if status == 429 or status >= 500:
-        raise ProviderFailed(
-            f"the forge provider is busy or failing (HTTP {status}); try again later",
-            retryable=True,
-            retry_after=retry_after(reply),
-            metadata={"http_status": str(status)},
-        )
-    if status in (401, 403):
-        raise ProviderFailed(
-            f"the forge provider refused our key (HTTP {status}); check BUILT_IN_FORGE_API_KEY",
-            metadata={"http_status": str(status)},
-        )
-    raise ProviderFailed(
-        f"the forge provider rejected the request (HTTP {status})",
-        metadata={"http_status": str(status)},
-    )
 
 
 def _decode(reply: httpx.Response) -> ProviderImage:
@@ -136,9 +127,43 @@ def _decode(reply: httpx.Response) -> ProviderImage:
         mime_type = str(image.get("mimeType", ""))
         data = pybase64.b64decode(str(encoded), validate=True)
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
-        raise ProviderFailed(
+        raise ProviderUnavailable(
             f"the forge provider answered something that is not a base64 image ({exc})"
         ) from exc
     if not data:
-        raise ProviderFailed("the forge provider answered an empty image")
+        raise ProviderUnavailable("the forge provider answered an empty image")
     return ProviderImage(data=data, mime_type=mime_type, model=MODEL)
+
+
+_REFUSAL = re.compile(r"content[ _-]?policy|safety|moderat", re.IGNORECASE)
+
+
+def _connect_error(reply: httpx.Response) -> tuple[str, str, bool]:
+    """A Connect error's code, message, and whether it is a content-policy refusal."""
+    try:
+        error = reply.json()
+    except ValueError:
+        return "", "", False
+    if not isinstance(error, dict):
+        return "", "", False
+    code = str(error.get("code") or "")
+    message = str(error.get("message") or "")
+    reasons: list[str] = []
+    for detail in error.get("details") or ():
+        if not isinstance(detail, dict) or detail.get("type") != "google.rpc.ErrorInfo":
+            continue
+        info = error_details_pb2.ErrorInfo()
+        try:
+            value = str(detail.get("value") or "")
+            info.ParseFromString(pybase64.b64decode(value + "=" * (-len(value) % 4)))
+        except (binascii.Error, ValueError, DecodeError):
+            continue
+        reasons.append(info.reason)
+    refused = any(_REFUSAL.search(reason) for reason in reasons) or (
+        code in _REFUSAL_CODES and bool(_REFUSAL.search(message))
+    )
+    return code, message, refused
+
+
+#: Connect codes a refusal of content comes with (never unavailable or internal).
+_REFUSAL_CODES = {"invalid_argument", "permission_denied", "failed_precondition"}

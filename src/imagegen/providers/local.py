@@ -1,10 +1,11 @@
 """`local`: a built-in renderer that needs no network or keys.
 
-It paints a deterministic picture from (prompt, negative prompt, seed, style, size):
-the same inputs give the same PNG bytes, each style paints with its own technique,
-and it reports real progress with a preview after every stage. Rendering runs in a
-worker thread; the pauses between stages are async, so cancellation takes effect
-between stages.
+It paints a deterministic picture from (prompt, negative prompt, seed, style, size) at
+exactly the asked size, and reports its one model (local-pillow-1) and the seed it used.
+The same inputs give the same PNG bytes, each of the 13 style presets paints with its
+own technique, and it reports real progress with a preview after every stage.
+Rendering runs in a worker thread; the pauses between stages are async, so
+cancellation takes effect between stages.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import itertools
 import math
 import random
 from collections.abc import Callable
 
-from PIL import Image, ImageChops, ImageDraw, ImageFilter, ImageOps
+from PIL import Image, ImageChops, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
 from imagegen.domain.models import STANDARD_SIZES, ImageFormat, Size, Style
 from imagegen.imaging import make_preview
@@ -25,6 +27,7 @@ from imagegen.providers.base import (
     ProviderCapabilities,
     ProviderImage,
     ProviderRequest,
+    check_model,
 )
 from imagegen.providers.local_edits import apply_operations, parse_instruction
 
@@ -42,6 +45,11 @@ _PALETTES: dict[Style | None, tuple[RGB, ...]] = {
     Style.SKETCH: ((245, 245, 240), (60, 60, 60), (150, 150, 150), (20, 20, 20)),
     Style.PIXEL_ART: ((40, 40, 80), (250, 200, 60), (80, 200, 90), (230, 80, 60)),
     Style.CINEMATIC: ((20, 60, 70), (230, 140, 60), (10, 20, 25), (250, 210, 160)),
+    Style.CARTOON: ((255, 80, 60), (60, 170, 255), (255, 220, 40), (90, 210, 90)),
+    Style.ABSTRACT: ((230, 30, 90), (20, 40, 200), (250, 200, 0), (0, 180, 160)),
+    Style.MINIMALIST: ((235, 232, 225), (200, 70, 50), (245, 243, 238), (60, 60, 60)),
+    Style.VINTAGE: ((150, 110, 70), (210, 170, 120), (240, 220, 180), (80, 60, 40)),
+    Style.MODERN: ((20, 20, 20), (0, 90, 255), (245, 245, 245), (255, 60, 40)),
 }
 
 
@@ -69,7 +77,9 @@ class LocalProvider:
         self._step_delay = step_delay
 
     def check(self, request: ProviderRequest) -> None:
-        """Edits must use instructions this renderer understands (IMG_003 otherwise)."""
+        """Edits must use instructions this renderer understands, and the model must be
+        its own (IMG_003 otherwise)."""
+        check_model(self.id, self.models, request.model)
         if request.sources:
             parse_instruction(request.prompt)
 
@@ -200,6 +210,11 @@ class _Painter:
                 Style.SKETCH: self._sketch,
                 Style.PIXEL_ART: self._pixel_art,
                 Style.CINEMATIC: self._cinematic,
+                Style.CARTOON: self._cartoon,
+                Style.ABSTRACT: self._abstract,
+                Style.MINIMALIST: self._minimalist,
+                Style.VINTAGE: self._vintage,
+                Style.MODERN: self._modern,
             }.get(self.preset)
             if self.preset
             else None
@@ -299,6 +314,66 @@ class _Painter:
         draw = ImageDraw.Draw(self.image)
         draw.rectangle((0, 0, width, bar), fill=(0, 0, 0))
         draw.rectangle((0, height - bar, width, height), fill=(0, 0, 0))
+
+    def _cartoon(self) -> None:
+        # Flat saturated fills inside thick black outlines.
+        flat = self.image.quantize(colors=6, dither=Image.Dither.NONE).convert("RGB")
+        flat = ImageEnhance.Color(flat).enhance(1.8)
+        edges = flat.convert("L").filter(ImageFilter.FIND_EDGES).point(lambda v: 255 if v else 0)
+        thick = edges.filter(ImageFilter.MaxFilter(5 if self.size.width >= 256 else 3))
+        self.image = Image.composite(Image.new("RGB", flat.size, (0, 0, 0)), flat, thick)
+
+    def _abstract(self) -> None:
+        # Overlapping colour fields folded onto themselves: no subject, only shape and hue.
+        width, height = self.image.size
+        turned = self.image.transpose(Image.Transpose.ROTATE_90).resize((width, height))
+        mixed = ImageChops.difference(self.image, turned)
+        draw = ImageDraw.Draw(mixed, "RGBA")
+        for _ in range(12):
+            color = self.rng.choice(self.palette)
+            x0, y0 = self.rng.random() * width, self.rng.random() * height
+            x1, y1 = self.rng.random() * width, self.rng.random() * height
+            draw.line((x0, y0, x1, y1), fill=(*color, 220), width=max(3, width // 24))
+        self.image = ImageOps.posterize(ImageOps.autocontrast(mixed), 2)
+
+    def _minimalist(self) -> None:
+        # One quiet ground and a single accent shape; everything else is left out.
+        width, height = self.image.size
+        self.image = Image.new("RGB", (width, height), self.palette[2])
+        draw = ImageDraw.Draw(self.image)
+        side = min(width, height)
+        radius = side * (0.08 + 0.07 * self.rng.random())
+        cx = width * (0.3 + 0.4 * self.rng.random())
+        cy = height * (0.3 + 0.4 * self.rng.random())
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius), fill=self.palette[1])
+        horizon = int(height * (0.7 + 0.1 * self.rng.random()))
+        draw.line((0, horizon, width, horizon), fill=self.palette[3], width=max(1, side // 128))
+
+    def _vintage(self) -> None:
+        # Warm sepia, lifted blacks and lowered whites (faded print), film grain.
+        toned = ImageOps.colorize(
+            ImageOps.grayscale(self.image), black=(70, 45, 25), white=(245, 225, 185)
+        )
+        faded = toned.point(lambda v: 40 + v * 170 // 255)
+        grain = Image.effect_noise(self.image.size, 40).convert("RGB")
+        self.image = Image.blend(faded, grain, 0.12)
+
+    def _modern(self) -> None:
+        # Hard-edged colour blocks on a grid with crisp white gutters.
+        width, height = self.image.size
+        self.image = Image.new("RGB", (width, height), (250, 250, 250))
+        draw = ImageDraw.Draw(self.image)
+        gutter = max(2, width // 64)
+        columns = sorted(self.rng.sample(range(1, 8), 2))
+        rows = sorted(self.rng.sample(range(1, 8), 2))
+        xs = [0, *(width * c // 8 for c in columns), width]
+        ys = [0, *(height * r // 8 for r in rows), height]
+        for left, right in itertools.pairwise(xs):
+            for top, bottom in itertools.pairwise(ys):
+                color = self.rng.choice(self.palette)
+                draw.rectangle(
+                    (left + gutter, top + gutter, right - gutter, bottom - gutter), fill=color
+                )
 
 
 def _shift_hue(color: RGB, amount: float) -> RGB:

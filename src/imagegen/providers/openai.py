@@ -1,4 +1,4 @@
-"""`openai`: OpenAI Images (gpt-image-1), generations and edits, with streamed
+"""`openai`: OpenAI Images (gpt-image models), generations and edits, with streamed
 partial images turned into progress previews.
 
     POST {OPENAI_BASE_URL}/images/generations   JSON
@@ -6,6 +6,19 @@ partial images turned into progress previews.
     Authorization: Bearer {OPENAI_API_KEY}
     stream=true -> server-sent events: *.partial_image {b64_json, partial_image_index},
                    then *.completed {b64_json}
+
+What goes out, field by field:
+    model           the chosen model, or gpt-image-1
+    size            the asked size when gpt-image takes it (1024x1024, 1024x1536,
+                    1536x1024), else the nearest of those by shape: square for 256x256
+                    and 512x512; the pipeline fits the reply to the exact asked size
+    output_format   the asked format (png, jpeg, webp), so the reply can be stored as is
+    n               1 (a batch is one call per image)
+    prompt          with the style preset and the negative prompt folded in
+                    (providers/prompting.py): the API has no field for either
+    image[], mask   for edits: every source, and the mask (transparent = change), which
+                    is the contract's own mask convention
+The API takes no seed (capabilities.seed is false).
 
 Both OPENAI_API_KEY and OPENAI_BASE_URL must be set (no default points at a public
 host); for OpenAI itself the base URL is https://api.openai.com/v1.
@@ -22,25 +35,25 @@ from typing import Any
 import httpx
 import pybase64
 
-from imagegen.domain.errors import (
-    ContentPolicyRefused,
-    ImageTooLarge,
-    ProviderFailed,
-    ProviderNotConfigured,
-)
-from imagegen.domain.models import ImageFormat, Size
+from imagegen.domain.errors import ImageTooLarge, ProviderNotConfigured
+from imagegen.domain.models import STANDARD_SIZES, ImageFormat, Size
 from imagegen.imaging import ImageDecodeError, make_preview_from_bytes
 from imagegen.providers.base import (
     ProgressCallback,
     ProviderCapabilities,
     ProviderImage,
     ProviderRequest,
+    ProviderUnavailable,
+    check_model,
 )
-from imagegen.providers.http_headers import retry_after
+from imagegen.providers.http_failures import status_failure, transport_errors
 from imagegen.providers.prompting import fold_prompt
 
-MODEL = "gpt-image-1"
-SIZES = (Size(1024, 1024), Size(1024, 1536), Size(1536, 1024))
+#: gpt-image models: the same parameters, sizes and streamed partial images
+MODELS = ("gpt-image-1", "gpt-image-1-mini")
+MODEL = MODELS[0]
+#: the sizes gpt-image models generate
+NATIVE_SIZES = (Size(1024, 1024), Size(1024, 1536), Size(1536, 1024))
 PARTIAL_IMAGES = 2
 _POLICY_CODES = {"content_policy_violation", "moderation_blocked"}
 
@@ -50,7 +63,7 @@ class OpenAIProvider:
 
     id = "openai"
     display_name = "OpenAI Images"
-    models = (MODEL,)
+    models = MODELS
     capabilities = ProviderCapabilities(
         edit=True,
         mask=True,
@@ -58,7 +71,8 @@ class OpenAIProvider:
         seed=False,
         style=False,
         previews=True,
-        sizes=SIZES,
+        # Every standard size: the nearest native one is asked for and the pipeline fits it.
+        sizes=STANDARD_SIZES,
         formats=tuple(ImageFormat),
         max_count=4,
     )
@@ -75,7 +89,9 @@ class OpenAIProvider:
         return bool(self._base_url and self._api_key)
 
     def check(self, request: ProviderRequest) -> None:
-        """Sizes are checked by the provider's capabilities; everything else is free text."""
+        """The model must be a gpt-image model (IMG_003 naming them); sizes are checked by
+        the capabilities and everything else is free text."""
+        check_model(self.id, self.models, request.model)
 
     async def generate(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:
         """One image; partial images arrive as progress previews."""
@@ -85,20 +101,20 @@ class OpenAIProvider:
                 "set both or choose another provider"
             )
         prompt = fold_prompt(request.prompt, request.negative_prompt, request.style)
-        size = request.resize_to or request.size
-        size_text = f"{size.width}x{size.height}" if size in SIZES else "auto"
+        size = native_size(request.resize_to or request.size)
+        model = request.model or MODEL
         fields: dict[str, str] = {
-            "model": request.model or MODEL,
+            "model": model,
             "prompt": prompt,
             "n": "1",
-            "size": size_text,
-            "output_format": "png",
+            "size": str(size),
+            "output_format": request.output_format.value,
             "stream": "true",
             "partial_images": str(PARTIAL_IMAGES),
         }
         headers = {"Authorization": f"Bearer {self._api_key}"}
         await progress(0, "requesting", None)
-        try:
+        with transport_errors(provider=self.id, timeout=request.timeout):
             async with asyncio.timeout(request.timeout):
                 if request.sources:
                     files: list[tuple[str, tuple[str, bytes, str]]] = [
@@ -135,23 +151,12 @@ class OpenAIProvider:
                     if reply.status_code >= 400:
                         await reply.aread()
                         _raise_for(reply)
-                    return await self._read_stream(reply, progress)
-        except (TimeoutError, httpx.TimeoutException) as exc:
-            if isinstance(exc, httpx.ConnectTimeout):
-                raise ProviderFailed(
-                    "the openai provider could not be reached", retryable=True
-                ) from exc
-            # Billed per call: an unanswered call may still have run, so no blind retry.
-            raise ProviderFailed(
-                f"the openai provider did not answer within {request.timeout:.1f}s"
-            ) from exc
-        except httpx.TransportError as exc:
-            raise ProviderFailed(
-                f"the openai provider could not be reached ({type(exc).__name__})", retryable=True
-            ) from exc
+                    return await self._read_stream(
+                        reply, progress, model, request.output_format.mime_type
+                    )
 
     async def _read_stream(
-        self, reply: httpx.Response, progress: ProgressCallback
+        self, reply: httpx.Response, progress: ProgressCallback, model: str, mime_type: str
     ) -> ProviderImage:
         final: bytes | None = None
         async for event in _sse_events(reply):
@@ -171,9 +176,22 @@ class OpenAIProvider:
             elif kind == "error" or "error" in event:
                 _raise_error_body(event.get("error") or event, 500)
         if final is None:
-            raise ProviderFailed("the openai stream ended without an image", retryable=True)
+            raise ProviderUnavailable("the openai stream ended without an image", retryable=True)
         await progress(90, "received", None)
-        return ProviderImage(data=final, mime_type="image/png", model=MODEL)
+        return ProviderImage(data=final, mime_type=mime_type, model=model)
+
+
+def native_size(size: Size) -> Size:
+    """The size to ask gpt-image for: `size` itself when it is native, else the native
+    size nearest in shape (landscape, portrait or square)."""
+    if size in NATIVE_SIZES:
+        return size
+    ratio = size.width / max(size.height, 1)
+    if ratio >= 1.25:
+        return Size(1536, 1024)
+    if ratio <= 0.8:
+        return Size(1024, 1536)
+    return Size(1024, 1024)
 
 
 async def _sse_events(reply: httpx.Response) -> AsyncIterator[dict[str, Any]]:
@@ -189,19 +207,19 @@ async def _sse_events(reply: httpx.Response) -> AsyncIterator[dict[str, Any]]:
             try:
                 yield json.loads(payload)
             except json.JSONDecodeError as exc:
-                raise ProviderFailed("the openai stream sent an unreadable event") from exc
+                raise ProviderUnavailable("the openai stream sent an unreadable event") from exc
     if data_lines:
         try:
             yield json.loads("\n".join(data_lines))
         except json.JSONDecodeError as exc:
-            raise ProviderFailed("the openai stream sent an unreadable event") from exc
+            raise ProviderUnavailable("the openai stream sent an unreadable event") from exc
 
 
 def _b64(value: object) -> bytes:
     try:
         return pybase64.b64decode(str(value), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ProviderFailed("the openai provider sent an image that is not base64") from exc
+        raise ProviderUnavailable("the openai provider sent an image that is not base64") from exc
 
 
 def _ext(mime_type: str) -> str:
@@ -221,26 +239,14 @@ def _raise_error_body(
     error: dict[str, Any], status: int, reply: httpx.Response | None = None
 ) -> None:
     code = str(error.get("code") or "")
-    message = str(error.get("message") or "")[:300]
-    if code in _POLICY_CODES:
-        raise ContentPolicyRefused(
-            "the openai provider refused the request under its content policy; change the "
-            f"prompt or image ({message})",
-            metadata={"provider_code": code},
-        )
-    if status == 429 or status >= 500:
-        raise ProviderFailed(
-            f"the openai provider is busy or failing (HTTP {status}); try again later",
-            retryable=True,
-            retry_after=retry_after(reply),
-            metadata={"http_status": str(status)},
-        )
-    if status in (401, 403):
-        raise ProviderFailed(
-            f"the openai provider refused our key (HTTP {status}); check OPENAI_API_KEY",
-            metadata={"http_status": str(status)},
-        )
-    raise ProviderFailed(
-        f"the openai provider rejected the request (HTTP {status}): {message}",
-        metadata={"http_status": str(status), "provider_code": code},
+    failure = status_failure(
+        status,
+        provider="openai",
+        reply=reply,
+        key_setting="OPENAI_API_KEY",
+        detail=str(error.get("message") or ""),
+        provider_code=code,
+        content_policy=code in _POLICY_CODES,
     )
+    if failure is not None:
+        raise failure

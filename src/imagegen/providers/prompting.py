@@ -19,6 +19,11 @@ STYLE_WORDS: dict[Style, str] = {
     Style.SKETCH: "pencil sketch style, graphite lines",
     Style.PIXEL_ART: "pixel art style, low resolution, limited palette",
     Style.CINEMATIC: "cinematic style, dramatic lighting, film color grading",
+    Style.CARTOON: "cartoon style, bold outlines, flat saturated colors",
+    Style.ABSTRACT: "abstract art, bold shapes, color and texture over subject",
+    Style.MINIMALIST: "minimalist style, few elements, generous empty space, restrained palette",
+    Style.VINTAGE: "vintage photo style, faded warm film tones, grain",
+    Style.MODERN: "modern design style, clean geometry, crisp contrast",
 }
 
 

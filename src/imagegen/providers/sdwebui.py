@@ -7,9 +7,29 @@
     POST /internal/progress {id_task, live_preview: true}
       -> {active, queued, completed, progress (0-1), live_preview ("data:image/...")}
     POST /sdapi/v1/interrupt      (stops whatever job that server is running)
+    GET  /sdapi/v1/sd-models      -> [{title, model_name, hash, filename, ...}]
+    GET  /sdapi/v1/options        -> {sd_model_checkpoint: "<title>", ...}
+
+What goes out, field by field: `width`/`height` the asked size (for an edit without one,
+the source's), `seed` the job's seed (the seed the server reports back is recorded),
+`negative_prompt` natively, the style preset folded into `prompt` (the API's `styles`
+are names saved on that one server, not presets; providers/prompting.py), the model as
+below. An edit is img2img with every source in `init_images`; a mask goes out as
+A1111's inpainting mask (white = repaint, made from the contract's mask, whose
+transparent pixels mark the area to change) with `inpainting_fill` 1 (start from the
+original), `inpaint_full_res` false (the whole picture), `mask_blur` 4 and
+`inpainting_mask_invert` 0. Replies are PNG; the pipeline converts and fits them.
 
 Each call carries our own task id, so progress is read for our job only. The interrupt
 is global to the server: it is sent on cancel only while our task is the active one.
+
+Models are the server's checkpoints by `model_name`, the loaded one first (the default:
+an empty model sends no override, so the server keeps what it has loaded). They are
+learned from the server when the service starts and again after a generation once the
+list is older than `models_max_age` (or, when the server could not list them,
+`models_retry` after that try), never at submit. A chosen model goes out as
+`override_settings.sd_model_checkpoint` (restored afterwards by the server). Until the
+list is learned the provider offers only `sdwebui`, its loaded checkpoint.
 """
 
 from __future__ import annotations
@@ -17,12 +37,17 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
+import io
+import json
 import logging
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pybase64
+from PIL import Image
 
 from imagegen.domain.errors import ImageTooLarge, ProviderFailed, ProviderNotConfigured
 from imagegen.domain.models import STANDARD_SIZES, ImageFormat
@@ -32,7 +57,10 @@ from imagegen.providers.base import (
     ProviderCapabilities,
     ProviderImage,
     ProviderRequest,
+    ProviderUnavailable,
+    check_model,
 )
+from imagegen.providers.http_failures import raise_for_status, transport_errors, transport_failure
 from imagegen.providers.prompting import fold_prompt
 
 log = logging.getLogger(__name__)
@@ -45,7 +73,6 @@ class SDWebUIProvider:
 
     id = "sdwebui"
     display_name = "Stable Diffusion (SD WebUI)"
-    models = (MODEL,)
     capabilities = ProviderCapabilities(
         edit=True,
         mask=True,
@@ -65,18 +92,77 @@ class SDWebUIProvider:
         *,
         steps: int = DEFAULT_STEPS,
         poll_interval: float = 0.5,
+        models_timeout: float = 5.0,
+        models_max_age: float = 300.0,
+        models_retry: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._base_url = (base_url or "").rstrip("/")
         self._client = client
         self._steps = steps
         self._poll_interval = poll_interval
+        self._models_timeout = models_timeout
+        self._models_max_age = models_max_age
+        self._models_retry = models_retry
+        self._clock = clock
+        self._models: tuple[str, ...] = (MODEL,)
+        #: when the list should be asked for again (None: never asked)
+        self._models_due_at: float | None = None
 
     @property
     def configured(self) -> bool:
         return bool(self._base_url)
 
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The server's checkpoints (loaded first) as last learned; `sdwebui` before that."""
+        return self._models
+
     def check(self, request: ProviderRequest) -> None:
-        """Everything the contract allows maps onto txt2img or img2img."""
+        """Everything the contract allows maps onto txt2img or img2img; a model must be
+        one of the server's checkpoints (IMG_003 naming them)."""
+        check_model(self.id, self.models, request.model)
+
+    async def refresh_models(self) -> tuple[str, ...]:
+        """Learn the server's checkpoints; keeps the last list when the server cannot say
+        (never raises). Bounded by `models_timeout`."""
+        if not self.configured:
+            return self._models
+        try:
+            with transport_errors(provider=self.id, timeout=self._models_timeout):
+                async with asyncio.timeout(self._models_timeout):
+                    listed = await self._client.get(
+                        f"{self._base_url}/sdapi/v1/sd-models", timeout=self._models_timeout
+                    )
+                    options = await self._client.get(
+                        f"{self._base_url}/sdapi/v1/options", timeout=self._models_timeout
+                    )
+            raise_for_status(listed, provider=self.id)
+            raise_for_status(options, provider=self.id)
+            checkpoints = listed.json()
+            loaded = options.json().get("sd_model_checkpoint", "")
+        except (ProviderFailed, ValueError, AttributeError) as exc:
+            log.warning("could not learn the sdwebui server's models: %s", exc)
+            self._models_due_at = self._clock() + self._models_retry
+            return self._models
+        names: list[str] = []
+        first = ""
+        for checkpoint in checkpoints if isinstance(checkpoints, list) else ():
+            if not isinstance(checkpoint, dict) or not checkpoint.get("model_name"):
+                continue
+            name = str(checkpoint["model_name"])
+            names.append(name)
+            if loaded and loaded in (checkpoint.get("title"), name, checkpoint.get("filename")):
+                first = name
+        if names:
+            if first:
+                names.remove(first)
+                names.insert(0, first)
+            self._models = tuple(dict.fromkeys(names))
+        self._models_due_at = self._clock() + (
+            self._models_max_age if names else self._models_retry
+        )
+        return self._models
 
     async def generate(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:
         """txt2img, or img2img for edits, with progress read from the server while it runs."""
@@ -97,13 +183,24 @@ class SDWebUIProvider:
             "n_iter": 1,
             "force_task_id": task_id,
         }
+        if request.model and request.model != MODEL:
+            body["override_settings"] = {"sd_model_checkpoint": request.model}
+            body["override_settings_restore_afterwards"] = True
         path = "/sdapi/v1/txt2img"
         if request.sources:
             path = "/sdapi/v1/img2img"
             body["init_images"] = [pybase64.b64encode(s.data).decode() for s in request.sources]
             body["denoising_strength"] = 0.6
             if request.mask is not None:
-                body["mask"] = pybase64.b64encode(request.mask.data).decode()
+                mask = await asyncio.to_thread(inpainting_mask, request.mask.data)
+                body.update(
+                    mask=pybase64.b64encode(mask).decode(),
+                    mask_blur=4,
+                    inpainting_fill=1,
+                    inpaint_full_res=False,
+                    inpainting_mask_invert=0,
+                    denoising_strength=0.75,
+                )
         await progress(0, "queued", None)
         call = asyncio.create_task(self._post(path, body, request.timeout))
         try:
@@ -115,9 +212,7 @@ class SDWebUIProvider:
                 reply = call.result()
         except TimeoutError as exc:
             await self._interrupt_if_ours(task_id)
-            raise ProviderFailed(
-                f"the sdwebui provider did not finish within {request.timeout:.1f}s"
-            ) from exc
+            raise transport_failure(exc, provider=self.id, timeout=request.timeout) from exc
         except asyncio.CancelledError:
             # Cancelled by the job's owner (or shutdown): stop the server's work only if
             # it is ours; another client's job must not be interrupted.
@@ -129,32 +224,32 @@ class SDWebUIProvider:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await call
         image = _first_image(reply)
+        info = _info(reply)
         await progress(90, "received", None)
-        return ProviderImage(data=image, mime_type="image/png", model=MODEL, seed=request.seed)
+        if self._models_stale():
+            await self.refresh_models()
+        return ProviderImage(
+            data=image,
+            mime_type="image/png",
+            model=str(info.get("sd_model_name") or request.model or self.models[0]),
+            seed=_int_or(info.get("seed"), request.seed),
+        )
+
+    def _models_stale(self) -> bool:
+        return self._models_due_at is None or self._clock() >= self._models_due_at
 
     async def _post(self, path: str, body: dict[str, Any], budget: float) -> dict[str, Any]:
-        try:
+        with transport_errors(provider=self.id, timeout=budget):
             reply = await self._client.post(self._base_url + path, json=body, timeout=budget)
-        except httpx.TimeoutException as exc:
-            raise ProviderFailed("the sdwebui provider did not answer in time") from exc
-        except httpx.TransportError as exc:
-            raise ProviderFailed(
-                f"the sdwebui server could not be reached ({type(exc).__name__})", retryable=True
-            ) from exc
-        if reply.status_code >= 500 or reply.status_code == 429:
-            raise ProviderFailed(
-                f"the sdwebui server failed (HTTP {reply.status_code})", retryable=True
-            )
-        if reply.status_code >= 400:
-            raise ProviderFailed(
-                f"the sdwebui server rejected the request (HTTP {reply.status_code})"
-            )
+        raise_for_status(reply, provider=self.id, detail=_error_detail(reply))
         try:
             data = reply.json()
         except ValueError as exc:
-            raise ProviderFailed("the sdwebui server answered something that is not JSON") from exc
+            raise ProviderUnavailable(
+                "the sdwebui server answered something that is not JSON"
+            ) from exc
         if not isinstance(data, dict):
-            raise ProviderFailed("the sdwebui server answered an unexpected shape")
+            raise ProviderUnavailable("the sdwebui server answered an unexpected shape")
         return data
 
     async def _task_state(self, task_id: str) -> dict[str, Any]:
@@ -197,8 +292,56 @@ class SDWebUIProvider:
 def _first_image(reply: dict[str, Any]) -> bytes:
     images = reply.get("images")
     if not isinstance(images, list) or not images:
-        raise ProviderFailed("the sdwebui server answered without an image")
+        raise ProviderUnavailable("the sdwebui server answered without an image")
     try:
         return pybase64.b64decode(str(images[0]).split(",", 1)[-1], validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ProviderFailed("the sdwebui server sent an image that is not base64") from exc
+        raise ProviderUnavailable("the sdwebui server sent an image that is not base64") from exc
+
+
+def _error_detail(reply: httpx.Response) -> str:
+    """The server's own words for a failure (FastAPI's `detail`, or A1111's `error` and
+    `errors`), when there are any."""
+    if reply.status_code < 400:
+        return ""
+    try:
+        body = reply.json()
+    except ValueError:
+        return ""
+    if not isinstance(body, dict):
+        return ""
+    for key in ("detail", "errors", "error"):
+        if body.get(key):
+            return str(body[key])[:300]
+    return ""
+
+
+def _info(reply: dict[str, Any]) -> dict[str, Any]:
+    """The generation's `info` (a JSON string in A1111's reply), or {}."""
+    try:
+        info = json.loads(str(reply.get("info") or "{}"))
+    except json.JSONDecodeError:
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _int_or(value: object, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def inpainting_mask(data: bytes) -> bytes:
+    """A1111's inpainting mask (white repaints, black keeps) from the contract's mask
+    (transparent pixels mark the area to change), as a greyscale PNG of the same size.
+    A mask with no transparency changes nothing. Runs in a worker thread."""
+    with Image.open(io.BytesIO(data)) as opened:
+        opened.load()
+        has_alpha = "A" in opened.getbands() or "transparency" in opened.info
+        alpha = (
+            opened.convert("RGBA").getchannel("A")
+            if has_alpha
+            else Image.new("L", opened.size, 255)
+        )
+    repaint = alpha.point(lambda value: 255 if value < 128 else 0)
+    out = io.BytesIO()
+    repaint.save(out, format="PNG")
+    return out.getvalue()

@@ -79,6 +79,7 @@ def spec_from_json(data: dict[str, Any]) -> GenerationSpec:
         output_format=ImageFormat(data["format"]),
         seed=None if data.get("seed") is None else int(data["seed"]),
         provider=str(data.get("provider", "")),
+        model=str(data.get("model") or ""),
         source=GenerationSource(data.get("source") or "api"),
         sources=tuple(EditSource.from_json(s) for s in data.get("sources") or ()),
         mask=EditSource.from_json(data["mask"]) if data.get("mask") else None,

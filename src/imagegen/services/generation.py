@@ -215,6 +215,7 @@ class GenerationService:
                 negative_prompt=spec.negative_prompt,
                 style=spec.style,
                 size=spec.size,
+                model=spec.model,
                 sources=(placeholder,) if edit else (),
                 mask=placeholder if has_mask else None,
             )
@@ -568,6 +569,8 @@ class GenerationService:
                 style=job.spec.style,
                 size=job.spec.size,
                 seed=(base_seed + index) % 2**32,
+                model=job.spec.model,
+                output_format=job.spec.output_format,
                 sources=sources,
                 mask=mask,
                 resize_to=None if job.spec.size_from_source else job.spec.size,
@@ -624,6 +627,7 @@ class GenerationService:
                 candidate.check(
                     ProviderRequest(
                         prompt=job.spec.prompt,
+                        model=job.spec.model,
                         sources=(SourceImage(b"", "", 0, 0),) if job.spec.is_edit else (),
                     )
                 )
