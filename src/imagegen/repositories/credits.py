@@ -5,43 +5,19 @@ repository while they reserve, so balances never go negative across replicas."""
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
 import asyncpg
 
-from imagegen.domain.errors import InsufficientCredits
+from imagegen.domain.credits import (
+    Balance,
+    CreditFacts,
+    check_affordable,
+    next_period,
+    period_start,
+    plan_reservation,
+)
 from imagegen.domain.plans import PlanLimits
-
-
-def period_start(now: datetime) -> datetime:
-    """The start of the calendar month (UTC) that `now` falls in.
-
-    Periods are calendar months for every user (not per-user anniversaries). A job that
-    reserved allowance credits before a rollover and is refunded after it returns them to
-    the new period's allowance bucket, where they expire a month late."""
-    moment = now.astimezone(UTC)
-    return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-
-
-def next_period(start: datetime) -> datetime:
-    return (
-        start.replace(year=start.year + 1, month=1)
-        if start.month == 12
-        else start.replace(month=start.month + 1)
-    )
-
-
-@dataclass(frozen=True)
-class Balance:
-    """What a user has, by bucket, and what is held by running jobs."""
-
-    available: int
-    allowance_remaining: int
-    purchased: int
-    reserved: int
-    period_start: datetime
-    period_reset: datetime
 
 
 class CreditLedger:
@@ -85,16 +61,8 @@ class CreditLedger:
             start,
         )
 
-    async def check_available(
-        self,
-        conn: asyncpg.Connection,
-        user_id: str,
-        credits: int,
-        limits: PlanLimits,
-        now: datetime,
-    ) -> None:
-        """IMG_006 if the user surely cannot pay `credits` (counting a period allowance
-        that is not granted yet), without writing anything."""
+    async def facts(self, conn: asyncpg.Connection, user_id: str, now: datetime) -> CreditFacts:
+        """The user's credits left by bucket, and whether this period's allowance is granted."""
         rows = await conn.fetch(
             "SELECT bucket, coalesce(sum(amount), 0) AS left, "
             "bool_or(kind = 'allowance' AND period_start = $2) AS current "
@@ -103,16 +71,23 @@ class CreditLedger:
             period_start(now),
         )
         left = {r["bucket"]: int(r["left"]) for r in rows}
-        granted = any(r["current"] for r in rows)
-        allowance = left.get("allowance", 0) if granted else limits.monthly_credits
-        if credits > max(allowance, 0) + max(left.get("purchased", 0), 0):
-            reset = next_period(period_start(now))
-            raise InsufficientCredits(
-                f"this request costs {credits} credits and you have "
-                f"{max(allowance, 0) + max(left.get('purchased', 0), 0)}; your monthly "
-                f"allowance resets at {reset.isoformat()}",
-                metadata={"required": str(credits), "reset_time": reset.isoformat()},
-            )
+        return CreditFacts(
+            allowance_left=left.get("allowance", 0),
+            purchased_left=left.get("purchased", 0),
+            allowance_granted=any(r["current"] for r in rows),
+        )
+
+    async def check_available(
+        self,
+        conn: asyncpg.Connection,
+        user_id: str,
+        credits: int,
+        limits: PlanLimits,
+        now: datetime,
+    ) -> None:
+        """IMG_006 if the user surely cannot pay `credits`, without writing anything."""
+        facts = await self.facts(conn, user_id, now)
+        check_affordable(facts, credits, limits.monthly_credits, now)
 
     async def reserve(
         self,
@@ -123,22 +98,8 @@ class CreditLedger:
         now: datetime,
     ) -> None:
         """Hold `credits` for a job, allowance first; IMG_006 if the balance is short."""
-        rows = await conn.fetch(
-            "SELECT bucket, coalesce(sum(amount), 0) AS left FROM credit_ledger "
-            "WHERE user_id = $1 GROUP BY bucket",
-            user_id,
-        )
-        left = {r["bucket"]: int(r["left"]) for r in rows}
-        from_allowance = min(max(left.get("allowance", 0), 0), credits)
-        from_purchased = credits - from_allowance
-        if from_purchased > max(left.get("purchased", 0), 0):
-            reset = next_period(period_start(now))
-            raise InsufficientCredits(
-                f"this request costs {credits} credits and you have "
-                f"{sum(max(v, 0) for v in left.values())}; your monthly allowance resets at "
-                f"{reset.isoformat()}",
-                metadata={"required": str(credits), "reset_time": reset.isoformat()},
-            )
+        reservation = plan_reservation(await self.facts(conn, user_id, now), credits, now)
+        from_allowance, from_purchased = reservation.from_allowance, reservation.from_purchased
         for bucket, amount in (("allowance", from_allowance), ("purchased", from_purchased)):
             if amount:
                 await conn.execute(

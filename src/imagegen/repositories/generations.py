@@ -9,7 +9,8 @@ from typing import Any
 
 import asyncpg
 
-from imagegen.domain.errors import RateLimited, RequestIdReused, StorageFailed
+from imagegen.domain.errors import RequestIdReused, StorageFailed
+from imagegen.domain.limits import RequestCounts, check_request_limits
 from imagegen.domain.models import (
     EditSource,
     EventType,
@@ -247,43 +248,35 @@ class GenerationRepository:
     async def _check_limits(
         self, conn: asyncpg.Connection, user_id: str, limits: PlanLimits
     ) -> None:
-        """Requests per hour and per day (accepted ones), then concurrent generations."""
+        check_request_limits(await self.request_counts(conn, user_id), limits)
+
+    async def request_counts(self, conn: asyncpg.Connection, user_id: str) -> RequestCounts:
+        """Requests accepted in the last hour and day (with the oldest of each window),
+        and jobs queued or running, counted at the database's now()."""
         row = await conn.fetchrow(
             """
-            SELECT count(*) FILTER (WHERE created_at > now() - interval '1 hour') AS hour,
+            SELECT now() AS now,
+                   count(*) FILTER (WHERE created_at > now() - interval '1 hour') AS hour,
                    count(*) FILTER (WHERE created_at > now() - interval '1 day') AS day,
                    count(*) FILTER (WHERE state IN ('queued', 'running')) AS running,
-                   extract(epoch FROM min(created_at)
-                       FILTER (WHERE created_at > now() - interval '1 hour')
-                       + interval '1 hour' - now()) AS hour_wait,
-                   extract(epoch FROM min(created_at)
-                       FILTER (WHERE created_at > now() - interval '1 day')
-                       + interval '1 day' - now()) AS day_wait
+                   min(created_at) FILTER (WHERE created_at > now() - interval '1 hour')
+                       AS oldest_in_hour,
+                   min(created_at) FILTER (WHERE created_at > now() - interval '1 day')
+                       AS oldest_in_day
               FROM generations
              WHERE user_id = $1
                AND (created_at > now() - interval '1 day' OR state IN ('queued', 'running'))
             """,
             user_id,
         )
-        for count, cap, wait, window in (
-            (row["hour"], limits.requests_per_hour, row["hour_wait"], "hour"),
-            (row["day"], limits.requests_per_day, row["day_wait"], "day"),
-        ):
-            if cap is not None and count >= cap:
-                seconds = max(float(wait or 1), 1.0)
-                raise RateLimited(
-                    f"your plan allows {cap} requests per {window}; try again in "
-                    f"{seconds:.0f}s",
-                    retry_after=timedelta(seconds=seconds),
-                    metadata={"limit": f"requests_per_{window}", "cap": str(cap)},
-                )
-        if limits.concurrent is not None and row["running"] >= limits.concurrent:
-            raise RateLimited(
-                f"your plan allows {limits.concurrent} generation(s) at a time; wait for one "
-                "to finish",
-                retry_after=timedelta(seconds=5),
-                metadata={"limit": "concurrent", "cap": str(limits.concurrent)},
-            )
+        return RequestCounts(
+            now=row["now"],
+            last_hour=row["hour"],
+            last_day=row["day"],
+            active=row["running"],
+            oldest_in_hour=row["oldest_in_hour"],
+            oldest_in_day=row["oldest_in_day"],
+        )
 
     async def get(self, user_id: str, generation_id: str) -> Generation | None:
         """The owner's job, or None (also for another user's or a malformed id)."""

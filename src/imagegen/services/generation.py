@@ -33,8 +33,8 @@ from imagegen.domain.errors import (
     ProviderFailed,
     ProviderNotConfigured,
     ShuttingDown,
-    StorageQuotaExceeded,
 )
+from imagegen.domain.limits import check_storage_quota
 from imagegen.domain.models import (
     EditSource,
     EventType,
@@ -770,12 +770,7 @@ class GenerationService:
         if quota is None:
             return
         used = await self._images.storage_used(job.user_id)
-        if used + size_bytes > quota:
-            raise StorageQuotaExceeded(
-                f"storing this image ({size_bytes} bytes) would pass your storage quota of "
-                f"{quota} bytes ({used} used); purge images to free space",
-                metadata={"quota_bytes": str(quota), "used_bytes": str(used)},
-            )
+        check_storage_quota(quota, used, size_bytes)
 
     def _image_price(self, job: Generation) -> int:
         return self._prices.generation_credits(job.spec.size, 1, edit=job.spec.is_edit)
