@@ -50,12 +50,12 @@ from imagegen.providers.resilience import ResilientProvider
 from imagegen.providers.sdwebui import SDWebUIProvider
 from imagegen.repositories.credits import CreditLedger
 from imagegen.repositories.db import open_pool
-from imagegen.repositories.generations import GenerationQueries, GenerationRepository, JobStore
+from imagegen.repositories.generations import GenerationRepository
 from imagegen.repositories.images import ImageRepository, LibraryQueries
 from imagegen.repositories.migrator import apply_migrations
 from imagegen.repositories.templates import TemplateRepository
-from imagegen.repositories.usage import UsageQueries, UsageRepository
-from imagegen.repositories.user_settings import UserSettingsRepository
+from imagegen.repositories.unit_of_work import PostgresDatabase
+from imagegen.repositories.usage import UsageQueries
 from imagegen.services.generation import GenerationService, PipelineSettings
 from imagegen.services.library import LibraryService, LibrarySettings
 from imagegen.services.sources import SourceLimits, SourceResolver
@@ -186,15 +186,11 @@ class Server:
             stack.push_async_callback(listener.stop)
 
             ledger = CreditLedger(pool)
-            generations = GenerationRepository(pool, ledger)
+            generations = GenerationRepository(pool)
             images = ImageRepository(pool)
-            usage = UsageRepository(pool)
             default_provider = settings.effective_default_provider
             service = GenerationService(
-                generations=generations,
-                queries=GenerationQueries(pool, ledger),
-                images=images,
-                job_store=JobStore(generations, images, usage),
+                db=PostgresDatabase(pool),
                 blobs=blobs,
                 sources=SourceResolver(
                     blobs,
@@ -202,7 +198,6 @@ class Server:
                     SourceLimits(settings.max_input_bytes, settings.max_pixels),
                     fetcher=fetcher,
                 ),
-                user_settings=UserSettingsRepository(pool),
                 plans=PlanTable.load(settings.plans_file),
                 providers=providers,
                 prices=PriceTable.load(settings.pricing_file),

@@ -1,38 +1,28 @@
 """The credits ledger (SQL lives here only). Every change is an appended row; the
-balance is their sum. Callers hold the per-user advisory lock of the generations
-repository while they reserve, so balances never go negative across replicas."""
+balance is their sum. Whether a user can pay is decided in domain/credits.py over the
+facts read here; submit reserves inside its unit of work, under the user's advisory
+lock, so balances never go negative across replicas."""
 
 from __future__ import annotations
 
 import uuid
 from datetime import datetime
 
-import asyncpg
-
-from imagegen.domain.credits import (
-    Balance,
-    CreditFacts,
-    check_affordable,
-    next_period,
-    period_start,
-    plan_reservation,
-)
-from imagegen.domain.plans import PlanLimits
+from imagegen.domain.credits import Balance, CreditFacts, Reservation, next_period, period_start
+from imagegen.repositories.db import Executor, transaction
 
 
 class CreditLedger:
     """Appends and sums ledger rows."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
+    def __init__(self, db: Executor) -> None:
+        self._db = db
 
-    async def ensure_allowance(
-        self, conn: asyncpg.Connection, user_id: str, allowance: int, now: datetime
-    ) -> None:
+    async def ensure_allowance(self, user_id: str, allowance: int, now: datetime) -> None:
         """Open the current period: expire what is left of older allowances and grant
         this period's (once; caller holds the user's lock)."""
         start = period_start(now)
-        exists = await conn.fetchval(
+        exists = await self._db.fetchval(
             "SELECT 1 FROM credit_ledger WHERE user_id = $1 AND kind = 'allowance' "
             "AND period_start = $2",
             user_id,
@@ -40,20 +30,20 @@ class CreditLedger:
         )
         if exists:
             return
-        left = await conn.fetchval(
+        left = await self._db.fetchval(
             "SELECT coalesce(sum(amount), 0) FROM credit_ledger "
             "WHERE user_id = $1 AND bucket = 'allowance'",
             user_id,
         )
         if left > 0:
-            await conn.execute(
+            await self._db.execute(
                 "INSERT INTO credit_ledger (user_id, kind, bucket, amount, period_start, note) "
                 "VALUES ($1, 'expire', 'allowance', $2, $3, 'unused allowance expired')",
                 user_id,
                 -int(left),
                 start,
             )
-        await conn.execute(
+        await self._db.execute(
             "INSERT INTO credit_ledger (user_id, kind, bucket, amount, period_start, note) "
             "VALUES ($1, 'allowance', 'allowance', $2, $3, 'monthly allowance')",
             user_id,
@@ -61,9 +51,9 @@ class CreditLedger:
             start,
         )
 
-    async def facts(self, conn: asyncpg.Connection, user_id: str, now: datetime) -> CreditFacts:
+    async def facts(self, user_id: str, now: datetime) -> CreditFacts:
         """The user's credits left by bucket, and whether this period's allowance is granted."""
-        rows = await conn.fetch(
+        rows = await self._db.fetch(
             "SELECT bucket, coalesce(sum(amount), 0) AS left, "
             "bool_or(kind = 'allowance' AND period_start = $2) AS current "
             "FROM credit_ledger WHERE user_id = $1 GROUP BY bucket",
@@ -77,32 +67,14 @@ class CreditLedger:
             allowance_granted=any(r["current"] for r in rows),
         )
 
-    async def check_available(
-        self,
-        conn: asyncpg.Connection,
-        user_id: str,
-        credits: int,
-        limits: PlanLimits,
-        now: datetime,
-    ) -> None:
-        """IMG_006 if the user surely cannot pay `credits`, without writing anything."""
-        facts = await self.facts(conn, user_id, now)
-        check_affordable(facts, credits, limits.monthly_credits, now)
-
-    async def reserve(
-        self,
-        conn: asyncpg.Connection,
-        user_id: str,
-        generation_id: str,
-        credits: int,
-        now: datetime,
-    ) -> None:
-        """Hold `credits` for a job, allowance first; IMG_006 if the balance is short."""
-        reservation = plan_reservation(await self.facts(conn, user_id, now), credits, now)
-        from_allowance, from_purchased = reservation.from_allowance, reservation.from_purchased
-        for bucket, amount in (("allowance", from_allowance), ("purchased", from_purchased)):
+    async def reserve(self, user_id: str, generation_id: str, reservation: Reservation) -> None:
+        """Hold a job's price as decided by domain.credits.plan_reservation."""
+        for bucket, amount in (
+            ("allowance", reservation.from_allowance),
+            ("purchased", reservation.from_purchased),
+        ):
             if amount:
-                await conn.execute(
+                await self._db.execute(
                     "INSERT INTO credit_ledger (user_id, kind, bucket, amount, generation_id) "
                     "VALUES ($1, 'reserve', $2, $3, $4)",
                     user_id,
@@ -111,12 +83,10 @@ class CreditLedger:
                     uuid.UUID(generation_id),
                 )
 
-    async def settle(
-        self, conn: asyncpg.Connection, user_id: str, generation_id: str, charged: int
-    ) -> None:
+    async def settle(self, user_id: str, generation_id: str, charged: int) -> None:
         """Keep `charged` of the job's reservation and refund the rest, purchased credits
-        first (they never expire). Called once, inside the job's finishing transaction."""
-        rows = await conn.fetch(
+        first (they never expire). Called once, inside the job's finishing unit of work."""
+        rows = await self._db.fetch(
             "SELECT bucket, -sum(amount) AS held FROM credit_ledger "
             "WHERE generation_id = $1 AND kind = 'reserve' GROUP BY bucket",
             uuid.UUID(generation_id),
@@ -126,7 +96,7 @@ class CreditLedger:
         for bucket in ("purchased", "allowance"):
             amount = min(held.get(bucket, 0), to_refund)
             if amount:
-                await conn.execute(
+                await self._db.execute(
                     "INSERT INTO credit_ledger (user_id, kind, bucket, amount, generation_id) "
                     "VALUES ($1, 'refund', $2, $3, $4) ON CONFLICT DO NOTHING",
                     user_id,
@@ -138,7 +108,7 @@ class CreditLedger:
 
     async def grant(self, user_id: str, credits: int, note: str = "") -> int:
         """Add purchased or granted credits (they never expire); returns the new balance."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with transaction(self._db) as conn:
             await conn.execute(
                 "INSERT INTO credit_ledger (user_id, kind, bucket, amount, note) "
                 "VALUES ($1, 'grant', 'purchased', $2, $3)",
@@ -152,7 +122,8 @@ class CreditLedger:
             return int(value)
 
     async def balance(self, user_id: str, now: datetime) -> Balance:
-        row = await self._pool.fetchrow(
+        """The user's balance by bucket, and what their unfinished jobs hold."""
+        row = await self._db.fetchrow(
             """
             SELECT coalesce(sum(amount), 0) AS available,
                    coalesce(sum(amount) FILTER (WHERE bucket = 'allowance'), 0) AS allowance,

@@ -8,6 +8,8 @@ from datetime import datetime
 
 import asyncpg
 
+from imagegen.repositories.db import Executor
+
 
 @dataclass(frozen=True)
 class UsageRecord:
@@ -31,12 +33,13 @@ class UsageRecord:
 class UsageRepository:
     """Writes and reads usage records, scoped to their user."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
+    def __init__(self, db: Executor) -> None:
+        self._db = db
 
-    async def insert(self, conn: asyncpg.Connection, record: UsageRecord) -> None:
-        """Record an attempt (caller's transaction); a repeated attempt is ignored."""
-        await conn.execute(
+    async def insert(self, record: UsageRecord) -> None:
+        """Record an attempt (in the job's finishing unit of work); a repeated attempt
+        is ignored."""
+        await self._db.execute(
             """
             INSERT INTO usage_records (id, user_id, generation_id, attempt, provider, model,
                                        source, status, image_count, credits, cost_cents,
@@ -62,7 +65,7 @@ class UsageRepository:
 
     async def for_generation(self, user_id: str, generation_id: str) -> list[UsageRecord]:
         """A job's usage records, oldest attempt first."""
-        rows = await self._pool.fetch(
+        rows = await self._db.fetch(
             "SELECT * FROM usage_records WHERE user_id = $1 AND generation_id = $2 "
             "ORDER BY attempt",
             user_id,

@@ -24,6 +24,7 @@ from opentelemetry import propagate, trace
 
 from imagegen import imaging
 from imagegen.domain import paging
+from imagegen.domain.credits import check_affordable, plan_reservation
 from imagegen.domain.errors import (
     Cancelled,
     ImageGenError,
@@ -32,9 +33,11 @@ from imagegen.domain.errors import (
     NotFound,
     ProviderFailed,
     ProviderNotConfigured,
+    RequestIdReused,
     ShuttingDown,
+    StorageFailed,
 )
-from imagegen.domain.limits import check_storage_quota
+from imagegen.domain.limits import check_request_limits, check_storage_quota
 from imagegen.domain.models import (
     EditSource,
     EventType,
@@ -48,7 +51,7 @@ from imagegen.domain.models import (
     SourceRef,
     StoredImage,
 )
-from imagegen.domain.plans import PlanTable
+from imagegen.domain.plans import PlanLimits, PlanTable
 from imagegen.domain.pricing import PriceTable
 from imagegen.domain.validation import (
     RequestLimits,
@@ -68,17 +71,10 @@ from imagegen.providers.base import (
     ProviderRequest,
     SourceImage,
 )
-from imagegen.repositories.generations import (
-    GenerationQueries,
-    GenerationRepository,
-    JobStore,
-    NewEvent,
-    NewGeneration,
-)
-from imagegen.repositories.images import ImageRepository
+from imagegen.repositories.generations import NewEvent, NewGeneration
 from imagegen.repositories.usage import UsageRecord
-from imagegen.repositories.user_settings import UserSettingsRepository
 from imagegen.services.sources import SourceResolver
+from imagegen.services.unit_of_work import Database
 from imagegen.storage.base import BlobStore
 from imagegen.storage.keys import blob_key
 
@@ -117,13 +113,9 @@ class GenerationService:
     def __init__(
         self,
         *,
-        generations: GenerationRepository,
-        queries: GenerationQueries,
-        images: ImageRepository,
-        job_store: JobStore,
+        db: Database,
         blobs: BlobStore,
         sources: SourceResolver,
-        user_settings: UserSettingsRepository,
         plans: PlanTable | None = None,
         providers: Mapping[str, Provider],
         prices: PriceTable,
@@ -133,13 +125,9 @@ class GenerationService:
         limits: RequestLimits | None = None,
         tracer: trace.Tracer | None = None,
     ) -> None:
-        self._generations = generations
-        self._queries = queries
-        self._images = images
-        self._jobs = job_store
+        self._db = db
         self._blobs = blobs
         self._sources = sources
-        self._user_settings = user_settings
         self._plans = plans or PlanTable.default()
         self._providers = providers
         self._prices = prices
@@ -239,7 +227,7 @@ class GenerationService:
         edit = bool(source_refs) or spec.is_edit
         if not spec.provider:
             # The caller's stored choice, else the deployment's default; recorded on the job.
-            chosen = await self._user_settings.default_provider(identity.user_id)
+            chosen = await self._db.user_settings.default_provider(identity.user_id)
             spec = dataclasses.replace(spec, provider=chosen or self._settings.default_provider)
         with self._tracer.start_as_current_span("generation.validate"):
             self.validate(
@@ -255,12 +243,11 @@ class GenerationService:
         if source_refs:
             # DESIGN's order puts limits and credits before any work; fetching sources is
             # work, so a request that would be refused is refused first.
-            await self._generations.precheck(
+            await self._precheck(
                 identity.user_id,
                 request_id,
                 self._plans.limits_for(identity.plan),
                 self.quote(spec, edit=True),
-                datetime.now(UTC),
             )
             stored = await self._sources.resolve(
                 identity, (*source_refs, *((mask_ref,) if mask_ref else ()))
@@ -286,11 +273,7 @@ class GenerationService:
             extra_spec={"trace_context": _current_trace_context(), "plan": identity.plan},
         )
         try:
-            generation, created = await self._generations.create(
-                job,
-                request_id_ttl=self._settings.request_id_ttl,
-                limits=self._plans.limits_for(identity.plan),
-            )
+            generation, created = await self._create(job, self._plans.limits_for(identity.plan))
         except BaseException:
             await self._sources.discard(stored)
             raise
@@ -315,11 +298,58 @@ class GenerationService:
         )
         return generation
 
+    async def _precheck(
+        self, user_id: str, request_id: str, limits: PlanLimits, credits: int
+    ) -> None:
+        """The plan-limit and credit decisions of `_create`, read-only and without the
+        lock: lets expensive work before a submit (fetching source URLs) be skipped for a
+        request that would be refused anyway. `_create` still decides."""
+        now = datetime.now(UTC)
+        # One connection for the three reads; nothing is written, so nothing is committed.
+        async with self._db.unit_of_work() as uow:
+            if request_id and await uow.generations.request_id_taken(user_id, request_id):
+                return  # a retry: `_create` answers with the job it already made
+            check_request_limits(await uow.generations.request_counts(user_id), limits)
+            facts = await uow.credits.facts(user_id, now)
+            check_affordable(facts, credits, limits.monthly_credits, now)
+
+    async def _create(self, job: NewGeneration, limits: PlanLimits) -> tuple[Generation, bool]:
+        """Store a queued job with its QUEUED event and its credit reservation, within the
+        user's plan limits; an existing job for the same request_id is returned instead
+        (created=False), or IMG_009 if its parameters differ. One transaction under the
+        user's advisory lock, so every replica counts the same limits and balance."""
+        async with self._db.unit_of_work() as uow:
+            await uow.generations.lock_user(job.user_id)
+            if job.request_id:
+                past = await uow.generations.find_request(
+                    job.user_id, job.request_id, remembered_for=self._settings.request_id_ttl
+                )
+                if past is not None:
+                    if past.fingerprint != job.spec.fingerprint():
+                        raise RequestIdReused(
+                            f"request_id {job.request_id!r} was used for a different "
+                            "request; use a new request_id for new parameters",
+                            metadata={"request_id": job.request_id},
+                        )
+                    await uow.commit()  # keeps the forgetting of expired request ids
+                    return past.generation, False
+            check_request_limits(await uow.generations.request_counts(job.user_id), limits)
+            now = datetime.now(UTC)
+            await uow.credits.ensure_allowance(job.user_id, limits.monthly_credits, now)
+            generation = await uow.generations.insert(job)
+            reservation = plan_reservation(
+                await uow.credits.facts(job.user_id, now), job.credits, now
+            )
+            await uow.credits.reserve(job.user_id, job.id, reservation)
+            await uow.generations.announce_queued(job.id)
+            await uow.commit()
+            return generation, True
+
     # --- settings -------------------------------------------------------------------------
 
     async def default_provider(self, identity: Identity) -> str:
         """The caller's stored default provider ("" for the deployment's)."""
-        return await self._user_settings.default_provider(identity.user_id)
+        return await self._db.user_settings.default_provider(identity.user_id)
 
     async def set_default_provider(self, identity: Identity, provider: str) -> str:
         """Store the caller's default provider; it must be configured here ("" clears it)."""
@@ -331,16 +361,16 @@ class GenerationService:
                 f"provider {provider!r} is not available here; use one of {available}",
                 field="default_provider",
             )
-        return await self._user_settings.set_default_provider(identity.user_id, provider)
+        return await self._db.user_settings.set_default_provider(identity.user_id, provider)
 
     # --- read -----------------------------------------------------------------------------
 
     async def get(self, identity: Identity, generation_id: str) -> Generation:
         """The caller's job with its images (fresh URLs); NotFound for anyone else's."""
-        generation = await self._generations.get(identity.user_id, generation_id)
+        generation = await self._db.generations.get(identity.user_id, generation_id)
         if generation is None:
             raise NotFound(f"generation {generation_id!r} not found")
-        images = await self._images.for_generation(generation.id)
+        images = await self._db.images.for_generation(generation.id)
         with_urls = tuple([await self._with_url(img) for img in images])
         return dataclasses.replace(generation, images=with_urls)
 
@@ -364,7 +394,7 @@ class GenerationService:
             [",".join(sorted(s.value for s in states)), str(created_from), str(created_before)]
         )
         cursor = paging.decode_cursor(page_token, scope)
-        page = await self._queries.list_for_user(
+        page = await self._db.generations.list_for_user(
             identity.user_id,
             states=states,
             created_from=created_from,
@@ -382,9 +412,18 @@ class GenerationService:
     async def cancel(self, identity: Identity, generation_id: str) -> Generation:
         """Cancel the caller's job: a queued one at once, a running one at its next
         checkpoint (its provider call is abandoned). A finished job is returned as is."""
-        generation = await self._queries.cancel(identity.user_id, generation_id)
-        if generation is None:
-            raise NotFound(f"generation {generation_id!r} not found")
+        async with self._db.unit_of_work() as uow:
+            generation = await uow.generations.lock_owned(identity.user_id, generation_id)
+            if generation is None:
+                raise NotFound(f"generation {generation_id!r} not found")
+            if generation.state is GenerationState.QUEUED:
+                generation = await uow.generations.cancel_queued(generation.id)
+                # Nothing was delivered: the whole reservation goes back.
+                await uow.credits.settle(identity.user_id, generation.id, 0)
+            elif generation.state is GenerationState.RUNNING:
+                generation = await uow.generations.request_cancel(generation.id)
+            await uow.generations.notify_changed(generation.id)
+            await uow.commit()
         self._signals.job_changed(generation.id)
         self._signals.cancel_requested(generation.id)
         return generation
@@ -393,7 +432,7 @@ class GenerationService:
         self, identity: Identity, generation_id: str, request_id: str = ""
     ) -> Generation:
         """A new job with the settings of one of the caller's jobs."""
-        original = await self._generations.get(identity.user_id, generation_id)
+        original = await self._db.generations.get(identity.user_id, generation_id)
         if original is None:
             raise NotFound(f"generation {generation_id!r} not found")
         return await self.submit(identity, original.spec, request_id)
@@ -402,13 +441,13 @@ class GenerationService:
         self, identity: Identity, generation_id: str, after_sequence: int = 0
     ) -> AsyncIterator[GenerationEvent]:
         """Stored events after `after_sequence`, then live ones, until the terminal one."""
-        generation = await self._generations.get(identity.user_id, generation_id)
+        generation = await self._db.generations.get(identity.user_id, generation_id)
         if generation is None:
             raise NotFound(f"generation {generation_id!r} not found")
         last = max(after_sequence, 0)
         while True:
             with self._signals.watch_job(generation.id) as changed:
-                events = await self._generations.events_after(generation.id, last)
+                events = await self._db.generations.events_after(generation.id, last)
                 for event in events:
                     last = event.sequence
                     yield await self._decorate(event)
@@ -429,7 +468,7 @@ class GenerationService:
     async def _decorate(self, event: GenerationEvent) -> GenerationEvent:
         if event.type is not EventType.IMAGE_READY:
             return event
-        image = await self._images.get_by_id(event.extra.get("image_id", ""))
+        image = await self._db.images.get_by_id(event.extra.get("image_id", ""))
         if image is None:
             return event
         return dataclasses.replace(event, image=await self._with_url(image))
@@ -521,7 +560,7 @@ class GenerationService:
         """Make and store every image; returns the model and the job as served (its
         provider changes when a fallback took over)."""
         await self._event(job.id, NewEvent(EventType.STARTED, {"attempt": job.attempts}))
-        existing = {img.index for img in await self._images.for_generation(job.id)}
+        existing = {img.index for img in await self._db.images.for_generation(job.id)}
         model = job.model
         last_percent = 0
         count = job.spec.count
@@ -576,7 +615,7 @@ class GenerationService:
             if serving is not provider:
                 provider = serving
                 job = dataclasses.replace(job, provider=serving.id, model="")
-                await self._generations.set_provider(job.id, serving.id)
+                await self._db.generations.set_provider(job.id, serving.id)
             model = reply.model or model or (provider.models[0] if provider.models else "")
             await self._checkpoint(job.id)
             with self._tracer.start_as_current_span("image.process"):
@@ -717,7 +756,7 @@ class GenerationService:
             parent_ids=tuple(s.image_id for s in job.spec.sources if s.image_id),
         )
         try:
-            recorded = await self._jobs.record_image(
+            recorded = await self._record_image(
                 image,
                 NewEvent(EventType.IMAGE_READY, {"image_id": image_id, "image_index": index}),
                 negative_prompt=job.spec.negative_prompt,
@@ -733,6 +772,33 @@ class GenerationService:
             # An earlier attempt of this job stored this image first; keep only that one.
             await self._blobs.delete(key)
         self._signals.job_changed(job.id)
+
+    async def _record_image(
+        self,
+        image: StoredImage,
+        event: NewEvent,
+        *,
+        negative_prompt: str,
+        style: str,
+        seed: int | None,
+    ) -> StoredImage | None:
+        """Insert the row of a stored blob and announce it, atomically. None when
+        another attempt of the job already stored this batch index.
+        Raises StorageFailed when the database cannot record it."""
+        try:
+            async with self._db.unit_of_work() as uow:
+                stored = await uow.images.insert(
+                    image, negative_prompt=negative_prompt, style=style, seed=seed
+                )
+                if stored is None:
+                    return None
+                await uow.generations.append_event(image.generation_id, event)
+                await uow.commit()
+                return stored
+        except self._db.failures as exc:
+            raise StorageFailed(
+                "the image was made but recording it failed; submit the request again"
+            ) from exc
 
     async def _call_provider(
         self,
@@ -769,7 +835,7 @@ class GenerationService:
         quota = self._plans.limits_for(job.plan).storage_bytes
         if quota is None:
             return
-        used = await self._images.storage_used(job.user_id)
+        used = await self._db.images.storage_used(job.user_id)
         check_storage_quota(quota, used, size_bytes)
 
     def _image_price(self, job: Generation) -> int:
@@ -780,21 +846,21 @@ class GenerationService:
         return SourceImage(data, source.mime_type, source.width, source.height)
 
     async def _checkpoint(self, generation_id: str) -> None:
-        if await self._generations.is_cancel_requested(generation_id):
+        if await self._db.generations.is_cancel_requested(generation_id):
             raise Cancelled("the generation was cancelled")
 
     async def _event(self, generation_id: str, event: NewEvent) -> GenerationEvent:
-        appended = await self._generations.append_event(generation_id, event)
+        appended = await self._db.generations.append_event(generation_id, event)
         self._signals.job_changed(generation_id)
         return appended
 
     async def _finish_completed(
         self, job: Generation, worker_id: str, model: str, requested_at: datetime
     ) -> None:
-        images = await self._images.for_generation(job.id)
+        images = await self._db.images.for_generation(job.id)
         credits = self._image_price(job) * len(images)
-        finished = await self._jobs.finish(
-            job.id,
+        finished = await self._finish(
+            job,
             state=GenerationState.COMPLETED,
             model=model,
             credits=credits,
@@ -816,11 +882,11 @@ class GenerationService:
     async def _finish_failed(
         self, job: Generation, worker_id: str, error: ImageGenError, requested_at: datetime
     ) -> None:
-        images = await self._images.for_generation(job.id)
+        images = await self._db.images.for_generation(job.id)
         # Images already stored in a failed batch stay delivered and are charged.
         credits = self._image_price(job) * len(images)
-        await self._jobs.finish(
-            job.id,
+        await self._finish(
+            job,
             state=GenerationState.FAILED,
             model=job.model,
             credits=credits,
@@ -850,10 +916,10 @@ class GenerationService:
     async def _finish_cancelled(
         self, job: Generation, worker_id: str, requested_at: datetime
     ) -> None:
-        images = await self._images.for_generation(job.id)
+        images = await self._db.images.for_generation(job.id)
         credits = self._image_price(job) * len(images)
-        await self._jobs.finish(
-            job.id,
+        await self._finish(
+            job,
             state=GenerationState.CANCELLED,
             model=job.model,
             credits=credits,
@@ -869,6 +935,40 @@ class GenerationService:
             worker_id=worker_id,
         )
         self._signals.job_changed(job.id)
+
+    async def _finish(
+        self,
+        job: Generation,
+        *,
+        state: GenerationState,
+        model: str,
+        credits: int,
+        usage: UsageRecord,
+        event: NewEvent,
+        worker_id: str,
+        error_code: str = "",
+        error_message: str = "",
+    ) -> GenerationEvent | None:
+        """End a job exactly once: its state, the settlement of its reservation, its
+        usage record and its terminal event commit together. None when the job had
+        already ended or another worker holds it."""
+        async with self._db.unit_of_work() as uow:
+            ended = await uow.generations.finish(
+                job.id,
+                state=state,
+                model=model,
+                credits=credits,
+                error_code=error_code,
+                error_message=error_message,
+                worker_id=worker_id,
+            )
+            if not ended:
+                return None
+            await uow.credits.settle(job.user_id, job.id, credits)
+            await uow.usage.insert(usage)
+            appended = await uow.generations.append_event(job.id, event)
+            await uow.commit()
+            return appended
 
     def _usage(
         self,
