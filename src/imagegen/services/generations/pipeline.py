@@ -168,24 +168,37 @@ class JobPipeline:
                     model, job = await self._make_images(job, provider)
                 except Cancelled:
                     outcome, code = "cancelled", ""
-                    await self._finish_cancelled(job, worker_id, requested_at)
+                    await self._finish(
+                        job, worker_id, requested_at, GenerationState.CANCELLED, model=job.model
+                    )
                 except ImageGenError as exc:
                     outcome, code = "failed", exc.code
                     span.set_attribute("imagegen.outcome", outcome)
                     span.set_attribute("imagegen.error_code", exc.code)
-                    await self._finish_failed(job, worker_id, exc, requested_at)
+                    await self._finish(
+                        job,
+                        worker_id,
+                        requested_at,
+                        GenerationState.FAILED,
+                        model=job.model,
+                        error=exc,
+                    )
                 else:
                     outcome = "completed"
                     span.set_attribute("imagegen.outcome", outcome)
-                    await self._finish_completed(job, worker_id, model, requested_at)
+                    await self._finish(
+                        job, worker_id, requested_at, GenerationState.COMPLETED, model=model
+                    )
         except Exception:
             log.exception("generation %s failed unexpectedly", job.id)
             outcome, code = "failed", ProviderFailed.code
-            await self._finish_failed(
+            await self._finish(
                 job,
                 worker_id,
-                ProviderFailed("the generation failed unexpectedly; try again"),
                 requested_at,
+                GenerationState.FAILED,
+                model=job.model,
+                error=ProviderFailed("the generation failed unexpectedly; try again"),
             )
         finally:
             self._observer.job_finished(job.provider)
@@ -431,121 +444,52 @@ class JobPipeline:
 
     # --- the end of a job -----------------------------------------------------------------
 
-    async def _finish_completed(
-        self, job: Generation, worker_id: str, model: str, requested_at: datetime
-    ) -> None:
-        images = await self._db.images.for_generation(job.id)
-        credits = self._image_price(job) * len(images)
-        finished = await self._finish(
-            job,
-            state=GenerationState.COMPLETED,
-            model=model,
-            credits=credits,
-            usage=self._usage(
-                job,
-                "succeeded",
-                model=model,
-                image_count=len(images),
-                credits=credits,
-                requested_at=requested_at,
-            ),
-            event=NewEvent(EventType.COMPLETED, {"percent": 100, "images": len(images)}),
-            worker_id=worker_id,
-        )
-        if finished is not None:
-            self._observer.credits_charged(job.provider, credits)
-        self._signals.job_changed(job.id)
-
-    async def _finish_failed(
-        self, job: Generation, worker_id: str, error: ImageGenError, requested_at: datetime
-    ) -> None:
-        images = await self._db.images.for_generation(job.id)
-        # Images already stored in a failed batch stay delivered and are charged.
-        credits = self._image_price(job) * len(images)
-        await self._finish(
-            job,
-            state=GenerationState.FAILED,
-            model=job.model,
-            credits=credits,
-            error_code=error.code,
-            error_message=error.message,
-            usage=self._usage(
-                job,
-                "failed",
-                model=job.model,
-                image_count=len(images),
-                credits=credits,
-                requested_at=requested_at,
-                error=error,
-            ),
-            event=NewEvent(
-                EventType.FAILED,
-                {
-                    "error_code": error.code,
-                    "error_message": error.message,
-                    "retryable": error.retryable,
-                },
-            ),
-            worker_id=worker_id,
-        )
-        self._signals.job_changed(job.id)
-
-    async def _finish_cancelled(
-        self, job: Generation, worker_id: str, requested_at: datetime
-    ) -> None:
-        images = await self._db.images.for_generation(job.id)
-        credits = self._image_price(job) * len(images)
-        await self._finish(
-            job,
-            state=GenerationState.CANCELLED,
-            model=job.model,
-            credits=credits,
-            usage=self._usage(
-                job,
-                "cancelled",
-                model=job.model,
-                image_count=len(images),
-                credits=credits,
-                requested_at=requested_at,
-            ),
-            event=NewEvent(EventType.CANCELLED, {}),
-            worker_id=worker_id,
-        )
-        self._signals.job_changed(job.id)
-
     async def _finish(
         self,
         job: Generation,
-        *,
-        state: GenerationState,
-        model: str,
-        credits: int,
-        usage: UsageRecord,
-        event: NewEvent,
         worker_id: str,
-        error_code: str = "",
-        error_message: str = "",
-    ) -> GenerationEvent | None:
-        """End a job exactly once: its state, the settlement of its reservation, its
-        usage record and its terminal event commit together. None when the job had
-        already ended or another worker holds it."""
+        requested_at: datetime,
+        state: GenerationState,
+        *,
+        model: str,
+        error: ImageGenError | None = None,
+    ) -> None:
+        """End a job exactly once, in one unit of work: its terminal state, the settlement
+        of its reservation, its usage record and its terminal event. Nothing changes when
+        the job had already ended or another worker holds it."""
+        images = await self._db.images.for_generation(job.id)
+        # Images stored are delivered and charged, even in a failed or cancelled batch;
+        # the rest of the reservation is refunded.
+        credits = self._image_price(job) * len(images)
+        usage = self._usage(
+            job,
+            _USAGE_STATUS[state],
+            model=model,
+            image_count=len(images),
+            credits=credits,
+            requested_at=requested_at,
+            error=error,
+        )
         async with self._db.unit_of_work() as uow:
             ended = await uow.generations.finish(
                 job.id,
                 state=state,
                 model=model,
                 credits=credits,
-                error_code=error_code,
-                error_message=error_message,
+                error_code=error.code if error else "",
+                error_message=error.message if error else "",
                 worker_id=worker_id,
             )
-            if not ended:
-                return None
-            await uow.credits.settle(job.user_id, job.id, credits)
-            await uow.usage.insert(usage)
-            appended = await uow.generations.append_event(job.id, event)
-            await uow.commit()
-            return appended
+            if ended:
+                await uow.credits.settle(job.user_id, job.id, credits)
+                await uow.usage.insert(usage)
+                await uow.generations.append_event(
+                    job.id, _terminal_event(state, len(images), error)
+                )
+                await uow.commit()
+        if ended and state is GenerationState.COMPLETED:
+            self._observer.credits_charged(job.provider, credits)
+        self._signals.job_changed(job.id)
 
     def _usage(
         self,
@@ -643,6 +587,33 @@ class _BatchProgress:
                 {"percent": self.percent, "stage": "stored", "image_index": index},
             ),
         )
+
+
+#: The usage record's status for each terminal state.
+_USAGE_STATUS = {
+    GenerationState.COMPLETED: "succeeded",
+    GenerationState.FAILED: "failed",
+    GenerationState.CANCELLED: "cancelled",
+}
+
+
+def _terminal_event(
+    state: GenerationState, image_count: int, error: ImageGenError | None
+) -> NewEvent:
+    """COMPLETED with its image count, FAILED with its IMG code, or CANCELLED."""
+    if state is GenerationState.COMPLETED:
+        return NewEvent(EventType.COMPLETED, {"percent": 100, "images": image_count})
+    if state is GenerationState.FAILED:
+        assert error is not None, "a FAILED job has an error"
+        return NewEvent(
+            EventType.FAILED,
+            {
+                "error_code": error.code,
+                "error_message": error.message,
+                "retryable": error.retryable,
+            },
+        )
+    return NewEvent(EventType.CANCELLED, {})
 
 
 def _seed_from(generation_id: str) -> int:
