@@ -50,15 +50,22 @@ from imagegen.providers.local import LocalProvider
 from imagegen.providers.openai import OpenAIProvider
 from imagegen.providers.resilience import ResilientProvider
 from imagegen.providers.sdwebui import SDWebUIProvider
-from imagegen.repositories.credits import CreditLedger
 from imagegen.repositories.db import open_pool
-from imagegen.repositories.generations import GenerationQueries, GenerationRepository, JobStore
-from imagegen.repositories.images import ImageRepository, LibraryQueries
+from imagegen.repositories.images import LibraryQueries
 from imagegen.repositories.migrator import apply_migrations
 from imagegen.repositories.templates import TemplateRepository
-from imagegen.repositories.usage import UsageQueries, UsageRepository
-from imagegen.repositories.user_settings import UserSettingsRepository
-from imagegen.services.generation import GenerationService, PipelineSettings
+from imagegen.repositories.unit_of_work import PostgresDatabase
+from imagegen.repositories.usage import UsageQueries
+from imagegen.services.generations import (
+    GenerationReads,
+    GenerationWatch,
+    JobPipeline,
+    PipelineSettings,
+    ProviderCatalogue,
+    SubmissionService,
+    SubmissionSettings,
+    UserSettingsService,
+)
 from imagegen.services.library import LibraryService, LibrarySettings
 from imagegen.services.sources import SourceLimits, SourceResolver
 from imagegen.services.templates import TemplateService
@@ -194,44 +201,58 @@ class Server:
             await listener.start()
             stack.push_async_callback(listener.stop)
 
-            ledger = CreditLedger(pool)
-            generations = GenerationRepository(pool, ledger)
-            images = ImageRepository(pool)
-            usage = UsageRepository(pool)
-            default_provider = settings.effective_default_provider
-            service = GenerationService(
-                generations=generations,
-                queries=GenerationQueries(pool, ledger),
-                images=images,
-                job_store=JobStore(generations, images, usage),
-                blobs=blobs,
+            database = PostgresDatabase(pool)
+            plans = PlanTable.load(settings.plans_file)
+            prices = PriceTable.load(settings.pricing_file)
+            catalogue = ProviderCatalogue(
+                providers,
+                default_provider=settings.effective_default_provider,
+                fallback_providers=settings.fallback_providers,
+            )
+            submission = SubmissionService(
+                db=database,
                 sources=SourceResolver(
                     blobs,
-                    images,
+                    database.images,
                     SourceLimits(settings.max_input_bytes, settings.max_pixels),
                     fetcher=fetcher,
                 ),
-                user_settings=UserSettingsRepository(pool),
-                plans=PlanTable.load(settings.plans_file),
-                providers=providers,
-                prices=PriceTable.load(settings.pricing_file),
+                catalogue=catalogue,
+                signals=signals,
+                settings=SubmissionSettings(
+                    plans=plans,
+                    prices=prices,
+                    max_pixels=settings.max_pixels,
+                    request_id_ttl=settings.request_id_ttl,
+                ),
+                tracer=telemetry.tracer,
+            )
+            pipeline = JobPipeline(
+                db=database,
+                blobs=blobs,
+                catalogue=catalogue,
                 signals=signals,
                 observer=telemetry.generation_metrics,
                 settings=PipelineSettings(
+                    plans=plans,
+                    prices=prices,
                     max_pixels=settings.max_pixels,
-                    url_ttl=settings.url_ttl,
                     provider_timeout=settings.provider_timeout,
-                    request_id_ttl=settings.request_id_ttl,
                     max_attempts=settings.max_attempts,
-                    default_provider=default_provider,
-                    fallback_providers=settings.fallback_providers,
                     encode=_encode_settings(settings),
                 ),
                 tracer=telemetry.tracer,
             )
+            watch = GenerationWatch(
+                db=database,
+                blobs=blobs,
+                signals=signals,
+                runs_here=pipeline.runs_here,
+                url_ttl=settings.url_ttl,
+            )
             runner = JobRunner(
-                generations,
-                service.execute,
+                database.generations,
+                pipeline.execute,
                 signals,
                 workers=settings.workers,
                 lease=settings.lease,
@@ -244,7 +265,7 @@ class Server:
                 settings.jwt.audience,
             )
             handle = _GrpcHandle()
-            handle.service = service
+            handle.watch = watch
             inflight = InflightInterceptor()
             handle.inflight = inflight
             max_message = settings.max_input_bytes + 1024 * 1024
@@ -264,9 +285,12 @@ class Server:
             )
             generation_pb2_grpc.add_ImageGenerationServiceServicer_to_server(
                 ImageGenerationServicer(
-                    service,
-                    providers,
-                    default_provider=default_provider,
+                    submission=submission,
+                    reads=GenerationReads(
+                        db=database, blobs=blobs, signals=signals, url_ttl=settings.url_ttl
+                    ),
+                    watch=watch,
+                    user_settings=UserSettingsService(database.user_settings, catalogue),
                     url_ttl=settings.url_ttl,
                 ),
                 server,
@@ -274,7 +298,7 @@ class Server:
             library_pb2_grpc.add_ImageLibraryServiceServicer_to_server(
                 ImageLibraryServicer(
                     LibraryService(
-                        images,
+                        database.images,
                         LibraryQueries(pool),
                         blobs,
                         LibrarySettings(
@@ -290,15 +314,16 @@ class Server:
             )
             templates_pb2_grpc.add_PromptTemplateServiceServicer_to_server(
                 PromptTemplateServicer(
-                    TemplateService(TemplateRepository(pool), service), url_ttl=settings.url_ttl
+                    TemplateService(TemplateRepository(pool), submission),
+                    url_ttl=settings.url_ttl,
                 ),
                 server,
             )
             usage_pb2_grpc.add_UsageServiceServicer_to_server(
                 UsageServicer(
-                    UsageService(UsageQueries(pool), blobs, settings.url_ttl),
-                    ledger,
-                    PlanTable.load(settings.plans_file),
+                    UsageService(
+                        UsageQueries(pool), database.credits, plans, blobs, settings.url_ttl
+                    )
                 ),
                 server,
             )
@@ -368,8 +393,8 @@ class Server:
         deadline = time.monotonic() + grace
         log.info("shutting down", extra={"event": "server.draining", "grace_s": grace})
         handle.draining = True
-        if handle.service is not None:
-            handle.service.begin_drain()
+        if handle.watch is not None:
+            handle.watch.begin_drain()
         assert handle.health is not None and handle.server is not None
         for name in ("", *SERVICE_NAMES):
             await handle.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -391,7 +416,7 @@ class _GrpcHandle:
         self.health: Any = None
         self.runner: JobRunner | None = None
         self.inflight: InflightInterceptor | None = None
-        self.service: GenerationService | None = None
+        self.watch: GenerationWatch | None = None
 
 
 def public_url_notice(host: str, public_url: str | None, http_port: int) -> str | None:

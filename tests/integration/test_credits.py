@@ -16,6 +16,7 @@ import grpc
 import pytest
 from imagegen.v1 import common_pb2, generation_pb2, generation_pb2_grpc, usage_pb2, usage_pb2_grpc
 
+from imagegen.domain.credits import plan_reservation
 from imagegen.repositories.credits import CreditLedger
 from imagegen.repositories.db import open_pool
 from tests.inprocess import serve_in_process
@@ -166,8 +167,8 @@ async def test_monthly_allowance_resets_and_grants_do_not_expire(
     february = datetime(2026, 2, 1, 0, 0, 1, tzinfo=UTC)
     try:
         async with pool.acquire() as conn, conn.transaction():
-            await ledger.ensure_allowance(conn, "alice", 10, january)
-            await ledger.ensure_allowance(conn, "alice", 10, january)  # once per period
+            await CreditLedger(conn).ensure_allowance("alice", 10, january)
+            await CreditLedger(conn).ensure_allowance("alice", 10, january)  # once per period
         assert (await ledger.balance("alice", january)).available == 10
         assert await ledger.grant("alice", 5) == 15
         conn = await pool.acquire()
@@ -179,14 +180,18 @@ async def test_monthly_allowance_resets_and_grants_do_not_expire(
                     "('00000000-0000-0000-0000-000000000001', 'alice', '{}', 'p', 1, 1, 1, 'png',"
                     " '{}', 'local', 'completed')"
                 )
-                await ledger.reserve(
-                    conn, "alice", "00000000-0000-0000-0000-000000000001", 3, january
+                in_transaction = CreditLedger(conn)
+                facts = await in_transaction.facts("alice", january)
+                await in_transaction.reserve(
+                    "alice",
+                    "00000000-0000-0000-0000-000000000001",
+                    plan_reservation(facts, 3, january),
                 )
-                await ledger.settle(conn, "alice", "00000000-0000-0000-0000-000000000001", 3)
+                await in_transaction.settle("alice", "00000000-0000-0000-0000-000000000001", 3)
             jan = await ledger.balance("alice", january)
             assert (jan.allowance_remaining, jan.purchased, jan.available) == (7, 5, 12)
             async with conn.transaction():
-                await ledger.ensure_allowance(conn, "alice", 10, february)
+                await CreditLedger(conn).ensure_allowance("alice", 10, february)
         finally:
             await pool.release(conn)
         feb = await ledger.balance("alice", february)

@@ -1,4 +1,5 @@
-"""ImageGenerationService: thin proto <-> domain mapping around GenerationService.
+"""ImageGenerationService: thin proto <-> domain mapping around the generation use cases
+(services/generations/).
 
 Domain errors are raised as they are; the error interceptor turns them into rich
 gRPC status in one place.
@@ -6,7 +7,7 @@ gRPC status in one place.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -17,8 +18,13 @@ from imagegen.api.context import identity
 from imagegen.api.errors import error_from_code
 from imagegen.domain.errors import InvalidRequest
 from imagegen.domain.models import EventType, Generation, Identity
-from imagegen.providers.base import Provider
-from imagegen.services.generation import GenerationService
+from imagegen.domain.providers import ProviderInfo
+from imagegen.services.generations import (
+    GenerationReads,
+    GenerationWatch,
+    SubmissionService,
+    UserSettingsService,
+)
 from imagegen.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 
@@ -27,22 +33,24 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
 
     def __init__(
         self,
-        service: GenerationService,
-        providers: Mapping[str, Provider],
         *,
-        default_provider: str,
+        submission: SubmissionService,
+        reads: GenerationReads,
+        watch: GenerationWatch,
+        user_settings: UserSettingsService,
         url_ttl: timedelta,
     ) -> None:
-        self._service = service
-        self._providers = providers
-        self._default_provider = default_provider
+        self._submission = submission
+        self._reads = reads
+        self._watch = watch
+        self._user_settings = user_settings
         self._url_ttl = url_ttl
 
     async def _submit(
         self, caller: Identity, spec: common_pb2.GenerationSpec, request_id: str
     ) -> Generation:
         parsed = convert.parse_spec(spec)
-        return await self._service.submit(
+        return await self._submission.submit(
             caller,
             parsed.spec,
             request_id,
@@ -60,7 +68,7 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
     ) -> AsyncIterator[generation_pb2.GenerateImageResponse]:
         caller = identity()
         generation = await self._submit(caller, request.spec, request.request_id)
-        async for event in self._service.watch(caller, generation.id):
+        async for event in self._watch.watch(caller, generation.id):
             yield generation_pb2.GenerateImageResponse(
                 event=convert.event_to_proto(event, self._url_ttl)
             )
@@ -89,7 +97,7 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
     ) -> AsyncIterator[generation_pb2.WatchGenerationResponse]:
         caller = identity()
         generation_id = convert.generation_id_from_name(request.name)
-        async for event in self._service.watch(caller, generation_id, request.after_sequence):
+        async for event in self._watch.watch(caller, generation_id, request.after_sequence):
             yield generation_pb2.WatchGenerationResponse(
                 event=convert.event_to_proto(event, self._url_ttl)
             )
@@ -101,7 +109,7 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             generation_pb2.GetGenerationRequest, generation_pb2.GetGenerationResponse
         ],
     ) -> generation_pb2.GetGenerationResponse:
-        generation = await self._service.get(
+        generation = await self._reads.get(
             identity(), convert.generation_id_from_name(request.name)
         )
         return generation_pb2.GetGenerationResponse(
@@ -116,7 +124,7 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         ],
     ) -> generation_pb2.ListGenerationsResponse:
         states = tuple(convert.state_from_proto(s) for s in request.states)
-        page, next_token = await self._service.list_generations(
+        page, next_token = await self._reads.list_generations(
             identity(),
             states=states,
             created_from=convert.optional_time(request, "create_time_start"),
@@ -136,7 +144,7 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             generation_pb2.CancelGenerationRequest, generation_pb2.CancelGenerationResponse
         ],
     ) -> generation_pb2.CancelGenerationResponse:
-        generation = await self._service.cancel(
+        generation = await self._reads.cancel(
             identity(), convert.generation_id_from_name(request.name)
         )
         return generation_pb2.CancelGenerationResponse(
@@ -150,7 +158,7 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             generation_pb2.RerunGenerationRequest, generation_pb2.RerunGenerationResponse
         ],
     ) -> generation_pb2.RerunGenerationResponse:
-        generation = await self._service.rerun(
+        generation = await self._submission.rerun(
             identity(), convert.generation_id_from_name(request.name), request.request_id
         )
         return generation_pb2.RerunGenerationResponse(
@@ -166,15 +174,14 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
     ) -> generation_pb2.QuoteGenerationResponse:
         identity()
         parsed = convert.parse_spec(request.spec)
-        provider = self._service.validate(
+        quote = self._submission.quote(
             parsed.spec,
             edit=bool(parsed.source_refs),
             has_mask=parsed.mask_ref is not None,
             size_given=parsed.size_given,
         )
         return generation_pb2.QuoteGenerationResponse(
-            credits=self._service.quote(parsed.spec, edit=bool(parsed.source_refs)),
-            provider=provider.id,
+            credits=quote.credits, provider=quote.provider
         )
 
     async def GetUserSettings(
@@ -184,7 +191,7 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             generation_pb2.GetUserSettingsRequest, generation_pb2.GetUserSettingsResponse
         ],
     ) -> generation_pb2.GetUserSettingsResponse:
-        provider = await self._service.default_provider(identity())
+        provider = await self._user_settings.default_provider(identity())
         return generation_pb2.GetUserSettingsResponse(
             settings=generation_pb2.UserSettings(default_provider=provider)
         )
@@ -203,7 +210,7 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             raise InvalidRequest(
                 f"update_mask names unknown fields: {', '.join(unknown)}", field="update_mask"
             )
-        provider = await self._service.set_default_provider(
+        provider = await self._user_settings.set_default_provider(
             caller, request.settings.default_provider
         )
         return generation_pb2.UpdateUserSettingsResponse(
@@ -217,38 +224,9 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             generation_pb2.ListProvidersRequest, generation_pb2.ListProvidersResponse
         ],
     ) -> generation_pb2.ListProvidersResponse:
-        stored = await self._service.default_provider(identity())
-        default_provider = stored or self._default_provider
-        infos = []
-        for provider_id, provider in sorted(self._providers.items()):
-            if not provider.configured:
-                # Listed only once it has what it needs to answer.
-                continue
-            caps = provider.capabilities
-            infos.append(
-                generation_pb2.ProviderInfo(
-                    id=provider_id,
-                    display_name=provider.display_name,
-                    capabilities=generation_pb2.ProviderCapabilities(
-                        edit=caps.edit,
-                        mask=caps.mask,
-                        negative_prompt=caps.negative_prompt,
-                        seed=caps.seed,
-                        style=caps.style,
-                        previews=caps.previews,
-                        sizes=[
-                            common_pb2.ImageSize(width=s.width, height=s.height)
-                            for s in caps.sizes
-                        ],
-                        formats=[convert.format_to_proto(f) for f in caps.formats],
-                        max_count=caps.max_count,
-                    ),
-                    models=list(provider.models),
-                    styles=convert.all_styles_proto(),
-                    default=provider_id == default_provider,
-                )
-            )
-        return generation_pb2.ListProvidersResponse(providers=infos)
+        providers = await self._user_settings.list_providers(identity())
+        return generation_pb2.ListProvidersResponse(providers=[_provider(p) for p in providers])
+
 
     # Added to the contract ahead of their use cases (issues 13 and 14); until those
     # land they answer UNIMPLEMENTED, as the generated base class would.
@@ -266,3 +244,24 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
 
     async def RotateWebhookSecret(self, request: Any, context: Any) -> Any:
         raise NotImplementedError
+
+
+def _provider(info: ProviderInfo) -> generation_pb2.ProviderInfo:
+    return generation_pb2.ProviderInfo(
+        id=info.id,
+        display_name=info.display_name,
+        capabilities=generation_pb2.ProviderCapabilities(
+            edit=info.edit,
+            mask=info.mask,
+            negative_prompt=info.negative_prompt,
+            seed=info.seed,
+            style=info.style,
+            previews=info.previews,
+            sizes=[common_pb2.ImageSize(width=s.width, height=s.height) for s in info.sizes],
+            formats=[convert.format_to_proto(f) for f in info.formats],
+            max_count=info.max_count,
+        ),
+        models=list(info.models),
+        styles=convert.all_styles_proto(),
+        default=info.default,
+    )

@@ -9,13 +9,13 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from imagegen.domain.errors import NotFound
-from imagegen.storage.local import LocalBlobStore
+from imagegen.services.blob_files import SignedBlobFiles
 
 MetricsText = Callable[[], tuple[bytes, str]]
 
 
 def build_http_app(
-    *, local_store: LocalBlobStore | None, metrics_text: MetricsText
+    *, local_store: SignedBlobFiles | None, metrics_text: MetricsText
 ) -> web.Application:
     """Routes: GET /blobs/{key} (local store only), GET /metrics, GET /healthz."""
     app = web.Application()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 import grpc
@@ -14,9 +13,7 @@ from imagegen.api import convert
 from imagegen.api.context import identity
 from imagegen.domain.errors import InvalidRequest
 from imagegen.domain.models import GenerationSource
-from imagegen.domain.plans import PlanTable
-from imagegen.repositories.credits import CreditLedger
-from imagegen.repositories.usage import UsageRow, UsageTotalsRow
+from imagegen.domain.usage import UsageRow, UsageTotalsRow
 from imagegen.services.usage import UsageService
 from imagegen.v1 import common_pb2, usage_pb2, usage_pb2_grpc
 
@@ -91,25 +88,22 @@ def _totals(t: UsageTotalsRow) -> usage_pb2.UsageTotals:
 class UsageServicer(usage_pb2_grpc.UsageServiceServicer):
     """gRPC face of usage reporting and the credit balance."""
 
-    def __init__(self, service: UsageService, ledger: CreditLedger, plans: PlanTable) -> None:
+    def __init__(self, service: UsageService) -> None:
         self._service = service
-        self._ledger = ledger
-        self._plans = plans
 
     async def GetCreditBalance(
         self, request: U.GetCreditBalanceRequest, context: Ctx
     ) -> U.GetCreditBalanceResponse:
-        caller = identity()
-        balance = await self._ledger.balance(caller.user_id, datetime.now(UTC))
-        allowance = self._plans.limits_for(caller.plan).monthly_credits
+        credits = await self._service.balance(identity())
+        balance = credits.balance
         return U.GetCreditBalanceResponse(
             balance=U.CreditBalance(
                 available_credits=balance.available,
                 reserved_credits=balance.reserved,
-                monthly_allowance_credits=allowance,
+                monthly_allowance_credits=credits.monthly_allowance,
                 allowance_remaining_credits=balance.allowance_remaining,
                 purchased_credits=balance.purchased,
-                plan=caller.plan,
+                plan=credits.plan,
                 period_start_time=_stamp(balance.period_start),
                 period_reset_time=_stamp(balance.period_reset),
             )

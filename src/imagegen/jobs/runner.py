@@ -1,4 +1,5 @@
-"""Workers: claim queued jobs from PostgreSQL, hold their lease, run them.
+"""Workers: claim queued jobs from PostgreSQL, hold their lease, run them (through the
+pipeline of services/generations/pipeline.py, passed in as `execute`).
 
 Each served process runs one JobRunner with a fixed number of slots. A job is
 claimed with FOR UPDATE SKIP LOCKED, its lease renewed by a heartbeat while it

@@ -1,62 +1,28 @@
 """The credits ledger (SQL lives here only). Every change is an appended row; the
-balance is their sum. Callers hold the per-user advisory lock of the generations
-repository while they reserve, so balances never go negative across replicas."""
+balance is their sum. Whether a user can pay is decided in domain/credits.py over the
+facts read here; submit reserves inside its unit of work, under the user's advisory
+lock, so balances never go negative across replicas."""
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 
-import asyncpg
-
-from imagegen.domain.errors import InsufficientCredits
-from imagegen.domain.plans import PlanLimits
-
-
-def period_start(now: datetime) -> datetime:
-    """The start of the calendar month (UTC) that `now` falls in.
-
-    Periods are calendar months for every user (not per-user anniversaries). A job that
-    reserved allowance credits before a rollover and is refunded after it returns them to
-    the new period's allowance bucket, where they expire a month late."""
-    moment = now.astimezone(UTC)
-    return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-
-
-def next_period(start: datetime) -> datetime:
-    return (
-        start.replace(year=start.year + 1, month=1)
-        if start.month == 12
-        else start.replace(month=start.month + 1)
-    )
-
-
-@dataclass(frozen=True)
-class Balance:
-    """What a user has, by bucket, and what is held by running jobs."""
-
-    available: int
-    allowance_remaining: int
-    purchased: int
-    reserved: int
-    period_start: datetime
-    period_reset: datetime
+from imagegen.domain.credits import Balance, CreditFacts, Reservation, next_period, period_start
+from imagegen.repositories.db import Executor, transaction
 
 
 class CreditLedger:
     """Appends and sums ledger rows."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
+    def __init__(self, db: Executor) -> None:
+        self._db = db
 
-    async def ensure_allowance(
-        self, conn: asyncpg.Connection, user_id: str, allowance: int, now: datetime
-    ) -> None:
+    async def ensure_allowance(self, user_id: str, allowance: int, now: datetime) -> None:
         """Open the current period: expire what is left of older allowances and grant
         this period's (once; caller holds the user's lock)."""
         start = period_start(now)
-        exists = await conn.fetchval(
+        exists = await self._db.fetchval(
             "SELECT 1 FROM credit_ledger WHERE user_id = $1 AND kind = 'allowance' "
             "AND period_start = $2",
             user_id,
@@ -64,20 +30,20 @@ class CreditLedger:
         )
         if exists:
             return
-        left = await conn.fetchval(
+        left = await self._db.fetchval(
             "SELECT coalesce(sum(amount), 0) FROM credit_ledger "
             "WHERE user_id = $1 AND bucket = 'allowance'",
             user_id,
         )
         if left > 0:
-            await conn.execute(
+            await self._db.execute(
                 "INSERT INTO credit_ledger (user_id, kind, bucket, amount, period_start, note) "
                 "VALUES ($1, 'expire', 'allowance', $2, $3, 'unused allowance expired')",
                 user_id,
                 -int(left),
                 start,
             )
-        await conn.execute(
+        await self._db.execute(
             "INSERT INTO credit_ledger (user_id, kind, bucket, amount, period_start, note) "
             "VALUES ($1, 'allowance', 'allowance', $2, $3, 'monthly allowance')",
             user_id,
@@ -85,17 +51,9 @@ class CreditLedger:
             start,
         )
 
-    async def check_available(
-        self,
-        conn: asyncpg.Connection,
-        user_id: str,
-        credits: int,
-        limits: PlanLimits,
-        now: datetime,
-    ) -> None:
-        """IMG_006 if the user surely cannot pay `credits` (counting a period allowance
-        that is not granted yet), without writing anything."""
-        rows = await conn.fetch(
+    async def facts(self, user_id: str, now: datetime) -> CreditFacts:
+        """The user's credits left by bucket, and whether this period's allowance is granted."""
+        rows = await self._db.fetch(
             "SELECT bucket, coalesce(sum(amount), 0) AS left, "
             "bool_or(kind = 'allowance' AND period_start = $2) AS current "
             "FROM credit_ledger WHERE user_id = $1 GROUP BY bucket",
@@ -103,45 +61,20 @@ class CreditLedger:
             period_start(now),
         )
         left = {r["bucket"]: int(r["left"]) for r in rows}
-        granted = any(r["current"] for r in rows)
-        allowance = left.get("allowance", 0) if granted else limits.monthly_credits
-        if credits > max(allowance, 0) + max(left.get("purchased", 0), 0):
-            reset = next_period(period_start(now))
-            raise InsufficientCredits(
-                f"this request costs {credits} credits and you have "
-                f"{max(allowance, 0) + max(left.get('purchased', 0), 0)}; your monthly "
-                f"allowance resets at {reset.isoformat()}",
-                metadata={"required": str(credits), "reset_time": reset.isoformat()},
-            )
-
-    async def reserve(
-        self,
-        conn: asyncpg.Connection,
-        user_id: str,
-        generation_id: str,
-        credits: int,
-        now: datetime,
-    ) -> None:
-        """Hold `credits` for a job, allowance first; IMG_006 if the balance is short."""
-        rows = await conn.fetch(
-            "SELECT bucket, coalesce(sum(amount), 0) AS left FROM credit_ledger "
-            "WHERE user_id = $1 GROUP BY bucket",
-            user_id,
+        return CreditFacts(
+            allowance_left=left.get("allowance", 0),
+            purchased_left=left.get("purchased", 0),
+            allowance_granted=any(r["current"] for r in rows),
         )
-        left = {r["bucket"]: int(r["left"]) for r in rows}
-        from_allowance = min(max(left.get("allowance", 0), 0), credits)
-        from_purchased = credits - from_allowance
-        if from_purchased > max(left.get("purchased", 0), 0):
-            reset = next_period(period_start(now))
-            raise InsufficientCredits(
-                f"this request costs {credits} credits and you have "
-                f"{sum(max(v, 0) for v in left.values())}; your monthly allowance resets at "
-                f"{reset.isoformat()}",
-                metadata={"required": str(credits), "reset_time": reset.isoformat()},
-            )
-        for bucket, amount in (("allowance", from_allowance), ("purchased", from_purchased)):
+
+    async def reserve(self, user_id: str, generation_id: str, reservation: Reservation) -> None:
+        """Hold a job's price as decided by domain.credits.plan_reservation."""
+        for bucket, amount in (
+            ("allowance", reservation.from_allowance),
+            ("purchased", reservation.from_purchased),
+        ):
             if amount:
-                await conn.execute(
+                await self._db.execute(
                     "INSERT INTO credit_ledger (user_id, kind, bucket, amount, generation_id) "
                     "VALUES ($1, 'reserve', $2, $3, $4)",
                     user_id,
@@ -150,12 +83,10 @@ class CreditLedger:
                     uuid.UUID(generation_id),
                 )
 
-    async def settle(
-        self, conn: asyncpg.Connection, user_id: str, generation_id: str, charged: int
-    ) -> None:
+    async def settle(self, user_id: str, generation_id: str, charged: int) -> None:
         """Keep `charged` of the job's reservation and refund the rest, purchased credits
-        first (they never expire). Called once, inside the job's finishing transaction."""
-        rows = await conn.fetch(
+        first (they never expire). Called once, inside the job's finishing unit of work."""
+        rows = await self._db.fetch(
             "SELECT bucket, -sum(amount) AS held FROM credit_ledger "
             "WHERE generation_id = $1 AND kind = 'reserve' GROUP BY bucket",
             uuid.UUID(generation_id),
@@ -165,7 +96,7 @@ class CreditLedger:
         for bucket in ("purchased", "allowance"):
             amount = min(held.get(bucket, 0), to_refund)
             if amount:
-                await conn.execute(
+                await self._db.execute(
                     "INSERT INTO credit_ledger (user_id, kind, bucket, amount, generation_id) "
                     "VALUES ($1, 'refund', $2, $3, $4) ON CONFLICT DO NOTHING",
                     user_id,
@@ -177,7 +108,7 @@ class CreditLedger:
 
     async def grant(self, user_id: str, credits: int, note: str = "") -> int:
         """Add purchased or granted credits (they never expire); returns the new balance."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with transaction(self._db) as conn:
             await conn.execute(
                 "INSERT INTO credit_ledger (user_id, kind, bucket, amount, note) "
                 "VALUES ($1, 'grant', 'purchased', $2, $3)",
@@ -191,7 +122,8 @@ class CreditLedger:
             return int(value)
 
     async def balance(self, user_id: str, now: datetime) -> Balance:
-        row = await self._pool.fetchrow(
+        """The user's balance by bucket, and what their unfinished jobs hold."""
+        row = await self._db.fetchrow(
             """
             SELECT coalesce(sum(amount), 0) AS available,
                    coalesce(sum(amount) FILTER (WHERE bucket = 'allowance'), 0) AS allowance,

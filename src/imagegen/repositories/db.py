@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
 
 import asyncpg
+
+#: Where a repository sends its statements: the pool (each statement on its own, committed
+#: at once) or the connection of a unit of work (inside its transaction).
+Executor: TypeAlias = asyncpg.Pool | asyncpg.Connection
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -26,3 +32,15 @@ async def open_pool(
         **kwargs,
     )
     return pool
+
+
+@contextlib.asynccontextmanager
+async def transaction(db: Executor) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction on `db`: a pooled connection's own, or a savepoint inside the
+    transaction a unit of work's connection already has."""
+    if isinstance(db, asyncpg.Pool):
+        async with db.acquire() as conn, conn.transaction():
+            yield conn
+    else:
+        async with db.transaction():
+            yield db

@@ -1,15 +1,21 @@
-"""Generation jobs and their event logs (SQL lives here only)."""
+"""Generation jobs and their event logs (SQL lives here only).
+
+Each method is one statement (a few for the cancel and submit steps); statements that
+must commit together run on a unit of work's connection (repositories/unit_of_work.py),
+the others on the pool. What a count or a state means for a caller is decided in
+services/ and domain/, never here.
+"""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
 
-from imagegen.domain.errors import RateLimited, RequestIdReused, StorageFailed
+from imagegen.domain.limits import RequestCounts
 from imagegen.domain.models import (
     EditSource,
     EventType,
@@ -20,14 +26,11 @@ from imagegen.domain.models import (
     GenerationState,
     ImageFormat,
     Size,
-    StoredImage,
     Style,
 )
 from imagegen.domain.paging import Cursor
-from imagegen.domain.plans import PlanLimits
-from imagegen.repositories.credits import CreditLedger
-from imagegen.repositories.images import ImageRepository, parse_id
-from imagegen.repositories.usage import UsageRecord, UsageRepository
+from imagegen.repositories.db import Executor
+from imagegen.repositories.images import parse_id
 
 #: NOTIFY channel that carries a generation id whenever its log grows.
 EVENTS_CHANNEL = "imagegen_generation_events"
@@ -49,6 +52,15 @@ class NewGeneration:
     provider: str
     credits: int
     extra_spec: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class PastRequest:
+    """The job an earlier request with the same request_id made, and its parameters'
+    fingerprint (to tell a retry from a reuse)."""
+
+    generation: Generation
+    fingerprint: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -132,166 +144,131 @@ def _event_from_row(row: asyncpg.Record) -> GenerationEvent:
 class GenerationRepository:
     """Jobs, their leases and their append-only, gap-free event logs."""
 
-    def __init__(self, pool: asyncpg.Pool, ledger: CreditLedger | None = None) -> None:
-        self._pool = pool
-        self.ledger = ledger
+    def __init__(self, db: Executor) -> None:
+        self._db = db
 
-    @property
-    def pool(self) -> asyncpg.Pool:
-        return self._pool
+    # --- submit (inside the submit unit of work) ----------------------------------------
 
-    async def create(
-        self,
-        job: NewGeneration,
-        *,
-        request_id_ttl: timedelta,
-        limits: PlanLimits | None = None,
-        now: datetime | None = None,
-    ) -> tuple[Generation, bool]:
-        """Store a queued job with its QUEUED event, within the user's plan limits; an
-        existing job for the same request_id is returned instead (created=False), or
-        IMG_009 if its parameters differ. Limits are counted under a per-user lock, so
-        every replica sees one count."""
-        fingerprint = job.spec.fingerprint()
-        spec_json = {**spec_to_json(job.spec), **job.extra_spec}
-        request_id = job.request_id or None
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended('imagegen-user:' || $1, 0))",
-                job.user_id,
-            )
-            if request_id is not None:
-                # A request id is remembered for the retention window only.
-                await conn.execute(
-                    "UPDATE generations SET request_id = NULL "
-                    "WHERE user_id = $1 AND request_id = $2 AND created_at < now() - $3::interval",
-                    job.user_id,
-                    request_id,
-                    request_id_ttl,
-                )
-                existing = await conn.fetchrow(
-                    "SELECT * FROM generations WHERE user_id = $1 AND request_id = $2",
-                    job.user_id,
-                    request_id,
-                )
-                if existing is not None:
-                    if existing["fingerprint"] != fingerprint:
-                        raise RequestIdReused(
-                            f"request_id {request_id!r} was used for a different request; "
-                            "use a new request_id for new parameters",
-                            metadata={"request_id": request_id},
-                        )
-                    return _generation_from_row(existing), False
-            if limits is not None:
-                await self._check_limits(conn, job.user_id, limits)
-            moment = now or datetime.now(UTC)
-            if self.ledger is not None and limits is not None:
-                await self.ledger.ensure_allowance(
-                    conn, job.user_id, limits.monthly_credits, moment
-                )
-            row = await conn.fetchrow(
-                """
-                INSERT INTO generations (
-                    id, user_id, sub_account, request_id, fingerprint, prompt, negative_prompt,
-                    style, width, height, image_count, output_format, seed, source, spec,
-                    provider, state, credits, last_sequence)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
-                        $16, 'queued', $17, 1)
-                RETURNING *
-                """,
-                uuid.UUID(job.id),
-                job.user_id,
-                job.sub_account,
-                request_id,
-                fingerprint,
-                job.spec.prompt,
-                job.spec.negative_prompt,
-                job.spec.style.value if job.spec.style else "",
-                job.spec.size.width,
-                job.spec.size.height,
-                job.spec.count,
-                job.spec.output_format.value,
-                job.spec.seed,
-                job.spec.source.value,
-                spec_json,
-                job.provider,
-                job.credits,
-            )
-            if self.ledger is not None and limits is not None:
-                await self.ledger.reserve(conn, job.user_id, job.id, job.credits, moment)
-            await conn.execute(
-                "INSERT INTO generation_events (generation_id, sequence, event_type, payload) "
-                "VALUES ($1, 1, 'queued', '{}'::jsonb)",
-                row["id"],
-            )
-            await conn.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, str(row["id"]))
-            await conn.execute("SELECT pg_notify($1, $2)", QUEUE_CHANNEL, str(row["id"]))
-            return _generation_from_row(row), True
+    async def lock_user(self, user_id: str) -> None:
+        """Take the user's advisory lock until the transaction ends: every replica's
+        submits for one user run one at a time, so they count the same limits."""
+        await self._db.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('imagegen-user:' || $1, 0))",
+            user_id,
+        )
 
-    async def precheck(
-        self, user_id: str, request_id: str, limits: PlanLimits, credits: int, now: datetime
-    ) -> None:
-        """The plan-limit and credit checks of `create`, read-only and without the lock:
-        lets expensive work before a submit (fetching source URLs) be skipped for a request
-        that would be refused anyway. `create` still decides."""
-        async with self._pool.acquire() as conn:
-            if request_id and await conn.fetchval(
+    async def find_request(
+        self, user_id: str, request_id: str, *, remembered_for: timedelta
+    ) -> PastRequest | None:
+        """The user's job made for `request_id`, if it is still remembered; an older one
+        forgets its request_id first."""
+        await self._db.execute(
+            "UPDATE generations SET request_id = NULL "
+            "WHERE user_id = $1 AND request_id = $2 AND created_at < now() - $3::interval",
+            user_id,
+            request_id,
+            remembered_for,
+        )
+        row = await self._db.fetchrow(
+            "SELECT * FROM generations WHERE user_id = $1 AND request_id = $2",
+            user_id,
+            request_id,
+        )
+        if row is None:
+            return None
+        return PastRequest(_generation_from_row(row), row["fingerprint"])
+
+    async def request_id_taken(self, user_id: str, request_id: str) -> bool:
+        """Whether the user has a job for `request_id` (expired or not)."""
+        return bool(
+            await self._db.fetchval(
                 "SELECT 1 FROM generations WHERE user_id = $1 AND request_id = $2",
                 user_id,
                 request_id,
-            ):
-                return  # a retry: `create` answers with the job it already made
-            await self._check_limits(conn, user_id, limits)
-            if self.ledger is not None:
-                await self.ledger.check_available(conn, user_id, credits, limits, now)
+            )
+        )
 
-    async def _check_limits(
-        self, conn: asyncpg.Connection, user_id: str, limits: PlanLimits
-    ) -> None:
-        """Requests per hour and per day (accepted ones), then concurrent generations."""
-        row = await conn.fetchrow(
+    async def request_counts(self, user_id: str) -> RequestCounts:
+        """Requests accepted in the last hour and day (with the oldest of each window),
+        and jobs queued or running, counted at the database's now()."""
+        row = await self._db.fetchrow(
             """
-            SELECT count(*) FILTER (WHERE created_at > now() - interval '1 hour') AS hour,
+            SELECT now() AS now,
+                   count(*) FILTER (WHERE created_at > now() - interval '1 hour') AS hour,
                    count(*) FILTER (WHERE created_at > now() - interval '1 day') AS day,
                    count(*) FILTER (WHERE state IN ('queued', 'running')) AS running,
-                   extract(epoch FROM min(created_at)
-                       FILTER (WHERE created_at > now() - interval '1 hour')
-                       + interval '1 hour' - now()) AS hour_wait,
-                   extract(epoch FROM min(created_at)
-                       FILTER (WHERE created_at > now() - interval '1 day')
-                       + interval '1 day' - now()) AS day_wait
+                   min(created_at) FILTER (WHERE created_at > now() - interval '1 hour')
+                       AS oldest_in_hour,
+                   min(created_at) FILTER (WHERE created_at > now() - interval '1 day')
+                       AS oldest_in_day
               FROM generations
              WHERE user_id = $1
                AND (created_at > now() - interval '1 day' OR state IN ('queued', 'running'))
             """,
             user_id,
         )
-        for count, cap, wait, window in (
-            (row["hour"], limits.requests_per_hour, row["hour_wait"], "hour"),
-            (row["day"], limits.requests_per_day, row["day_wait"], "day"),
-        ):
-            if cap is not None and count >= cap:
-                seconds = max(float(wait or 1), 1.0)
-                raise RateLimited(
-                    f"your plan allows {cap} requests per {window}; try again in "
-                    f"{seconds:.0f}s",
-                    retry_after=timedelta(seconds=seconds),
-                    metadata={"limit": f"requests_per_{window}", "cap": str(cap)},
-                )
-        if limits.concurrent is not None and row["running"] >= limits.concurrent:
-            raise RateLimited(
-                f"your plan allows {limits.concurrent} generation(s) at a time; wait for one "
-                "to finish",
-                retry_after=timedelta(seconds=5),
-                metadata={"limit": "concurrent", "cap": str(limits.concurrent)},
-            )
+        return RequestCounts(
+            now=row["now"],
+            last_hour=row["hour"],
+            last_day=row["day"],
+            active=row["running"],
+            oldest_in_hour=row["oldest_in_hour"],
+            oldest_in_day=row["oldest_in_day"],
+        )
+
+    async def insert(self, job: NewGeneration) -> Generation:
+        """Store a queued job (its QUEUED event follows with `announce_queued`)."""
+        spec_json = {**spec_to_json(job.spec), **job.extra_spec}
+        row = await self._db.fetchrow(
+            """
+            INSERT INTO generations (
+                id, user_id, sub_account, request_id, fingerprint, prompt, negative_prompt,
+                style, width, height, image_count, output_format, seed, source, spec,
+                provider, state, credits, last_sequence)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                    $16, 'queued', $17, 1)
+            RETURNING *
+            """,
+            uuid.UUID(job.id),
+            job.user_id,
+            job.sub_account,
+            job.request_id or None,
+            job.spec.fingerprint(),
+            job.spec.prompt,
+            job.spec.negative_prompt,
+            job.spec.style.value if job.spec.style else "",
+            job.spec.size.width,
+            job.spec.size.height,
+            job.spec.count,
+            job.spec.output_format.value,
+            job.spec.seed,
+            job.spec.source.value,
+            spec_json,
+            job.provider,
+            job.credits,
+        )
+        return _generation_from_row(row)
+
+    async def announce_queued(self, generation_id: str) -> None:
+        """The QUEUED event (sequence 1) of a new job, and the notifications that wake
+        watchers and workers on every replica once the transaction commits."""
+        gid = uuid.UUID(generation_id)
+        await self._db.execute(
+            "INSERT INTO generation_events (generation_id, sequence, event_type, payload) "
+            "VALUES ($1, 1, 'queued', '{}'::jsonb)",
+            gid,
+        )
+        await self._db.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, str(gid))
+        await self._db.execute("SELECT pg_notify($1, $2)", QUEUE_CHANNEL, str(gid))
+
+    # --- reads and worker steps ---------------------------------------------------------
 
     async def get(self, user_id: str, generation_id: str) -> Generation | None:
         """The owner's job, or None (also for another user's or a malformed id)."""
         gid = parse_id(generation_id)
         if gid is None:
             return None
-        row = await self._pool.fetchrow(
+        row = await self._db.fetchrow(
             "SELECT * FROM generations WHERE id = $1 AND user_id = $2", gid, user_id
         )
         return None if row is None else _generation_from_row(row)
@@ -301,13 +278,13 @@ class GenerationRepository:
         gid = parse_id(generation_id)
         if gid is None:
             return None
-        row = await self._pool.fetchrow("SELECT * FROM generations WHERE id = $1", gid)
+        row = await self._db.fetchrow("SELECT * FROM generations WHERE id = $1", gid)
         return None if row is None else _generation_from_row(row)
 
     async def claim(self, worker_id: str, lease: timedelta, limit: int) -> list[Generation]:
         """Take up to `limit` queued jobs (oldest first) for this worker, or jobs whose
         worker's lease ran out; other workers skip the rows being claimed."""
-        rows = await self._pool.fetch(
+        rows = await self._db.fetch(
             """
             UPDATE generations g
                SET state = 'running',
@@ -333,7 +310,7 @@ class GenerationRepository:
 
     async def renew_lease(self, generation_id: str, worker_id: str, lease: timedelta) -> bool:
         """Extend this worker's lease; False if the job is no longer ours."""
-        status = await self._pool.execute(
+        status = await self._db.execute(
             "UPDATE generations SET lease_expires_at = now() + $3::interval "
             "WHERE id = $1 AND lease_owner = $2 AND state = 'running'",
             uuid.UUID(generation_id),
@@ -344,7 +321,7 @@ class GenerationRepository:
 
     async def release(self, generation_id: str, worker_id: str) -> bool:
         """Hand a running job back to the queue (shutdown); its attempt is not counted."""
-        status = await self._pool.execute(
+        status = await self._db.execute(
             "UPDATE generations SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, "
             "attempts = greatest(attempts - 1, 0), updated_at = now() "
             "WHERE id = $1 AND lease_owner = $2 AND state = 'running'",
@@ -355,7 +332,7 @@ class GenerationRepository:
 
     async def set_provider(self, generation_id: str, provider: str) -> None:
         """Record that a fallback provider serves the job."""
-        await self._pool.execute(
+        await self._db.execute(
             "UPDATE generations SET provider = $2, updated_at = now() WHERE id = $1",
             uuid.UUID(generation_id),
             provider,
@@ -363,7 +340,7 @@ class GenerationRepository:
 
     async def queue_stats(self) -> tuple[int, float]:
         """How many jobs wait, and how long the oldest has waited, in seconds."""
-        row = await self._pool.fetchrow(
+        row = await self._db.fetchrow(
             "SELECT count(*) AS depth, "
             "coalesce(extract(epoch FROM now() - min(created_at)), 0) AS oldest "
             "FROM generations WHERE state = 'queued'"
@@ -371,18 +348,16 @@ class GenerationRepository:
         return int(row["depth"]), float(row["oldest"])
 
     async def is_cancel_requested(self, generation_id: str) -> bool:
-        value = await self._pool.fetchval(
+        value = await self._db.fetchval(
             "SELECT cancel_requested FROM generations WHERE id = $1", uuid.UUID(generation_id)
         )
         return bool(value)
 
-    async def append_event(
-        self, generation_id: str, event: NewEvent, *, conn: asyncpg.Connection | None = None
-    ) -> GenerationEvent:
+    async def append_event(self, generation_id: str, event: NewEvent) -> GenerationEvent:
         """Append one event with the next sequence number and signal watchers on every
         replica, in one statement (one round trip): the job row's lock keeps the numbers
         gap-free, and the notification is sent only if the append commits."""
-        row = await (conn or self._pool).fetchrow(
+        row = await self._db.fetchrow(
             """
             WITH next AS (
                 UPDATE generations SET last_sequence = last_sequence + 1, updated_at = now()
@@ -408,7 +383,6 @@ class GenerationRepository:
 
     async def finish(
         self,
-        conn: asyncpg.Connection,
         generation_id: str,
         *,
         state: GenerationState,
@@ -418,9 +392,9 @@ class GenerationRepository:
         error_message: str = "",
         worker_id: str | None = None,
     ) -> bool:
-        """Move a running job to a terminal state (inside the caller's transaction).
+        """Move a running job to a terminal state (inside the caller's unit of work).
         False if this worker no longer holds it or it already ended."""
-        status = await conn.execute(
+        status = await self._db.execute(
             """
             UPDATE generations
                SET state = $2, model = $3, credits = $4, error_code = $5, error_message = $6,
@@ -443,7 +417,7 @@ class GenerationRepository:
         self, generation_id: str, after_sequence: int, limit: int = 500
     ) -> list[GenerationEvent]:
         """Stored events with a sequence above `after_sequence`, in order."""
-        rows = await self._pool.fetch(
+        rows = await self._db.fetch(
             "SELECT * FROM generation_events WHERE generation_id = $1 AND sequence > $2 "
             "ORDER BY sequence LIMIT $3",
             uuid.UUID(generation_id),
@@ -451,94 +425,6 @@ class GenerationRepository:
             limit,
         )
         return [_event_from_row(r) for r in rows]
-
-
-class JobStore:
-    """The job aggregate's multi-table writes, each one transaction: an image with
-    its IMAGE_READY event, and a job's end with its usage record and terminal event."""
-
-    def __init__(
-        self,
-        generations: GenerationRepository,
-        images: ImageRepository,
-        usage: UsageRepository,
-    ) -> None:
-        self._generations = generations
-        self._images = images
-        self._usage = usage
-
-    async def record_image(
-        self,
-        image: StoredImage,
-        event: NewEvent,
-        *,
-        negative_prompt: str,
-        style: str,
-        seed: int | None,
-    ) -> tuple[StoredImage, GenerationEvent] | None:
-        """Insert the row of a stored blob and announce it, atomically. None when
-        another attempt of the job already stored this batch index.
-        Raises StorageFailed when the database cannot record it."""
-        try:
-            async with self._generations.pool.acquire() as conn, conn.transaction():
-                stored = await self._images.insert(
-                    conn, image, negative_prompt=negative_prompt, style=style, seed=seed
-                )
-                if stored is None:
-                    return None
-                appended = await self._generations.append_event(
-                    image.generation_id, event, conn=conn
-                )
-                return stored, appended
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-            raise StorageFailed(
-                "the image was made but recording it failed; submit the request again"
-            ) from exc
-
-    async def finish(
-        self,
-        generation_id: str,
-        *,
-        state: GenerationState,
-        model: str,
-        credits: int,
-        usage: UsageRecord | None,
-        event: NewEvent,
-        worker_id: str | None,
-        error_code: str = "",
-        error_message: str = "",
-    ) -> GenerationEvent | None:
-        """End a job exactly once: state, usage record and terminal event together.
-        None when the job had already ended or another worker holds it."""
-        async with self._generations.pool.acquire() as conn, conn.transaction():
-            ended = await self._generations.finish(
-                conn,
-                generation_id,
-                state=state,
-                model=model,
-                credits=credits,
-                error_code=error_code,
-                error_message=error_message,
-                worker_id=worker_id,
-            )
-            if not ended:
-                return None
-            if self._generations.ledger is not None:
-                owner = await conn.fetchval(
-                    "SELECT user_id FROM generations WHERE id = $1", uuid.UUID(generation_id)
-                )
-                await self._generations.ledger.settle(conn, owner, generation_id, credits)
-            if usage is not None:
-                await self._usage.insert(conn, usage)
-            return await self._generations.append_event(generation_id, event, conn=conn)
-
-
-class GenerationQueries:
-    """Read models and owner-initiated changes of jobs."""
-
-    def __init__(self, pool: asyncpg.Pool, ledger: CreditLedger | None = None) -> None:
-        self._pool = pool
-        self._ledger = ledger
 
     async def list_for_user(
         self,
@@ -551,7 +437,7 @@ class GenerationQueries:
         limit: int,
     ) -> list[Generation]:
         """The owner's jobs, newest first, strictly after `after`."""
-        rows = await self._pool.fetch(
+        rows = await self._db.fetch(
             """
             SELECT * FROM generations
              WHERE user_id = $1
@@ -572,43 +458,50 @@ class GenerationQueries:
         )
         return [_generation_from_row(r) for r in rows]
 
-    async def cancel(self, user_id: str, generation_id: str) -> Generation | None:
-        """Cancel a queued job at once (with its CANCELLED event) or flag a running one
-        for its worker's next checkpoint. None if the caller has no such job."""
+    # --- cancel (inside the cancel unit of work) ----------------------------------------
+
+    async def lock_owned(self, user_id: str, generation_id: str) -> Generation | None:
+        """The owner's job, locked until the transaction ends; None for anyone else's
+        or a malformed id."""
         gid = parse_id(generation_id)
         if gid is None:
             return None
-        async with self._pool.acquire() as conn, conn.transaction():
-            row = await conn.fetchrow(
-                "SELECT * FROM generations WHERE id = $1 AND user_id = $2 FOR UPDATE",
-                gid,
-                user_id,
-            )
-            if row is None:
-                return None
-            state = GenerationState(row["state"])
-            if state is GenerationState.QUEUED:
-                row = await conn.fetchrow(
-                    "UPDATE generations SET state = 'cancelled', cancel_requested = true, "
-                    "credits = 0, completed_at = now(), updated_at = now(), "
-                    "last_sequence = last_sequence + 1 WHERE id = $1 RETURNING *",
-                    gid,
-                )
-                await conn.execute(
-                    "INSERT INTO generation_events (generation_id, sequence, event_type) "
-                    "VALUES ($1, $2, 'cancelled')",
-                    gid,
-                    row["last_sequence"],
-                )
-                if self._ledger is not None:
-                    # Nothing was delivered: the whole reservation goes back.
-                    await self._ledger.settle(conn, user_id, str(gid), 0)
-            elif state is GenerationState.RUNNING:
-                row = await conn.fetchrow(
-                    "UPDATE generations SET cancel_requested = true, updated_at = now() "
-                    "WHERE id = $1 RETURNING *",
-                    gid,
-                )
-                await conn.execute("SELECT pg_notify($1, $2)", CANCEL_CHANNEL, str(gid))
-            await conn.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, str(gid))
-            return _generation_from_row(row)
+        row = await self._db.fetchrow(
+            "SELECT * FROM generations WHERE id = $1 AND user_id = $2 FOR UPDATE",
+            gid,
+            user_id,
+        )
+        return None if row is None else _generation_from_row(row)
+
+    async def cancel_queued(self, generation_id: str) -> Generation:
+        """End a queued job CANCELLED at once, with its CANCELLED event."""
+        gid = uuid.UUID(generation_id)
+        row = await self._db.fetchrow(
+            "UPDATE generations SET state = 'cancelled', cancel_requested = true, "
+            "credits = 0, completed_at = now(), updated_at = now(), "
+            "last_sequence = last_sequence + 1 WHERE id = $1 RETURNING *",
+            gid,
+        )
+        await self._db.execute(
+            "INSERT INTO generation_events (generation_id, sequence, event_type) "
+            "VALUES ($1, $2, 'cancelled')",
+            gid,
+            row["last_sequence"],
+        )
+        return _generation_from_row(row)
+
+    async def request_cancel(self, generation_id: str) -> Generation:
+        """Flag a running job for its worker's next checkpoint, and wake that worker
+        wherever it runs."""
+        gid = uuid.UUID(generation_id)
+        row = await self._db.fetchrow(
+            "UPDATE generations SET cancel_requested = true, updated_at = now() "
+            "WHERE id = $1 RETURNING *",
+            gid,
+        )
+        await self._db.execute("SELECT pg_notify($1, $2)", CANCEL_CHANNEL, str(gid))
+        return _generation_from_row(row)
+
+    async def notify_changed(self, generation_id: str) -> None:
+        """Wake the job's watchers on every replica (once the transaction commits)."""
+        await self._db.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, generation_id)

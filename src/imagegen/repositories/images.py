@@ -10,6 +10,7 @@ import asyncpg
 from imagegen.domain.library import ImageQuery, MetadataUpdate
 from imagegen.domain.models import StoredImage
 from imagegen.domain.paging import Cursor
+from imagegen.repositories.db import Executor
 
 
 def parse_id(value: str) -> uuid.UUID | None:
@@ -52,22 +53,21 @@ def _image_from_row(row: asyncpg.Record) -> StoredImage:
 class ImageRepository:
     """Stored images' metadata; every read is scoped to the owner."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
+    def __init__(self, db: Executor) -> None:
+        self._db = db
 
     async def insert(
         self,
-        conn: asyncpg.Connection,
         image: StoredImage,
         *,
         negative_prompt: str = "",
         style: str = "",
         seed: int | None = None,
     ) -> StoredImage | None:
-        """Add the row of an image whose blob is already stored (caller's transaction).
+        """Add the row of an image whose blob is already stored (in a unit of work).
         None when the job already has an image at that batch index (another attempt
         stored it first)."""
-        row = await conn.fetchrow(
+        row = await self._db.fetchrow(
             """
             INSERT INTO images (id, user_id, generation_id, batch_index, storage_key, mime_type,
                                 width, height, size_bytes, provider, model, prompt,
@@ -96,7 +96,7 @@ class ImageRepository:
         if row is None:
             return None
         for position, parent_id in enumerate(image.parent_ids):
-            await conn.execute(
+            await self._db.execute(
                 "INSERT INTO image_parents (image_id, parent_id, position) VALUES ($1, $2, $3) "
                 "ON CONFLICT DO NOTHING",
                 row["id"],
@@ -111,7 +111,7 @@ class ImageRepository:
         gid = parse_id(generation_id)
         if gid is None:
             return []
-        rows = await self._pool.fetch(
+        rows = await self._db.fetch(
             "SELECT * FROM images WHERE generation_id = $1 AND deleted_at IS NULL "
             "ORDER BY batch_index",
             gid,
@@ -123,21 +123,21 @@ class ImageRepository:
         iid = parse_id(image_id)
         if iid is None:
             return None
-        row = await self._pool.fetchrow(
+        row = await self._db.fetchrow(
             "SELECT * FROM images WHERE id = $1 AND user_id = $2", iid, user_id
         )
         return None if row is None else _image_from_row(row)
 
     async def storage_used(self, user_id: str) -> int:
         """Bytes of the user's stored images (soft-deleted ones too, until purged)."""
-        value = await self._pool.fetchval(
+        value = await self._db.fetchval(
             "SELECT coalesce(sum(size_bytes), 0) FROM images WHERE user_id = $1", user_id
         )
         return int(value)
 
     async def parents_for(self, image_ids: list[str]) -> dict[str, tuple[str, ...]]:
         """Parents of several images in one round trip."""
-        rows = await self._pool.fetch(
+        rows = await self._db.fetch(
             "SELECT image_id, parent_id FROM image_parents WHERE image_id = ANY($1::uuid[]) "
             "ORDER BY image_id, position",
             [uuid.UUID(i) for i in image_ids],
@@ -152,7 +152,7 @@ class ImageRepository:
         iid = parse_id(image_id)
         if iid is None:
             return ()
-        rows = await self._pool.fetch(
+        rows = await self._db.fetch(
             "SELECT parent_id FROM image_parents WHERE image_id = $1 ORDER BY position", iid
         )
         return tuple(str(r["parent_id"]) for r in rows)
@@ -162,7 +162,7 @@ class ImageRepository:
         iid = parse_id(image_id)
         if iid is None:
             return None
-        row = await self._pool.fetchrow("SELECT * FROM images WHERE id = $1", iid)
+        row = await self._db.fetchrow("SELECT * FROM images WHERE id = $1", iid)
         return None if row is None else _image_from_row(row)
 
 

@@ -3,40 +3,24 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
 
-
-@dataclass(frozen=True)
-class UsageRecord:
-    """What one attempt cost and how it ended."""
-
-    user_id: str
-    generation_id: str
-    attempt: int
-    provider: str
-    model: str
-    source: str
-    status: str  # succeeded | failed | cancelled
-    image_count: int
-    credits: int
-    requested_at: datetime
-    error_code: str = ""
-    error_message: str = ""
-    cost_cents: int | None = None
+from imagegen.domain.usage import UsageRecord, UsageRow, UsageTotalsRow
+from imagegen.repositories.db import Executor
 
 
 class UsageRepository:
     """Writes and reads usage records, scoped to their user."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self._pool = pool
+    def __init__(self, db: Executor) -> None:
+        self._db = db
 
-    async def insert(self, conn: asyncpg.Connection, record: UsageRecord) -> None:
-        """Record an attempt (caller's transaction); a repeated attempt is ignored."""
-        await conn.execute(
+    async def insert(self, record: UsageRecord) -> None:
+        """Record an attempt (in the job's finishing unit of work); a repeated attempt
+        is ignored."""
+        await self._db.execute(
             """
             INSERT INTO usage_records (id, user_id, generation_id, attempt, provider, model,
                                        source, status, image_count, credits, cost_cents,
@@ -62,7 +46,7 @@ class UsageRepository:
 
     async def for_generation(self, user_id: str, generation_id: str) -> list[UsageRecord]:
         """A job's usage records, oldest attempt first."""
-        rows = await self._pool.fetch(
+        rows = await self._db.fetch(
             "SELECT * FROM usage_records WHERE user_id = $1 AND generation_id = $2 "
             "ORDER BY attempt",
             user_id,
@@ -86,41 +70,6 @@ class UsageRepository:
             )
             for r in rows
         ]
-
-
-@dataclass(frozen=True)
-class UsageRow:
-    """A usage record as listed and exported."""
-
-    id: str
-    generation_id: str
-    attempt: int
-    provider: str
-    model: str
-    source: str
-    status: str
-    image_count: int
-    credits: int
-    cost_cents: int | None
-    error_code: str
-    error_message: str
-    requested_at: datetime
-    completed_at: datetime
-
-
-@dataclass(frozen=True)
-class UsageTotalsRow:
-    """Sums over a group of usage records."""
-
-    key: str
-    requests: int
-    succeeded: int
-    failed: int
-    cancelled: int
-    image_count: int
-    credits: int
-    cost_cents: int
-    average_seconds: float
 
 
 def _usage_row(r: asyncpg.Record) -> UsageRow:

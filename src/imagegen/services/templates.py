@@ -10,7 +10,7 @@ from imagegen.domain.errors import InvalidRequest, NotFound, PermissionDenied
 from imagegen.domain.models import Generation, GenerationSpec, Identity, SourceRef, Style
 from imagegen.domain.templates import PromptTemplate, check_template, render
 from imagegen.repositories.templates import TemplateRepository
-from imagegen.services.generation import GenerationService
+from imagegen.services.generations import SubmissionService
 
 EDITABLE = ("display_name", "description", "prompt", "style", "category", "variables", "visibility")
 
@@ -18,9 +18,9 @@ EDITABLE = ("display_name", "description", "prompt", "style", "category", "varia
 class TemplateService:
     """Templates a caller owns, or sees through their sub-account."""
 
-    def __init__(self, templates: TemplateRepository, generations: GenerationService) -> None:
+    def __init__(self, templates: TemplateRepository, submission: SubmissionService) -> None:
         self._templates = templates
-        self._generations = generations
+        self._submission = submission
 
     async def create(self, identity: Identity, template: PromptTemplate) -> PromptTemplate:
         if template.shared and not identity.sub_account:
@@ -138,7 +138,7 @@ class TemplateService:
             else (Style(template.style) if template.style else None)
         )
         spec = dataclasses.replace(overrides, prompt=prompt, style=style)
-        generation = await self._generations.submit(
+        generation = await self._submission.submit(
             identity,
             spec,
             request_id,

@@ -1,4 +1,5 @@
-"""Usage reporting: records in pages, sums by provider, day and source, CSV exports."""
+"""Usage reporting: the credit balance, records in pages, sums by provider, day and
+source, CSV exports."""
 
 from __future__ import annotations
 
@@ -10,9 +11,13 @@ from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from imagegen.domain import paging
+from imagegen.domain.credits import Balance
 from imagegen.domain.errors import InvalidRequest
 from imagegen.domain.models import Identity
-from imagegen.repositories.usage import UsageQueries, UsageRow, UsageTotalsRow
+from imagegen.domain.plans import PlanTable
+from imagegen.domain.usage import UsageRow, UsageTotalsRow
+from imagegen.repositories.credits import CreditLedger
+from imagegen.repositories.usage import UsageQueries
 from imagegen.storage.base import BlobStore
 
 MAX_RANGE = timedelta(days=366)
@@ -64,6 +69,15 @@ GENERATION_COLUMNS = (
 
 
 @dataclass(frozen=True)
+class CreditBalance:
+    """The caller's credits: the ledger's balance, and their plan's monthly allowance."""
+
+    balance: Balance
+    plan: str
+    monthly_allowance: int
+
+
+@dataclass(frozen=True)
 class UsageStats:
     start: datetime
     end: datetime
@@ -96,12 +110,26 @@ class UsageService:
     def __init__(
         self,
         queries: UsageQueries,
+        ledger: CreditLedger,
+        plans: PlanTable,
         blobs: BlobStore | None = None,
         url_ttl: timedelta | None = None,
     ) -> None:
         self._queries = queries
+        self._ledger = ledger
+        self._plans = plans
         self._blobs = blobs
         self._url_ttl = url_ttl or timedelta(minutes=15)
+
+    async def balance(self, identity: Identity) -> CreditBalance:
+        """The caller's balance by bucket, what their running jobs hold, and the monthly
+        allowance of their plan."""
+        balance = await self._ledger.balance(identity.user_id, datetime.now(UTC))
+        return CreditBalance(
+            balance=balance,
+            plan=identity.plan,
+            monthly_allowance=self._plans.limits_for(identity.plan).monthly_credits,
+        )
 
     async def list_usage(
         self,

@@ -1,0 +1,87 @@
+"""Plan-limit and storage-quota decisions: pure functions over facts.
+
+The repositories only read the facts (counts, the oldest timestamps in a window, bytes
+used); what they mean for a request is decided here, with the message and the RetryInfo
+delay a caller sees. Submit reads the facts and decides inside one transaction, under
+the user's advisory lock, so every replica decides on the same counts.
+
+Order, as the README states it: requests per hour, per day, then concurrent generations;
+credits come after (domain/credits.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from imagegen.domain.errors import RateLimited, StorageQuotaExceeded
+from imagegen.domain.plans import PlanLimits
+
+HOUR = timedelta(hours=1)
+DAY = timedelta(days=1)
+#: The shortest wait a RetryInfo asks for.
+MIN_RETRY_AFTER = timedelta(seconds=1)
+#: A running job's end is not known in advance: ask the caller to look again soon.
+CONCURRENT_RETRY_AFTER = timedelta(seconds=5)
+
+
+@dataclass(frozen=True)
+class RequestCounts:
+    """A user's accepted requests and active jobs, counted at `now` (the database's clock)."""
+
+    now: datetime
+    #: requests accepted in the hour before `now`
+    last_hour: int
+    #: requests accepted in the day before `now`
+    last_day: int
+    #: jobs queued or running
+    active: int
+    #: when the oldest request of the last hour was accepted (None if there was none)
+    oldest_in_hour: datetime | None = None
+    #: when the oldest request of the last day was accepted (None if there was none)
+    oldest_in_day: datetime | None = None
+
+
+def window_retry_after(oldest: datetime | None, window: timedelta, now: datetime) -> timedelta:
+    """When the oldest request of a full window leaves it: the earliest moment another
+    request fits. Never less than MIN_RETRY_AFTER."""
+    if oldest is None:
+        return MIN_RETRY_AFTER
+    return max(oldest + window - now, MIN_RETRY_AFTER)
+
+
+def check_request_limits(counts: RequestCounts, limits: PlanLimits) -> None:
+    """IMG_005 (RateLimited, with its retry delay) when one more request would pass the
+    plan's requests per hour or per day, or its concurrent generations; None caps are
+    unlimited."""
+    for count, cap, oldest, window, name in (
+        (counts.last_hour, limits.requests_per_hour, counts.oldest_in_hour, HOUR, "hour"),
+        (counts.last_day, limits.requests_per_day, counts.oldest_in_day, DAY, "day"),
+    ):
+        if cap is not None and count >= cap:
+            wait = window_retry_after(oldest, window, counts.now)
+            raise RateLimited(
+                f"your plan allows {cap} requests per {name}; try again in "
+                f"{wait.total_seconds():.0f}s",
+                retry_after=wait,
+                metadata={"limit": f"requests_per_{name}", "cap": str(cap)},
+            )
+    if limits.concurrent is not None and counts.active >= limits.concurrent:
+        raise RateLimited(
+            f"your plan allows {limits.concurrent} generation(s) at a time; wait for one to finish",
+            retry_after=CONCURRENT_RETRY_AFTER,
+            metadata={"limit": "concurrent", "cap": str(limits.concurrent)},
+        )
+
+
+def check_storage_quota(quota_bytes: int | None, used_bytes: int, size_bytes: int) -> None:
+    """IMG_008 (StorageQuotaExceeded) when storing `size_bytes` more would take the user
+    past `quota_bytes` (None: no quota). Reaching the quota exactly is allowed."""
+    if quota_bytes is None:
+        return
+    if used_bytes + size_bytes > quota_bytes:
+        raise StorageQuotaExceeded(
+            f"storing this image ({size_bytes} bytes) would pass your storage quota of "
+            f"{quota_bytes} bytes ({used_bytes} used); purge images to free space",
+            metadata={"quota_bytes": str(quota_bytes), "used_bytes": str(used_bytes)},
+        )

@@ -1,0 +1,48 @@
+"""The generation use cases, one module each. A job from submit to its terminal event:
+
+- submission.py  SubmitGeneration / GenerateImage / RerunGeneration / QuoteGeneration:
+                 validate, decide plan limits and credits, insert the job QUEUED with
+                 its reservation and QUEUED event (one unit of work), notify workers.
+- jobs/runner.py a worker on any replica claims the job (FOR UPDATE SKIP LOCKED) and
+                 holds its lease while it runs.
+- pipeline.py    what the worker runs: STARTED, provider calls (PROGRESS, fallback,
+                 cancel), reply check and conversion, blob + IMAGE_READY, then the
+                 terminal event with settlement and usage record (one unit of work).
+- watch.py       WatchGeneration / GenerateImage's stream: the job's event log from any
+                 sequence number, woken by LISTEN/NOTIFY, until the terminal event.
+- reads.py       GetGeneration, ListGenerations, CancelGeneration.
+- user_settings.py  a user's default provider, and ListProviders (catalogue.py holds
+                 the providers, the deployment's default and the fallback chain).
+
+Policy lives in domain/ (limits.py, credits.py, validation.py, pricing.py); SQL in
+repositories/, reached through the Database and UnitOfWork ports of
+services/unit_of_work.py.
+"""
+
+from imagegen.services.generations.catalogue import ProviderCatalogue
+from imagegen.services.generations.pipeline import (
+    GenerationObserver,
+    JobPipeline,
+    PipelineSettings,
+)
+from imagegen.services.generations.reads import GenerationReads
+from imagegen.services.generations.submission import (
+    Quote,
+    SubmissionService,
+    SubmissionSettings,
+)
+from imagegen.services.generations.user_settings import UserSettingsService
+from imagegen.services.generations.watch import GenerationWatch
+
+__all__ = [
+    "GenerationObserver",
+    "GenerationReads",
+    "GenerationWatch",
+    "JobPipeline",
+    "PipelineSettings",
+    "ProviderCatalogue",
+    "Quote",
+    "SubmissionService",
+    "SubmissionSettings",
+    "UserSettingsService",
+]

@@ -1,0 +1,633 @@
+"""The pipeline a worker runs for one claimed job (jobs/runner.py claims it and holds
+its lease), from STARTED to the terminal event.
+
+1. STARTED. Images an earlier attempt already stored are skipped (never made or
+   charged twice); the sources of an edit are read from the blob store.
+2. For each image of the batch: the provider call, with PROGRESS events (and previews)
+   as it works, abandoned as soon as the owner cancels; on a failure another provider
+   may not share, the next one of the fallback chain takes over.
+3. The reply's bytes are checked and converted to the asked format, in a thread.
+4. The storage quota is decided (domain/limits.py), the blob is put, and its image row
+   and IMAGE_READY event are recorded in one unit of work (the blob is deleted again if
+   that fails); a PROGRESS "stored" event follows.
+5. The end, in one unit of work: the job's terminal state, the settlement of its credit
+   reservation (images delivered are charged, the rest refunded), its usage record and
+   its terminal event: COMPLETED, FAILED (with its IMG code) or CANCELLED.
+Watchers (watch.py) read those events from the job's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from opentelemetry import propagate, trace
+
+from imagegen import imaging
+from imagegen.domain.errors import (
+    Cancelled,
+    ImageGenError,
+    ImageTooLarge,
+    InvalidRequest,
+    ProviderFailed,
+    ProviderNotConfigured,
+    StorageFailed,
+)
+from imagegen.domain.limits import check_storage_quota
+from imagegen.domain.models import (
+    EditSource,
+    EventType,
+    Generation,
+    GenerationEvent,
+    GenerationState,
+    ImageFormat,
+    Size,
+    StoredImage,
+)
+from imagegen.domain.plans import PlanTable
+from imagegen.domain.pricing import PriceTable
+from imagegen.domain.usage import UsageRecord
+from imagegen.jobs.signals import JobSignals
+from imagegen.providers.base import (
+    ProgressCallback,
+    Provider,
+    ProviderImage,
+    ProviderRequest,
+    SourceImage,
+)
+from imagegen.repositories.generations import NewEvent
+from imagegen.services.generations.catalogue import ProviderCatalogue
+from imagegen.services.unit_of_work import Database
+from imagegen.storage.base import BlobStore
+from imagegen.storage.keys import blob_key
+
+log = logging.getLogger(__name__)
+
+
+class GenerationObserver(Protocol):
+    """Where the pipeline reports outcomes for metrics."""
+
+    def job_started(self, provider: str) -> None: ...
+
+    def job_finished(self, provider: str) -> None: ...
+
+    def record_outcome(self, provider: str, outcome: str, code: str, duration_s: float) -> None: ...
+
+    def credits_charged(self, provider: str, credits: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """The rules and limits a job runs within."""
+
+    plans: PlanTable
+    prices: PriceTable
+    #: largest image (width x height) decoded from a provider's reply
+    max_pixels: int
+    #: time the provider calls of one attempt may take together
+    provider_timeout: timedelta
+    #: times a job is started before it is failed
+    max_attempts: int
+    #: seconds between looks at the cancel flag during a provider call (a signal is sooner)
+    cancel_poll_interval: float = 1.0
+    #: how images that must be re-encoded are encoded
+    encode: imaging.EncodeSettings = field(default_factory=imaging.EncodeSettings)
+
+
+class JobPipeline:
+    """Runs claimed jobs to their terminal state."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        blobs: BlobStore,
+        catalogue: ProviderCatalogue,
+        signals: JobSignals,
+        observer: GenerationObserver,
+        settings: PipelineSettings,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
+        self._db = db
+        self._blobs = blobs
+        self._catalogue = catalogue
+        self._signals = signals
+        self._observer = observer
+        self._settings = settings
+        self._tracer = tracer or trace.get_tracer(__name__)
+        #: jobs this process is executing right now
+        self._executing: set[str] = set()
+
+    def runs_here(self, generation_id: str) -> bool:
+        """Whether this process is executing the job right now."""
+        return generation_id in self._executing
+
+    async def execute(self, job: Generation, worker_id: str) -> None:
+        """Run one claimed job to its terminal state. Shutdown cancellation propagates
+        (the runner hands the job back); every other failure ends the job FAILED."""
+        self._executing.add(job.id)
+        try:
+            await self._execute(job, worker_id)
+        finally:
+            self._executing.discard(job.id)
+            self._signals.job_changed(job.id)
+
+    async def _execute(self, job: Generation, worker_id: str) -> None:
+        """The job's span, its outcome (which terminal state), and its metrics."""
+        started = time.monotonic()
+        requested_at = job.created_at
+        provider = self._catalogue.get(job.provider)
+        self._observer.job_started(job.provider)
+        outcome, code = "failed", ""
+        try:
+            with self._tracer.start_as_current_span(
+                "generation.run",
+                context=propagate.extract(job.trace_context),
+                attributes={
+                    "imagegen.generation_id": job.id,
+                    "imagegen.user_id": job.user_id,
+                    "imagegen.provider": job.provider,
+                    "imagegen.size": str(job.spec.size),
+                    "imagegen.count": job.spec.count,
+                    "imagegen.attempt": job.attempts,
+                },
+            ) as span:
+                try:
+                    if job.attempts > self._settings.max_attempts:
+                        raise ProviderFailed(
+                            f"the job was started {job.attempts - 1} times without finishing; "
+                            "submit it again",
+                        )
+                    if provider is None:
+                        raise InvalidRequest(f"provider {job.provider!r} is not configured")
+                    model, job = await self._make_images(job, provider)
+                except Cancelled:
+                    outcome, code = "cancelled", ""
+                    await self._finish(
+                        job, worker_id, requested_at, GenerationState.CANCELLED, model=job.model
+                    )
+                except ImageGenError as exc:
+                    outcome, code = "failed", exc.code
+                    span.set_attribute("imagegen.outcome", outcome)
+                    span.set_attribute("imagegen.error_code", exc.code)
+                    await self._finish(
+                        job,
+                        worker_id,
+                        requested_at,
+                        GenerationState.FAILED,
+                        model=job.model,
+                        error=exc,
+                    )
+                else:
+                    outcome = "completed"
+                    span.set_attribute("imagegen.outcome", outcome)
+                    await self._finish(
+                        job, worker_id, requested_at, GenerationState.COMPLETED, model=model
+                    )
+        except Exception:
+            log.exception("generation %s failed unexpectedly", job.id)
+            outcome, code = "failed", ProviderFailed.code
+            await self._finish(
+                job,
+                worker_id,
+                requested_at,
+                GenerationState.FAILED,
+                model=job.model,
+                error=ProviderFailed("the generation failed unexpectedly; try again"),
+            )
+        finally:
+            self._observer.job_finished(job.provider)
+        duration = time.monotonic() - started
+        self._observer.record_outcome(job.provider, outcome, code, duration)
+        log.info(
+            "generation finished",
+            extra={
+                "event": "generation.outcome",
+                "generation_id": job.id,
+                "user_id": job.user_id,
+                "provider": job.provider,
+                "outcome": outcome,
+                "code": code,
+                "attempt": job.attempts,
+                "duration_ms": round(duration * 1000),
+            },
+        )
+
+    # --- making the images ----------------------------------------------------------------
+
+    async def _make_images(self, job: Generation, provider: Provider) -> tuple[str, Generation]:
+        """Make and store every image; returns the model and the job as served (its
+        provider changes when a fallback took over)."""
+        await self._event(job.id, NewEvent(EventType.STARTED, {"attempt": job.attempts}))
+        existing = {img.index for img in await self._db.images.for_generation(job.id)}
+        model = job.model
+        count = job.spec.count
+        progress = _BatchProgress(job.id, count, self._event)
+        base_seed = job.spec.seed if job.spec.seed is not None else _seed_from(job.id)
+        deadline = time.monotonic() + self._settings.provider_timeout.total_seconds()
+        sources = tuple([await self._load_source(s) for s in job.spec.sources])
+        mask = await self._load_source(job.spec.mask) if job.spec.mask else None
+        for index in range(count):
+            if index in existing:
+                # Stored by an earlier attempt of this job: never make or charge it twice.
+                continue
+            await self._checkpoint(job.id)
+            request = ProviderRequest(
+                prompt=job.spec.prompt,
+                negative_prompt=job.spec.negative_prompt,
+                style=job.spec.style,
+                size=job.spec.size,
+                seed=(base_seed + index) % 2**32,
+                model=job.spec.model,
+                output_format=job.spec.output_format,
+                sources=sources,
+                mask=mask,
+                resize_to=None if job.spec.size_from_source else job.spec.size,
+                timeout=max(deadline - time.monotonic(), 0.1),
+            )
+            reply, serving = await self._call_with_fallback(
+                job, provider, request, progress.reporter(index)
+            )
+            if serving is not provider:
+                provider = serving
+                job = dataclasses.replace(job, provider=serving.id, model="")
+                await self._db.generations.set_provider(job.id, serving.id)
+            model = reply.model or model or (provider.models[0] if provider.models else "")
+            await self._checkpoint(job.id)
+            with self._tracer.start_as_current_span("image.process"):
+                encoded, info = await asyncio.to_thread(
+                    self._process_reply,
+                    reply.data,
+                    job.spec.output_format,
+                    None if job.spec.size_from_source else job.spec.size,
+                )
+            await self._store(
+                job,
+                index,
+                encoded,
+                info,
+                model=model,
+                reported_seed=reply.seed,
+                used_seed=request.seed,
+            )
+            await progress.stored(index)
+        return model, job
+
+    async def _call_with_fallback(
+        self,
+        job: Generation,
+        primary: Provider,
+        request: ProviderRequest,
+        on_progress: ProgressCallback,
+    ) -> tuple[ProviderImage, Provider]:
+        """Call the primary provider; on a failure that another provider may not share
+        (unavailable, breaker open, not configured), move down the fallback chain."""
+        order = self._catalogue.call_order(job.spec, primary)
+        for position, provider in enumerate(order):
+            try:
+                with self._tracer.start_as_current_span(
+                    "generation.provider_call", attributes={"imagegen.provider": provider.id}
+                ):
+                    reply = await self._call_provider(job.id, provider, request, on_progress)
+                return reply, provider
+            except (ProviderFailed, ProviderNotConfigured) as exc:
+                last = position == len(order) - 1
+                movable = isinstance(exc, ProviderNotConfigured) or exc.retryable
+                if last or not movable:
+                    raise
+                log.warning(
+                    "provider failed; falling back",
+                    extra={
+                        "event": "provider.fallback",
+                        "generation_id": job.id,
+                        "provider": provider.id,
+                        "next": order[position + 1].id,
+                        "code": exc.code,
+                    },
+                )
+        raise AssertionError("unreachable: the call order is never empty")  # pragma: no cover
+
+    async def _call_provider(
+        self,
+        generation_id: str,
+        provider: Provider,
+        request: ProviderRequest,
+        on_progress: ProgressCallback,
+    ) -> ProviderImage:
+        """The provider call, abandoned as soon as the job's owner cancels it."""
+        call = asyncio.create_task(provider.generate(request, on_progress))
+        try:
+            # Woken by a cancel (this replica's or another's, via NOTIFY), else polled.
+            with self._signals.watch_cancel(generation_id) as changed:
+                while True:
+                    woken = asyncio.create_task(changed.wait())
+                    done, _ = await asyncio.wait(
+                        {call, woken},
+                        timeout=self._settings.cancel_poll_interval,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    woken.cancel()
+                    if call in done:
+                        return call.result()
+                    changed.clear()
+                    await self._checkpoint(generation_id)
+        finally:
+            if not call.done():
+                call.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await call
+
+    def _process_reply(
+        self, data: bytes, output_format: ImageFormat, size: Size | None
+    ) -> tuple[bytes, imaging.ImageInfo]:
+        """The image to store for the provider's bytes, in the asked format and size
+        (None: the reply's): stored as it came when it already matches, else decoded,
+        fitted and encoded once. Runs in a worker thread."""
+        try:
+            prepared = imaging.prepare_output(
+                data,
+                target_format=output_format,
+                target_size=size,
+                limits=imaging.ImageLimits(max_pixels=self._settings.max_pixels),
+                encode_settings=self._settings.encode,
+            )
+        except ImageTooLarge as exc:
+            raise ProviderFailed(
+                f"the provider returned an image over the pixel limit: {exc.message}"
+            ) from exc
+        except imaging.ImageDecodeError as exc:
+            raise ProviderFailed(
+                f"the provider returned bytes that are not a whole PNG, JPEG or WebP image ({exc})"
+            ) from exc
+        return prepared.data, prepared.info
+
+    # --- storing an image -----------------------------------------------------------------
+
+    async def _store(
+        self,
+        job: Generation,
+        index: int,
+        encoded: bytes,
+        info: imaging.ImageInfo,
+        *,
+        model: str,
+        reported_seed: int | None,
+        used_seed: int,
+    ) -> None:
+        """Quota, blob, then row and IMAGE_READY event; no blob stays without its row."""
+        quota = self._settings.plans.limits_for(job.plan).storage_bytes
+        if quota is not None:
+            used = await self._db.images.storage_used(job.user_id)
+            check_storage_quota(quota, used, len(encoded))
+        image_id = str(uuid.uuid4())
+        key = blob_key(job.user_id, image_id, info.format.extension, datetime.now(UTC))
+        with self._tracer.start_as_current_span("storage.put"):
+            await self._blobs.put(key, encoded, info.mime_type)
+        image = StoredImage(
+            id=image_id,
+            user_id=job.user_id,
+            generation_id=job.id,
+            storage_key=key,
+            mime_type=info.mime_type,
+            width=info.width,
+            height=info.height,
+            size_bytes=len(encoded),
+            provider=job.provider,
+            model=model,
+            prompt=job.spec.prompt,
+            created_at=datetime.now(UTC),
+            index=index,
+            is_edit=job.spec.is_edit,
+            parent_ids=tuple(s.image_id for s in job.spec.sources if s.image_id),
+        )
+        try:
+            recorded = await self._record_image(
+                image,
+                NewEvent(EventType.IMAGE_READY, {"image_id": image_id, "image_index": index}),
+                negative_prompt=job.spec.negative_prompt,
+                style=job.spec.style.value if job.spec.style else "",
+                seed=reported_seed if reported_seed is not None else used_seed,
+            )
+        except BaseException:
+            # No blob without its row: undo the upload, whatever stopped the insert.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._blobs.delete(key))
+            raise
+        if recorded is None:
+            # An earlier attempt of this job stored this image first; keep only that one.
+            await self._blobs.delete(key)
+        self._signals.job_changed(job.id)
+
+    async def _record_image(
+        self,
+        image: StoredImage,
+        event: NewEvent,
+        *,
+        negative_prompt: str,
+        style: str,
+        seed: int | None,
+    ) -> StoredImage | None:
+        """Insert the row of a stored blob and announce it, atomically. None when
+        another attempt of the job already stored this batch index.
+        Raises StorageFailed when the database cannot record it."""
+        try:
+            async with self._db.unit_of_work() as uow:
+                stored = await uow.images.insert(
+                    image, negative_prompt=negative_prompt, style=style, seed=seed
+                )
+                if stored is None:
+                    return None
+                await uow.generations.append_event(image.generation_id, event)
+                await uow.commit()
+                return stored
+        except self._db.failures as exc:
+            raise StorageFailed(
+                "the image was made but recording it failed; submit the request again"
+            ) from exc
+
+    # --- the end of a job -----------------------------------------------------------------
+
+    async def _finish(
+        self,
+        job: Generation,
+        worker_id: str,
+        requested_at: datetime,
+        state: GenerationState,
+        *,
+        model: str,
+        error: ImageGenError | None = None,
+    ) -> None:
+        """End a job exactly once, in one unit of work: its terminal state, the settlement
+        of its reservation, its usage record and its terminal event. Nothing changes when
+        the job had already ended or another worker holds it."""
+        images = await self._db.images.for_generation(job.id)
+        # Images stored are delivered and charged, even in a failed or cancelled batch;
+        # the rest of the reservation is refunded.
+        credits = self._image_price(job) * len(images)
+        usage = self._usage(
+            job,
+            _USAGE_STATUS[state],
+            model=model,
+            image_count=len(images),
+            credits=credits,
+            requested_at=requested_at,
+            error=error,
+        )
+        async with self._db.unit_of_work() as uow:
+            ended = await uow.generations.finish(
+                job.id,
+                state=state,
+                model=model,
+                credits=credits,
+                error_code=error.code if error else "",
+                error_message=error.message if error else "",
+                worker_id=worker_id,
+            )
+            if ended:
+                await uow.credits.settle(job.user_id, job.id, credits)
+                await uow.usage.insert(usage)
+                await uow.generations.append_event(
+                    job.id, _terminal_event(state, len(images), error)
+                )
+                await uow.commit()
+        if ended and state is GenerationState.COMPLETED:
+            self._observer.credits_charged(job.provider, credits)
+        self._signals.job_changed(job.id)
+
+    def _usage(
+        self,
+        job: Generation,
+        status: str,
+        *,
+        model: str,
+        image_count: int,
+        credits: int,
+        requested_at: datetime,
+        error: ImageGenError | None = None,
+    ) -> UsageRecord:
+        return UsageRecord(
+            user_id=job.user_id,
+            generation_id=job.id,
+            attempt=job.attempts,
+            provider=job.provider,
+            model=model,
+            source=job.spec.source.value,
+            status=status,
+            image_count=image_count,
+            credits=credits,
+            requested_at=requested_at,
+            error_code=error.code if error else "",
+            error_message=error.message if error else "",
+            cost_cents=self._settings.prices.cost_cents(job.provider, image_count),
+        )
+
+    # --- small steps ----------------------------------------------------------------------
+
+    def _image_price(self, job: Generation) -> int:
+        return self._settings.prices.generation_credits(job.spec.size, 1, edit=job.spec.is_edit)
+
+    async def _load_source(self, source: EditSource) -> SourceImage:
+        data = await self._blobs.get(source.storage_key)
+        return SourceImage(data, source.mime_type, source.width, source.height)
+
+    async def _checkpoint(self, generation_id: str) -> None:
+        """Cancelled if the owner asked for it; called between the steps of a job."""
+        if await self._db.generations.is_cancel_requested(generation_id):
+            raise Cancelled("the generation was cancelled")
+
+    async def _event(self, generation_id: str, event: NewEvent) -> GenerationEvent:
+        appended = await self._db.generations.append_event(generation_id, event)
+        self._signals.job_changed(generation_id)
+        return appended
+
+
+class _BatchProgress:
+    """A job's overall percent across its batch: each image owns an equal share of 0-99;
+    the provider's own percent fills nine tenths of that share and storing the image
+    completes it. It never falls, and only COMPLETED says 100."""
+
+    def __init__(
+        self,
+        generation_id: str,
+        count: int,
+        emit: Callable[[str, NewEvent], Awaitable[GenerationEvent]],
+    ) -> None:
+        self._generation_id = generation_id
+        self._count = count
+        self._emit = emit
+        self.percent = 0
+
+    def reporter(self, index: int) -> ProgressCallback:
+        """The progress callback a provider gets while it makes image `index`."""
+        share_start = index * 100 // self._count
+        share_width = 100 // self._count
+
+        async def on_progress(percent: int, stage: str, preview: bytes | None) -> None:
+            overall = min(99, share_start + (max(0, min(percent, 100)) * share_width * 9) // 1000)
+            if overall <= self.percent and not preview:
+                return
+            self.percent = max(self.percent, overall)
+            payload: dict[str, object] = {
+                "percent": self.percent,
+                "stage": stage,
+                "image_index": index,
+            }
+            if preview:
+                payload["preview_mime_type"] = imaging.sniff_mime(preview)
+            await self._emit(
+                self._generation_id, NewEvent(EventType.PROGRESS, payload, preview or None)
+            )
+
+        return on_progress
+
+    async def stored(self, index: int) -> None:
+        """Image `index` is stored: its share is complete."""
+        self.percent = max(self.percent, min(99, (index + 1) * 100 // self._count))
+        await self._emit(
+            self._generation_id,
+            NewEvent(
+                EventType.PROGRESS,
+                {"percent": self.percent, "stage": "stored", "image_index": index},
+            ),
+        )
+
+
+#: The usage record's status for each terminal state.
+_USAGE_STATUS = {
+    GenerationState.COMPLETED: "succeeded",
+    GenerationState.FAILED: "failed",
+    GenerationState.CANCELLED: "cancelled",
+}
+
+
+def _terminal_event(
+    state: GenerationState, image_count: int, error: ImageGenError | None
+) -> NewEvent:
+    """COMPLETED with its image count, FAILED with its IMG code, or CANCELLED."""
+    if state is GenerationState.COMPLETED:
+        return NewEvent(EventType.COMPLETED, {"percent": 100, "images": image_count})
+    if state is GenerationState.FAILED:
+        assert error is not None, "a FAILED job has an error"
+        return NewEvent(
+            EventType.FAILED,
+            {
+                "error_code": error.code,
+                "error_message": error.message,
+                "retryable": error.retryable,
+            },
+        )
+    return NewEvent(EventType.CANCELLED, {})
+
+
+def _seed_from(generation_id: str) -> int:
+    """A random-looking but stable seed for jobs that asked for none, so a retried
+    attempt makes the same images."""
+    return uuid.UUID(generation_id).int % 2**32
