@@ -1,0 +1,197 @@
+"""Bad input over gRPC against a real server: each case is INVALID_ARGUMENT with IMG_003
+naming the field in BadRequest, and changes nothing (the regression tests of the known
+INTERNAL and UNKNOWN answers; tests/e2e/test_bad_input_fuzz.py is the property test)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from imagegen.v1 import (
+    common_pb2,
+    generation_pb2,
+    generation_pb2_grpc,
+    library_pb2,
+    library_pb2_grpc,
+    templates_pb2,
+    templates_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
+)
+
+from imagegen.identity import mint_token
+from tests.inprocess import TEST_JWT_KEY, serve_in_process
+
+G, L, T, U = generation_pb2, library_pb2, templates_pb2, usage_pb2
+CHANNEL_OPTIONS = (("grpc.enable_http_proxy", 0),)
+
+
+def md(user: str = "alice") -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {mint_token(TEST_JWT_KEY, user_id=user)}"),)
+
+
+@dataclass
+class Stubs:
+    """grpc.aio stubs of the four services (typed for the sync API, hence Any)."""
+
+    generation: Any
+    library: Any
+    templates: Any
+    usage: Any
+    images: list[str]
+    generations: list[str]
+    templates_made: list[str]
+
+
+async def _finish(stubs: Stubs, name: str) -> G.Generation:
+    async for _ in stubs.generation.WatchGeneration(
+        G.WatchGenerationRequest(name=name), metadata=md(), timeout=60
+    ):
+        pass
+    reply = await stubs.generation.GetGeneration(G.GetGenerationRequest(name=name), metadata=md())
+    return reply.generation  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+async def stubs(
+    tmp_path_factory: pytest.TempPathFactory, module_database_url: str
+) -> AsyncIterator[Stubs]:
+    """One server for the module, with two images, two generations and two templates of
+    alice (so every list has a second page)."""
+    tmp_path: Path = tmp_path_factory.mktemp("bad-input")
+    env = {"IMAGEGEN_LOCAL_STEP_DELAY": "0"}
+    async with serve_in_process(tmp_path, module_database_url, env=env) as server:
+        address = f"127.0.0.1:{server.grpc_port}"
+        async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            made = Stubs(
+                generation_pb2_grpc.ImageGenerationServiceStub(channel),
+                library_pb2_grpc.ImageLibraryServiceStub(channel),
+                templates_pb2_grpc.PromptTemplateServiceStub(channel),
+                usage_pb2_grpc.UsageServiceStub(channel),
+                [],
+                [],
+                [],
+            )
+            for prompt in ("a red fox", "two cats"):
+                spec = common_pb2.GenerationSpec(
+                    prompt=prompt, size=common_pb2.ImageSize(width=256, height=256)
+                )
+                submitted = await made.generation.SubmitGeneration(
+                    G.SubmitGenerationRequest(spec=spec), metadata=md()
+                )
+                generation = await _finish(made, submitted.generation.name)
+                assert generation.state == G.GENERATION_STATE_COMPLETED
+                made.generations.append(generation.name)
+                made.images.extend(image.name for image in generation.images)
+                created = await made.templates.CreatePromptTemplate(
+                    T.CreatePromptTemplateRequest(
+                        template=T.PromptTemplate(
+                            display_name=f"{prompt} template",
+                            prompt="{{subject}} in snow",
+                            category="animals",
+                            variables=[T.TemplateVariable(name="subject", required=True)],
+                        )
+                    ),
+                    metadata=md(),
+                )
+                made.templates_made.append(created.template.name)
+            yield made
+
+
+def invalid_field(err: grpc.aio.AioRpcError) -> str:
+    """The field an INVALID_ARGUMENT IMG_003 error names (asserting it is one)."""
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
+    status = rpc_status.from_call(err)
+    assert status is not None
+    info, bad_request = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+    assert any(d.Unpack(info) for d in status.details if d.Is(info.DESCRIPTOR))
+    assert info.reason == "IMG_003", info
+    assert any(d.Unpack(bad_request) for d in status.details if d.Is(bad_request.DESCRIPTOR))
+    [violation] = bad_request.field_violations
+    assert violation.field == info.metadata["field"]
+    return violation.field
+
+
+async def refused(call: Awaitable[Any] | AsyncIterator[Any]) -> str:
+    """Await a unary call or drain a stream; return the field its IMG_003 names."""
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        if hasattr(call, "__aiter__"):
+            async for _ in call:
+                pass
+        else:
+            await call
+    return invalid_field(caught.value)
+
+
+# --- page tokens ---------------------------------------------------------------------------
+
+
+def _decoded(token: str) -> dict[str, Any]:
+    return json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))  # type: ignore[no-any-return]
+
+
+def _encoded(payload: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+
+
+def _deep(token: str) -> str:
+    text = json.dumps({**_decoded(token), "i": "__deep__"})
+    text = text.replace('"__deep__"', "[" * 50_000 + "]" * 50_000)
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+TOKEN_TAMPERING: dict[str, Callable[[str], str]] = {
+    "id-nope": lambda t: _encoded({**_decoded(t), "i": "nope"}),
+    "id-null": lambda t: _encoded({**_decoded(t), "i": None}),
+    "id-number": lambda t: _encoded({**_decoded(t), "i": 5}),
+    "id-deeply-nested": _deep,
+    "time-overflows": lambda t: _encoded({**_decoded(t), "t": "9999-12-31T23:59:59-14:00"}),
+    "not-an-object": lambda t: _encoded([_decoded(t)]),
+}
+LISTS: dict[str, Callable[[Stubs, str], Awaitable[Any]]] = {
+    "ListImages": lambda s, token: s.library.ListImages(
+        L.ListImagesRequest(page_size=1, page_token=token), metadata=md()
+    ),
+    "ListGenerations": lambda s, token: s.generation.ListGenerations(
+        G.ListGenerationsRequest(page_size=1, page_token=token), metadata=md()
+    ),
+    "ListUsage": lambda s, token: s.usage.ListUsage(
+        U.ListUsageRequest(page_size=1, page_token=token), metadata=md()
+    ),
+    "ListPromptTemplates": lambda s, token: s.templates.ListPromptTemplates(
+        T.ListPromptTemplatesRequest(page_size=1, page_token=token), metadata=md()
+    ),
+}
+
+
+@pytest.mark.parametrize("tamper", TOKEN_TAMPERING.values(), ids=TOKEN_TAMPERING.keys())
+@pytest.mark.parametrize("list_call", LISTS.values(), ids=LISTS.keys())
+async def test_tampered_page_token_is_img_003(
+    stubs: Stubs,
+    list_call: Callable[[Stubs, str], Awaitable[Any]],
+    tamper: Callable[[str], str],
+) -> None:
+    first = await list_call(stubs, "")
+    assert first.next_page_token
+    second = await list_call(stubs, first.next_page_token)
+    assert await refused(list_call(stubs, tamper(first.next_page_token))) == "page_token"
+    # The real token still works and gives the same page.
+    assert names_in(await list_call(stubs, first.next_page_token)) == names_in(second)
+
+
+def names_in(reply: Any) -> list[str]:
+    """The names of the resources a list reply holds (its signed URLs change with time)."""
+    return [
+        item.name
+        for field, values in reply.ListFields()
+        if field.message_type is not None
+        for item in values
+    ]
