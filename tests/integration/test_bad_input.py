@@ -195,3 +195,121 @@ def names_in(reply: Any) -> list[str]:
         if field.message_type is not None
         for item in values
     ]
+
+
+# --- NUL and other control characters in text that reaches the database ---------------
+
+
+def _update_image(field: str, **values: Any) -> Callable[[Stubs], Awaitable[Any]]:
+    return lambda s: s.library.UpdateImage(
+        L.UpdateImageRequest(
+            image=common_pb2.Image(name=s.images[0], **values),
+            update_mask={"paths": [field]},
+        ),
+        metadata=md(),
+    )
+
+
+def _create_template(**values: Any) -> Callable[[Stubs], Awaitable[Any]]:
+    base: dict[str, Any] = {
+        "display_name": "ok",
+        "prompt": "{{subject}} at dusk",
+        "variables": [T.TemplateVariable(name="subject")],
+    }
+    base.update(values)
+    return lambda s: s.templates.CreatePromptTemplate(
+        T.CreatePromptTemplateRequest(template=T.PromptTemplate(**base)), metadata=md()
+    )
+
+
+CONTROL_TEXT: dict[str, tuple[Callable[[Stubs], Awaitable[Any]], str]] = {
+    "image-title-nul": (_update_image("title", title="a\x00b"), "title"),
+    "image-title-escape": (_update_image("title", title="\x1b[31mred"), "title"),
+    "image-description-nul": (_update_image("description", description="x\x00"), "description"),
+    "image-tag-nul": (_update_image("tags", tags=["ok", "a\x00"]), "tags"),
+    "image-tag-newline": (_update_image("tags", tags=["two\nlines"]), "tags"),
+    "list-images-tag-nul": (
+        lambda s: s.library.ListImages(L.ListImagesRequest(tags=["\x00"]), metadata=md()),
+        "tags",
+    ),
+    "list-images-query-nul": (
+        lambda s: s.library.ListImages(L.ListImagesRequest(query="fox\x00"), metadata=md()),
+        "query",
+    ),
+    "template-name-nul": (_create_template(display_name="n\x00"), "display_name"),
+    "template-category-nul": (_create_template(category="c\x00"), "category"),
+    "template-description-nul": (_create_template(description="\x00"), "description"),
+    "template-prompt-nul": (_create_template(prompt="{{subject}}\x00"), "prompt"),
+    "template-variable-default-nul": (
+        _create_template(variables=[T.TemplateVariable(name="subject", default_value="\x00")]),
+        "variables",
+    ),
+    "template-variable-description-nul": (
+        _create_template(variables=[T.TemplateVariable(name="subject", description="a\x00")]),
+        "variables",
+    ),
+    "update-template-name-nul": (
+        lambda s: s.templates.UpdatePromptTemplate(
+            T.UpdatePromptTemplateRequest(
+                template=T.PromptTemplate(name=s.templates_made[0], display_name="x\x00"),
+                update_mask={"paths": ["display_name"]},
+            ),
+            metadata=md(),
+        ),
+        "display_name",
+    ),
+    "list-templates-category-nul": (
+        lambda s: s.templates.ListPromptTemplates(
+            T.ListPromptTemplatesRequest(category="animals\x00"), metadata=md()
+        ),
+        "category",
+    ),
+    "apply-template-value-nul": (
+        lambda s: s.templates.ApplyPromptTemplate(
+            T.ApplyPromptTemplateRequest(name=s.templates_made[0], variables={"subject": "\x00"}),
+            metadata=md(),
+        ),
+        "variables",
+    ),
+    "generate-from-template-value-nul": (
+        lambda s: s.templates.GenerateFromPromptTemplate(
+            T.GenerateFromPromptTemplateRequest(
+                name=s.templates_made[0], variables={"subject": "fox\x00"}
+            ),
+            metadata=md(),
+        ),
+        "variables",
+    ),
+    "prompt-nul": (
+        lambda s: s.generation.SubmitGeneration(
+            G.SubmitGenerationRequest(spec=common_pb2.GenerationSpec(prompt="fox\x00")),
+            metadata=md(),
+        ),
+        "prompt",
+    ),
+}
+
+
+async def snapshot(stubs: Stubs) -> tuple[Any, ...]:
+    """What a refused request must leave as it was: alice's images, templates, jobs."""
+    images = await stubs.library.ListImages(L.ListImagesRequest(page_size=100), metadata=md())
+    templates = await stubs.templates.ListPromptTemplates(
+        T.ListPromptTemplatesRequest(page_size=100), metadata=md()
+    )
+    jobs = await stubs.generation.ListGenerations(
+        G.ListGenerationsRequest(page_size=100), metadata=md()
+    )
+    return (
+        [(i.name, i.title, i.description, list(i.tags), i.update_time) for i in images.images],
+        [(t.name, t.display_name, t.usage_count, t.update_time) for t in templates.templates],
+        [g.name for g in jobs.generations],
+    )
+
+
+@pytest.mark.parametrize(("call", "field"), CONTROL_TEXT.values(), ids=CONTROL_TEXT.keys())
+async def test_control_characters_are_img_003_and_change_nothing(
+    stubs: Stubs, call: Callable[[Stubs], Awaitable[Any]], field: str
+) -> None:
+    before = await snapshot(stubs)
+    assert await refused(call(stubs)) == field
+    assert await snapshot(stubs) == before

@@ -12,6 +12,7 @@ import pytest
 
 from imagegen.domain import paging
 from imagegen.domain.errors import InvalidRequest
+from imagegen.domain.validation import check_text
 
 SCOPE = "tags|query|False"
 REAL_ID = "0b7e4f0e-4b7a-4a51-9b55-4f1f5f7c2d10"
@@ -76,3 +77,19 @@ def test_real_page_token_still_decodes_to_utc() -> None:
     )
     assert cursor == paging.Cursor(datetime(2026, 3, 4, 5, 6, 7, 123456, tzinfo=UTC), REAL_ID)
     assert cursor is not None and cursor.created_at.utcoffset() is not None
+
+
+@pytest.mark.parametrize("text", ["a\x00b", "\x00", "\x07bell", "esc\x1b[0m", "del\x7f", "c1\x85"])
+@pytest.mark.parametrize("multiline", [False, True])
+def test_control_characters_are_refused(text: str, multiline: bool) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        check_text(text, "title", multiline=multiline)
+    assert caught.value.field == "title"
+
+
+def test_printable_text_and_line_breaks_pass_where_allowed() -> None:
+    assert check_text("ünïcödé ✓ 日本語 🦊 \u202e", "title") == "ünïcödé ✓ 日本語 🦊 \u202e"
+    assert check_text("two\nlines\r\n\tindented", "description", multiline=True)
+    for text in ("two\nlines", "tab\there", "cr\r"):
+        with pytest.raises(InvalidRequest):
+            check_text(text, "title")
