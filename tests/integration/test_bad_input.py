@@ -313,3 +313,91 @@ async def test_control_characters_are_img_003_and_change_nothing(
     before = await snapshot(stubs)
     assert await refused(call(stubs)) == field
     assert await snapshot(stubs) == before
+
+
+# --- resource names ------------------------------------------------------------------------
+
+ODD_NAME_TAILS = ["", "..", "../x", "nope", "\x00", "ünïcödé", "🦊", "x" * 10_000, "a/b"]
+NAMED_CALLS: dict[str, tuple[str, Callable[[Stubs, str], Awaitable[Any] | AsyncIterator[Any]]]] = {
+    "GetImage": (
+        "images/",
+        lambda s, n: s.library.GetImage(L.GetImageRequest(name=n), metadata=md()),
+    ),
+    "GetImageUrl": (
+        "images/",
+        lambda s, n: s.library.GetImageUrl(L.GetImageUrlRequest(name=n), metadata=md()),
+    ),
+    "DownloadImage": (
+        "images/",
+        lambda s, n: s.library.DownloadImage(L.DownloadImageRequest(name=n), metadata=md()),
+    ),
+    "PurgeImage": (
+        "images/",
+        lambda s, n: s.library.PurgeImage(L.PurgeImageRequest(name=n), metadata=md()),
+    ),
+    "GetGeneration": (
+        "generations/",
+        lambda s, n: s.generation.GetGeneration(G.GetGenerationRequest(name=n), metadata=md()),
+    ),
+    "WatchGeneration": (
+        "generations/",
+        lambda s, n: s.generation.WatchGeneration(G.WatchGenerationRequest(name=n), metadata=md()),
+    ),
+    "CancelGeneration": (
+        "generations/",
+        lambda s, n: s.generation.CancelGeneration(
+            G.CancelGenerationRequest(name=n), metadata=md()
+        ),
+    ),
+    "GetPromptTemplate": (
+        "templates/",
+        lambda s, n: s.templates.GetPromptTemplate(
+            T.GetPromptTemplateRequest(name=n), metadata=md()
+        ),
+    ),
+    "DeletePromptTemplate": (
+        "templates/",
+        lambda s, n: s.templates.DeletePromptTemplate(
+            T.DeletePromptTemplateRequest(name=n), metadata=md()
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize(("prefix", "call"), NAMED_CALLS.values(), ids=NAMED_CALLS.keys())
+async def test_malformed_names_are_img_003_on_name(
+    stubs: Stubs,
+    prefix: str,
+    call: Callable[[Stubs, str], Awaitable[Any] | AsyncIterator[Any]],
+) -> None:
+    before = await snapshot(stubs)
+    for tail in ODD_NAME_TAILS:
+        assert await refused(call(stubs, prefix + tail)) == "name", repr(tail[:20])
+    # A real id under another collection cannot name this one either.
+    other = stubs.templates_made[0] if prefix != "templates/" else stubs.images[0]
+    assert await refused(call(stubs, prefix + other.split("/", 1)[1] + "/x")) == "name"
+    assert await refused(call(stubs, other)) == "name"
+    # A well-formed name of nothing is NOT_FOUND, as before.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        result = call(stubs, prefix + "0b7e4f0e-4b7a-4a51-9b55-4f1f5f7c2d10")
+        if hasattr(result, "__aiter__"):
+            async for _ in result:
+                pass
+        else:
+            await result
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert await snapshot(stubs) == before
+
+
+async def test_malformed_source_image_name_is_img_003_on_sources(stubs: Stubs) -> None:
+    spec = common_pb2.GenerationSpec(
+        prompt="invert", sources=[common_pb2.ImageSource(image="images/../x")]
+    )
+    before = await snapshot(stubs)
+    assert (
+        await refused(
+            stubs.generation.SubmitGeneration(G.SubmitGenerationRequest(spec=spec), metadata=md())
+        )
+        == "sources"
+    )
+    assert await snapshot(stubs) == before

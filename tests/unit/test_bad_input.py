@@ -12,7 +12,7 @@ import pytest
 
 from imagegen.domain import paging
 from imagegen.domain.errors import InvalidRequest
-from imagegen.domain.validation import check_text
+from imagegen.domain.validation import check_resource_name, check_text
 
 SCOPE = "tags|query|False"
 REAL_ID = "0b7e4f0e-4b7a-4a51-9b55-4f1f5f7c2d10"
@@ -93,3 +93,24 @@ def test_printable_text_and_line_breaks_pass_where_allowed() -> None:
     for text in ("two\nlines", "tab\there", "cr\r"):
         with pytest.raises(InvalidRequest):
             check_text(text, "title")
+
+
+def test_resource_names_must_hold_an_id_of_their_collection() -> None:
+    real = "0B7E4F0E-4b7a-4a51-9b55-4f1f5f7c2d10"
+    assert check_resource_name("images/" + real, "images") == real.lower()
+    assert check_resource_name(real, "images") == real.lower()
+    for name in (
+        "",
+        "images/",
+        "images/../x",
+        "images/nope",
+        "templates/" + real,
+        "images/" + real + "/x",
+        "images/\x00",
+        "x" * 10_000,
+        "images/{" + real + "}",
+    ):
+        with pytest.raises(InvalidRequest) as caught:
+            check_resource_name(name, "images", field="sources")
+        assert caught.value.field == "sources"
+        assert len(caught.value.message) < 200

@@ -23,6 +23,7 @@ from imagegen.domain.models import (
     StoredImage,
     Style,
 )
+from imagegen.domain.validation import check_resource_name
 from imagegen.v1 import common_pb2, generation_pb2
 
 _STYLE_TO_PB = {
@@ -84,10 +85,8 @@ def _timestamp(value: datetime | None) -> Timestamp | None:
 
 
 def generation_id_from_name(name: str) -> str:
-    """`generations/{id}` -> id; a bare id is accepted too."""
-    if not name:
-        raise InvalidRequest("name is required, as generations/{generation}", field="name")
-    return name.removeprefix(GENERATIONS_PREFIX)
+    """`generations/{id}` -> id; a bare id is accepted too; IMG_003 for anything else."""
+    return check_resource_name(name, "generations")
 
 
 @dataclass(frozen=True)
@@ -107,7 +106,7 @@ def _source_ref(source: common_pb2.ImageSource, field: str) -> SourceRef:
     if kind == "data":
         return SourceRef("bytes", data=source.data)
     if kind == "image":
-        return SourceRef("image", image_id=source.image.removeprefix(IMAGES_PREFIX))
+        return SourceRef("image", image_id=check_resource_name(source.image, "images", field=field))
     raise InvalidRequest(f"{field} must set one of uri, data or image", field=field)
 
 
@@ -303,10 +302,8 @@ def format_from_proto(value: common_pb2.ImageFormat.ValueType) -> ImageFormat | 
 
 
 def image_id_from_name(name: str) -> str:
-    """`images/{id}` -> id; a bare id is accepted too."""
-    if not name:
-        raise InvalidRequest("name is required, as images/{image}", field="name")
-    return name.removeprefix(IMAGES_PREFIX)
+    """`images/{id}` -> id; a bare id is accepted too; IMG_003 for anything else."""
+    return check_resource_name(name, "images")
 
 
 def style_from_proto(value: common_pb2.Style.ValueType) -> Style | None:

@@ -1,5 +1,5 @@
 """Limits on every field of a request, checked before anything is stored: generation
-parameters and free text."""
+parameters, free text and resource names."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ _PROVIDER_ID = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 #: The same, but tab, newline and carriage return pass (descriptions and prompts).
 _CONTROL_BUT_LINE_BREAKS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+#: Every resource id is a UUID (any letter case).
+_RESOURCE_ID = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
 
 
 @dataclass(frozen=True)
@@ -120,3 +124,22 @@ def check_text(text: str, field: str, *, multiline: bool = False) -> str:
             field=field,
         )
     return text
+
+
+def _shown(value: str, limit: int = 60) -> str:
+    """A caller's value quoted for a message: escaped, and cut short if long."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def check_resource_name(name: str, collection: str, *, field: str = "name") -> str:
+    """The id in `{collection}/{id}` (a bare id is accepted too), in lowercase; IMG_003
+    naming `field` for anything that cannot name a resource of that collection."""
+    if not name:
+        raise InvalidRequest(f"{field} is required, as {collection}/{{id}}", field=field)
+    resource_id = name.removeprefix(collection + "/")
+    if not _RESOURCE_ID.fullmatch(resource_id):
+        raise InvalidRequest(
+            f"{field} {_shown(name)} is not a name of the form {collection}/{{id}}",
+            field=field,
+        )
+    return resource_id.lower()
