@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from imagegen.v1 import (
@@ -401,3 +402,115 @@ async def test_malformed_source_image_name_is_img_003_on_sources(stubs: Stubs) -
         == "sources"
     )
     assert await snapshot(stubs) == before
+
+
+# --- Timestamps and Durations at and beyond their range ------------------------------------
+
+FIRST_INSTANT = timestamp_pb2.Timestamp(seconds=-62_135_596_800)  # 0001-01-01T00:00:00Z
+LAST_INSTANT = timestamp_pb2.Timestamp(seconds=253_402_300_799, nanos=999_999_999)
+BAD_TIMESTAMPS = {
+    "year-10000": timestamp_pb2.Timestamp(seconds=253_402_300_800),
+    "before-year-1": timestamp_pb2.Timestamp(seconds=-62_135_596_801),
+    "nanos-1e9": timestamp_pb2.Timestamp(seconds=1_700_000_000, nanos=1_000_000_000),
+    "negative-nanos": timestamp_pb2.Timestamp(seconds=1_700_000_000, nanos=-1),
+    "huge": timestamp_pb2.Timestamp(seconds=2**62),
+}
+TIMESTAMP_CALLS: dict[str, tuple[str, Callable[[Stubs, dict[str, Any]], Any]]] = {
+    "ListImages-start": (
+        "create_time_start",
+        lambda s, kw: s.library.ListImages(L.ListImagesRequest(**kw), metadata=md()),
+    ),
+    "ListImages-end": (
+        "create_time_end",
+        lambda s, kw: s.library.ListImages(L.ListImagesRequest(**kw), metadata=md()),
+    ),
+    "ListGenerations-end": (
+        "create_time_end",
+        lambda s, kw: s.generation.ListGenerations(G.ListGenerationsRequest(**kw), metadata=md()),
+    ),
+    "ListUsage-start": (
+        "request_time_start",
+        lambda s, kw: s.usage.ListUsage(U.ListUsageRequest(**kw), metadata=md()),
+    ),
+    "GetUsageStats-end": (
+        "end_time",
+        lambda s, kw: s.usage.GetUsageStats(U.GetUsageStatsRequest(**kw), metadata=md()),
+    ),
+    "ExportUsage-start": (
+        "start_time",
+        lambda s, kw: s.usage.ExportUsage(U.ExportUsageRequest(**kw), metadata=md()),
+    ),
+    "ExportGenerations-end": (
+        "end_time",
+        lambda s, kw: s.usage.ExportGenerations(U.ExportGenerationsRequest(**kw), metadata=md()),
+    ),
+}
+
+
+@pytest.mark.parametrize("stamp", BAD_TIMESTAMPS.values(), ids=BAD_TIMESTAMPS.keys())
+@pytest.mark.parametrize(("field", "call"), TIMESTAMP_CALLS.values(), ids=TIMESTAMP_CALLS.keys())
+async def test_timestamp_out_of_range_is_img_003_on_its_field(
+    stubs: Stubs,
+    field: str,
+    call: Callable[[Stubs, dict[str, Any]], Any],
+    stamp: timestamp_pb2.Timestamp,
+) -> None:
+    assert await refused(call(stubs, {field: stamp})) == field
+
+
+async def test_timestamps_at_the_ends_of_their_range_work(stubs: Stubs) -> None:
+    everything = await stubs.library.ListImages(
+        L.ListImagesRequest(create_time_start=FIRST_INSTANT, create_time_end=LAST_INSTANT),
+        metadata=md(),
+    )
+    assert len(everything.images) == len(stubs.images)
+    jobs = await stubs.generation.ListGenerations(
+        G.ListGenerationsRequest(create_time_start=FIRST_INSTANT, create_time_end=LAST_INSTANT),
+        metadata=md(),
+    )
+    assert len(jobs.generations) == len(stubs.generations)
+    # An end in the first month of year 1: the range starts at the first instant there is.
+    early = await stubs.usage.GetUsageStats(
+        U.GetUsageStatsRequest(end_time=timestamp_pb2.Timestamp(seconds=-62_135_596_800 + 86_400)),
+        metadata=md(),
+    )
+    assert early.start_time == FIRST_INSTANT and early.totals.requests == 0
+    late = await stubs.usage.GetUsageStats(
+        U.GetUsageStatsRequest(end_time=LAST_INSTANT), metadata=md()
+    )
+    assert late.totals.requests == 0
+    # The very first instant as the end leaves an empty range: IMG_003 on end_time.
+    assert (
+        await refused(
+            stubs.usage.GetUsageStats(U.GetUsageStatsRequest(end_time=FIRST_INSTANT), metadata=md())
+        )
+        == "end_time"
+    )
+
+
+BAD_TTLS = {
+    "huge-negative": duration_pb2.Duration(seconds=-315_576_000_000),
+    "past-negative-range": duration_pb2.Duration(seconds=-315_576_000_001),
+    "past-positive-range": duration_pb2.Duration(seconds=315_576_000_001),
+    "nanos-1e9": duration_pb2.Duration(seconds=60, nanos=1_000_000_000),
+    "signs-disagree": duration_pb2.Duration(seconds=60, nanos=-1),
+    "most-negative-int64": duration_pb2.Duration(seconds=-(2**63)),
+}
+
+
+@pytest.mark.parametrize("ttl", BAD_TTLS.values(), ids=BAD_TTLS.keys())
+async def test_bad_url_ttl_is_img_003_on_ttl(stubs: Stubs, ttl: duration_pb2.Duration) -> None:
+    call = stubs.library.GetImageUrl(
+        L.GetImageUrlRequest(name=stubs.images[0], ttl=ttl), metadata=md()
+    )
+    assert await refused(call) == "ttl"
+
+
+async def test_largest_url_ttl_is_capped_not_refused(stubs: Stubs) -> None:
+    reply = await stubs.library.GetImageUrl(
+        L.GetImageUrlRequest(
+            name=stubs.images[0], ttl=duration_pb2.Duration(seconds=315_576_000_000)
+        ),
+        metadata=md(),
+    )
+    assert reply.uri

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -13,6 +13,7 @@ import pytest
 from imagegen.domain import paging
 from imagegen.domain.errors import InvalidRequest
 from imagegen.domain.validation import check_resource_name, check_text
+from imagegen.services.usage import time_range
 
 SCOPE = "tags|query|False"
 REAL_ID = "0b7e4f0e-4b7a-4a51-9b55-4f1f5f7c2d10"
@@ -114,3 +115,16 @@ def test_resource_names_must_hold_an_id_of_their_collection() -> None:
             check_resource_name(name, "images", field="sources")
         assert caught.value.field == "sources"
         assert len(caught.value.message) < 200
+
+
+def test_usage_time_range_at_the_start_of_the_calendar() -> None:
+    earliest = datetime.min.replace(tzinfo=UTC)
+    with pytest.raises(InvalidRequest) as caught:
+        time_range(None, earliest)
+    assert caught.value.field == "end_time"
+    assert time_range(None, earliest + timedelta(days=2)) == (
+        earliest,
+        earliest + timedelta(days=2),
+    )
+    latest = datetime.max.replace(tzinfo=UTC)
+    assert time_range(None, latest) == (latest - timedelta(days=30), latest)

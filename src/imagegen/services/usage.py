@@ -16,6 +16,7 @@ from imagegen.repositories.usage import UsageQueries, UsageRow, UsageTotalsRow
 from imagegen.storage.base import BlobStore
 
 MAX_RANGE = timedelta(days=366)
+EARLIEST = datetime.min.replace(tzinfo=UTC)
 DEFAULT_RANGE = timedelta(days=30)
 CHUNK_BYTES = 1024 * 1024
 EXPORT_BATCH = 500
@@ -78,7 +79,10 @@ def time_range(
 ) -> tuple[datetime, datetime]:
     """[start, end) with defaults (the last 30 days); IMG_003 past 366 days or reversed."""
     end = end or (now or datetime.now(UTC))
-    start = start or end - DEFAULT_RANGE
+    if start is None:
+        # 30 days before an end in the first days of year 1 is not a datetime; the
+        # range then starts at the first instant there is.
+        start = end - DEFAULT_RANGE if end - EARLIEST > DEFAULT_RANGE else EARLIEST
     if end <= start:
         raise InvalidRequest("the end of the time range must be after its start", field="end_time")
     if end - start > MAX_RANGE:
