@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import mimetypes
 import os
+import re
 import secrets
 import tempfile
 import time
@@ -21,6 +22,29 @@ from imagegen.config import MAX_URL_TTL
 from imagegen.domain.errors import NotFound, StorageFailed
 
 SIGNING_KEY_FILE = "blob-signing.key"
+#: Unix seconds in ASCII digits; 12 of them reach past the year 33000, far beyond the
+#: 7 days ahead that any URL is signed for.
+_EXPIRES = re.compile(r"[0-9]{1,12}")
+#: A hex HMAC-SHA256, as signed_url writes it.
+_SIGNATURE = re.compile(r"[0-9a-f]{64}")
+
+
+class MalformedSignedUrl(ValueError):
+    """A signed URL's `expires` or `signature` is missing or not in the form we write."""
+
+
+def parse_signed_query(expires: str | None, signature: str | None) -> tuple[int, str]:
+    """(expires, signature) of a signed URL's query, parsed strictly: `expires` is 1-12
+    ASCII digits and `signature` 64 lowercase hex characters; MalformedSignedUrl
+    (saying which) otherwise. Whether the signature is ours is a separate question."""
+    if expires is None or signature is None:
+        raise MalformedSignedUrl("this link needs both expires and signature; ask for a fresh URL")
+    # str.isdigit() is also true for "²" and other non-ASCII digits that int() refuses.
+    if not _EXPIRES.fullmatch(expires):
+        raise MalformedSignedUrl("this link's expires is not a time in Unix seconds")
+    if not _SIGNATURE.fullmatch(signature):
+        raise MalformedSignedUrl("this link's signature is not 64 hexadecimal characters")
+    return int(expires), signature
 
 
 def load_or_create_signing_key(data_dir: Path) -> bytes:
@@ -144,15 +168,15 @@ class LocalBlobStore:
         signature = self._signature(key, expires)
         return f"{self.public_url}/blobs/{quote(key)}?expires={expires}&signature={signature}"
 
-    def signature_matches(self, key: str, expires: str, signature: str) -> bool:
+    def signature_matches(self, key: str, expires: int, signature: str) -> bool:
         """Whether we signed this key and expiry (constant-time), expired or not."""
-        if not expires.isdigit() or len(signature) != 64:
-            return False
-        return hmac.compare_digest(self._signature(key, int(expires)), signature)
+        expected = self._signature(key, expires)
+        # As bytes: compare_digest refuses str arguments holding non-ASCII characters.
+        return hmac.compare_digest(expected.encode(), signature.encode())
 
-    def verify(self, key: str, expires: str, signature: str) -> bool:
+    def verify(self, key: str, expires: int, signature: str) -> bool:
         """Whether a URL's signature is ours and it has not expired."""
-        return self.signature_matches(key, expires, signature) and int(expires) >= self._clock()
+        return self.signature_matches(key, expires, signature) and expires >= self._clock()
 
-    def seconds_left(self, expires: str) -> int:
-        return max(int(expires) - int(self._clock()), 0) if expires.isdigit() else 0
+    def seconds_left(self, expires: int) -> int:
+        return max(expires - int(self._clock()), 0)
