@@ -514,3 +514,41 @@ async def test_largest_url_ttl_is_capped_not_refused(stubs: Stubs) -> None:
         metadata=md(),
     )
     assert reply.uri
+
+
+# --- errors that quote long input ----------------------------------------------------------
+
+LONG_INPUT_CALLS: dict[str, tuple[Callable[[Stubs], Any], str]] = {
+    "time-zone-10kb": (
+        lambda s: s.usage.GetUsageStats(
+            U.GetUsageStatsRequest(time_zone="Mars/" + "x" * 10_000), metadata=md()
+        ),
+        "time_zone",
+    ),
+    "variable-name-10kb": (
+        lambda s: s.templates.ApplyPromptTemplate(
+            T.ApplyPromptTemplateRequest(
+                name=s.templates_made[0], variables={"subject": "fox", "ü" * 10_000: "x"}
+            ),
+            metadata=md(),
+        ),
+        "variables",
+    ),
+    "provider-10kb": (
+        lambda s: s.generation.QuoteGeneration(
+            G.QuoteGenerationRequest(
+                spec=common_pb2.GenerationSpec(prompt="a fox", provider="x" * 10_000)
+            ),
+            metadata=md(),
+        ),
+        "provider",
+    ),
+}
+
+
+@pytest.mark.parametrize(("call", "field"), LONG_INPUT_CALLS.values(), ids=LONG_INPUT_CALLS.keys())
+async def test_refusal_quoting_long_input_reaches_the_caller(
+    stubs: Stubs, call: Callable[[Stubs], Any], field: str
+) -> None:
+    # Before: the status was larger than a client accepts (bare RESOURCE_EXHAUSTED).
+    assert await refused(call(stubs)) == field

@@ -238,3 +238,21 @@ def test_unimplemented_has_no_error_info() -> None:
     code, _, status = rich_status(NotImplementedError())
     assert code == grpc.StatusCode.UNIMPLEMENTED
     assert "ErrorInfo" not in details_of(status)
+
+
+@pytest.mark.parametrize("quoted", ["x" * 10_000, "ünï🦊" * 3_000])
+def test_a_status_quoting_long_input_stays_small(quoted: str) -> None:
+    # A client refuses trailers past 8 KiB; the caller would see RESOURCE_EXHAUSTED.
+    exc = domain.InvalidRequest(
+        f"time zone {quoted!r} is not known", field="time_zone", metadata={"zone": quoted}
+    )
+    code, message, status = rich_status(exc)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(message.encode()) <= 400 and message.endswith("...")
+    assert message.startswith("time zone ")
+    info = details_of(status)["ErrorInfo"]
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert len(info.metadata["zone"].encode()) <= 200
+    assert info.metadata["field"] == "time_zone"
+    percent_encoded = sum(1 if b < 0x80 else 3 for b in message.encode())
+    assert percent_encoded + len(status.SerializeToString()) * 4 // 3 < 4096

@@ -37,6 +37,14 @@ ERROR_DOMAIN = "imagegen.v1"
 #: retry-after of its own (see `error_from_code`).
 DEFAULT_RETRY_AFTER = timedelta(seconds=60)
 
+#: A status travels in trailers, which a client refuses past gRPC's default 8 KiB of
+#: metadata (the caller then sees a bare RESOURCE_EXHAUSTED, not our status). The
+#: message is sent twice (grpc-message, percent-encoded, and inside the details) and
+#: may quote the caller's input, so it is cut to this many UTF-8 bytes, and each
+#: ErrorInfo metadata value to the second figure.
+MAX_MESSAGE_BYTES = 400
+MAX_METADATA_VALUE_BYTES = 200
+
 _StatusFor = Callable[[domain.ImageGenError], grpc.StatusCode]
 
 
@@ -110,6 +118,14 @@ def _status_code_for(exc: domain.ImageGenError) -> grpc.StatusCode:
     return _by_retryable(exc)
 
 
+def _cut(text: str, limit: int) -> str:
+    """`text`, or as much of it as fits in `limit` UTF-8 bytes followed by "..."."""
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode(errors="ignore") + "..."
+
+
 def _pack(status: status_pb2.Status, detail: Message) -> None:
     status.details.add().Pack(detail)
 
@@ -140,6 +156,8 @@ def rich_status(exc: BaseException) -> tuple[grpc.StatusCode, str, status_pb2.St
         metadata = {}
         if request_id:
             extra.append(error_details_pb2.RequestInfo(request_id=request_id))
+    message = _cut(message, MAX_MESSAGE_BYTES)
+    metadata = {key: _cut(value, MAX_METADATA_VALUE_BYTES) for key, value in metadata.items()}
     status = status_pb2.Status(code=code.value[0], message=message)
     reason = error_reason(exc)
     if is_allowed_reason(reason):
@@ -166,7 +184,7 @@ def rich_status(exc: BaseException) -> tuple[grpc.StatusCode, str, status_pb2.St
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(
-                        field=exc.field, description=exc.message
+                        field=exc.field, description=message
                     )
                 ]
             ),
