@@ -8,9 +8,11 @@ import base64
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -28,7 +30,9 @@ from imagegen.v1 import (
     usage_pb2_grpc,
 )
 
+from imagegen.domain.errors import InvalidRequest
 from imagegen.identity import mint_token
+from imagegen.repositories.usage import UsageQueries
 from tests.inprocess import TEST_JWT_KEY, serve_in_process
 
 G, L, T, U = generation_pb2, library_pb2, templates_pb2, usage_pb2
@@ -552,3 +556,35 @@ async def test_refusal_quoting_long_input_reaches_the_caller(
 ) -> None:
     # Before: the status was larger than a client accepts (bare RESOURCE_EXHAUSTED).
     assert await refused(call(stubs)) == field
+
+
+@pytest.mark.parametrize("zone", ["localtime", "posixrules", "posix/Europe/Paris", "right/UTC"])
+async def test_time_zone_files_that_are_not_iana_names_are_img_003(stubs: Stubs, zone: str) -> None:
+    # Python's ZoneInfo opens these files; PostgreSQL refuses them (it was INTERNAL).
+    call = stubs.usage.GetUsageStats(U.GetUsageStatsRequest(time_zone=zone), metadata=md())
+    assert await refused(call) == "time_zone"
+
+
+async def test_iana_time_zones_still_work(stubs: Stubs) -> None:
+    for zone in ("", "UTC", "Europe/Paris", "America/New_York", "Etc/GMT+5"):
+        reply = await stubs.usage.GetUsageStats(
+            U.GetUsageStatsRequest(time_zone=zone), metadata=md()
+        )
+        assert reply.totals.requests >= 2
+
+
+async def test_a_zone_the_database_does_not_know_is_img_003(
+    stubs: Stubs, module_database_url: str
+) -> None:
+    # The service checks names against Python's list; PostgreSQL's may differ. Alice's
+    # usage records (made by the stubs fixture) make PostgreSQL read the zone.
+    pool = await asyncpg.create_pool(module_database_url, min_size=1, max_size=1)
+    now = datetime.now(UTC)
+    try:
+        with pytest.raises(InvalidRequest) as caught:
+            await UsageQueries(pool).totals(
+                "alice", now - timedelta(days=1), now + timedelta(days=1), "posixrules"
+            )
+        assert caught.value.field == "time_zone"
+    finally:
+        await pool.close()

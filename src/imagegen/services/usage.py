@@ -7,7 +7,8 @@ import io
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from functools import cache
+from zoneinfo import available_timezones
 
 from imagegen.domain import paging
 from imagegen.domain.errors import InvalidRequest
@@ -90,6 +91,14 @@ def time_range(
     return start, end
 
 
+@cache
+def _time_zone_names() -> frozenset[str]:
+    # IANA names only: ZoneInfo also opens files such as "localtime", "posixrules" or
+    # "posix/Europe/Paris", which PostgreSQL refuses in AT TIME ZONE; "localtime" is
+    # even listed as available where the system keeps it as a zone file.
+    return (frozenset(available_timezones()) - {"localtime"}) | {"UTC"}
+
+
 def _time(value: datetime | None) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else ""
 
@@ -143,10 +152,11 @@ class UsageService:
     ) -> UsageStats:
         start, end = time_range(start, end)
         zone = time_zone or "UTC"
-        try:
-            ZoneInfo(zone)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise InvalidRequest(f"time zone {zone!r} is not known", field="time_zone") from None
+        if zone not in _time_zone_names():
+            raise InvalidRequest(
+                f"time zone {zone!r} is not known; use an IANA name such as Europe/Paris",
+                field="time_zone",
+            )
         totals, by_provider, by_day, by_source = await self._queries.totals(
             identity.user_id, start, end, zone
         )
