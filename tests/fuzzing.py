@@ -180,7 +180,9 @@ TIME_ZONES = (
     "../../etc/passwd",
     "\x00",
     "+05:00",
-    "x" * 300,
+    "localtime",
+    "posixrules",
+    "posix/Europe/Paris",
 )
 #: (seconds, nanos) of Timestamps, in range and out of it.
 TIMESTAMPS = (
