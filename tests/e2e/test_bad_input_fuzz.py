@@ -290,7 +290,7 @@ async def test_no_request_ends_internal_or_unknown(tmp_path: Path, database_url:
             + server_errors(server.log_text())
         )
         # The plausible share gets past validation on most implemented RPCs.
-        implemented = [n for n, seen in per_rpc.items() if set(seen) != {"UNIMPLEMENTED"}]
+        implemented = [n for n, seen in per_rpc.items() if not seen["UNIMPLEMENTED"]]
         answered = [n for n in implemented if per_rpc[n]["OK"]]
         assert len(answered) >= 0.75 * len(implemented), dict(per_rpc)
     finally:
