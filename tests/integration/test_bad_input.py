@@ -588,3 +588,52 @@ async def test_a_zone_the_database_does_not_know_is_img_003(
         assert caught.value.field == "time_zone"
     finally:
         await pool.close()
+
+
+# --- enum numbers outside the known set (already refused; pinned here) ----------------------
+
+UNKNOWN_ENUMS: dict[str, tuple[Callable[[Stubs], Any], str]] = {
+    "list-images-kind": (
+        lambda s: s.library.ListImages(L.ListImagesRequest(kind=99), metadata=md()),
+        "kind",
+    ),
+    "list-generations-state": (
+        lambda s: s.generation.ListGenerations(
+            G.ListGenerationsRequest(states=[G.GENERATION_STATE_COMPLETED, 99]), metadata=md()
+        ),
+        "states",
+    ),
+    "list-usage-status": (
+        lambda s: s.usage.ListUsage(U.ListUsageRequest(statuses=[-1]), metadata=md()),
+        "statuses",
+    ),
+    "download-format": (
+        lambda s: s.library.DownloadImage(
+            L.DownloadImageRequest(name=s.images[0], format=99), metadata=md()
+        ),
+        "format",
+    ),
+    "spec-style": (
+        lambda s: s.generation.QuoteGeneration(
+            G.QuoteGenerationRequest(
+                spec=common_pb2.GenerationSpec(prompt="a fox", style=2**31 - 1)
+            ),
+            metadata=md(),
+        ),
+        "style",
+    ),
+    "template-visibility": (_create_template(visibility=99), "visibility"),
+    "template-variable-type": (
+        _create_template(variables=[T.TemplateVariable(name="subject", type=99)]),
+        "variables",
+    ),
+}
+
+
+@pytest.mark.parametrize(("call", "field"), UNKNOWN_ENUMS.values(), ids=UNKNOWN_ENUMS.keys())
+async def test_unknown_enum_numbers_are_img_003_on_their_field(
+    stubs: Stubs, call: Callable[[Stubs], Any], field: str
+) -> None:
+    before = await snapshot(stubs)
+    assert await refused(call(stubs)) == field
+    assert await snapshot(stubs) == before
