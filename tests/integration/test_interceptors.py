@@ -96,6 +96,7 @@ class Served:
     stub: Any
     health: Any
     draining: list[bool]
+    channel: grpc.aio.Channel
 
 
 def default_interceptors(draining: list[bool]) -> list[grpc.aio.ServerInterceptor]:
@@ -131,6 +132,7 @@ async def serve(
             generation_pb2_grpc.ImageGenerationServiceStub(channel),
             health_pb2_grpc.HealthStub(channel),
             draining,
+            channel,
         )
     finally:
         await channel.close()
@@ -375,7 +377,12 @@ async def test_unexpected_exception_is_generic_internal() -> None:
     details = caught.value.details() or ""
     assert "hunter2" not in details
     assert "trace-me" in details
-    assert error_info(caught.value).reason == "INTERNAL"
+    # A bug has no stable reason: no ErrorInfo, but the request id to quote.
+    status = rpc_status.from_call(caught.value)
+    assert not any(d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR) for d in status.details)
+    info = error_details_pb2.RequestInfo()
+    assert any(d.Unpack(info) for d in status.details if d.Is(info.DESCRIPTOR))
+    assert info.request_id == "trace-me"
 
 
 async def test_unimplemented_method_stays_unimplemented() -> None:
@@ -385,7 +392,11 @@ async def test_unimplemented_method_stays_unimplemented() -> None:
                 generation_pb2.ListGenerationsRequest(), metadata=bearer(good_token())
             )
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert error_info(caught.value).reason == "UNIMPLEMENTED"
+    # As gRPC answers an unknown method: no ErrorInfo (UNIMPLEMENTED is not a reason).
+    status = rpc_status.from_call(caught.value)
+    assert status is None or not any(
+        d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR) for d in status.details
+    )
 
 
 async def test_servicer_abort_passes_through_untouched() -> None:
@@ -513,3 +524,53 @@ async def test_drain_does_not_cut_running_streams() -> None:
         release.set()
         assert (await call.read()).event.sequence == 2
         assert await call.code() == grpc.StatusCode.OK
+
+
+#: Bytes that are not a GetGenerationRequest / WatchGenerationRequest: a truncated
+#: varint, a string field with invalid UTF-8, a field with a wire type that cannot be.
+UNDECODABLE = {
+    "truncated": b"\x0a\x05ab",
+    "bad-utf8": b"\x0a\x02\xff\xfe",
+    "endless-varint": b"\x10" + b"\xff" * 11,
+    "wrong-wire-type": b"\x0f",
+}
+
+
+@pytest.mark.parametrize("data", UNDECODABLE.values(), ids=UNDECODABLE.keys())
+async def test_undecodable_request_is_invalid_argument(data: bytes) -> None:
+    async with serve() as served:
+        unary = served.channel.unary_unary("/imagegen.v1.ImageGenerationService/GetGeneration")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await unary(data, metadata=bearer(good_token()))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(caught.value).reason == "IMG_003"
+        assert "does not decode" in (caught.value.details() or "")
+
+        streaming = served.channel.unary_stream(
+            "/imagegen.v1.ImageGenerationService/WatchGeneration"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in streaming(data, metadata=bearer(good_token())):
+                raise AssertionError("no response for a request that does not decode")
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_info(caught.value).reason == "IMG_003"
+        assert served.servicer.calls == 0
+
+
+async def test_undecodable_request_without_credentials_is_unauthenticated() -> None:
+    async with serve() as served:
+        unary = served.channel.unary_unary("/imagegen.v1.ImageGenerationService/GetGeneration")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await unary(UNDECODABLE["bad-utf8"])
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert served.servicer.calls == 0
+
+
+async def test_decodable_raw_request_reaches_the_servicer() -> None:
+    async with serve() as served:
+        unary = served.channel.unary_unary("/imagegen.v1.ImageGenerationService/GetGeneration")
+        request = generation_pb2.GetGenerationRequest(name="generations/g1")
+        reply = await unary(request.SerializeToString(), metadata=bearer(good_token()))
+        assert generation_pb2.GetGenerationResponse.FromString(reply).generation.name == (
+            "generations/g1"
+        )

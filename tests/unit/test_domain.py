@@ -79,7 +79,9 @@ def test_prices_follow_the_table() -> None:
 
 
 def test_page_tokens_round_trip_and_are_bound_to_their_query() -> None:
-    cursor = paging.Cursor(datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "abc")
+    cursor = paging.Cursor(
+        datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "0b7e4f0e-4b7a-4a51-9b55-4f1f5f7c2d10"
+    )
     token = paging.encode_cursor(cursor, "scope-a")
     assert paging.decode_cursor(token, "scope-a") == cursor
     assert paging.decode_cursor("", "scope-a") is None

@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import logging
+import re
 from datetime import timedelta
+from pathlib import Path
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from imagegen.api.context import current_request_id
-from imagegen.api.errors import ERROR_DOMAIN, error_from_code, rich_status
+from imagegen.api.errors import (
+    ERROR_DOMAIN,
+    OTHER_REASONS,
+    STATUS_TABLE,
+    error_from_code,
+    error_reason,
+    is_allowed_reason,
+    rich_status,
+)
 from imagegen.domain import errors as domain
+
+ROOT = Path(__file__).resolve().parents[2]
+#: Domain errors that never reach a caller; if one did, it would carry no ErrorInfo.
+NOT_FOR_CALLERS = {"CANCELLED"}
 
 CASES: list[tuple[domain.ImageGenError, grpc.StatusCode, str]] = [
     (
@@ -67,10 +81,43 @@ def test_each_error_maps_to_its_status(
     assert message == exc.message
     assert status.code == code.value[0]
     assert status.message == message
+    if reason in NOT_FOR_CALLERS:
+        assert "ErrorInfo" not in details_of(status)
+        return
     info = details_of(status)["ErrorInfo"]
     assert isinstance(info, error_details_pb2.ErrorInfo)
     assert info.reason == reason
     assert info.domain == ERROR_DOMAIN
+
+
+def test_every_reason_a_caller_can_see_is_in_the_contract() -> None:
+    for cls in STATUS_TABLE:
+        if cls is domain.RateLimited:
+            reason = error_reason(domain.RateLimited("x", retry_after=timedelta(0)))
+        else:
+            reason = error_reason(cls("x"))
+        assert is_allowed_reason(reason) or reason in NOT_FOR_CALLERS, cls
+    assert not is_allowed_reason("INTERNAL")
+    assert not is_allowed_reason("UNIMPLEMENTED")
+    assert not is_allowed_reason("IMG_01")
+    assert is_allowed_reason("IMG_011")
+
+
+def _other_reasons_listed(text: str) -> set[str]:
+    """The reasons of the `Reasons that are not IMG codes` list (to its first blank line)."""
+    lines = text[text.index("not IMG codes") :].splitlines()[1:]
+    while lines and not lines[0].strip():
+        lines.pop(0)
+    block = lines[: lines.index("")] if "" in lines else lines
+    row = re.compile(r"^(?://\s+|\|\s*)`?([A-Z][A-Z_]*[A-Z])`?\s")
+    return {m.group(1) for m in map(row.match, block) if m}
+
+
+def test_contract_and_readme_list_the_same_other_reasons() -> None:
+    proto = (ROOT / "proto" / "imagegen" / "v1" / "common.proto").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert _other_reasons_listed(proto) == OTHER_REASONS
+    assert _other_reasons_listed(readme) == OTHER_REASONS
 
 
 def test_every_domain_class_is_covered() -> None:
@@ -135,9 +182,11 @@ def test_unexpected_error_is_generic_and_logged(caplog: pytest.LogCaptureFixture
     assert code == grpc.StatusCode.INTERNAL
     assert "secret internals" not in message
     assert "req-42" in message
-    info = details_of(status)["ErrorInfo"]
-    assert isinstance(info, error_details_pb2.ErrorInfo)
-    assert info.reason == "INTERNAL"
+    # No ErrorInfo (a bug has no stable reason), but the request id to quote.
+    assert "ErrorInfo" not in details_of(status)
+    info = error_details_pb2.RequestInfo()
+    assert any(d.Unpack(info) for d in status.details if d.Is(info.DESCRIPTOR))
+    assert info.request_id == "req-42"
     # The traceback stays in the log.
     assert any(
         record.exc_info and "secret internals" in str(record.exc_info[1])
@@ -172,3 +221,38 @@ def test_error_from_unknown_code_keeps_the_code() -> None:
     assert info.reason == "IMG_999"
     # The class attribute is untouched.
     assert domain.ImageGenError.code == ""
+
+
+@pytest.mark.parametrize("stored_code", ["", "NOT_FOUND_IN_STORAGE", "internal"])
+def test_stored_failure_without_an_img_code_is_a_failed_generation(stored_code: str) -> None:
+    rebuilt = error_from_code(stored_code, "the source image is gone", False)
+    code, message, status = rich_status(rebuilt)
+    assert code == grpc.StatusCode.INTERNAL
+    info = details_of(status)["ErrorInfo"]
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert info.reason == "IMG_002"
+    assert message == "the source image is gone"
+
+
+def test_unimplemented_has_no_error_info() -> None:
+    code, _, status = rich_status(NotImplementedError())
+    assert code == grpc.StatusCode.UNIMPLEMENTED
+    assert "ErrorInfo" not in details_of(status)
+
+
+@pytest.mark.parametrize("quoted", ["x" * 10_000, "ünï🦊" * 3_000])
+def test_a_status_quoting_long_input_stays_small(quoted: str) -> None:
+    # A client refuses trailers past 8 KiB; the caller would see RESOURCE_EXHAUSTED.
+    exc = domain.InvalidRequest(
+        f"time zone {quoted!r} is not known", field="time_zone", metadata={"zone": quoted}
+    )
+    code, message, status = rich_status(exc)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(message.encode()) <= 400 and message.endswith("...")
+    assert message.startswith("time zone ")
+    info = details_of(status)["ErrorInfo"]
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert len(info.metadata["zone"].encode()) <= 200
+    assert info.metadata["field"] == "time_zone"
+    percent_encoded = sum(1 if b < 0x80 else 3 for b in message.encode())
+    assert percent_encoded + len(status.SerializeToString()) * 4 // 3 < 4096

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -23,6 +24,7 @@ from imagegen.domain.models import (
     StoredImage,
     Style,
 )
+from imagegen.domain.validation import check_resource_name
 from imagegen.v1 import common_pb2, generation_pb2
 
 _STYLE_TO_PB = {
@@ -76,6 +78,12 @@ _EVENT_TO_PB = {
     EventType.CANCELLED: generation_pb2.GENERATION_EVENT_TYPE_CANCELLED,
 }
 
+#: The ranges google/protobuf/timestamp.proto and duration.proto define.
+MIN_TIMESTAMP_SECONDS = -62_135_596_800  # 0001-01-01T00:00:00Z
+MAX_TIMESTAMP_SECONDS = 253_402_300_799  # 9999-12-31T23:59:59Z
+MAX_DURATION_SECONDS = 315_576_000_000
+MAX_NANOS = 999_999_999
+
 GENERATIONS_PREFIX = "generations/"
 IMAGES_PREFIX = "images/"
 
@@ -89,10 +97,8 @@ def _timestamp(value: datetime | None) -> Timestamp | None:
 
 
 def generation_id_from_name(name: str) -> str:
-    """`generations/{id}` -> id; a bare id is accepted too."""
-    if not name:
-        raise InvalidRequest("name is required, as generations/{generation}", field="name")
-    return name.removeprefix(GENERATIONS_PREFIX)
+    """`generations/{id}` -> id; a bare id is accepted too; IMG_003 for anything else."""
+    return check_resource_name(name, "generations")
 
 
 @dataclass(frozen=True)
@@ -112,7 +118,7 @@ def _source_ref(source: common_pb2.ImageSource, field: str) -> SourceRef:
     if kind == "data":
         return SourceRef("bytes", data=source.data)
     if kind == "image":
-        return SourceRef("image", image_id=source.image.removeprefix(IMAGES_PREFIX))
+        return SourceRef("image", image_id=check_resource_name(source.image, "images", field=field))
     raise InvalidRequest(f"{field} must set one of uri, data or image", field=field)
 
 
@@ -293,11 +299,44 @@ def state_from_proto(state: generation_pb2.GenerationState.ValueType) -> Generat
 
 
 def optional_time(message: Message, field: str) -> datetime | None:
-    """A Timestamp field as an aware datetime, or None when unset."""
+    """A Timestamp field as an aware datetime, or None when unset; IMG_003 naming the
+    field for a value outside the Timestamp's own range (0001-01-01 to 9999-12-31 UTC)."""
     if not message.HasField(field):
         return None
     stamp: Timestamp = getattr(message, field)
+    # Checked before conversion: protobuf raises ValueError past this range, which
+    # would reach the caller as INTERNAL.
+    if not (
+        MIN_TIMESTAMP_SECONDS <= stamp.seconds <= MAX_TIMESTAMP_SECONDS
+        and 0 <= stamp.nanos <= MAX_NANOS
+    ):
+        raise InvalidRequest(
+            f"{field} is not a valid Timestamp: seconds must be {MIN_TIMESTAMP_SECONDS} to "
+            f"{MAX_TIMESTAMP_SECONDS} (years 1 to 9999) and nanos 0 to {MAX_NANOS}",
+            field=field,
+        )
     return stamp.ToDatetime(tzinfo=UTC)
+
+
+def optional_duration(message: Message, field: str) -> timedelta | None:
+    """A Duration field as a timedelta, or None when unset; IMG_003 naming the field for
+    a value outside the Duration's own range (about +-10,000 years, nanos of the same
+    sign as seconds)."""
+    if not message.HasField(field):
+        return None
+    duration: Duration = getattr(message, field)
+    seconds, nanos = duration.seconds, duration.nanos
+    if not (
+        -MAX_DURATION_SECONDS <= seconds <= MAX_DURATION_SECONDS
+        and -MAX_NANOS <= nanos <= MAX_NANOS
+        and not (seconds > 0 > nanos or seconds < 0 < nanos)
+    ):
+        raise InvalidRequest(
+            f"{field} is not a valid Duration: seconds must be within "
+            f"+-{MAX_DURATION_SECONDS} and nanos within +-{MAX_NANOS}, of the same sign",
+            field=field,
+        )
+    return duration.ToTimedelta()
 
 
 def format_from_proto(value: common_pb2.ImageFormat.ValueType) -> ImageFormat | None:
@@ -310,10 +349,8 @@ def format_from_proto(value: common_pb2.ImageFormat.ValueType) -> ImageFormat | 
 
 
 def image_id_from_name(name: str) -> str:
-    """`images/{id}` -> id; a bare id is accepted too."""
-    if not name:
-        raise InvalidRequest("name is required, as images/{image}", field="name")
-    return name.removeprefix(IMAGES_PREFIX)
+    """`images/{id}` -> id; a bare id is accepted too; IMG_003 for anything else."""
+    return check_resource_name(name, "images")
 
 
 def style_from_proto(value: common_pb2.Style.ValueType) -> Style | None:

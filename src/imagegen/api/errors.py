@@ -1,11 +1,15 @@
 """The one table that turns domain errors into gRPC rich status (AIP-193).
 
-Every status carries a `google.rpc.ErrorInfo` whose `reason` is the stable IMG code
-(or, for code-less errors, the class name in UPPER_SNAKE: `NOT_FOUND`), whose
-`domain` is `imagegen.v1` and whose `metadata` is the error's specifics. Rate limits
-add `RetryInfo`; invalid fields add `BadRequest.FieldViolation`. Anything that is not
-an `ImageGenError` is a bug: it is logged with its traceback and the caller gets a
-generic INTERNAL that names the request id to quote.
+Every refusal carries a `google.rpc.ErrorInfo` whose `reason` is the stable IMG code
+or, for code-less errors, the class name in UPPER_SNAKE, which must be one of
+`OTHER_REASONS` (the list in proto/imagegen/v1/common.proto); its `domain` is
+`imagegen.v1` and its `metadata` the error's specifics. Rate limits add `RetryInfo`;
+invalid fields add `BadRequest.FieldViolation`.
+
+Anything that is not an `ImageGenError` is a bug: it is logged with its traceback and
+the caller gets a generic INTERNAL with a `RequestInfo` naming the request id to quote,
+and no ErrorInfo (a bug has no stable reason for clients to match). An RPC that is not
+implemented is UNIMPLEMENTED, without ErrorInfo, as gRPC itself answers an unknown one.
 """
 
 from __future__ import annotations
@@ -32,6 +36,14 @@ ERROR_DOMAIN = "imagegen.v1"
 #: Delay advertised when a rate-limit error was rebuilt from a stored code that has no
 #: retry-after of its own (see `error_from_code`).
 DEFAULT_RETRY_AFTER = timedelta(seconds=60)
+
+#: A status travels in trailers, which a client refuses past gRPC's default 8 KiB of
+#: metadata (the caller then sees a bare RESOURCE_EXHAUSTED, not our status). The
+#: message is sent twice (grpc-message, percent-encoded, and inside the details) and
+#: may quote the caller's input, so it is cut to this many UTF-8 bytes, and each
+#: ErrorInfo metadata value to the second figure.
+MAX_MESSAGE_BYTES = 400
+MAX_METADATA_VALUE_BYTES = 200
 
 _StatusFor = Callable[[domain.ImageGenError], grpc.StatusCode]
 
@@ -67,6 +79,18 @@ STATUS_TABLE: dict[type[domain.ImageGenError], _StatusFor] = {
 }
 
 
+#: ErrorInfo reasons that are not IMG codes, and only these (proto/imagegen/v1/common.proto).
+OTHER_REASONS = frozenset(
+    {"UNAUTHENTICATED", "PERMISSION_DENIED", "NOT_FOUND", "SHUTTING_DOWN", "STREAM_LIMIT"}
+)
+_IMG_CODE = re.compile(r"IMG_[0-9]{3}")
+
+
+def is_allowed_reason(reason: str) -> bool:
+    """Whether `reason` may appear in an ErrorInfo: an IMG code or one of OTHER_REASONS."""
+    return bool(_IMG_CODE.fullmatch(reason)) or reason in OTHER_REASONS
+
+
 def _upper_snake(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).upper()
 
@@ -78,12 +102,11 @@ _CLASS_BY_REASON: dict[str, type[domain.ImageGenError]] = {
 
 
 def error_reason(exc: BaseException) -> str:
-    """The ErrorInfo reason of an error: its IMG code, else its class name in UPPER_SNAKE."""
+    """The ErrorInfo reason of an error: its IMG code, else its class name in UPPER_SNAKE
+    ("" for what is not an ImageGenError: a bug or an unimplemented RPC)."""
     if isinstance(exc, domain.ImageGenError):
         return exc.code or _upper_snake(type(exc).__name__)
-    if isinstance(exc, NotImplementedError):
-        return "UNIMPLEMENTED"
-    return "INTERNAL"
+    return ""
 
 
 def _status_code_for(exc: domain.ImageGenError) -> grpc.StatusCode:
@@ -96,12 +119,21 @@ def _status_code_for(exc: domain.ImageGenError) -> grpc.StatusCode:
     return _by_retryable(exc)
 
 
+def _cut(text: str, limit: int) -> str:
+    """`text`, or as much of it as fits in `limit` UTF-8 bytes followed by "..."."""
+    encoded = text.encode()
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode(errors="ignore") + "..."
+
+
 def _pack(status: status_pb2.Status, detail: Message) -> None:
     status.details.add().Pack(detail)
 
 
 def rich_status(exc: BaseException) -> tuple[grpc.StatusCode, str, status_pb2.Status]:
     """The gRPC code, message and `google.rpc.Status` (with ErrorInfo) for an exception."""
+    extra: list[Message] = []
     if isinstance(exc, domain.ImageGenError):
         code = _status_code_for(exc)
         message = exc.message
@@ -122,12 +154,24 @@ def rich_status(exc: BaseException) -> tuple[grpc.StatusCode, str, status_pb2.St
         message = "internal error in imagegen; it has been logged" + (
             f": quote request id {request_id} when reporting it" if request_id else ""
         )
-        metadata = {"request_id": request_id} if request_id else {}
+        metadata = {}
+        if request_id:
+            extra.append(error_details_pb2.RequestInfo(request_id=request_id))
+    message = _cut(message, MAX_MESSAGE_BYTES)
+    metadata = {key: _cut(value, MAX_METADATA_VALUE_BYTES) for key, value in metadata.items()}
     status = status_pb2.Status(code=code.value[0], message=message)
-    info = error_details_pb2.ErrorInfo(
-        reason=error_reason(exc), domain=ERROR_DOMAIN, metadata=metadata
-    )
-    _pack(status, info)
+    reason = error_reason(exc)
+    if is_allowed_reason(reason):
+        _pack(
+            status,
+            error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN, metadata=metadata),
+        )
+    elif reason:
+        # A domain error whose reason is not in the contract's list (Cancelled, or a new
+        # class nobody listed) is our mistake, not something a client should match on.
+        log.warning("error reason %s is not in the contract; sent without ErrorInfo", reason)
+    for detail in extra:
+        _pack(status, detail)
     retry_after = (
         getattr(exc, "retry_after", None) if isinstance(exc, domain.ImageGenError) else None
     )
@@ -141,7 +185,7 @@ def rich_status(exc: BaseException) -> tuple[grpc.StatusCode, str, status_pb2.St
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(
-                        field=exc.field, description=exc.message
+                        field=exc.field, description=message
                     )
                 ]
             ),
@@ -171,9 +215,14 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
 def error_from_code(code: str, message: str, retryable: bool) -> domain.ImageGenError:
     """Rebuild the domain error a job stored as (code, message, retryable).
 
-    An unknown code still yields an ImageGenError that reports that code as its reason.
+    An IMG code this build does not know (from a newer replica) still yields an
+    ImageGenError that reports that code as its reason. A stored failure without an IMG
+    code is reported as the generation having failed (IMG_002), as the job runner
+    reports any failure it did not expect.
     """
     cls = _CLASS_BY_REASON.get(code)
+    if cls is None and not _IMG_CODE.fullmatch(code):
+        return domain.ProviderFailed(message, retryable=retryable)
     exc: domain.ImageGenError
     if cls is domain.ProviderFailed:
         exc = domain.ProviderFailed(message, retryable=retryable)

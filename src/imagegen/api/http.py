@@ -9,7 +9,7 @@ from urllib.parse import unquote
 from aiohttp import web
 
 from imagegen.domain.errors import NotFound
-from imagegen.services.blob_files import SignedBlobFiles
+from imagegen.services.blob_files import MalformedSignedUrl, SignedBlobFiles, parse_signed_query
 
 MetricsText = Callable[[], tuple[bytes, str]]
 
@@ -17,7 +17,10 @@ MetricsText = Callable[[], tuple[bytes, str]]
 def build_http_app(
     *, local_store: SignedBlobFiles | None, metrics_text: MetricsText
 ) -> web.Application:
-    """Routes: GET /blobs/{key} (local store only), GET /metrics, GET /healthz."""
+    """Routes: GET /blobs/{key} (local store only), GET /metrics, GET /healthz.
+
+    A blob URL whose expires or signature is missing or malformed is 400, one whose
+    signature is not ours or that has expired is 403, a key with no file is 404."""
     app = web.Application()
 
     async def metrics(_request: web.Request) -> web.Response:
@@ -37,8 +40,12 @@ def build_http_app(
 
         async def blob(request: web.Request) -> web.StreamResponse:
             key = unquote(request.match_info["key"])
-            expires = request.query.get("expires", "")
-            signature = request.query.get("signature", "")
+            try:
+                expires, signature = parse_signed_query(
+                    request.query.get("expires"), request.query.get("signature")
+                )
+            except MalformedSignedUrl as exc:
+                raise web.HTTPBadRequest(text=f"{exc}\n") from None
             if not store.verify(key, expires, signature):
                 if store.signature_matches(key, expires, signature):
                     raise web.HTTPForbidden(text="this link has expired; ask for a fresh URL\n")

@@ -19,10 +19,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from imagegen.api.context import current_identity, current_request_id, request_id_from_metadata
 from imagegen.api.errors import abort_with
-from imagegen.domain.errors import ShuttingDown, Unauthenticated
+from imagegen.domain.errors import InvalidRequest, ShuttingDown, Unauthenticated
 from imagegen.domain.models import Identity
 from imagegen.identity import TokenVerifier
 
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
     _Before: TypeAlias = Callable[[_Context], Awaitable[None]]
     #: Turns an exception raised by the servicer into the RPC's end; always raises.
     _OnError: TypeAlias = Callable[[_Context, Exception], Awaitable[NoReturn]]
+    #: Looks at the request before the servicer does; may raise a domain error.
+    _CheckRequest: TypeAlias = Callable[[Any], None]
 
 __all__ = [
     "AuthInterceptor",
@@ -82,9 +85,12 @@ def _wrap_handler(
     *,
     before: _Before | None = None,
     on_error: _OnError | None = None,
+    check_request: _CheckRequest | None = None,
+    request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> _Handler:
-    """A handler of the same kind whose behavior runs `before`, then the original one,
-    sending any exception it raises (other than grpc's own abort) to `on_error`."""
+    """A handler of the same kind whose behavior runs `before`, then `check_request`
+    and the original one, sending any exception they raise (other than grpc's own
+    abort) to `on_error`. `request_deserializer`, if given, replaces the handler's."""
     original = _behavior_of(handler)
 
     if handler.response_streaming:
@@ -93,6 +99,8 @@ def _wrap_handler(
             if before is not None:
                 await before(context)
             try:
+                if check_request is not None:
+                    check_request(request)
                 async for response in _responses(original(request, context)):
                     yield response
             except grpc.aio.AbortError:
@@ -110,6 +118,8 @@ def _wrap_handler(
             if before is not None:
                 await before(context)
             try:
+                if check_request is not None:
+                    check_request(request)
                 result = original(request, context)
                 if inspect.isawaitable(result):
                     result = await result
@@ -125,11 +135,16 @@ def _wrap_handler(
 
     # asyncio.CancelledError and GeneratorExit are BaseExceptions, so `except Exception`
     # above lets a cancelled RPC unwind untouched.
-    return _rebuild(handler, behavior)
+    return _rebuild(handler, behavior, request_deserializer)
 
 
-def _rebuild(handler: _Handler, behavior: Callable[..., Any]) -> _Handler:
-    """A handler of the same kind and serializers as `handler`, running `behavior`."""
+def _rebuild(
+    handler: _Handler,
+    behavior: Callable[..., Any],
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> _Handler:
+    """A handler of the same kind and serializers as `handler` (the request
+    deserializer replaced if one is given), running `behavior`."""
     factory = {
         (False, False): grpc.unary_unary_rpc_method_handler,
         (False, True): grpc.unary_stream_rpc_method_handler,
@@ -138,7 +153,7 @@ def _rebuild(handler: _Handler, behavior: Callable[..., Any]) -> _Handler:
     }[(handler.request_streaming, handler.response_streaming)]
     return factory(
         behavior,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=request_deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -209,11 +224,43 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return self._verifier.verify(token.strip())
 
 
+class _Undecodable:
+    """Handed on instead of a request whose bytes did not decode, so the refusal is
+    made inside the RPC (after authentication) with a rich status."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str) -> None:
+        self.problem = problem
+
+
+def _tolerant(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    # grpc calls the deserializer before any interceptor's behavior runs, and turns
+    # its exception into a bare UNKNOWN; catching it here keeps the decision ours.
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+
+    return deserialize
+
+
+def _refuse_undecodable(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidRequest(
+            "the request does not decode as this method's request message "
+            f"({request.problem}); send the message its proto declares"
+        )
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Ends an RPC whose servicer raised with that error's rich status (see api/errors.py).
+    """Ends an RPC whose servicer raised with that error's rich status (see api/errors.py),
+    and one whose request bytes do not decode with INVALID_ARGUMENT (IMG_003).
 
     Covers unary and streaming responses, including errors raised after some messages
-    were sent. grpc's own AbortError and cancellation pass through untouched.
+    were sent. grpc's own AbortError and cancellation pass through untouched. Requests
+    of client-streaming methods (the contract has none) are decoded by grpc as before.
     """
 
     async def intercept_service(
@@ -223,7 +270,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        return _wrap_handler(handler, on_error=abort_with)
+        if handler.request_streaming or handler.request_deserializer is None:
+            return _wrap_handler(handler, on_error=abort_with)
+        return _wrap_handler(
+            handler,
+            on_error=abort_with,
+            check_request=_refuse_undecodable,
+            request_deserializer=_tolerant(handler.request_deserializer),
+        )
 
 
 class DrainInterceptor(grpc.aio.ServerInterceptor):

@@ -99,7 +99,7 @@ class ImageLibraryServicer(library_pb2_grpc.ImageLibraryServiceServicer):
     async def GetImageUrl(
         self, request: library_pb2.GetImageUrlRequest, context: Ctx
     ) -> library_pb2.GetImageUrlResponse:
-        ttl = request.ttl.ToTimedelta() if request.HasField("ttl") else None
+        ttl = convert.optional_duration(request, "ttl")
         uri, lifetime, mime_type = await self._service.url(
             identity(), convert.image_id_from_name(request.name), ttl
         )

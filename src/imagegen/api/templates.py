@@ -11,6 +11,7 @@ from imagegen.api import convert
 from imagegen.api.context import identity
 from imagegen.domain.errors import InvalidRequest
 from imagegen.domain.templates import PromptTemplate, TemplateVariable, VariableType
+from imagegen.domain.validation import check_resource_name
 from imagegen.services.templates import TemplateService
 from imagegen.v1 import common_pb2, templates_pb2, templates_pb2_grpc
 
@@ -29,9 +30,7 @@ _TYPES_PB = {v: k for k, v in _TYPES.items() if k != T.TEMPLATE_VARIABLE_TYPE_UN
 
 
 def _id(name: str) -> str:
-    if not name:
-        raise InvalidRequest("name is required, as templates/{template}", field="name")
-    return name.removeprefix(PREFIX)
+    return check_resource_name(name, "templates")
 
 
 def template_from_proto(message: templates_pb2.PromptTemplate) -> PromptTemplate:

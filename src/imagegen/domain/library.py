@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from imagegen.domain.errors import InvalidRequest
+from imagegen.domain.validation import check_text
 
 MAX_TITLE_CHARS = 200
 MAX_DESCRIPTION_CHARS = 1000
@@ -69,6 +70,7 @@ def clean_tags(tags: tuple[str, ...] | list[str], *, field: str = "tags") -> tup
         value = tag.strip()
         if not 1 <= len(value) <= MAX_TAG_CHARS:
             raise InvalidRequest(f"each tag must be 1 to {MAX_TAG_CHARS} characters", field=field)
+        check_text(value, field)
         if value not in cleaned:
             cleaned.append(value)
     if len(cleaned) > MAX_TAGS:
@@ -79,6 +81,7 @@ def clean_tags(tags: tuple[str, ...] | list[str], *, field: str = "tags") -> tup
 def check_query(query: ImageQuery) -> ImageQuery:
     if len(query.text) > MAX_QUERY_CHARS:
         raise InvalidRequest(f"query must be at most {MAX_QUERY_CHARS} characters", field="query")
+    check_text(query.text, "query")
     if query.created_from and query.created_before and query.created_from >= query.created_before:
         raise InvalidRequest(
             "create_time_start must be before create_time_end", field="create_time_start"
@@ -105,12 +108,19 @@ def check_update(update: MetadataUpdate) -> MetadataUpdate:
             f"update_mask names fields that cannot change: {', '.join(unknown)}",
             field="update_mask",
         )
-    if "title" in fields and len(update.title) > MAX_TITLE_CHARS:
-        raise InvalidRequest(f"title must be at most {MAX_TITLE_CHARS} characters", field="title")
-    if "description" in fields and len(update.description) > MAX_DESCRIPTION_CHARS:
-        raise InvalidRequest(
-            f"description must be at most {MAX_DESCRIPTION_CHARS} characters", field="description"
-        )
+    if "title" in fields:
+        if len(update.title) > MAX_TITLE_CHARS:
+            raise InvalidRequest(
+                f"title must be at most {MAX_TITLE_CHARS} characters", field="title"
+            )
+        check_text(update.title, "title")
+    if "description" in fields:
+        if len(update.description) > MAX_DESCRIPTION_CHARS:
+            raise InvalidRequest(
+                f"description must be at most {MAX_DESCRIPTION_CHARS} characters",
+                field="description",
+            )
+        check_text(update.description, "description", multiline=True)
     tags = clean_tags(update.tags) if "tags" in fields else ()
     return MetadataUpdate(
         fields=tuple(dict.fromkeys(fields)),

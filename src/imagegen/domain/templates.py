@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from imagegen.domain.errors import InvalidRequest
-from imagegen.domain.validation import MAX_PROMPT_CHARS
+from imagegen.domain.validation import MAX_PROMPT_CHARS, check_text
 
 MAX_NAME_CHARS = 100
 MAX_DESCRIPTION_CHARS = 500
@@ -71,16 +71,16 @@ def check_template(template: PromptTemplate) -> PromptTemplate:
         raise InvalidRequest(
             f"display_name must be 1 to {MAX_NAME_CHARS} characters", field="display_name"
         )
+    check_text(template.display_name, "display_name")
     if len(template.description) > MAX_DESCRIPTION_CHARS:
         raise InvalidRequest(
             f"description must be at most {MAX_DESCRIPTION_CHARS} characters", field="description"
         )
+    check_text(template.description, "description", multiline=True)
     if not template.prompt.strip() or len(template.prompt) > MAX_PROMPT_CHARS:
         raise InvalidRequest(f"prompt must be 1 to {MAX_PROMPT_CHARS} characters", field="prompt")
-    if len(template.category) > MAX_CATEGORY_CHARS:
-        raise InvalidRequest(
-            f"category must be at most {MAX_CATEGORY_CHARS} characters", field="category"
-        )
+    check_text(template.prompt, "prompt", multiline=True)
+    check_category(template.category)
     if len(template.variables) > MAX_VARIABLES:
         raise InvalidRequest(f"at most {MAX_VARIABLES} variables", field="variables")
     seen: set[str] = set()
@@ -92,6 +92,7 @@ def check_template(template: PromptTemplate) -> PromptTemplate:
         if variable.name in seen:
             raise InvalidRequest(f"variable {variable.name!r} is declared twice", field="variables")
         seen.add(variable.name)
+        check_text(variable.description, "variables", multiline=True)
         if variable.default_value:
             _typed(variable, variable.default_value)
     for name in placeholders(template.prompt):
@@ -102,6 +103,15 @@ def check_template(template: PromptTemplate) -> PromptTemplate:
                 metadata={"variable": name},
             )
     return template
+
+
+def check_category(category: str) -> str:
+    """A category (of a template, or a list filter): at most 50 characters of text."""
+    if len(category) > MAX_CATEGORY_CHARS:
+        raise InvalidRequest(
+            f"category must be at most {MAX_CATEGORY_CHARS} characters", field="category"
+        )
+    return check_text(category, "category")
 
 
 def render(template: PromptTemplate, values: dict[str, str]) -> tuple[str, dict[str, str]]:
@@ -153,6 +163,7 @@ def _typed(variable: TemplateVariable, value: str) -> str:
         raise InvalidRequest(
             f"variable {variable.name!r} is over {MAX_VALUE_CHARS} characters", field="variables"
         )
+    check_text(value, "variables", multiline=True)
     if not _parses(variable.type, value):
         raise InvalidRequest(
             f"variable {variable.name!r} must be a {variable.type.value}, not {value!r}",

@@ -1,4 +1,5 @@
-"""Limits on every field of a generation request, checked before anything is stored."""
+"""Limits on every field of a request, checked before anything is stored: generation
+parameters, free text and resource names."""
 
 from __future__ import annotations
 
@@ -16,6 +17,15 @@ MAX_SEED = 2**32 - 1
 MAX_REQUEST_ID_CHARS = 128
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]+")
 _PROVIDER_ID = re.compile(r"[a-z][a-z0-9_]{0,31}")
+#: C0 and C1 control characters and DEL (Unicode category Cc). PostgreSQL text cannot
+#: hold NUL at all, and the others only garble names, tags and logs.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: The same, but tab, newline and carriage return pass (descriptions and prompts).
+_CONTROL_BUT_LINE_BREAKS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+#: Every resource id is a UUID (any letter case).
+_RESOURCE_ID = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
 
 
 @dataclass(frozen=True)
@@ -35,7 +45,7 @@ def check_prompt(prompt: str, *, field: str = "prompt") -> str:
             field=field,
             metadata={"limit": str(MAX_PROMPT_CHARS)},
         )
-    _check_no_control_chars(prompt, field)
+    check_text(prompt, field, multiline=True)
     return prompt
 
 
@@ -48,7 +58,7 @@ def check_negative_prompt(negative_prompt: str) -> str:
             field="negative_prompt",
             metadata={"limit": str(MAX_NEGATIVE_PROMPT_CHARS)},
         )
-    _check_no_control_chars(negative_prompt, "negative_prompt")
+    check_text(negative_prompt, "negative_prompt", multiline=True)
     return negative_prompt
 
 
@@ -102,6 +112,34 @@ def check_provider_id(provider: str) -> str:
     return provider
 
 
-def _check_no_control_chars(text: str, field: str) -> None:
-    if any(ord(ch) < 32 and ch not in "\t\n\r" for ch in text) or "\x00" in text:
-        raise InvalidRequest(f"{field} contains control characters", field=field)
+def check_text(text: str, field: str, *, multiline: bool = False) -> str:
+    """Text without NUL or other control characters (tab, newline and carriage return
+    are allowed where `multiline`); IMG_003 naming `field` otherwise."""
+    pattern = _CONTROL_BUT_LINE_BREAKS if multiline else _CONTROL
+    found = pattern.search(text)
+    if found is not None:
+        raise InvalidRequest(
+            f"{field} contains the control character U+{ord(found.group()):04X}; "
+            "send printable text" + (" (tabs and line breaks are fine)" if multiline else ""),
+            field=field,
+        )
+    return text
+
+
+def _shown(value: str, limit: int = 60) -> str:
+    """A caller's value quoted for a message: escaped, and cut short if long."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def check_resource_name(name: str, collection: str, *, field: str = "name") -> str:
+    """The id in `{collection}/{id}` (a bare id is accepted too), in lowercase; IMG_003
+    naming `field` for anything that cannot name a resource of that collection."""
+    if not name:
+        raise InvalidRequest(f"{field} is required, as {collection}/{{id}}", field=field)
+    resource_id = name.removeprefix(collection + "/")
+    if not _RESOURCE_ID.fullmatch(resource_id):
+        raise InvalidRequest(
+            f"{field} {_shown(name)} is not a name of the form {collection}/{{id}}",
+            field=field,
+        )
+    return resource_id.lower()

@@ -7,6 +7,7 @@ from datetime import datetime
 
 import asyncpg
 
+from imagegen.domain.errors import InvalidRequest
 from imagegen.domain.usage import UsageRecord, UsageRow, UsageTotalsRow
 from imagegen.repositories.db import Executor
 
@@ -163,12 +164,19 @@ class UsageQueries:
                     *args,
                 )
             )
-        by_day = await self._pool.fetch(
-            f"SELECT to_char(requested_at AT TIME ZONE $4, 'YYYY-MM-DD') AS key, {_TOTALS} "  # noqa: S608
-            f"FROM usage_records {where} GROUP BY 1 ORDER BY 1",
-            *args,
-            time_zone,
-        )
+        try:
+            by_day = await self._pool.fetch(
+                f"SELECT to_char(requested_at AT TIME ZONE $4, 'YYYY-MM-DD') AS key, {_TOTALS} "  # noqa: S608
+                f"FROM usage_records {where} GROUP BY 1 ORDER BY 1",
+                *args,
+                time_zone,
+            )
+        except asyncpg.InvalidParameterValueError:
+            # The database's own time zone list has the last word; the service checked
+            # the name against Python's, and the two need not be the same release.
+            raise InvalidRequest(
+                f"time zone {time_zone!r} is not known to the database", field="time_zone"
+            ) from None
 
         def convert(r: asyncpg.Record) -> UsageTotalsRow:
             return UsageTotalsRow(

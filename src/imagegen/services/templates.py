@@ -8,7 +8,7 @@ import uuid
 from imagegen.domain import paging
 from imagegen.domain.errors import InvalidRequest, NotFound, PermissionDenied
 from imagegen.domain.models import Generation, GenerationSpec, Identity, SourceRef, Style
-from imagegen.domain.templates import PromptTemplate, check_template, render
+from imagegen.domain.templates import PromptTemplate, check_category, check_template, render
 from imagegen.repositories.templates import TemplateRepository
 from imagegen.services.generations import SubmissionService
 
@@ -54,6 +54,7 @@ class TemplateService:
         self, identity: Identity, *, category: str, page_size: int, page_token: str
     ) -> tuple[list[PromptTemplate], str]:
         size = paging.page_size(page_size)
+        check_category(category)
         cursor = paging.decode_cursor(page_token, f"category={category}")
         page = await self._templates.list_visible(
             identity.user_id,

@@ -8,7 +8,8 @@ import io
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from functools import cache
+from zoneinfo import available_timezones
 
 from imagegen.domain import paging
 from imagegen.domain.credits import Balance
@@ -21,6 +22,7 @@ from imagegen.repositories.usage import UsageQueries
 from imagegen.storage.base import BlobStore
 
 MAX_RANGE = timedelta(days=366)
+EARLIEST = datetime.min.replace(tzinfo=UTC)
 DEFAULT_RANGE = timedelta(days=30)
 CHUNK_BYTES = 1024 * 1024
 EXPORT_BATCH = 500
@@ -92,12 +94,23 @@ def time_range(
 ) -> tuple[datetime, datetime]:
     """[start, end) with defaults (the last 30 days); IMG_003 past 366 days or reversed."""
     end = end or (now or datetime.now(UTC))
-    start = start or end - DEFAULT_RANGE
+    if start is None:
+        # 30 days before an end in the first days of year 1 is not a datetime; the
+        # range then starts at the first instant there is.
+        start = end - DEFAULT_RANGE if end - EARLIEST > DEFAULT_RANGE else EARLIEST
     if end <= start:
         raise InvalidRequest("the end of the time range must be after its start", field="end_time")
     if end - start > MAX_RANGE:
         raise InvalidRequest("a time range may span at most 366 days", field="start_time")
     return start, end
+
+
+@cache
+def _time_zone_names() -> frozenset[str]:
+    # IANA names only: ZoneInfo also opens files such as "localtime", "posixrules" or
+    # "posix/Europe/Paris", which PostgreSQL refuses in AT TIME ZONE; "localtime" is
+    # even listed as available where the system keeps it as a zone file.
+    return (frozenset(available_timezones()) - {"localtime"}) | {"UTC"}
 
 
 def _time(value: datetime | None) -> str:
@@ -167,10 +180,11 @@ class UsageService:
     ) -> UsageStats:
         start, end = time_range(start, end)
         zone = time_zone or "UTC"
-        try:
-            ZoneInfo(zone)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise InvalidRequest(f"time zone {zone!r} is not known", field="time_zone") from None
+        if zone not in _time_zone_names():
+            raise InvalidRequest(
+                f"time zone {zone!r} is not known; use an IANA name such as Europe/Paris",
+                field="time_zone",
+            )
         totals, by_provider, by_day, by_source = await self._queries.totals(
             identity.user_id, start, end, zone
         )

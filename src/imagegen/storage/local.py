@@ -21,8 +21,6 @@ from imagegen.config import MAX_URL_TTL
 from imagegen.domain.errors import NotFound, StorageFailed
 
 SIGNING_KEY_FILE = "blob-signing.key"
-
-
 def load_or_create_signing_key(data_dir: Path) -> bytes:
     """32 random bytes kept in the data directory (mode 0600), made on first use."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -144,15 +142,15 @@ class LocalBlobStore:
         signature = self._signature(key, expires)
         return f"{self.public_url}/blobs/{quote(key)}?expires={expires}&signature={signature}"
 
-    def signature_matches(self, key: str, expires: str, signature: str) -> bool:
+    def signature_matches(self, key: str, expires: int, signature: str) -> bool:
         """Whether we signed this key and expiry (constant-time), expired or not."""
-        if not expires.isdigit() or len(signature) != 64:
-            return False
-        return hmac.compare_digest(self._signature(key, int(expires)), signature)
+        expected = self._signature(key, expires)
+        # As bytes: compare_digest refuses str arguments holding non-ASCII characters.
+        return hmac.compare_digest(expected.encode(), signature.encode())
 
-    def verify(self, key: str, expires: str, signature: str) -> bool:
+    def verify(self, key: str, expires: int, signature: str) -> bool:
         """Whether a URL's signature is ours and it has not expired."""
-        return self.signature_matches(key, expires, signature) and int(expires) >= self._clock()
+        return self.signature_matches(key, expires, signature) and expires >= self._clock()
 
-    def seconds_left(self, expires: str) -> int:
-        return max(int(expires) - int(self._clock()), 0) if expires.isdigit() else 0
+    def seconds_left(self, expires: int) -> int:
+        return max(expires - int(self._clock()), 0)
