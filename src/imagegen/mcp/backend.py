@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,8 @@ from imagegen.v1 import (
     templates_pb2_grpc,
     usage_pb2_grpc,
 )
+
+log = logging.getLogger(__name__)
 
 #: Seconds one unary call may take; waits are bounded separately by their own deadline.
 CALL_TIMEOUT = 30.0
@@ -193,9 +196,16 @@ def make_thumbnail(data: bytes, longest_side: int) -> bytes:
 async def thumbnails(
     backend: Backend, images: Sequence[str], token: str, longest_side: int
 ) -> list[bytes]:
-    """Thumbnails of stored images, made from the image itself (never the full image)."""
+    """Thumbnails of stored images, made from the image itself (never the full image).
+
+    A thumbnail is a convenience: one that cannot be made (the image was deleted since,
+    storage hiccups) is left out and logged, and the answer keeps the image's URL.
+    """
     results: list[bytes] = []
     for image in images:
-        data = await backend.download(image, token)
-        results.append(await asyncio.to_thread(make_thumbnail, data, longest_side))
+        try:
+            data = await backend.download(image, token)
+            results.append(await asyncio.to_thread(make_thumbnail, data, longest_side))
+        except (ToolFailure, OSError, ValueError, Image.DecompressionBombError) as exc:
+            log.warning("no thumbnail for %s: %s", image, exc, extra={"event": "mcp.thumbnail"})
     return results
