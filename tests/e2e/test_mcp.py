@@ -119,9 +119,7 @@ async def restart(server: ServedProcess, tmp_path: Path, name: str) -> ServedPro
     server.terminate()
     await server.wait_exit(60)
     (tmp_path / f"{name}.ready").unlink()
-    return await start_server(
-        tmp_path, server.env["DATABASE_URL"], extra_env=SLOW_ENV, name=name
-    )
+    return await start_server(tmp_path, server.env["DATABASE_URL"], extra_env=SLOW_ENV, name=name)
 
 
 @pytest.fixture
@@ -215,7 +213,8 @@ async def test_stdio_waits_resumes_and_cancels(slow: ServedProcess) -> None:
         # A wait shorter than the job: the answer is a handle to resume with.
         handle = check_result(
             await session.call_tool(
-                "generate_image", {"prompt": "a slow sunrise", "size": "256x256", "wait_seconds": 0.2}
+                "generate_image",
+                {"prompt": "a slow sunrise", "size": "256x256", "wait_seconds": 0.2},
             ),
             schemas["generate_image"],
         )
@@ -258,9 +257,7 @@ async def test_stdio_waits_resumes_and_cancels(slow: ServedProcess) -> None:
         assert missing.structured_content["error"]["retryable"] is False
 
 
-async def test_restart_between_handle_and_resume(
-    tmp_path: Path, database_url: str
-) -> None:
+async def test_restart_between_handle_and_resume(tmp_path: Path, database_url: str) -> None:
     first = await start_server(tmp_path, database_url, extra_env=SLOW_ENV, name="first")
     try:
         async with http_session(first) as session:
@@ -444,9 +441,7 @@ async def test_tasks_extension_over_raw_json_rpc(tmp_path: Path, database_url: s
             refused = await plain.task("tasks/get", task_id)
             assert refused["error"]["code"] == -32021
             # ... and gets an ordinary result from a job tool.
-            ordinary = await plain.call_tool(
-                "get_generation", {"name": task_id, "wait_seconds": 0}
-            )
+            ordinary = await plain.call_tool("get_generation", {"name": task_id, "wait_seconds": 0})
             assert ordinary["structuredContent"]["name"] == task_id
 
             unknown = await on_two.task(

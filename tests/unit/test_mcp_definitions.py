@@ -30,7 +30,9 @@ def test_openai_definitions_are_valid_and_match_the_mcp_ones() -> None:
 
 
 def test_parameter_schemas_accept_good_and_refuse_bad_arguments() -> None:
-    by_name = {t["function"]["name"]: t["function"]["parameters"] for t in openai_tool_definitions()}
+    by_name = {
+        t["function"]["name"]: t["function"]["parameters"] for t in openai_tool_definitions()
+    }
     generate = Draft202012Validator(by_name["generate_image"])
     assert generate.is_valid({"prompt": "a cat", "size": "512x512", "count": 4})
     for bad in (
