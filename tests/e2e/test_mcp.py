@@ -349,6 +349,14 @@ async def test_a_resent_request_without_request_id_makes_one_job(served: ServedP
         assert len({names[0], other_id, other_session}) == 3
 
 
+def sse_frames(reply: httpx.Response) -> list[dict[str, Any]]:
+    return [
+        json.loads(line.removeprefix("data:"))
+        for line in reply.text.splitlines()
+        if line.startswith("data:") and line.removeprefix("data:").strip()
+    ]
+
+
 def jsonrpc_message(reply: httpx.Response) -> dict[str, Any]:
     """The JSON-RPC response in a JSON or an SSE answer (errors may come with a 4xx)."""
     if reply.headers["content-type"].startswith("application/json"):
@@ -378,6 +386,8 @@ class ModernClient:
         self._server = server
         self._tasks = tasks
         self._next_id = 100
+        #: Every SSE frame of the last answer (notifications, then the response).
+        self.frames: list[dict[str, Any]] = []
 
     async def request(self, method: str, params: dict[str, Any], name: str | None = None):
         self._next_id += 1
@@ -404,6 +414,7 @@ class ModernClient:
         if name is not None:
             headers["Mcp-Name"] = name
         reply = await self._client.post(url(self._server), json=body, headers=headers)
+        self.frames = [] if reply.status_code != 200 else sse_frames(reply)
         return jsonrpc_message(reply)
 
     async def call_tool(self, tool: str, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -477,3 +488,25 @@ async def test_tasks_extension_over_raw_json_rpc(tmp_path: Path, database_url: s
         for server in (one, two):
             server.terminate()
             await server.wait_exit(30)
+
+
+async def test_task_status_notifications_on_a_listen_stream(slow: ServedProcess) -> None:
+    async with httpx.AsyncClient(trust_env=False, timeout=60) as http:
+        client = ModernClient(http, slow)
+        created = await client.call_tool(
+            "generate_image", {"prompt": "a watched kettle", "size": "256x256"}
+        )
+        task_id = created["taskId"]
+        reply = await client.request(
+            "subscriptions/listen", {"notifications": {"taskIds": [task_id]}}
+        )
+        assert "result" in reply, reply
+        frames = client.frames
+    methods = [frame.get("method") for frame in frames]
+    assert methods[0] == "notifications/subscriptions/acknowledged"
+    assert frames[0]["params"]["notifications"]["taskIds"] == [task_id]
+    tasks = [frame["params"] for frame in frames if frame.get("method") == "notifications/tasks"]
+    assert tasks and all(task["taskId"] == task_id for task in tasks)
+    assert tasks[-1]["status"] == "completed"
+    assert tasks[-1]["result"]["structuredContent"]["state"] == "completed"
+    assert all(task["status"] == "working" for task in tasks[:-1])
