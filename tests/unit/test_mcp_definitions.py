@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
+import grpc
 import pytest
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 from jsonschema import Draft202012Validator
 
 from imagegen.cli import main
 from imagegen.mcp import TOOLS, mcp_tool_definitions, openai_tool_definitions
+from imagegen.mcp.backend import failure_from_rpc
 from imagegen.mcp.definitions import REQUEST_ID_PATTERN
 from imagegen.mcp.server import derive_request_id
+from imagegen.mcp.tools import error_result
 
 
 def test_openai_definitions_are_valid_and_match_the_mcp_ones() -> None:
@@ -73,3 +79,28 @@ def test_derived_request_ids_fit_the_contract_and_tell_calls_apart() -> None:
         derive_request_id("session:abc", 7, "generate_image", {"prompt": "owls"}),
     }
     assert base not in others and len(others) == 5
+
+
+def _rpc_error(code: grpc.StatusCode, reason: str, retry_seconds: int | None) -> Any:
+    status = status_pb2.Status(code=code.value[0], message="told")
+    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain="imagegen.v1"))
+    if retry_seconds is not None:
+        delay = duration_pb2.Duration(seconds=retry_seconds)
+        status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    trailing = grpc.aio.Metadata(("grpc-status-details-bin", status.SerializeToString()))
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details="told")
+
+
+def test_refusals_become_tool_errors_that_say_whether_to_retry() -> None:
+    limited = failure_from_rpc(_rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "IMG_005", 42))
+    assert (limited.code, limited.retryable, limited.retry_after_seconds) == ("IMG_005", True, 42)
+    assert "after 42 seconds" in limited.advice()
+    invalid = failure_from_rpc(_rpc_error(grpc.StatusCode.INVALID_ARGUMENT, "IMG_003", None))
+    assert (invalid.code, invalid.retryable) == ("IMG_003", False)
+    assert "Do not retry" in invalid.advice()
+    down = failure_from_rpc(_rpc_error(grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", None))
+    assert down.retryable and down.retry_after_seconds is None
+
+    result = error_result(down, request_id="mcp-abc")
+    assert result.is_error and "request_id='mcp-abc'" in result.content[0].text
+    assert result.structured_content["error"]["code"] == "SHUTTING_DOWN"

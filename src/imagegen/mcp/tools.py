@@ -198,9 +198,12 @@ def structured_result(
     return CallToolResult(content=[text, *(extra or [])], structured_content=structured)
 
 
-def error_result(failure: ToolFailure) -> CallToolResult:
-    """A tool error that says what went wrong and whether to retry."""
+def error_result(failure: ToolFailure, *, request_id: str = "") -> CallToolResult:
+    """A tool error that says what went wrong and whether to retry (and, for a job tool,
+    with which request_id, so that the retry runs at most once)."""
     text = f"{failure.code}: {failure.message} {failure.advice()}"
+    if failure.retryable and request_id:
+        text += f" Pass request_id={request_id!r} so that it runs at most once."
     return CallToolResult(
         content=[TextContent(type="text", text=text)],
         structured_content={"error": failure.as_dict()},
@@ -235,14 +238,27 @@ class ToolRunner:
         self, tool: d.ToolDefinition, arguments: BaseModel, call: CallContext
     ) -> CallToolResult:
         """Run one tool call; a refusal by the service becomes a tool error result."""
+        if not tool.makes_job:
+            try:
+                return await self._run_simple(tool, arguments, call)
+            except ToolFailure as failure:
+                return error_result(failure)
+        request_id = getattr(arguments, "request_id", None) or call.derived_request_id
         try:
-            if tool.makes_job:
-                generation = await self.submit(tool, arguments, call)
-                wait = self.wait_for(getattr(arguments, "wait_seconds", None))
-                return await self.follow(generation.name, wait, call)
-            return await self._run_simple(tool, arguments, call)
+            generation = await self.submit(tool, arguments, call)
         except ToolFailure as failure:
-            return error_result(failure)
+            # A retry must reuse the request id, or it could make a second job.
+            return error_result(failure, request_id=request_id)
+        wait = self.wait_for(getattr(arguments, "wait_seconds", None))
+        try:
+            return await self.follow(generation.name, wait, call)
+        except ToolFailure as failure:
+            if not failure.retryable:
+                return error_result(failure)
+            # The job exists and goes on (e.g. this replica is draining): answer its handle.
+            return structured_result(
+                generation_output(generation, 0, max_wait=self.options.max_wait)
+            )
 
     async def _run_simple(
         self, tool: d.ToolDefinition, arguments: BaseModel, call: CallContext
