@@ -31,6 +31,8 @@ class ServedProcess:
     data_dir: Path
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    #: MCP over Streamable HTTP, when started with IMAGEGEN_MCP_PORT; else empty.
+    mcp_address: str = ""
 
     def token(self, user: str = "alice", plan: str = "free", **kwargs: object) -> str:
         return mint_token(TEST_JWT_KEY, user_id=user, plan=plan, **kwargs)  # type: ignore[arg-type]
@@ -125,4 +127,5 @@ async def start_server(
         data_dir=data_dir,
         log_path=log_path,
         env=env,
+        mcp_address=parts.get("mcp", ""),
     )

@@ -62,6 +62,24 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--addr", default=None, help="server address (IMAGEGEN_ADDR)")
     gen.add_argument("--user", default="cli", help="user for a minted token when none is given")
 
+    mcp = sub.add_parser(
+        "mcp",
+        help="serve MCP on stdin/stdout for a local agent, calling a served imagegen "
+        "(IMAGEGEN_ADDR) with IMAGEGEN_TOKEN",
+    )
+    mcp.add_argument("--addr", default=None, help="server address (IMAGEGEN_ADDR)")
+    mcp.add_argument("--user", default="cli", help="user for a minted token when none is given")
+
+    tools = sub.add_parser(
+        "tools", help="print the MCP tools' definitions as JSON, for frameworks without MCP"
+    )
+    tools.add_argument(
+        "--format",
+        default="mcp",
+        choices=("openai", "mcp"),
+        help="openai: function-calling `tools`; mcp: MCP Tool objects (with output schemas)",
+    )
+
     provenance = sub.add_parser(
         "provenance",
         help="print an image's C2PA manifest and XMP marks (exit 1 if none or invalid)",
@@ -124,11 +142,41 @@ def main(argv: list[str] | None = None) -> int:
         return _grant(settings, args)
     if args.command == "provenance":
         return _provenance(settings, args)
+    if args.command == "mcp":
+        return _mcp(settings, args)
+    if args.command == "tools":
+        return _tools(args)
     if args.command in ("usage", "generations"):
         from imagegen.cli_export import run_export
 
         return asyncio.run(run_export(settings, args, args.command))
     return 2  # pragma: no cover - argparse rejects other commands
+
+
+def _mcp(settings: Settings, args: argparse.Namespace) -> int:
+    import os
+
+    from imagegen.cli_generate import _token
+    from imagegen.mcp import run_stdio
+    from imagegen.mcp.tools import McpOptions
+    from imagegen.telemetry import configure_logging
+
+    # stdout carries the protocol: logs go to stderr only (configure_logging's stream).
+    configure_logging(settings.log_level)
+    address = args.addr or os.environ.get("IMAGEGEN_ADDR") or "127.0.0.1:50051"
+    options = McpOptions(default_wait=settings.mcp.default_wait, max_wait=settings.mcp.max_wait)
+    asyncio.run(run_stdio(address, _token(settings, args.user), options))
+    return 0
+
+
+def _tools(args: argparse.Namespace) -> int:
+    import json
+
+    from imagegen.mcp.definitions import mcp_tool_definitions, openai_tool_definitions
+
+    definitions = openai_tool_definitions() if args.format == "openai" else mcp_tool_definitions()
+    print(json.dumps(definitions, indent=2, ensure_ascii=False))
+    return 0
 
 
 def _serve(settings: Settings) -> int:

@@ -45,6 +45,23 @@ SETTINGS: tuple[SettingDoc, ...] = (
         "HTTP port for signed blob URLs (local store) and `/metrics`; 0 binds a free port.",
     ),
     SettingDoc(
+        "IMAGEGEN_MCP_PORT",
+        "(unset: off)",
+        "Port of MCP over Streamable HTTP at `/mcp` (same bearer JWT as gRPC); 0 binds a "
+        "free port.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_MCP_WAIT",
+        "30",
+        "MCP: seconds a job tool waits for its job when the call names no `wait_seconds`.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_MCP_MAX_WAIT",
+        "55",
+        "MCP: most seconds any tool call waits for a job (`wait_seconds` above it is cut "
+        "to it); below common 60 s client timeouts.",
+    ),
+    SettingDoc(
         "IMAGEGEN_PUBLIC_URL",
         "http://HOST:HTTP_PORT",
         "Base URL that local-store signed URLs start with.",
@@ -220,6 +237,15 @@ class ForgeSettings:
 
 
 @dataclass(frozen=True)
+class McpSettings:
+    """The MCP face: its HTTP port (None: off) and how long job tools wait."""
+
+    port: int | None
+    default_wait: float
+    max_wait: float
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the service reads from its environment."""
 
@@ -227,6 +253,7 @@ class Settings:
     host: str
     grpc_port: int
     http_port: int
+    mcp: McpSettings
     public_url: str | None
     ready_file: Path | None
     database_url: str | None
@@ -295,11 +322,22 @@ class Settings:
             raise ConfigError(
                 f"IMAGEGEN_USAGE_NOTICE must be at most {MAX_USAGE_NOTICE_CHARS} characters"
             )
+        mcp_port_text = reader.optional("IMAGEGEN_MCP_PORT")
+        max_wait = reader.number("IMAGEGEN_MCP_MAX_WAIT", 55.0)
+        default_wait = reader.number("IMAGEGEN_MCP_WAIT", min(30.0, max_wait))
+        if default_wait > max_wait:
+            raise ConfigError("IMAGEGEN_MCP_WAIT must not be above IMAGEGEN_MCP_MAX_WAIT")
+        mcp = McpSettings(
+            port=None if mcp_port_text is None else reader.port("IMAGEGEN_MCP_PORT", 0),
+            default_wait=default_wait,
+            max_wait=max_wait,
+        )
         settings = cls(
             data_dir=data_dir,
             host=reader.text("IMAGEGEN_HOST", "127.0.0.1"),
             grpc_port=reader.port("IMAGEGEN_GRPC_PORT", 50051),
             http_port=reader.port("IMAGEGEN_HTTP_PORT", 8088),
+            mcp=mcp,
             public_url=reader.optional("IMAGEGEN_PUBLIC_URL"),
             ready_file=_path_or_none(reader.optional("IMAGEGEN_READY_FILE")),
             database_url=reader.optional("DATABASE_URL"),

@@ -16,7 +16,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import httpx
@@ -35,6 +35,7 @@ from imagegen.api.library import ImageLibraryServicer
 from imagegen.api.templates import PromptTemplateServicer
 from imagegen.api.usage import UsageServicer
 from imagegen.config import Settings
+from imagegen.domain.errors import Unauthenticated
 from imagegen.domain.plans import PlanTable
 from imagegen.domain.pricing import PriceTable
 from imagegen.embedded import start_embedded_postgres
@@ -85,6 +86,9 @@ from imagegen.v1 import (
     usage_pb2_grpc,
 )
 
+if TYPE_CHECKING:
+    from imagegen.mcp.http import McpHttpServer
+
 log = logging.getLogger(__name__)
 
 SERVICE_NAMES = (
@@ -103,6 +107,7 @@ class RunningServer:
     http_port: int
     settings: Settings
     telemetry: Telemetry
+    mcp_port: int | None = None
 
 
 class Server:
@@ -371,11 +376,13 @@ class Server:
                 await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
             handle.server = server
             handle.health = health_servicer
-            self.running = RunningServer(grpc_port, http_port, settings, telemetry)
+            handle.mcp = await _start_mcp(settings, grpc_port, verifier, stack)
+            mcp_port = handle.mcp.port if handle.mcp is not None else None
+            self.running = RunningServer(grpc_port, http_port, settings, telemetry, mcp_port)
             line = (
                 f"imagegen listening grpc={settings.host}:{grpc_port} "
                 f"http={settings.host}:{http_port}"
-            )
+            ) + (f" mcp={settings.host}:{mcp_port}" if mcp_port is not None else "")
             print(line, flush=True)
             if settings.ready_file is not None:
                 settings.ready_file.write_text(line + "\n")
@@ -400,10 +407,17 @@ class Server:
             await handle.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         assert handle.runner is not None
         runner_stop = asyncio.create_task(handle.runner.stop(max(deadline - time.monotonic(), 0)))
+        # MCP requests go through this process's gRPC port, so they drain before it stops.
+        mcp_stop = asyncio.create_task(
+            handle.mcp.stop(max(deadline - time.monotonic() - 1.0, 0.1))
+            if handle.mcp is not None
+            else asyncio.sleep(0)
+        )
         # While new calls are refused and health says NOT_SERVING, in-flight RPCs (a
         # GenerateImage waiting for its job) get the rest of the grace to finish.
         assert handle.inflight is not None
         await handle.inflight.wait_idle(deadline - time.monotonic())
+        await mcp_stop
         await handle.server.stop(max(min(deadline - time.monotonic(), 1.0), 0.1))
         await runner_stop
         log.info("stopped", extra={"event": "server.stopped"})
@@ -417,6 +431,44 @@ class _GrpcHandle:
         self.runner: JobRunner | None = None
         self.inflight: InflightInterceptor | None = None
         self.watch: GenerationWatch | None = None
+        self.mcp: McpHttpServer | None = None
+
+
+async def _start_mcp(
+    settings: Settings,
+    grpc_port: int,
+    verifier: TokenVerifier,
+    stack: contextlib.AsyncExitStack,
+) -> McpHttpServer | None:
+    """MCP over Streamable HTTP (IMAGEGEN_MCP_PORT), an adapter over this process's own
+    gRPC port on loopback: it goes through the same interceptors and use cases."""
+    if settings.mcp.port is None:
+        return None
+    from imagegen.mcp import McpHttpServer
+    from imagegen.mcp.backend import Backend
+    from imagegen.mcp.tools import McpOptions
+
+    def authenticate(token: str) -> bool:
+        try:
+            verifier.verify(token)
+        except Unauthenticated:
+            return False
+        return True
+
+    backend = Backend(f"{_url_host(settings.host)}:{grpc_port}")
+    stack.push_async_callback(backend.close)
+    mcp = McpHttpServer(
+        backend,
+        McpOptions(default_wait=settings.mcp.default_wait, max_wait=settings.mcp.max_wait),
+        host=settings.host,
+        port=settings.mcp.port,
+        authenticate=authenticate,
+        # A data: URI source is base64 (4/3 of the bytes) inside JSON.
+        max_body_bytes=settings.max_input_bytes * 4 // 3 + 1024 * 1024,
+    )
+    await mcp.start()
+    stack.push_async_callback(mcp.stop, 0.0)
+    return mcp
 
 
 def public_url_notice(host: str, public_url: str | None, http_port: int) -> str | None:

@@ -385,7 +385,11 @@ def test_the_deployment_is_replicated_locked_down_and_probed() -> None:
     assert mounts[str(settings.data_dir)] in empty_dirs and mounts["/tmp"] in empty_dirs
 
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": settings.grpc_port, "http": settings.http_port}
+    assert ports == {
+        "grpc": settings.grpc_port,
+        "http": settings.http_port,
+        "mcp": settings.mcp.port,
+    }
     # Readiness follows the health state that drains: the whole server's gRPC health.
     assert container["readinessProbe"]["grpc"] == {"port": settings.grpc_port, "service": ""}
     # Liveness must hold during a drain, when gRPC health is NOT_SERVING: /healthz stays 200
@@ -412,7 +416,11 @@ def test_services_budget_autoscaler_and_monitor_point_at_the_server_pods() -> No
     for service in of_kind("Service"):
         assert service["spec"]["selector"].items() <= pod_labels.items()
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
-    assert {p["name"] for p in one("Service", "imagegen")["spec"]["ports"]} == {"grpc", "http"}
+    assert {p["name"] for p in one("Service", "imagegen")["spec"]["ports"]} == {
+        "grpc",
+        "http",
+        "mcp",
+    }
 
     budget = one("PodDisruptionBudget")
     assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
