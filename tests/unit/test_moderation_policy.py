@@ -139,7 +139,12 @@ def test_policy_file_is_read(tmp_path: Path) -> None:
     assert free.unavailable_retry_after == timedelta(seconds=5)
     assert free.suspension == SuspensionRule(2, timedelta(seconds=60), timedelta(seconds=600))
     assert table.for_plan("pro").suspension is None
-    assert table.for_plan("enterprise") is free
+    # What a plan's entry leaves out stays as built in; unnamed plans keep theirs.
+    assert free.rule_for(Category.SEXUAL_MINORS) == CategoryRule(Action.BLOCK, threshold=0.2)
+    built_in = ModerationPolicyTable.default()
+    assert table.for_plan("pro").categories == built_in.for_plan("pro").categories
+    assert table.for_plan("enterprise") == built_in.for_plan("enterprise")
+    assert table.for_plan("no-such-plan") is free
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ The policy is configuration (a JSON file, IMAGEGEN_MODERATION_POLICY_FILE), per 
 
     {"plans": {"free": {
         "threshold": 0.5,                  # a category counts from this score up (0..1]
-        "categories": {                    # block, flag or allow; a category left out flags
+        "categories": {                    # block, flag or allow
             "sexual_minors": {"action": "block", "threshold": 0.2},
             "violence": "flag", ...},
         "negative_prompt": "flag_only",    # or "check": see NegativePromptRule
@@ -15,7 +15,9 @@ The policy is configuration (a JSON file, IMAGEGEN_MODERATION_POLICY_FILE), per 
         "suspension": {"blocks": 5, "window_seconds": 3600, "period_seconds": 86400}
     }}}
 
-A plan the file does not name gets the "free" plan's policy (the strictest built-in one).
+A plan in the file changes its built-in policy in the keys it names (categories one by
+one); plans the file does not name keep theirs. A caller whose plan no table names gets
+the "free" policy (the strictest built-in one). A category no policy names flags.
 """
 
 from __future__ import annotations
@@ -165,6 +167,8 @@ class Assessment:
     scores: Mapping[Category, float] = field(default_factory=dict)
     #: moderators of the chain that could not answer
     unavailable: tuple[str, ...] = ()
+    #: the text fields where the deciding categories were found
+    fields: tuple[str, ...] = ()
 
 
 def assess(
@@ -182,6 +186,8 @@ def assess(
     """
     blocking: set[Category] = set()
     flagging: set[Category] = set()
+    blocking_fields: list[str] = []
+    flagging_fields: list[str] = []
     scores: dict[Category, float] = {}
     for text_field, verdict in verdicts.items():
         for category, score in verdict.scores.items():
@@ -197,15 +203,26 @@ def assess(
                 action = Action.FLAG
             if action is Action.BLOCK:
                 blocking.add(category)
+                _add_once(blocking_fields, text_field)
             elif action is Action.FLAG:
                 flagging.add(category)
+                _add_once(flagging_fields, text_field)
     if blocking:
-        return Assessment(Decision.BLOCKED, _ordered(blocking), scores, unavailable)
+        return Assessment(
+            Decision.BLOCKED, _ordered(blocking), scores, unavailable, tuple(blocking_fields)
+        )
     if unavailable and policy.when_unavailable is WhenUnavailable.FAIL_CLOSED:
         return Assessment(Decision.UNAVAILABLE, (), scores, unavailable)
     if flagging or unavailable:
-        return Assessment(Decision.FLAGGED, _ordered(flagging), scores, unavailable)
+        return Assessment(
+            Decision.FLAGGED, _ordered(flagging), scores, unavailable, tuple(flagging_fields)
+        )
     return Assessment(Decision.ALLOWED, (), scores, unavailable)
+
+
+def _add_once(names: list[str], name: str) -> None:
+    if name not in names:
+        names.append(name)
 
 
 def _ordered(categories: set[Category]) -> tuple[Category, ...]:
@@ -283,11 +300,19 @@ class ModerationPolicyTable:
 
     @classmethod
     def from_json(cls, text: str) -> ModerationPolicyTable:
-        """Parse a policy file; raises ValueError naming the first bad entry."""
+        """Parse a policy file; raises ValueError naming the first bad entry.
+
+        Each plan in the file changes the built-in policy of that plan (of "free" for a
+        plan the built-in table does not have) in the keys it names; `categories` are
+        changed one by one. Plans the file does not name keep their built-in policy."""
         data = json.loads(text)
         if not isinstance(data, dict) or not isinstance(data.get("plans"), dict):
             raise PolicyFileError('a moderation policy file is {"plans": {"<plan>": {...}}}')
-        return cls({str(name): _policy_from(name, body) for name, body in data["plans"].items()})
+        built_in = cls.default()
+        plans = dict(built_in.plans)
+        for name, body in data["plans"].items():
+            plans[str(name)] = _policy_from(str(name), body, built_in.for_plan(str(name)))
+        return cls(plans)
 
     @classmethod
     def load(cls, path: Path | None) -> ModerationPolicyTable:
@@ -312,20 +337,22 @@ _POLICY_KEYS = {
 }
 
 
-def _policy_from(plan: str, body: Any) -> ModerationPolicy:
+def _policy_from(plan: str, body: Any, base: ModerationPolicy) -> ModerationPolicy:
     where = f"plan {plan!r}"
     if not isinstance(body, dict):
         raise PolicyFileError(f"{where}: expected an object")
     unknown = set(body) - _POLICY_KEYS
     if unknown:
         raise PolicyFileError(f"{where}: unknown keys {sorted(unknown)}")
-    categories: dict[Category, CategoryRule] = {}
+    categories: dict[Category, CategoryRule] = dict(base.categories)
     for name, rule in (body.get("categories") or {}).items():
         try:
             category = Category(name)
         except ValueError:
             known = ", ".join(c.value for c in Category)
-            raise PolicyFileError(f"{where}: unknown category {name!r} (known: {known})") from None
+            raise PolicyFileError(
+                f"{where}: unknown category {name!r} (known: {known})"
+            ) from None
         if isinstance(rule, str):
             categories[category] = CategoryRule(_enum(Action, rule, f"{where} {name}"))
         elif isinstance(rule, dict):
@@ -336,36 +363,54 @@ def _policy_from(plan: str, body: Any) -> ModerationPolicy:
             )
         else:
             raise PolicyFileError(f"{where} {name}: expected an action or an object")
-    suspension = None
-    raw_suspension = body.get("suspension")
-    if raw_suspension is not None:
-        try:
-            suspension = SuspensionRule(
-                blocks=int(raw_suspension["blocks"]),
-                window=timedelta(seconds=float(raw_suspension["window_seconds"])),
-                period=timedelta(seconds=float(raw_suspension["period_seconds"])),
-            )
-        except (KeyError, TypeError, ValueError):
-            raise PolicyFileError(
-                f"{where} suspension: needs blocks, window_seconds and period_seconds"
-            ) from None
-        if suspension.blocks < 1 or suspension.window <= timedelta(0):
-            raise PolicyFileError(f"{where} suspension: blocks and window must be positive")
-        if suspension.period <= timedelta(0):
-            raise PolicyFileError(f"{where} suspension: period must be positive")
-    retry_seconds = float(body.get("unavailable_retry_seconds", 30))
-    if retry_seconds < 0:
-        raise PolicyFileError(f"{where}: unavailable_retry_seconds must not be negative")
+    suspension = base.suspension
+    if "suspension" in body:
+        suspension = _suspension_from(where, body["suspension"])
+    retry_after = base.unavailable_retry_after
+    if "unavailable_retry_seconds" in body:
+        seconds = _number(body["unavailable_retry_seconds"], f"{where} unavailable_retry_seconds")
+        if seconds < 0:
+            raise PolicyFileError(f"{where}: unavailable_retry_seconds must not be negative")
+        retry_after = timedelta(seconds=seconds)
     return ModerationPolicy(
         categories=categories,
-        threshold=_score(body.get("threshold", 0.5), f"{where} threshold"),
-        negative_prompt=_enum(
-            NegativePromptRule, body.get("negative_prompt", "flag_only"), where
-        ),
-        when_unavailable=_enum(WhenUnavailable, body.get("when_unavailable", "fail_closed"), where),
-        unavailable_retry_after=timedelta(seconds=retry_seconds),
+        threshold=_score(body["threshold"], f"{where} threshold")
+        if "threshold" in body
+        else base.threshold,
+        negative_prompt=_enum(NegativePromptRule, body["negative_prompt"], where)
+        if "negative_prompt" in body
+        else base.negative_prompt,
+        when_unavailable=_enum(WhenUnavailable, body["when_unavailable"], where)
+        if "when_unavailable" in body
+        else base.when_unavailable,
+        unavailable_retry_after=retry_after,
         suspension=suspension,
     )
+
+
+def _suspension_from(where: str, raw: Any) -> SuspensionRule | None:
+    if raw is None:
+        return None
+    try:
+        rule = SuspensionRule(
+            blocks=int(raw["blocks"]),
+            window=timedelta(seconds=float(raw["window_seconds"])),
+            period=timedelta(seconds=float(raw["period_seconds"])),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise PolicyFileError(
+            f"{where} suspension: needs blocks, window_seconds and period_seconds (or null)"
+        ) from None
+    if rule.blocks < 1 or rule.window <= timedelta(0) or rule.period <= timedelta(0):
+        raise PolicyFileError(f"{where} suspension: blocks, window and period must be positive")
+    return rule
+
+
+def _number(value: object, where: str) -> float:
+    try:
+        return float(str(value))
+    except ValueError:
+        raise PolicyFileError(f"{where}: {value!r} is not a number") from None
 
 
 _E = TypeVar("_E", bound=enum.StrEnum)

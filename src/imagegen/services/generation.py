@@ -48,6 +48,7 @@ from imagegen.domain.models import (
     SourceRef,
     StoredImage,
 )
+from imagegen.domain.moderation import Purpose
 from imagegen.domain.plans import PlanTable
 from imagegen.domain.pricing import PriceTable
 from imagegen.domain.validation import (
@@ -78,6 +79,7 @@ from imagegen.repositories.generations import (
 from imagegen.repositories.images import ImageRepository
 from imagegen.repositories.usage import UsageRecord
 from imagegen.repositories.user_settings import UserSettingsRepository
+from imagegen.services.moderation import ModerationService, spec_texts
 from imagegen.services.sources import SourceResolver
 from imagegen.storage.base import BlobStore
 from imagegen.storage.keys import blob_key
@@ -132,6 +134,7 @@ class GenerationService:
         settings: PipelineSettings,
         limits: RequestLimits | None = None,
         tracer: trace.Tracer | None = None,
+        moderation: ModerationService | None = None,
     ) -> None:
         self._generations = generations
         self._queries = queries
@@ -148,6 +151,8 @@ class GenerationService:
         self._settings = settings
         self._limits = limits or RequestLimits()
         self._tracer = tracer or trace.get_tracer(__name__)
+        #: checks every text that becomes a prompt before any cost; None: not moderated
+        self._moderation = moderation
         #: jobs this process is executing right now
         self._executing: set[str] = set()
         self._draining = False
@@ -233,9 +238,11 @@ class GenerationService:
         source_refs: tuple[SourceRef, ...] = (),
         mask_ref: SourceRef | None = None,
         size_given: bool = True,
+        moderation_purpose: Purpose | None = None,
     ) -> Generation:
-        """Validate, fetch and store any sources, and queue a job; the same request_id
-        returns the same job."""
+        """Validate, moderate, fetch and store any sources, and queue a job; the same
+        request_id returns the same job. `moderation_purpose` says where the prompt came
+        from when it is not the caller's own text (a rendered template)."""
         edit = bool(source_refs) or spec.is_edit
         if not spec.provider:
             # The caller's stored choice, else the deployment's default; recorded on the job.
@@ -251,6 +258,14 @@ class GenerationService:
             )
         if mask_ref is not None and not source_refs:
             raise InvalidRequest("a mask needs a source image to apply to", field="mask")
+        if self._moderation is not None:
+            # After validation, before limits, credits, source fetches or any job row: a
+            # blocked text costs nothing and counts against no limit (IMG_011/IMG_012).
+            await self._moderation.check(
+                identity,
+                spec_texts(spec),
+                moderation_purpose or (Purpose.EDIT if edit else Purpose.GENERATE),
+            )
         stored: tuple[EditSource, ...] = ()
         if source_refs:
             # DESIGN's order puts limits and credits before any work; fetching sources is
@@ -824,7 +839,7 @@ class GenerationService:
         images = await self._images.for_generation(job.id)
         # Images already stored in a failed batch stay delivered and are charged.
         credits = self._image_price(job) * len(images)
-        await self._jobs.finish(
+        finished = await self._jobs.finish(
             job.id,
             state=GenerationState.FAILED,
             model=job.model,
@@ -850,6 +865,10 @@ class GenerationService:
             ),
             worker_id=worker_id,
         )
+        if finished is not None and self._moderation is not None:
+            # Abuse signals: the user's failed generations, and a provider's own
+            # content-policy refusal (IMG_010) as a moderation decision.
+            await self._moderation.generation_failed(job, error)
         self._signals.job_changed(job.id)
 
     async def _finish_cancelled(
