@@ -36,7 +36,7 @@ from imagegen.api.templates import PromptTemplateServicer
 from imagegen.api.usage import UsageServicer
 from imagegen.config import ModerationSettings, Settings
 from imagegen.domain.moderation import ModerationPolicyTable
-from imagegen.domain.moderation_rules import RuleSet, RulesModerator, readings
+from imagegen.domain.moderation_rules import RuleSet, readings
 from imagegen.domain.plans import PlanTable
 from imagegen.domain.pricing import PriceTable
 from imagegen.embedded import start_embedded_postgres
@@ -50,6 +50,7 @@ from imagegen.providers.local import LocalProvider
 from imagegen.providers.openai import OpenAIProvider
 from imagegen.providers.openai_moderation import OpenAIModerator
 from imagegen.providers.resilience import ResilientProvider
+from imagegen.providers.rules_moderation import RulesModerator
 from imagegen.providers.sdwebui import SDWebUIProvider
 from imagegen.repositories.credits import CreditLedger
 from imagegen.repositories.db import open_pool

@@ -36,8 +36,9 @@ from imagegen.domain.moderation import (
     Purpose,
     SuspensionRule,
 )
-from imagegen.domain.moderation_rules import RuleSet, RulesModerator
+from imagegen.domain.moderation_rules import RuleSet
 from imagegen.identity import mint_token
+from imagegen.providers.rules_moderation import RulesModerator
 from imagegen.repositories.db import open_pool
 from imagegen.repositories.moderation import ModerationRepository
 from imagegen.services.moderation import ModerationService

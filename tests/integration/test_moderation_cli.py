@@ -15,7 +15,8 @@ from imagegen.cli_moderation import parse_since
 from imagegen.domain.errors import ContentBlocked
 from imagegen.domain.models import Identity
 from imagegen.domain.moderation import ModerationPolicyTable, Purpose
-from imagegen.domain.moderation_rules import RuleSet, RulesModerator
+from imagegen.domain.moderation_rules import RuleSet
+from imagegen.providers.rules_moderation import RulesModerator
 from imagegen.repositories.db import open_pool
 from imagegen.repositories.moderation import ModerationRepository
 from imagegen.services.moderation import ModerationService

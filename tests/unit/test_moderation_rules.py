@@ -15,7 +15,8 @@ from imagegen.domain.moderation import (
     ModerationPolicyTable,
     assess,
 )
-from imagegen.domain.moderation_rules import RuleSet, RulesModerator, readings
+from imagegen.domain.moderation_rules import RuleSet, readings
+from imagegen.providers.rules_moderation import RulesModerator
 
 RULES = RuleSet.load()
 POLICY = ModerationPolicyTable.default().for_plan("free")
@@ -135,6 +136,10 @@ def test_numbers_stay_numbers_and_trailing_bang_stays_punctuation() -> None:
 async def test_the_moderator_answers_one_verdict_per_text() -> None:
     verdicts = await RulesModerator(RULES).moderate(["a p0rn poster", "a lighthouse"])
     assert [set(v.scores) for v in verdicts] == [{Category.SEXUAL}, set()]
+    # A long text (judged off the event loop) is judged the same way.
+    long_text = ("a quiet harbour at dawn, " * 160)[:3990] + " k1ll"
+    [verdict] = await RulesModerator(RULES).moderate([long_text])
+    assert set(verdict.scores) == {Category.VIOLENCE}
 
 
 def test_a_configured_list_replaces_the_default(tmp_path: Path) -> None:

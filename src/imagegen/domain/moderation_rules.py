@@ -46,7 +46,7 @@ import json
 import re
 import string
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -287,16 +287,3 @@ class RuleSet:
                 if rules.category not in found and rules.matches(visible):
                     found[rules.category] = 1.0
         return Verdict(found)
-
-
-class RulesModerator:
-    """The `rules` moderator: local term and pattern lists, no network, never down."""
-
-    id = "rules"
-
-    def __init__(self, rules: RuleSet) -> None:
-        self._rules = rules
-
-    async def moderate(self, texts: Sequence[str]) -> list[Verdict]:
-        """One verdict per text, in order."""
-        return [self._rules.judge(text) for text in texts]
