@@ -1,4 +1,5 @@
-"""`imagegen`: serve, migrate, check health, mint a token, or generate from the command line."""
+"""`imagegen`: serve, migrate, check health, mint a token, generate, or review moderation
+from the command line."""
 
 from __future__ import annotations
 
@@ -98,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     grant.add_argument("--amount", type=int, required=True)
     grant.add_argument("--note", default="granted by an administrator")
 
+    from imagegen.cli_moderation import add_parser as add_moderation_parser
+
+    add_moderation_parser(sub)
+
     for what, help_text in (
         ("usage", "usage records"),
         ("generations", "generation history"),
@@ -146,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         return _mcp(settings, args)
     if args.command == "tools":
         return _tools(args)
+    if args.command == "moderation":
+        from imagegen.cli_moderation import run as run_moderation
+
+        return run_moderation(settings, args)
     if args.command in ("usage", "generations"):
         from imagegen.cli_export import run_export
 

@@ -175,6 +175,46 @@ SETTINGS: tuple[SettingDoc, ...] = (
         "Seconds the `local` renderer pauses between its progress steps.",
     ),
     SettingDoc("IMAGEGEN_LOG_LEVEL", "INFO", "Log level."),
+    SettingDoc(
+        "IMAGEGEN_MODERATION_CHAIN",
+        "rules",
+        "Comma-separated moderators asked in order before any cost: `rules` (local term "
+        "lists), `openai` (OpenAI moderation endpoint); `none` turns moderation off.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_MODERATION_POLICY_FILE",
+        "(built-in policy)",
+        "JSON moderation policy per plan: block, flag or allow per category, score "
+        "threshold, fail closed or open, suspension after N blocks in a window.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_MODERATION_RULES_FILE",
+        "(built-in list)",
+        "JSON term and pattern lists per category for the `rules` moderator; replaces "
+        "the shipped list.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_MODERATION_URL",
+        "(OPENAI_BASE_URL, only if the chain names openai and both moderation settings "
+        "are unset)",
+        "Base URL of the OpenAI moderation endpoint (`{url}/moderations`).",
+    ),
+    SettingDoc(
+        "IMAGEGEN_MODERATION_API_KEY",
+        "(OPENAI_API_KEY, on the same terms)",
+        "Bearer key of the moderation endpoint; unset sends none.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_MODERATION_TIMEOUT",
+        "5",
+        "Seconds one call to the moderation endpoint may take before it counts as down.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_MODERATION_STORE_TEXT",
+        "false",
+        "Store the texts of blocked and flagged requests for review; otherwise only their "
+        "SHA-256.",
+    ),
     SettingDoc("BUILT_IN_FORGE_API_URL", "(unset)", "Base URL of the Forge ImageService."),
     SettingDoc("BUILT_IN_FORGE_API_KEY", "(unset)", "Bearer key of the Forge ImageService."),
     SettingDoc(
@@ -236,6 +276,25 @@ class ForgeSettings:
     api_key: str | None
 
 
+#: Moderators IMAGEGEN_MODERATION_CHAIN may name.
+MODERATORS = ("rules", "openai")
+
+
+@dataclass(frozen=True)
+class ModerationSettings:
+    """The moderator chain and its outside endpoint. `url` and `api_key` are the openai
+    moderator's own settings, or OPENAI_BASE_URL/OPENAI_API_KEY when the chain names
+    openai and neither of its own is set; they never configure the image provider."""
+
+    chain: tuple[str, ...]
+    policy_file: Path | None
+    rules_file: Path | None
+    url: str | None
+    api_key: str | None
+    timeout: timedelta
+    store_text: bool
+
+
 @dataclass(frozen=True)
 class McpSettings:
     """The MCP face: its HTTP port (None: off) and how long job tools wait."""
@@ -285,6 +344,7 @@ class Settings:
     openai_api_key: str | None
     openai_base_url: str | None
     sdwebui_url: str | None
+    moderation: ModerationSettings
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -392,6 +452,7 @@ class Settings:
             openai_api_key=reader.optional("OPENAI_API_KEY"),
             openai_base_url=reader.optional("OPENAI_BASE_URL"),
             sdwebui_url=reader.optional("IMAGEGEN_SDWEBUI_URL"),
+            moderation=_moderation_settings(reader),
         )
         return settings
 
@@ -404,6 +465,47 @@ class Settings:
         if self.default_provider:
             return self.default_provider
         return "forge" if self.forge_configured else "local"
+
+
+def _moderation_settings(reader: _Reader) -> ModerationSettings:
+    raw_chain = reader.text("IMAGEGEN_MODERATION_CHAIN", "rules").lower()
+    chain = tuple(m.strip() for m in raw_chain.split(",") if m.strip())
+    if chain == ("none",):
+        chain = ()
+    unknown = [m for m in chain if m not in MODERATORS]
+    if unknown or len(set(chain)) != len(chain):
+        raise ConfigError(
+            "IMAGEGEN_MODERATION_CHAIN must list distinct moderators from "
+            f"{', '.join(MODERATORS)} (or be none), not {raw_chain!r}"
+        )
+    url = reader.optional("IMAGEGEN_MODERATION_URL")
+    api_key = reader.optional("IMAGEGEN_MODERATION_API_KEY")
+    if "openai" in chain:
+        if url is None and api_key is None:
+            # The OpenAI settings stand in only as a pair, and only for a chain that
+            # asks for openai: the image provider's key never goes to another host.
+            url = reader.optional("OPENAI_BASE_URL")
+            api_key = reader.optional("OPENAI_API_KEY")
+        if url is None:
+            raise ConfigError(
+                "IMAGEGEN_MODERATION_CHAIN names openai but IMAGEGEN_MODERATION_URL is not "
+                "set (nor, with no moderation key either, OPENAI_BASE_URL)"
+            )
+    store_text = reader.text("IMAGEGEN_MODERATION_STORE_TEXT", "false").lower()
+    if store_text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ConfigError("IMAGEGEN_MODERATION_STORE_TEXT must be true or false")
+    timeout = reader.seconds("IMAGEGEN_MODERATION_TIMEOUT", 5)
+    if timeout <= timedelta(0):
+        raise ConfigError("IMAGEGEN_MODERATION_TIMEOUT must be above 0")
+    return ModerationSettings(
+        chain=chain,
+        policy_file=_path_or_none(reader.optional("IMAGEGEN_MODERATION_POLICY_FILE")),
+        rules_file=_path_or_none(reader.optional("IMAGEGEN_MODERATION_RULES_FILE")),
+        url=url,
+        api_key=api_key,
+        timeout=timeout,
+        store_text=store_text in ("true", "1", "yes"),
+    )
 
 
 def _path_or_none(value: str | None) -> Path | None:

@@ -34,8 +34,10 @@ from imagegen.api.interceptors import (
 from imagegen.api.library import ImageLibraryServicer
 from imagegen.api.templates import PromptTemplateServicer
 from imagegen.api.usage import UsageServicer
-from imagegen.config import Settings
+from imagegen.config import ModerationSettings, Settings
 from imagegen.domain.errors import Unauthenticated
+from imagegen.domain.moderation import ModerationPolicyTable
+from imagegen.domain.moderation_rules import RuleSet, readings
 from imagegen.domain.plans import PlanTable
 from imagegen.domain.pricing import PriceTable
 from imagegen.embedded import start_embedded_postgres
@@ -49,11 +51,14 @@ from imagegen.providers.fetch_guard import FetchLimits, GuardedFetcher
 from imagegen.providers.forge import ForgeProvider
 from imagegen.providers.local import LocalProvider
 from imagegen.providers.openai import OpenAIProvider
+from imagegen.providers.openai_moderation import OpenAIModerator
 from imagegen.providers.resilience import ResilientProvider
+from imagegen.providers.rules_moderation import RulesModerator
 from imagegen.providers.sdwebui import SDWebUIProvider
 from imagegen.repositories.db import open_pool
 from imagegen.repositories.images import LibraryQueries
 from imagegen.repositories.migrator import apply_migrations
+from imagegen.repositories.moderation import ModerationRepository
 from imagegen.repositories.templates import TemplateRepository
 from imagegen.repositories.unit_of_work import PostgresDatabase
 from imagegen.repositories.usage import UsageQueries
@@ -68,6 +73,7 @@ from imagegen.services.generations import (
     UserSettingsService,
 )
 from imagegen.services.library import LibraryService, LibrarySettings
+from imagegen.services.moderation import ModerationService, Moderator
 from imagegen.services.sources import SourceLimits, SourceResolver
 from imagegen.services.templates import TemplateService
 from imagegen.services.usage import UsageService
@@ -206,6 +212,14 @@ class Server:
             await listener.start()
             stack.push_async_callback(listener.stop)
 
+            moderation = ModerationService(
+                chain=await _moderators(settings.moderation, http_client),
+                policies=ModerationPolicyTable.load(settings.moderation.policy_file),
+                repository=ModerationRepository(pool),
+                observer=telemetry.moderation_metrics,
+                store_text=settings.moderation.store_text,
+            )
+
             database = PostgresDatabase(pool)
             plans = PlanTable.load(settings.plans_file)
             prices = PriceTable.load(settings.pricing_file)
@@ -231,6 +245,7 @@ class Server:
                     request_id_ttl=settings.request_id_ttl,
                 ),
                 tracer=telemetry.tracer,
+                moderation=moderation,
             )
             pipeline = JobPipeline(
                 db=database,
@@ -247,6 +262,7 @@ class Server:
                     encode=_encode_settings(settings),
                 ),
                 tracer=telemetry.tracer,
+                moderation=moderation,
             )
             watch = GenerationWatch(
                 db=database,
@@ -469,6 +485,31 @@ async def _start_mcp(
     await mcp.start()
     stack.push_async_callback(mcp.stop, 0.0)
     return mcp
+
+
+async def _moderators(
+    settings: ModerationSettings, http_client: httpx.AsyncClient
+) -> list[Moderator]:
+    """The moderator chain in the configured order."""
+    chain: list[Moderator] = []
+    for moderator_id in settings.chain:
+        if moderator_id == "rules":
+            rules = await asyncio.to_thread(_load_rules, settings)
+            chain.append(RulesModerator(rules))
+        elif moderator_id == "openai":
+            assert settings.url is not None  # Settings.from_env refuses a chain without it
+            chain.append(
+                OpenAIModerator(
+                    settings.url, settings.api_key, http_client, timeout=settings.timeout
+                )
+            )
+    return chain
+
+
+def _load_rules(settings: ModerationSettings) -> RuleSet:
+    rules = RuleSet.load(settings.rules_file)
+    readings("warm up")  # loads the confusables table here, not in the first request
+    return rules
 
 
 def public_url_notice(host: str, public_url: str | None, http_port: int) -> str | None:

@@ -20,7 +20,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -162,6 +162,72 @@ class GenerationMetrics:
         self._meter.create_observable_gauge("imagegen_queue_oldest_age", [age], unit="s")
 
 
+class ModerationMetrics:
+    """The moderation instruments; also the moderation service's observer. Labels are
+    decisions, purposes, categories and moderator ids: never a text, never a user id."""
+
+    #: users tracked at once for the top-user gauge; the oldest are dropped past this
+    MAX_TRACKED_USERS = 10_000
+
+    def __init__(self, meter: otel_metrics.Meter, window: timedelta = timedelta(hours=1)) -> None:
+        self._decisions = meter.create_counter(
+            "imagegen_moderation_decisions",
+            unit="1",
+            description="Moderation decisions by decision (allowed, flagged, blocked, "
+            "unavailable, suspended) and purpose",
+        )
+        self._categories = meter.create_counter(
+            "imagegen_moderation_categories",
+            unit="1",
+            description="Categories that decided a flagged or blocked request",
+        )
+        self._unavailable = meter.create_counter(
+            "imagegen_moderation_moderator_unavailable",
+            unit="1",
+            description="Calls to a moderator that could not answer",
+        )
+        self._window = window
+        #: user id -> (blocks within the window as counted in the database at their
+        #: latest block, time of that block); held in memory, exported only as a max
+        self._recent: dict[str, tuple[int, datetime]] = {}
+        self._lock = threading.Lock()
+        meter.create_observable_gauge(
+            "imagegen_moderation_top_user_blocks",
+            [self._observe_top_user],
+            description="The most blocked requests one user had within the last hour, as "
+            "counted across replicas in the database at that user's latest block",
+        )
+
+    def decision_made(self, decision: str, purpose: str, categories: Sequence[str]) -> None:
+        self._decisions.add(1, {"decision": decision, "purpose": purpose})
+        for category in categories:
+            self._categories.add(1, {"decision": decision, "category": category})
+
+    def moderator_unavailable(self, moderator: str) -> None:
+        self._unavailable.add(1, {"moderator": moderator})
+
+    def user_blocks(self, user_id: str, blocks_in_window: int, at: datetime) -> None:
+        with self._lock:
+            self._recent.pop(user_id, None)
+            self._recent[user_id] = (blocks_in_window, at)
+            while len(self._recent) > self.MAX_TRACKED_USERS:
+                self._recent.pop(next(iter(self._recent)))
+
+    def top_user_blocks(self, now: datetime | None = None) -> int:
+        """The highest per-user block count whose latest block is still in the window."""
+        moment = now or datetime.now(UTC)
+        with self._lock:
+            start = moment - self._window
+            for user_id in [u for u, (_, at) in self._recent.items() if at <= start]:
+                del self._recent[user_id]
+            return max((count for count, _ in self._recent.values()), default=0)
+
+    def _observe_top_user(
+        self, _options: otel_metrics.CallbackOptions
+    ) -> Iterator[otel_metrics.Observation]:
+        yield otel_metrics.Observation(self.top_user_blocks())
+
+
 class Telemetry:
     """Tracer and meter providers of one served process, and what reads them."""
 
@@ -176,6 +242,7 @@ class Telemetry:
         self._registry = registry
         self.tracer = tracer_provider.get_tracer("imagegen")
         self.generation_metrics = GenerationMetrics(meter_provider.get_meter("imagegen"))
+        self.moderation_metrics = ModerationMetrics(meter_provider.get_meter("imagegen"))
 
     def grpc_server_interceptor(self) -> grpc.aio.ServerInterceptor:
         """The OpenTelemetry gRPC interceptor (continues a caller's traceparent)."""

@@ -54,6 +54,7 @@ SECRET_SETTINGS = frozenset(
         "AWS_SESSION_TOKEN",
         "OPENAI_API_KEY",
         "BUILT_IN_FORGE_API_KEY",
+        "IMAGEGEN_MODERATION_API_KEY",
     }
 )
 

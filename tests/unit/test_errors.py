@@ -47,6 +47,16 @@ CASES: list[tuple[domain.ImageGenError, grpc.StatusCode, str]] = [
     (domain.StorageQuotaExceeded("full"), grpc.StatusCode.RESOURCE_EXHAUSTED, "IMG_008"),
     (domain.RequestIdReused("reused"), grpc.StatusCode.FAILED_PRECONDITION, "IMG_009"),
     (domain.ContentPolicyRefused("refused"), grpc.StatusCode.INVALID_ARGUMENT, "IMG_010"),
+    (
+        domain.ContentBlocked("blocked", categories=("sexual", "violence")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "IMG_011",
+    ),
+    (
+        domain.ModerationUnavailable("moderator down", retry_after=timedelta(seconds=30)),
+        grpc.StatusCode.UNAVAILABLE,
+        "IMG_012",
+    ),
     (domain.NotFound("no such image"), grpc.StatusCode.NOT_FOUND, "NOT_FOUND"),
     (domain.PermissionDenied("read only"), grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
     (domain.Unauthenticated("no token"), grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
@@ -149,6 +159,37 @@ def test_retryable_provider_failure_with_retry_after_carries_retry_info() -> Non
     retry = details_of(rich_status(exc)[2])["RetryInfo"]
     assert isinstance(retry, error_details_pb2.RetryInfo)
     assert retry.retry_delay.seconds == 5
+
+
+def test_blocked_content_names_categories_and_has_no_retry_info() -> None:
+    found = details_of(rich_status(domain.ContentBlocked("no", categories=("hate",)))[2])
+    info = found["ErrorInfo"]
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert info.reason == "IMG_011" and dict(info.metadata) == {"categories": "hate"}
+    assert "RetryInfo" not in found
+
+
+def test_suspension_is_img_011_permission_denied_with_retry_info() -> None:
+    exc = domain.ContentBlocked(
+        "suspended", categories=("sexual",), retry_after=timedelta(hours=1, seconds=5)
+    )
+    code, _, status = rich_status(exc)
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    found = details_of(status)
+    info = found["ErrorInfo"]
+    assert isinstance(info, error_details_pb2.ErrorInfo) and info.reason == "IMG_011"
+    retry = found["RetryInfo"]
+    assert isinstance(retry, error_details_pb2.RetryInfo)
+    assert retry.retry_delay.ToTimedelta() == timedelta(hours=1, seconds=5)
+
+
+def test_moderation_unavailable_carries_retry_info() -> None:
+    exc = domain.ModerationUnavailable("down", retry_after=timedelta(seconds=12))
+    code, _, status = rich_status(exc)
+    assert code == grpc.StatusCode.UNAVAILABLE and exc.retryable
+    retry = details_of(status)["RetryInfo"]
+    assert isinstance(retry, error_details_pb2.RetryInfo)
+    assert retry.retry_delay.seconds == 12
 
 
 def test_other_errors_have_no_retry_info() -> None:

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import re
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import yaml
@@ -37,6 +38,8 @@ def test_metrics_render_outcomes_and_alert_rules_name_real_metrics() -> None:
     metrics.record_outcome("local", "failed", "IMG_002", 0.4)
     metrics.record_outcome("local", "completed", "", 0.2)
     metrics.register_queue_observer(lambda: (2, 7.0))
+    telemetry.moderation_metrics.decision_made("blocked", "generate", ["sexual"])
+    telemetry.moderation_metrics.moderator_unavailable("openai")
     text = telemetry.metrics_text()[0].decode()
     assert re.search(r'imagegen_generations_total\{code="IMG_002".*outcome="failed".*\} 1\.0', text)
     exposed = {
@@ -82,3 +85,23 @@ def test_otlp_only_when_an_endpoint_is_configured() -> None:
     )
     chosen = _span_exporters({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"})
     assert [type(e).__name__ for e in chosen] == ["OTLPSpanExporter"]
+
+
+def test_moderation_metrics_carry_no_text_or_user_and_the_top_user_gauge_decays() -> None:
+    telemetry = setup_telemetry(env={})
+    moderation = telemetry.moderation_metrics
+    now = datetime.now(UTC)
+    moderation.decision_made("blocked", "template", ["sexual", "violence"])
+    moderation.user_blocks("mallory", 12, now - timedelta(minutes=59))
+    moderation.user_blocks("eve", 3, now - timedelta(minutes=5))
+    text = telemetry.metrics_text()[0].decode()
+    assert re.search(
+        r'imagegen_moderation_decisions_total\{decision="blocked".*purpose="template".*\} 1\.0',
+        text,
+    )
+    assert re.search(r'imagegen_moderation_categories_total\{category="violence"', text)
+    assert re.search(r"imagegen_moderation_top_user_blocks\{.*\} 12\.0", text)
+    assert "mallory" not in text and "eve" not in text
+    # An hour after a user's latest block their count no longer counts.
+    assert moderation.top_user_blocks(now + timedelta(minutes=2)) == 3
+    assert moderation.top_user_blocks(now + timedelta(hours=1)) == 0

@@ -4,6 +4,7 @@ Every refusal carries a `google.rpc.ErrorInfo` whose `reason` is the stable IMG 
 or, for code-less errors, the class name in UPPER_SNAKE, which must be one of
 `OTHER_REASONS` (the list in proto/imagegen/v1/common.proto); its `domain` is
 `imagegen.v1` and its `metadata` the error's specifics. Rate limits add `RetryInfo`;
+a moderation suspension and an unavailable moderator add `RetryInfo` too;
 invalid fields add `BadRequest.FieldViolation`.
 
 Anything that is not an `ImageGenError` is a bug: it is logged with its traceback and
@@ -52,6 +53,13 @@ def _fixed(code: grpc.StatusCode) -> _StatusFor:
     return lambda _exc: code
 
 
+def _by_suspension(exc: domain.ImageGenError) -> grpc.StatusCode:
+    # The same code, IMG_011, for a blocked text (fix the prompt) and for a caller
+    # suspended for repeated blocks (wait for the RetryInfo's delay): see common.proto.
+    suspended = isinstance(exc, domain.ContentBlocked) and exc.suspended
+    return grpc.StatusCode.PERMISSION_DENIED if suspended else grpc.StatusCode.INVALID_ARGUMENT
+
+
 def _by_retryable(exc: domain.ImageGenError) -> grpc.StatusCode:
     # A provider hiccup (timeout, 5xx, its own rate limit) is worth retrying; a reply we
     # cannot use is not, and UNAVAILABLE would invite clients to loop on it.
@@ -71,6 +79,8 @@ STATUS_TABLE: dict[type[domain.ImageGenError], _StatusFor] = {
     domain.StorageQuotaExceeded: _fixed(grpc.StatusCode.RESOURCE_EXHAUSTED),  # IMG_008
     domain.RequestIdReused: _fixed(grpc.StatusCode.FAILED_PRECONDITION),  # IMG_009
     domain.ContentPolicyRefused: _fixed(grpc.StatusCode.INVALID_ARGUMENT),  # IMG_010
+    domain.ContentBlocked: _by_suspension,  # IMG_011
+    domain.ModerationUnavailable: _fixed(grpc.StatusCode.UNAVAILABLE),  # IMG_012
     domain.NotFound: _fixed(grpc.StatusCode.NOT_FOUND),
     domain.PermissionDenied: _fixed(grpc.StatusCode.PERMISSION_DENIED),
     domain.Unauthenticated: _fixed(grpc.StatusCode.UNAUTHENTICATED),
@@ -228,6 +238,8 @@ def error_from_code(code: str, message: str, retryable: bool) -> domain.ImageGen
         exc = domain.ProviderFailed(message, retryable=retryable)
     elif cls is domain.RateLimited:
         exc = domain.RateLimited(message, retry_after=DEFAULT_RETRY_AFTER)
+    elif cls is domain.ModerationUnavailable:
+        exc = domain.ModerationUnavailable(message, retry_after=DEFAULT_RETRY_AFTER)
     elif cls is not None:
         exc = cls(message)
     else:

@@ -8,6 +8,7 @@ import uuid
 from imagegen.domain import paging
 from imagegen.domain.errors import InvalidRequest, NotFound, PermissionDenied
 from imagegen.domain.models import Generation, GenerationSpec, Identity, SourceRef, Style
+from imagegen.domain.moderation import Purpose
 from imagegen.domain.templates import PromptTemplate, check_category, check_template, render
 from imagegen.repositories.templates import TemplateRepository
 from imagegen.services.generations import SubmissionService
@@ -139,6 +140,8 @@ class TemplateService:
             else (Style(template.style) if template.style else None)
         )
         spec = dataclasses.replace(overrides, prompt=prompt, style=style)
+        # The rendered prompt is moderated inside submit, like any prompt, and recorded
+        # as a template's.
         generation = await self._submission.submit(
             identity,
             spec,
@@ -146,6 +149,7 @@ class TemplateService:
             source_refs=source_refs,
             mask_ref=mask_ref,
             size_given=size_given,
+            moderation_purpose=Purpose.TEMPLATE,
         )
         await self._templates.count_use(template.id)
         return generation

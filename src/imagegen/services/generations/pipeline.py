@@ -65,6 +65,7 @@ from imagegen.providers.base import (
 )
 from imagegen.repositories.generations import NewEvent
 from imagegen.services.generations.catalogue import ProviderCatalogue
+from imagegen.services.moderation import ModerationService
 from imagegen.services.unit_of_work import Database
 from imagegen.storage.base import BlobStore
 from imagegen.storage.keys import blob_key
@@ -115,9 +116,12 @@ class JobPipeline:
         observer: GenerationObserver,
         settings: PipelineSettings,
         tracer: trace.Tracer | None = None,
+        moderation: ModerationService | None = None,
     ) -> None:
         self._db = db
         self._blobs = blobs
+        #: told of failed jobs (abuse signals, provider content-policy verdicts); None: off
+        self._moderation = moderation
         self._catalogue = catalogue
         self._signals = signals
         self._observer = observer
@@ -500,6 +504,10 @@ class JobPipeline:
                 await uow.commit()
         if ended and state is GenerationState.COMPLETED:
             self._observer.credits_charged(job.provider, credits)
+        if ended and error is not None and self._moderation is not None:
+            # Abuse signals: the user's failed generations, and a provider's own
+            # content-policy refusal (IMG_010) as a moderation decision.
+            await self._moderation.generation_failed(job, error)
         self._signals.job_changed(job.id)
 
     def _usage(

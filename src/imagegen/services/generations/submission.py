@@ -34,6 +34,7 @@ from imagegen.domain.models import (
     Size,
     SourceRef,
 )
+from imagegen.domain.moderation import Purpose
 from imagegen.domain.plans import PlanLimits, PlanTable
 from imagegen.domain.pricing import PriceTable
 from imagegen.domain.validation import (
@@ -50,6 +51,7 @@ from imagegen.jobs.signals import JobSignals
 from imagegen.providers.base import Provider, ProviderRequest, SourceImage
 from imagegen.repositories.generations import NewGeneration
 from imagegen.services.generations.catalogue import ProviderCatalogue
+from imagegen.services.moderation import ModerationService, spec_texts
 from imagegen.services.sources import SourceResolver
 from imagegen.services.unit_of_work import Database
 
@@ -89,8 +91,11 @@ class SubmissionService:
         signals: JobSignals,
         settings: SubmissionSettings,
         tracer: trace.Tracer | None = None,
+        moderation: ModerationService | None = None,
     ) -> None:
         self._db = db
+        #: None: texts are not moderated
+        self._moderation = moderation
         self._sources = sources
         self._catalogue = catalogue
         self._signals = signals
@@ -106,9 +111,11 @@ class SubmissionService:
         source_refs: tuple[SourceRef, ...] = (),
         mask_ref: SourceRef | None = None,
         size_given: bool = True,
+        moderation_purpose: Purpose | None = None,
     ) -> Generation:
-        """Validate, fetch and store any sources, and queue a job; the same request_id
-        returns the same job."""
+        """Validate, moderate, fetch and store any sources, and queue a job; the same
+        request_id returns the same job. `moderation_purpose` says where the prompt came
+        from when it is not the caller's own text (a rendered template)."""
         edit = bool(source_refs) or spec.is_edit
         if not spec.provider:
             # The caller's stored choice, else the deployment's default; recorded on the job.
@@ -124,6 +131,14 @@ class SubmissionService:
             )
         if mask_ref is not None and not source_refs:
             raise InvalidRequest("a mask needs a source image to apply to", field="mask")
+        if self._moderation is not None:
+            # After validation, before limits, credits, source fetches or any job row: a
+            # blocked text costs nothing and counts against no limit (IMG_011/IMG_012).
+            await self._moderation.check(
+                identity,
+                spec_texts(spec),
+                moderation_purpose or (Purpose.EDIT if edit else Purpose.GENERATE),
+            )
         limits = self._settings.plans.limits_for(identity.plan)
         stored: tuple[EditSource, ...] = ()
         if source_refs:
