@@ -138,7 +138,9 @@ class Server:
                 stack.push_async_callback(embedded.stop)
                 dsn = embedded.dsn
             await apply_migrations(dsn)
-            pool = await open_pool(dsn, max_size=max(10, settings.workers * 3))
+            pool = await open_pool(
+                dsn, max_size=max(10, settings.workers * 3), tracer=telemetry.tracer
+            )
             stack.push_async_callback(pool.close)
 
             local_store: LocalBlobStore | None = None

@@ -4,10 +4,10 @@ and JSON log lines that carry the current trace id.
 Exporters follow the standard OTEL_* variables: spans go to OTLP when
 OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set, nowhere otherwise.
 
-Library instrumentations (asyncpg, httpx, aiobotocore) patch process-wide code, so
-they are installed once, with a tracer provider that delegates to whichever
-Telemetry was set up last; several servers in one test process each see their own
-spans while they are current.
+Library instrumentations (httpx, aiobotocore) patch process-wide code, so they are
+installed once, with a tracer provider that delegates to whichever Telemetry was set
+up last; several servers in one test process each see their own spans while they are
+current. PostgreSQL queries are traced by the pool itself (repositories/db.py).
 """
 
 from __future__ import annotations
@@ -84,13 +84,10 @@ def _instrument_libraries() -> None:
         if _Instrumentation.done:
             return
         from opentelemetry.instrumentation.aiobotocore import AioBotocoreInstrumentor
-        from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
         from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
 
+        # PostgreSQL is traced by our pool (repositories/db.py), not by an instrumentor.
         provider = _DelegatingTracerProvider()
-        AsyncPGInstrumentor().instrument(  # type: ignore[no-untyped-call]
-            tracer_provider=provider
-        )
         HTTPXClientInstrumentor().instrument(tracer_provider=provider)
         AioBotocoreInstrumentor().instrument(  # type: ignore[no-untyped-call]
             tracer_provider=provider
