@@ -23,8 +23,9 @@ async def test_one_trace_from_rpc_to_provider_storage_and_database(
 ) -> None:
     exporter = InMemorySpanExporter()
     telemetry = setup_telemetry(span_exporter=exporter, env={})
+    provider_png = png_bytes(512, 512)
     async with ForgeFake.start() as fake:
-        fake.default = Reply(image=png_bytes(512, 512))
+        fake.default = Reply(image=provider_png)
         env = {
             "IMAGEGEN_S3_ENDPOINT": s3_endpoint,
             "IMAGEGEN_S3_BUCKET": s3_bucket,
@@ -70,6 +71,17 @@ async def test_one_trace_from_rpc_to_provider_storage_and_database(
         # Named by query summary; the pool's reset on release is not traced.
         assert span.name == span.attributes["db.query.summary"]
         assert "RESET ALL" not in str(span.attributes["db.query.text"])
+    process = next(s for s in ours if s.name == "image.process")
+    assert process.attributes["imagegen.image.input.size"] == len(provider_png)
+    assert process.attributes["imagegen.image.format"] == "png"
+    assert process.attributes["imagegen.image.mime_type"] == "image/png"
+    assert process.attributes["imagegen.image.width"] == 512
+    put = next(s for s in ours if s.name == "storage.put")
+    assert put.attributes["imagegen.blob.size"] == process.attributes["imagegen.image.size"]
+    assert put.attributes["imagegen.blob.mime_type"] == "image/png"
+    assert put.attributes["imagegen.blob.bucket"] == s3_bucket
+    # The folder, never the rest of the key (it names the user and the image).
+    assert put.attributes["imagegen.blob.key_prefix"] == "generated"
     run = next(s for s in ours if s.name == "generation.run")
     assert run.attributes["imagegen.provider"] == "forge"
     assert run.attributes["imagegen.outcome"] == "completed"

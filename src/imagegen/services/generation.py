@@ -579,9 +579,24 @@ class GenerationService:
                 await self._generations.set_provider(job.id, serving.id)
             model = reply.model or model or (provider.models[0] if provider.models else "")
             await self._checkpoint(job.id)
-            with self._tracer.start_as_current_span("image.process"):
+            with self._tracer.start_as_current_span(
+                "image.process",
+                attributes={
+                    "imagegen.image.input.size": len(reply.data),
+                    "imagegen.image.requested_format": job.spec.output_format.value,
+                },
+            ) as process_span:
                 encoded, info = await asyncio.to_thread(
                     self._process_reply, reply.data, job.spec.output_format
+                )
+                process_span.set_attributes(
+                    {
+                        "imagegen.image.size": len(encoded),
+                        "imagegen.image.format": info.format.value,
+                        "imagegen.image.mime_type": info.mime_type,
+                        "imagegen.image.width": info.width,
+                        "imagegen.image.height": info.height,
+                    }
                 )
             await self._store(
                 job,
@@ -697,7 +712,16 @@ class GenerationService:
         await self._check_quota(job, len(encoded))
         image_id = str(uuid.uuid4())
         key = blob_key(job.user_id, image_id, info.format.extension, datetime.now(UTC))
-        with self._tracer.start_as_current_span("storage.put"):
+        with self._tracer.start_as_current_span(
+            "storage.put",
+            attributes={
+                "imagegen.blob.size": len(encoded),
+                "imagegen.blob.mime_type": info.mime_type,
+                "imagegen.blob.bucket": self._blobs.bucket,
+                # The folder only: the rest of the key names the user and the image.
+                "imagegen.blob.key_prefix": key.split("/", 1)[0],
+            },
+        ):
             await self._blobs.put(key, encoded, info.mime_type)
         image = StoredImage(
             id=image_id,

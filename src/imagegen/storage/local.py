@@ -59,6 +59,11 @@ class LocalBlobStore:
         self._key = signing_key
         self._clock = clock
 
+    @property
+    def bucket(self) -> str:
+        """`local` (for spans): the files have no bucket, and their path is no one's business."""
+        return "local"
+
     def _path(self, key: str) -> Path:
         parts = key.split("/")
         if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
