@@ -172,17 +172,14 @@ class Telemetry:
         self.meter_provider = meter_provider
         self._registry = registry
         self.tracer = tracer_provider.get_tracer("imagegen")
-        self.generation_metrics = GenerationMetrics(meter_provider.get_meter("imagegen"))
+        self.meter = meter_provider.get_meter("imagegen")
+        self.generation_metrics = GenerationMetrics(self.meter)
 
     def grpc_server_interceptor(self) -> grpc.aio.ServerInterceptor:
-        """The OpenTelemetry gRPC interceptor (continues a caller's traceparent)."""
-        from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+        """Server spans (continuing a caller's traceparent) and `rpc.server.*` metrics."""
+        from imagegen.api.rpc_telemetry import RpcTelemetryInterceptor
 
-        interceptor: grpc.aio.ServerInterceptor = aio_server_interceptor(  # type: ignore[no-untyped-call]
-            tracer_provider=self.tracer_provider,
-            filter_=filters.negate(filters.service_prefix("grpc.health")),
-        )
-        return interceptor
+        return RpcTelemetryInterceptor(self.tracer, self.meter)
 
     def metrics_text(self) -> tuple[bytes, str]:
         """The Prometheus exposition of this process's metrics."""

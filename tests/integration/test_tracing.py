@@ -52,9 +52,11 @@ async def test_one_trace_from_rpc_to_provider_storage_and_database(
     ours = [s for s in spans if format(s.context.trace_id, "032x") == CALLER_TRACE_ID]
     names = {s.name for s in ours}
     # The incoming RPC, continued from the caller's traceparent.
-    rpc = [s for s in ours if s.name == "/imagegen.v1.ImageGenerationService/GenerateImage"]
+    rpc = [s for s in ours if s.name == "imagegen.v1.ImageGenerationService/GenerateImage"]
     assert len(rpc) == 1
     assert rpc[0].parent is not None and format(rpc[0].parent.span_id, "016x") == CALLER_SPAN_ID
+    assert rpc[0].attributes["rpc.system.name"] == "grpc"
+    assert rpc[0].attributes["rpc.response.status_code"] == "OK"
     # The job, run by a worker, joins the same trace.
     assert {"generation.run", "generation.provider_call", "image.process", "storage.put"} <= names
     # The instrumentations' own spans: httpx to the provider, S3 PutObject, PostgreSQL.
