@@ -1,8 +1,13 @@
 """OpenTelemetry for a served process: traces, metrics (Prometheus text at /metrics)
-and JSON log lines that carry the current trace id.
+and JSON log lines that carry the current trace and span ids.
 
 Exporters follow the standard OTEL_* variables: spans go to OTLP when
 OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set, nowhere otherwise.
+
+With no exporter, spans are not recorded at all (see `UnrecordedTracerProvider`): a
+recorded span that nothing exports is CPU spent for nothing. Trace context still
+flows: an incoming `traceparent` is carried into the job and to the providers, and
+log lines carry its trace id (or a fresh one per RPC when the caller sent none).
 
 Library instrumentations (httpx, aiobotocore) patch process-wide code, so they are
 installed once, with a tracer provider that delegates to whichever Telemetry was set
@@ -24,6 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
@@ -37,6 +43,7 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.util.types import Attributes
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -72,6 +79,56 @@ class _DelegatingTracer(trace.Tracer):
 class _DelegatingTracerProvider(trace.TracerProvider):
     def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
         return _DelegatingTracer(*args, **kwargs)
+
+
+class UnrecordedTracer(trace.NoOpTracer):
+    """Starts no span of its own: inside a trace it hands back the current span (as the
+    API's no-op tracer does), so the caller's trace context, sampling flag included,
+    flows on unchanged; outside any trace it starts a non-recording root span with
+    fresh ids, so the log lines of an RPC or job without a caller's trace still share
+    one trace id."""
+
+    def __init__(self) -> None:
+        self._ids = RandomIdGenerator()
+
+    def start_span(
+        self,
+        name: str,
+        context: otel_context.Context | None = None,
+        kind: trace.SpanKind = trace.SpanKind.INTERNAL,
+        attributes: Attributes = None,
+        links: Any = None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+    ) -> trace.Span:
+        current = trace.get_current_span(context)
+        span_context = current.get_span_context()
+        if span_context.is_valid:
+            # Ending it is a no-op, so `with start_as_current_span(...)` leaves it be.
+            return current if not current.is_recording() else trace.NonRecordingSpan(span_context)
+        return trace.NonRecordingSpan(
+            trace.SpanContext(
+                self._ids.generate_trace_id(),
+                self._ids.generate_span_id(),
+                is_remote=False,
+                trace_flags=trace.TraceFlags(trace.TraceFlags.DEFAULT),
+            )
+        )
+
+
+class UnrecordedTracerProvider(trace.TracerProvider):
+    """The tracer provider of a process that exports no spans (see UnrecordedTracer).
+
+    Chosen over the SDK's provider with an ALWAYS_OFF sampler, which also records
+    nothing but still makes ids and objects for every span and marks the context it
+    forwards as not sampled even when the caller sampled it (bench/span_bench.py)."""
+
+    def __init__(self) -> None:
+        self._tracer = UnrecordedTracer()
+
+    def get_tracer(self, *args: Any, **kwargs: Any) -> trace.Tracer:
+        return self._tracer
 
 
 class _Instrumentation:
@@ -164,7 +221,7 @@ class Telemetry:
 
     def __init__(
         self,
-        tracer_provider: TracerProvider,
+        tracer_provider: trace.TracerProvider,
         meter_provider: MeterProvider,
         registry: CollectorRegistry,
     ) -> None:
@@ -174,6 +231,11 @@ class Telemetry:
         self.tracer = tracer_provider.get_tracer("imagegen")
         self.meter = meter_provider.get_meter("imagegen")
         self.generation_metrics = GenerationMetrics(self.meter)
+
+    @property
+    def records_spans(self) -> bool:
+        """Whether spans are recorded (some exporter takes them)."""
+        return isinstance(self.tracer_provider, TracerProvider)
 
     def grpc_server_interceptor(self) -> grpc.aio.ServerInterceptor:
         """Server spans (continuing a caller's traceparent) and `rpc.server.*` metrics."""
@@ -189,7 +251,8 @@ class Telemetry:
         await asyncio.to_thread(self._shutdown_sync)
 
     def _shutdown_sync(self) -> None:
-        self.tracer_provider.shutdown()
+        if isinstance(self.tracer_provider, TracerProvider):
+            self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
 
 
@@ -203,11 +266,18 @@ def setup_telemetry(
     make them current for the library instrumentations, and return them."""
     env = os.environ if env is None else env
     resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME") or service_name})
-    tracer_provider = TracerProvider(resource=resource)
-    for exporter in _span_exporters(env):
-        tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
-    if span_exporter is not None:
-        tracer_provider.add_span_processor(SimpleSpanProcessor(span_exporter))
+    exporters = _span_exporters(env)
+    tracer_provider: trace.TracerProvider
+    if exporters or span_exporter is not None:
+        # The SDK reads OTEL_TRACES_SAMPLER (default: parent-based, always on) itself.
+        sdk_provider = TracerProvider(resource=resource)
+        for exporter in exporters:
+            sdk_provider.add_span_processor(BatchSpanProcessor(exporter))
+        if span_exporter is not None:
+            sdk_provider.add_span_processor(SimpleSpanProcessor(span_exporter))
+        tracer_provider = sdk_provider
+    else:
+        tracer_provider = UnrecordedTracerProvider()
     registry = CollectorRegistry()
     readers: Sequence[MetricReader] = [PrometheusMetricReader(registry=registry)]
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)

@@ -27,6 +27,7 @@ from imagegen.api.errors import abort_with
 from imagegen.api.interceptors import ErrorInterceptor
 from imagegen.api.rpc_telemetry import RpcTelemetryInterceptor
 from imagegen.domain.errors import NotFound
+from imagegen.telemetry import UnrecordedTracerProvider
 
 CALLER_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN_ID = "00f067aa0ba902b7"
@@ -205,6 +206,23 @@ async def test_a_stream_the_caller_abandons_ends_cancelled_in_its_own_task(
     assert span.attributes["rpc.response.status_code"] == "CANCELLED"
     # Before, OpenTelemetry's interceptor logged two ERRORs here ("Failed to detach context").
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_without_an_exporter_nothing_records_yet_the_trace_ids_flow() -> None:
+    async with serve(UnrecordedTracerProvider()) as served:
+        await served.stub.GetGeneration(
+            generation_pb2.GetGenerationRequest(name="generations/g1"), metadata=(TRACEPARENT,)
+        )
+        await served.stub.GetGeneration(generation_pb2.GetGenerationRequest(name="generations/g2"))
+        assert served.durations() == {(GET, "OK"): 2}
+    continued, fresh = served.servicer.seen_contexts
+    # The caller's context, sampling flag and all, as it came.
+    assert format(continued.trace_id, "032x") == CALLER_TRACE_ID
+    assert format(continued.span_id, "016x") == CALLER_SPAN_ID
+    assert continued.trace_flags.sampled
+    # No caller's trace: a fresh, valid, unsampled one, so log lines still share an id.
+    assert fresh.is_valid and not fresh.trace_flags.sampled
+    assert format(fresh.trace_id, "032x") != CALLER_TRACE_ID
 
 
 async def _until(condition: Any, timeout: float = 10) -> None:

@@ -1,5 +1,6 @@
-"""Telemetry: spans reach the current provider, metrics render as Prometheus text,
-log lines are JSON with the trace id, and the alert rules name real metrics."""
+"""Telemetry: spans reach the current provider (and none is recorded when nothing
+exports them), metrics render as Prometheus text, log lines are JSON with the trace id,
+and the alert rules name real metrics."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import re
 from pathlib import Path
 
 import yaml
+from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from imagegen.telemetry import JsonLogFormatter, _span_exporters, setup_telemetry
@@ -82,3 +84,27 @@ def test_otlp_only_when_an_endpoint_is_configured() -> None:
     )
     chosen = _span_exporters({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"})
     assert [type(e).__name__ for e in chosen] == ["OTLPSpanExporter"]
+
+
+def test_with_no_exporter_no_span_records_and_the_callers_context_flows_on() -> None:
+    telemetry = setup_telemetry(env={})
+    assert not telemetry.records_spans
+    caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    with telemetry.tracer.start_as_current_span(
+        "rpc", context=propagate.extract({"traceparent": caller})
+    ) as rpc:
+        assert not rpc.is_recording()
+        with telemetry.tracer.start_as_current_span("child") as child:
+            assert not child.is_recording()
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+    # Passed on as it came, the caller's sampling decision included.
+    assert carrier["traceparent"] == caller
+
+    with telemetry.tracer.start_as_current_span("root") as root:
+        assert not root.is_recording()
+        context = trace.get_current_span().get_span_context()
+        # A trace of its own for the log lines, not sampled downstream.
+        assert context.is_valid and not context.trace_flags.sampled
+    with telemetry.tracer.start_as_current_span("another root") as other:
+        assert other.get_span_context().trace_id != context.trace_id
