@@ -2,7 +2,8 @@
 and JSON log lines that carry the current trace and span ids.
 
 Exporters follow the standard OTEL_* variables: spans go to OTLP when
-OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set, nowhere otherwise.
+OTEL_EXPORTER_OTLP_ENDPOINT (or ..._TRACES_ENDPOINT) is set, over gRPC or HTTP as
+OTEL_EXPORTER_OTLP_PROTOCOL (or ..._TRACES_PROTOCOL) says, nowhere otherwise.
 
 With no exporter, spans are not recorded at all (see `UnrecordedTracerProvider`): a
 recorded span that nothing exports is CPU spent for nothing. Trace context still
@@ -286,21 +287,61 @@ def setup_telemetry(
     return Telemetry(tracer_provider, meter_provider, registry)
 
 
-def _span_exporters(env: Mapping[str, str]) -> list[SpanExporter]:
-    choice = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
-    if choice == "none":
-        return []
-    if choice == "console":
-        return [ConsoleSpanExporter()]
-    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
-        "OTEL_EXPORTER_OTLP_ENDPOINT"
-    )
-    if not endpoint and choice != "otlp":
-        return []
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+#: OTLP protocols the exporters speak (OTEL_EXPORTER_OTLP_PROTOCOL's values).
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 
-    # The exporter reads the remaining OTEL_EXPORTER_OTLP_* settings itself.
-    return [OTLPSpanExporter(endpoint=endpoint) if endpoint else OTLPSpanExporter()]
+
+def _span_exporters(env: Mapping[str, str]) -> list[SpanExporter]:
+    chosen = {
+        name.strip().lower()
+        for name in env.get("OTEL_TRACES_EXPORTER", "").split(",")
+        if name.strip()
+    }
+    if chosen == {"none"}:
+        return []
+    exporters: list[SpanExporter] = []
+    if "console" in chosen:
+        exporters.append(ConsoleSpanExporter())
+    traces_endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    endpoint = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    if "otlp" in chosen or (not chosen and (traces_endpoint or endpoint)):
+        exporters.append(_otlp_exporter(env, traces_endpoint, endpoint))
+    return exporters
+
+
+def _otlp_exporter(env: Mapping[str, str], traces_endpoint: str, endpoint: str) -> SpanExporter:
+    protocol = (
+        env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip()
+        or env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip()
+        # The specification's default is http/protobuf; gRPC is kept as ours because
+        # deployments configured before this setting was read point at gRPC port 4317.
+        or "grpc"
+    ).lower()
+    if protocol not in OTLP_PROTOCOLS:
+        raise ValueError(
+            f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported; "
+            f"use one of {', '.join(OTLP_PROTOCOLS)}"
+        )
+    # The exporters read the remaining OTEL_EXPORTER_OTLP_* settings (headers, timeout,
+    # compression, certificates) themselves.
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcSpanExporter,
+        )
+
+        target = traces_endpoint or endpoint
+        return GrpcSpanExporter(endpoint=target) if target else GrpcSpanExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HttpSpanExporter,
+    )
+
+    # Per the specification, the per-signal endpoint is used as it is and the general one
+    # is a base URL the signal's path is added to.
+    if traces_endpoint:
+        return HttpSpanExporter(endpoint=traces_endpoint)
+    if endpoint:
+        return HttpSpanExporter(endpoint=f"{endpoint.rstrip('/')}/v1/traces")
+    return HttpSpanExporter()
 
 
 class JsonLogFormatter(logging.Formatter):

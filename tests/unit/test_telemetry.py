@@ -1,6 +1,7 @@
 """Telemetry: spans reach the current provider (and none is recorded when nothing
 exports them), metrics render as Prometheus text, log lines are JSON with the trace id,
-and the alert rules name real metrics."""
+the OTLP protocol is chosen by the OTEL_* variables, and the alert rules name real
+metrics."""
 
 from __future__ import annotations
 
@@ -84,6 +85,33 @@ def test_otlp_only_when_an_endpoint_is_configured() -> None:
     )
     chosen = _span_exporters({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"})
     assert [type(e).__name__ for e in chosen] == ["OTLPSpanExporter"]
+
+
+def exporter_modules(env: dict[str, str]) -> list[str]:
+    return [type(e).__module__ for e in _span_exporters(env)]
+
+
+def test_the_otlp_protocol_follows_the_general_then_the_traces_variable() -> None:
+    endpoint = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317"}
+    grpc_exporter = "opentelemetry.exporter.otlp.proto.grpc.trace_exporter"
+    http_exporter = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
+    # gRPC unless told otherwise (what this service always spoke).
+    assert exporter_modules(endpoint) == [grpc_exporter]
+    assert exporter_modules({**endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}) == [
+        http_exporter
+    ]
+    assert exporter_modules(
+        {
+            **endpoint,
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc",
+        }
+    ) == [grpc_exporter]
+    # OTEL_TRACES_EXPORTER=otlp with no endpoint: the exporter's own default address.
+    assert exporter_modules({"OTEL_TRACES_EXPORTER": "otlp"}) == [grpc_exporter]
+    assert exporter_modules({"OTEL_TRACES_EXPORTER": "console"}) == [
+        "opentelemetry.sdk.trace.export"
+    ]
 
 
 def test_with_no_exporter_no_span_records_and_the_callers_context_flows_on() -> None:
