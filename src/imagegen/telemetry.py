@@ -46,7 +46,7 @@ from opentelemetry.sdk.trace.export import (
 )
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.util.types import Attributes
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
@@ -213,8 +213,18 @@ class GenerationMetrics:
         def age(_options: otel_metrics.CallbackOptions) -> Iterator[otel_metrics.Observation]:
             yield otel_metrics.Observation(read()[1])
 
-        self._meter.create_observable_gauge("imagegen_queue_depth", [depth], unit="1")
-        self._meter.create_observable_gauge("imagegen_queue_oldest_age", [age], unit="s")
+        self._meter.create_observable_gauge(
+            "imagegen_queue_depth",
+            [depth],
+            unit="1",
+            description="Jobs waiting in the queue (all replicas), read every few seconds",
+        )
+        self._meter.create_observable_gauge(
+            "imagegen_queue_oldest_age",
+            [age],
+            unit="s",
+            description="How long the oldest queued job has waited",
+        )
 
 
 class Telemetry:
@@ -280,6 +290,8 @@ def setup_telemetry(
     else:
         tracer_provider = UnrecordedTracerProvider()
     registry = CollectorRegistry()
+    # CPU, resident memory, open file descriptors and start time of this process.
+    ProcessCollector(registry=registry)
     readers: Sequence[MetricReader] = [PrometheusMetricReader(registry=registry)]
     meter_provider = MeterProvider(resource=resource, metric_readers=readers)
     _Current.provider = tracer_provider

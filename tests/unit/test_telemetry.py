@@ -1,7 +1,7 @@
 """Telemetry: spans reach the current provider (and none is recorded when nothing
-exports them), metrics render as Prometheus text, log lines are JSON with the trace id,
-the OTLP protocol is chosen by the OTEL_* variables, and the alert rules name real
-metrics."""
+exports them), metrics render as Prometheus text with HELP and TYPE, log lines are JSON
+with the trace id, the OTLP protocol is chosen by the OTEL_* variables, and the alert
+rules name real metrics."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client.parser import text_string_to_metric_families
 
 from imagegen.telemetry import JsonLogFormatter, _span_exporters, setup_telemetry
 
@@ -136,3 +137,25 @@ def test_with_no_exporter_no_span_records_and_the_callers_context_flows_on() -> 
         assert context.is_valid and not context.trace_flags.sampled
     with telemetry.tracer.start_as_current_span("another root") as other:
         assert other.get_span_context().trace_id != context.trace_id
+
+
+def test_every_metric_family_has_help_and_type_and_process_metrics_are_there() -> None:
+    telemetry = setup_telemetry(env={})
+    telemetry.generation_metrics.record_outcome("local", "completed", "", 0.2)
+    telemetry.generation_metrics.job_started("local")
+    telemetry.generation_metrics.credits_charged("local", 3)
+    telemetry.generation_metrics.register_queue_observer(lambda: (1, 2.0))
+    text = telemetry.metrics_text()[0].decode()
+    families = {family.name: family for family in text_string_to_metric_families(text)}
+    for family in families.values():
+        assert family.documentation.strip(), f"{family.name} has no HELP text"
+        assert family.type != "unknown", f"{family.name} has no TYPE"
+    for name in (
+        "process_cpu_seconds",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_start_time_seconds",
+        "imagegen_queue_depth",
+        "imagegen_queue_oldest_age_seconds",
+    ):
+        assert name in families, sorted(families)
