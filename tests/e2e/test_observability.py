@@ -1,6 +1,7 @@
 """End to end against a served process: after one generation, /metrics parses with
 prometheus_client's own parser, every family has HELP and TYPE, RPC and process metrics
-are there, and every series and label the alert rules (deploy/alerts.yaml) use exists."""
+are there, and every series and label the alert rules (deploy/alerts.yaml) use exists;
+the log lines of the RPC and of its job carry the caller's trace id."""
 
 from __future__ import annotations
 
@@ -108,4 +109,10 @@ async def test_metrics_after_one_generation_serve_every_series_the_alerts_use(
                     f"{rule['alert']} matches {name} on {matcher.name}, a label it lacks"
                 )
 
+    # The RPC's log lines and its job's (run by a worker) join the caller's trace.
+    entries = server.log_entries()
+    for message in ("generation accepted", "generation finished"):
+        [entry] = [e for e in entries if e.get("message") == message]
+        assert entry.get("trace_id") == CALLER_TRACE_ID, entry
+        assert len(entry.get("span_id", "")) == 16, entry
     assert server.log_problems() == []
