@@ -772,12 +772,16 @@ class GenerationService:
             with self._signals.watch_cancel(generation_id) as changed:
                 while True:
                     woken = asyncio.create_task(changed.wait())
-                    done, _ = await asyncio.wait(
-                        {call, woken},
-                        timeout=self._settings.watch_poll_interval,
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                    woken.cancel()
+                    try:
+                        done, _ = await asyncio.wait(
+                            {call, woken},
+                            timeout=self._settings.watch_poll_interval,
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                    finally:
+                        # Also when a drain cancels the job here: a waiter left pending
+                        # is destroyed pending ("Task was destroyed but it is pending!").
+                        woken.cancel()
                     if call in done:
                         return call.result()
                     changed.clear()
