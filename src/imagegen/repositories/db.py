@@ -96,7 +96,8 @@ class TracedConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is 
     """An asyncpg connection whose queries are spans (see the module docstring).
 
     Transactions go through `execute` (`BEGIN`, `COMMIT`, `ROLLBACK`), so they are
-    spans too: each is a round trip."""
+    spans too: each is a round trip. Prepared statements and cursors, which the
+    repositories do not use, are not traced."""
 
     _tracer: trace.Tracer = trace.NoOpTracer()
 

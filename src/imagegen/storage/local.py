@@ -61,7 +61,8 @@ class LocalBlobStore:
 
     @property
     def bucket(self) -> str:
-        """`local` (for spans): the files have no bucket, and their path is no one's business."""
+        """`local` (for spans): files have no bucket, and the data directory's path would
+        tell a trace reader nothing."""
         return "local"
 
     def _path(self, key: str) -> Path:
