@@ -415,6 +415,10 @@ class GenerationService:
                     if event.type.terminal:
                         return
                 if self._draining and generation.id not in self._executing:
+                    # The job may have ended here while the events above were being
+                    # sent: its last events are stored before it leaves `_executing`.
+                    if await self._generations.events_after(generation.id, last):
+                        continue
                     raise ShuttingDown(
                         "this replica is shutting down; watch again with after_sequence="
                         f"{last} and another replica will follow the job",
