@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import httpx
+import aiohttp
 from imagegen.v1 import common_pb2, generation_pb2
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -62,9 +62,15 @@ async def test_one_trace_from_rpc_to_provider_storage_and_database(
             assert err is None
             assert events[-1].type == generation_pb2.GENERATION_EVENT_TYPE_COMPLETED
             image = next(e.image for e in events if e.HasField("image"))
-            spans = list(exporter.get_finished_spans())
-            async with httpx.AsyncClient(trust_env=False) as http:
-                metrics = (await http.get(f"http://127.0.0.1:{server.http_port}/metrics")).text
+            # aiohttp, not httpx: the test's own request must not be traced.
+            async with (
+                aiohttp.ClientSession(trust_env=False) as http,
+                http.get(f"http://127.0.0.1:{server.http_port}/metrics") as reply,
+            ):
+                metrics = await reply.text()
+    # Read once the server has stopped: the worker may end its run span after the caller
+    # has the terminal event, but a stopped server has ended every job.
+    spans = list(exporter.get_finished_spans())
 
     # Everything traced meanwhile is this one trace: an idle claim loop or a lease
     # heartbeat would have shown up as traces of their own.
