@@ -1,10 +1,10 @@
 """The composition root: reads settings, opens every resource in one exit stack,
 wires services and servicers, serves gRPC and HTTP, and shuts down in order.
 
-Shutdown on SIGTERM/SIGINT: health turns NOT_SERVING and new RPCs are refused
-(UNAVAILABLE) while running ones finish within IMAGEGEN_SHUTDOWN_GRACE; workers
-stop claiming, running jobs finish or go back to the queue; then everything closes
-in reverse order.
+Shutdown on SIGTERM/SIGINT: new RPCs are refused (UNAVAILABLE) and readiness (gRPC
+health and /readyz) turns NOT_SERVING while running RPCs finish within
+IMAGEGEN_SHUTDOWN_GRACE; workers stop claiming, running jobs finish or go back to the
+queue; then everything closes in reverse order. /healthz (liveness) stays 200.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 import httpx
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from imagegen.api.generation import ImageGenerationServicer
+from imagegen.api.health import Readiness
 from imagegen.api.http import build_http_app, start_http_server
 from imagegen.api.interceptors import (
     AuthInterceptor,
@@ -161,7 +162,9 @@ class Server:
                 stack.push_async_callback(embedded.stop)
                 dsn = embedded.dsn
             await apply_migrations(dsn)
-            pool = await open_pool(dsn, max_size=max(10, settings.workers * 3))
+            pool = await open_pool(
+                dsn, max_size=max(10, settings.workers * 3), tracer=telemetry.tracer
+            )
             stack.push_async_callback(pool.close)
 
             local_store: LocalBlobStore | None = None
@@ -212,8 +215,10 @@ class Server:
             await listener.start()
             stack.push_async_callback(listener.stop)
 
+            moderators = await _moderators(settings.moderation, http_client)
+            telemetry.moderation_metrics.moderators_configured([m.id for m in moderators])
             moderation = ModerationService(
-                chain=await _moderators(settings.moderation, http_client),
+                chain=moderators,
                 policies=ModerationPolicyTable.load(settings.moderation.policy_file),
                 repository=ModerationRepository(pool),
                 observer=telemetry.moderation_metrics,
@@ -350,6 +355,8 @@ class Server:
             )
             health_servicer = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+            readiness = Readiness(health_servicer, ("", *SERVICE_NAMES))
+            handle.readiness = readiness
             reflection.enable_server_reflection(
                 (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
@@ -366,7 +373,11 @@ class Server:
                     "IMAGEGEN_GRPC_PORT", settings.host, settings.grpc_port, RuntimeError()
                 )
 
-            http_app = build_http_app(local_store=local_store, metrics_text=telemetry.metrics_text)
+            http_app = build_http_app(
+                local_store=local_store,
+                metrics_text=telemetry.metrics_text,
+                is_ready=lambda: readiness.ready,
+            )
             try:
                 http_runner, http_port = await start_http_server(
                     http_app, settings.host, settings.http_port
@@ -388,10 +399,9 @@ class Server:
             telemetry.generation_metrics.register_queue_observer(lambda: runner.queue_stats)
             handle.runner = runner
             await server.start()
-            for name in ("", *SERVICE_NAMES):
-                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            # Migrations, the listener, the workers and both servers are up.
+            await readiness.serving()
             handle.server = server
-            handle.health = health_servicer
             handle.mcp = await _start_mcp(settings, grpc_port, verifier, stack)
             mcp_port = handle.mcp.port if handle.mcp is not None else None
             self.running = RunningServer(grpc_port, http_port, settings, telemetry, mcp_port)
@@ -415,12 +425,12 @@ class Server:
         grace = self._settings.shutdown_grace.total_seconds()
         deadline = time.monotonic() + grace
         log.info("shutting down", extra={"event": "server.draining", "grace_s": grace})
+        assert handle.readiness is not None and handle.server is not None
         handle.draining = True
+        # /readyz and gRPC health say not ready from here on.
+        await handle.readiness.draining()
         if handle.watch is not None:
             handle.watch.begin_drain()
-        assert handle.health is not None and handle.server is not None
-        for name in ("", *SERVICE_NAMES):
-            await handle.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         assert handle.runner is not None
         runner_stop = asyncio.create_task(handle.runner.stop(max(deadline - time.monotonic(), 0)))
         # MCP requests go through this process's gRPC port, so they drain before it stops.
@@ -443,7 +453,7 @@ class _GrpcHandle:
     def __init__(self) -> None:
         self.draining = False
         self.server: grpc.aio.Server | None = None
-        self.health: Any = None
+        self.readiness: Readiness | None = None
         self.runner: JobRunner | None = None
         self.inflight: InflightInterceptor | None = None
         self.watch: GenerationWatch | None = None

@@ -266,12 +266,27 @@ class JobPipeline:
                 await self._db.generations.set_provider(job.id, serving.id)
             model = reply.model or model or (provider.models[0] if provider.models else "")
             await self._checkpoint(job.id)
-            with self._tracer.start_as_current_span("image.process"):
+            with self._tracer.start_as_current_span(
+                "image.process",
+                attributes={
+                    "imagegen.image.input.size": len(reply.data),
+                    "imagegen.image.requested_format": job.spec.output_format.value,
+                },
+            ) as process_span:
                 encoded, info = await asyncio.to_thread(
                     self._process_reply,
                     reply.data,
                     job.spec.output_format,
                     None if job.spec.size_from_source else job.spec.size,
+                )
+                process_span.set_attributes(
+                    {
+                        "imagegen.image.size": len(encoded),
+                        "imagegen.image.format": info.format.value,
+                        "imagegen.image.mime_type": info.mime_type,
+                        "imagegen.image.width": info.width,
+                        "imagegen.image.height": info.height,
+                    }
                 )
             await self._store(
                 job,
@@ -333,12 +348,16 @@ class JobPipeline:
             with self._signals.watch_cancel(generation_id) as changed:
                 while True:
                     woken = asyncio.create_task(changed.wait())
-                    done, _ = await asyncio.wait(
-                        {call, woken},
-                        timeout=self._settings.cancel_poll_interval,
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                    woken.cancel()
+                    try:
+                        done, _ = await asyncio.wait(
+                            {call, woken},
+                            timeout=self._settings.cancel_poll_interval,
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                    finally:
+                        # Also when a drain cancels the job here: a waiter left pending
+                        # is destroyed pending ("Task was destroyed but it is pending!").
+                        woken.cancel()
                     if call in done:
                         return call.result()
                     changed.clear()
@@ -393,7 +412,16 @@ class JobPipeline:
             check_storage_quota(quota, used, len(encoded))
         image_id = str(uuid.uuid4())
         key = blob_key(job.user_id, image_id, info.format.extension, datetime.now(UTC))
-        with self._tracer.start_as_current_span("storage.put"):
+        with self._tracer.start_as_current_span(
+            "storage.put",
+            attributes={
+                "imagegen.blob.size": len(encoded),
+                "imagegen.blob.mime_type": info.mime_type,
+                "imagegen.blob.bucket": self._blobs.bucket,
+                # The folder only: the rest of the key names the user and the image.
+                "imagegen.blob.key_prefix": key.split("/", 1)[0],
+            },
+        ):
             await self._blobs.put(key, encoded, info.mime_type)
         image = StoredImage(
             id=image_id,

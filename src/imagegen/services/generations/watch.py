@@ -70,6 +70,10 @@ class GenerationWatch:
                     if event.type.terminal:
                         return
                 if self._draining and not self._runs_here(generation.id):
+                    # The job may have ended here while the events above were being
+                    # sent: its last events are stored before it leaves `runs_here`.
+                    if await self._db.generations.events_after(generation.id, last):
+                        continue
                     raise ShuttingDown(
                         "this replica is shutting down; watch again with after_sequence="
                         f"{last} and another replica will follow the job",
