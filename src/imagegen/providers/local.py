@@ -27,6 +27,7 @@ from imagegen.providers.base import (
     ProviderCapabilities,
     ProviderImage,
     ProviderRequest,
+    check_enlargement,
     check_model,
 )
 from imagegen.providers.local_edits import apply_operations, parse_instruction
@@ -59,6 +60,7 @@ class LocalProvider:
     id = "local"
     display_name = "Built-in renderer"
     models = (MODEL,)
+    upscalers: tuple[str, ...] = ()
     #: built in: always ready
     configured = True
     capabilities = ProviderCapabilities(
@@ -80,6 +82,7 @@ class LocalProvider:
         """Edits must use instructions this renderer understands, and the model must be
         its own (IMG_003 otherwise)."""
         check_model(self.id, self.models, request.model)
+        check_enlargement(self.id, self.capabilities, self.upscalers, request)
         if request.sources:
             parse_instruction(request.prompt)
 

@@ -44,6 +44,7 @@ from imagegen.providers.base import (
     ProviderImage,
     ProviderRequest,
     ProviderUnavailable,
+    check_enlargement,
     check_model,
 )
 from imagegen.providers.http_failures import status_failure, transport_errors
@@ -64,6 +65,8 @@ class OpenAIProvider:
     id = "openai"
     display_name = "OpenAI Images"
     models = MODELS
+    #: the Images API has no upscaling
+    upscalers: tuple[str, ...] = ()
     capabilities = ProviderCapabilities(
         edit=True,
         mask=True,
@@ -92,6 +95,7 @@ class OpenAIProvider:
         """The model must be a gpt-image model (IMG_003 naming them); sizes are checked by
         the capabilities and everything else is free text."""
         check_model(self.id, self.models, request.model)
+        check_enlargement(self.id, self.capabilities, self.upscalers, request)
 
     async def generate(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:
         """One image; partial images arrive as progress previews."""

@@ -58,6 +58,7 @@ from imagegen.providers.base import (
     ProviderImage,
     ProviderRequest,
     ProviderUnavailable,
+    check_enlargement,
     check_model,
 )
 from imagegen.providers.http_failures import raise_for_status, transport_errors, transport_failure
@@ -114,6 +115,11 @@ class SDWebUIProvider:
         return bool(self._base_url)
 
     @property
+    def upscalers(self) -> tuple[str, ...]:
+        """None yet."""
+        return ()
+
+    @property
     def models(self) -> tuple[str, ...]:
         """The server's checkpoints (loaded first) as last learned; `sdwebui` before that."""
         return self._models
@@ -122,6 +128,7 @@ class SDWebUIProvider:
         """Everything the contract allows maps onto txt2img or img2img; a model must be
         one of the server's checkpoints (IMG_003 naming them)."""
         check_model(self.id, self.models, request.model)
+        check_enlargement(self.id, self.capabilities, self.upscalers, request)
 
     async def refresh_models(self) -> tuple[str, ...]:
         """Learn the server's checkpoints; keeps the last list when the server cannot say
