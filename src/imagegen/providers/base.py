@@ -135,6 +135,14 @@ def check_enlargement(
         )
 
 
+def first_source(request: ProviderRequest, what: str) -> SourceImage:
+    """The source an outpaint or upscale works on (IMG_003 naming `sources` when there
+    is none; submit refuses that first). `what` names the request in the message."""
+    if not request.sources:
+        raise InvalidRequest(f"{what} needs a source image", field="sources")
+    return request.sources[0]
+
+
 def check_model(provider: str, models: tuple[str, ...], model: str) -> None:
     """IMG_003 (field `model`) naming the provider's models when `model` is not one of
     them; empty means the provider's default and always passes."""
