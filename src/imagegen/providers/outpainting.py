@@ -73,6 +73,11 @@ def soften(canvas: Image.Image, geometry: OutpaintGeometry) -> Image.Image:
     return Image.composite(blurred, canvas, repaint_mask(geometry))
 
 
+def filled(source: Image.Image, geometry: OutpaintGeometry) -> Image.Image:
+    """The source on its canvas with the new area filled: edge_extended, then soften."""
+    return soften(edge_extended(source, geometry), geometry)
+
+
 def repaint_mask(geometry: OutpaintGeometry) -> Image.Image:
     """An L-mode mask of the canvas: 255 over the new area, 0 over the source."""
     mask = Image.new("L", (geometry.canvas.width, geometry.canvas.height), 255)
