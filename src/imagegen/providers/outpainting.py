@@ -13,17 +13,20 @@ thread.
 
 `local` fills the new area with edge_extended + soften; `sdwebui` sends that fill as
 its starting image (inpainting_fill 1, "original"), so sampling starts from the
-source's own colours rather than from black.
+source's own colours rather than from black. `widened` and `scaled_to` are plain
+arithmetic on geometries, for a provider that works at fixed sizes (openai).
 """
 
 from __future__ import annotations
 
 import io
+import math
 
 from PIL import Image, ImageFilter
 
 from imagegen.domain.enlarge import OutpaintGeometry
 from imagegen.domain.errors import ProviderFailed
+from imagegen.domain.models import Size
 
 
 def decode_source(data: bytes, geometry: OutpaintGeometry) -> Image.Image:
@@ -98,6 +101,37 @@ def keep_mask(geometry: OutpaintGeometry) -> Image.Image:
     mask = Image.new("RGBA", (geometry.canvas.width, geometry.canvas.height), (0, 0, 0, 0))
     mask.paste((0, 0, 0, 255), geometry.box)
     return mask
+
+
+def widened(geometry: OutpaintGeometry, shape: Size) -> OutpaintGeometry:
+    """The same outpaint on the smallest canvas of `shape`'s aspect ratio that holds the
+    whole canvas centred (the extra space is more new area). A provider that answers at
+    `shape` then answers something the cover-then-centre-crop fit (imaging/fit.py)
+    brings back to exactly the original canvas, with the source where it belongs."""
+    width, height = geometry.canvas.width, geometry.canvas.height
+    if width * shape.height >= height * shape.width:
+        height = max(height, math.ceil(width * shape.height / shape.width))
+    else:
+        width = max(width, math.ceil(height * shape.width / shape.height))
+    return OutpaintGeometry(
+        source=geometry.source,
+        canvas=Size(width, height),
+        left=geometry.left + (width - geometry.canvas.width) // 2,
+        top=geometry.top + (height - geometry.canvas.height) // 2,
+    )
+
+
+def scaled_to(geometry: OutpaintGeometry, canvas: Size) -> OutpaintGeometry:
+    """The geometry scaled so that its canvas becomes `canvas` (of the same aspect
+    ratio), the source rounded to whole pixels and kept inside the canvas."""
+    scale = canvas.width / geometry.canvas.width
+    left = min(round(geometry.left * scale), canvas.width - 1)
+    top = min(round(geometry.top * scale), canvas.height - 1)
+    source = Size(
+        max(1, min(round(geometry.source.width * scale), canvas.width - left)),
+        max(1, min(round(geometry.source.height * scale), canvas.height - top)),
+    )
+    return OutpaintGeometry(source=source, canvas=canvas, left=left, top=top)
 
 
 def png(image: Image.Image) -> bytes:
