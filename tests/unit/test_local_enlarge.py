@@ -236,3 +236,24 @@ def test_masks_mark_the_new_area_in_each_convention() -> None:
     canvas = outpainting.transparent_canvas(gradient(4, 3), geometry)
     assert canvas.getchannel("A").tobytes() == alpha.tobytes()
     assert canvas.crop(geometry.box).convert("RGB").tobytes() == gradient(4, 3).tobytes()
+
+
+def test_widening_to_a_shape_centres_the_canvas_and_scaling_keeps_the_source_inside() -> None:
+    square = Size(1024, 1024)
+    geometry = OutpaintGeometry(Size(100, 50), Size(300, 200), left=150, top=100)
+    assert outpainting.widened(geometry, square) == OutpaintGeometry(
+        Size(100, 50), Size(300, 300), left=150, top=150
+    )
+    tall = OutpaintGeometry(Size(10, 10), Size(20, 90), left=5, top=80)
+    widened = outpainting.widened(tall, Size(1024, 1536))
+    assert widened.canvas == Size(60, 90) and (widened.left, widened.top) == (25, 80)
+    # A canvas of the shape already is left as it is.
+    exact = OutpaintGeometry(Size(10, 10), Size(30, 20), left=0, top=10)
+    assert outpainting.widened(exact, Size(1536, 1024)) == exact
+    # Scaled by 4/9: the source rounds to one pixel, kept inside the canvas.
+    scaled = outpainting.scaled_to(
+        OutpaintGeometry(Size(3, 3), Size(9, 6), left=6, top=3), Size(4, 3)
+    )
+    assert scaled == OutpaintGeometry(Size(1, 1), Size(4, 3), left=3, top=1)
+    edge = outpainting.scaled_to(OutpaintGeometry(Size(5, 5), Size(9, 9), 4, 4), Size(2, 2))
+    assert edge.box[2] <= 2 and edge.box[3] <= 2
