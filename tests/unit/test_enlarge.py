@@ -190,7 +190,7 @@ def test_upscaler_names_are_short_printable_text() -> None:
 def test_upscale_within_the_pixel_limit_and_4096_a_side() -> None:
     assert upscale_size(Size(1024, 1024), UpscaleSpec(4), max_pixels=LIMIT) == Size(4096, 4096)
     error = too_large(upscale_size, Size(1024, 1025), UpscaleSpec(4), max_pixels=LIMIT)
-    assert error.metadata["limit"] == str(MAX_RESULT_SIDE)
+    assert error.metadata["max_side"] == str(MAX_RESULT_SIDE)
     # Within the pixels but too long on a side.
     too_large(upscale_size, Size(2049, 10), UpscaleSpec(2), max_pixels=LIMIT)
     # Within 4096 a side but over a smaller configured pixel limit.

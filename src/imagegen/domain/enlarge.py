@@ -114,7 +114,7 @@ def check_outpaint(spec: OutpaintSpec, *, max_pixels: int, field: str = "outpain
             raise InvalidRequest(
                 f"{target_field} {spec.target} is over {MAX_RESULT_SIDE} pixels on a side",
                 field=target_field,
-                metadata={"limit": str(MAX_RESULT_SIDE)},
+                metadata={"max_side": str(MAX_RESULT_SIDE)},
             )
         _check_pixels(spec.target, max_pixels, "the outpainted image")
         return spec
@@ -156,7 +156,7 @@ def outpaint_geometry(
                     f"the outpainted image would be {canvas}: its {axis} is over "
                     f"{MAX_RESULT_SIDE} pixels; add fewer pixels",
                     field=field,
-                    metadata={"limit": str(MAX_RESULT_SIDE), "axis": axis},
+                    metadata={"max_side": str(MAX_RESULT_SIDE), "axis": axis},
                 )
         _check_pixels(canvas, max_pixels, "the outpainted image")
         return OutpaintGeometry(source=source, canvas=canvas, left=spec.left, top=spec.top)
@@ -218,7 +218,7 @@ def upscale_size(
             f"the upscaled image would be {result}, over {MAX_RESULT_SIDE} pixels on a "
             "side; use a smaller factor or a smaller image",
             metadata={
-                "limit": str(MAX_RESULT_SIDE),
+                "max_side": str(MAX_RESULT_SIDE),
                 "width": str(result.width),
                 "height": str(result.height),
             },
