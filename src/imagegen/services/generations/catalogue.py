@@ -63,6 +63,10 @@ class ProviderCatalogue:
                 continue
             if spec.mask is not None and not caps.mask:
                 continue
+            if spec.outpaint is not None and not caps.outpaint:
+                continue
+            if spec.upscale is not None and not caps.upscale:
+                continue
             if spec.count > caps.max_count or spec.output_format not in caps.formats:
                 continue
             try:
@@ -71,6 +75,8 @@ class ProviderCatalogue:
                         prompt=spec.prompt,
                         model=spec.model,
                         sources=(SourceImage(b"", "", 0, 0),) if spec.is_edit else (),
+                        # Only the upscaler's name is checked: a fallback must offer it.
+                        upscale=spec.upscale,
                     )
                 )
             except InvalidRequest:
@@ -96,10 +102,13 @@ class ProviderCatalogue:
                     seed=caps.seed,
                     style=caps.style,
                     previews=caps.previews,
+                    outpaint=caps.outpaint,
+                    upscale=caps.upscale,
                     sizes=tuple(caps.sizes),
                     formats=tuple(caps.formats),
                     max_count=caps.max_count,
                     models=tuple(provider.models),
+                    upscalers=tuple(provider.upscalers),
                     default=provider_id == default_provider,
                 )
             )
