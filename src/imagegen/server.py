@@ -33,6 +33,7 @@ from imagegen.api.interceptors import (
     InflightInterceptor,
 )
 from imagegen.api.library import ImageLibraryServicer
+from imagegen.api.memory import HeapTrimmer, LargeRequestInterceptor
 from imagegen.api.templates import PromptTemplateServicer
 from imagegen.api.usage import UsageServicer
 from imagegen.config import ModerationSettings, Settings
@@ -294,10 +295,13 @@ class Server:
             handle.watch = watch
             inflight = InflightInterceptor()
             handle.inflight = inflight
-            max_message = settings.max_input_bytes + 1024 * 1024
+            max_message = receive_limit(settings.max_input_bytes)
+            trimmer = HeapTrimmer()
+            stack.push_async_callback(trimmer.aclose)
             server = grpc.aio.server(
                 interceptors=[
                     telemetry.grpc_server_interceptor(),
+                    LargeRequestInterceptor(trimmer),
                     DrainInterceptor(lambda: handle.draining),
                     inflight,
                     AuthInterceptor(verifier),
@@ -520,6 +524,14 @@ def _load_rules(settings: ModerationSettings) -> RuleSet:
     rules = RuleSet.load(settings.rules_file)
     readings("warm up")  # loads the confusables table here, not in the first request
     return rules
+
+
+def receive_limit(max_input_bytes: int) -> int:
+    """gRPC's receive limit for IMAGEGEN_MAX_INPUT_BYTES: room for a source just over the
+    limit written as a base64 `data:` URL (4/3 of its bytes) plus the rest of the
+    request, so such a source reaches our own check and is refused as IMG_007 with an
+    ErrorInfo; only a message far beyond it is refused by the transport."""
+    return max_input_bytes * 4 // 3 + 1024 * 1024
 
 
 def public_url_notice(host: str, public_url: str | None, http_port: int) -> str | None:

@@ -213,6 +213,11 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
             error_reason(exc),
             current_request_id.get() or "-",
         )
+    # The status is built and the error logged: let go of the frames of its traceback
+    # (and of what it was chained to). The AbortError raised below keeps `exc` as its
+    # context for as long as gRPC keeps that, and those frames hold the request, up to a
+    # whole source image (bench/oversize_bench.py).
+    _drop_tracebacks(exc)
     # context.abort with the details in trailing metadata, not abort_with_status: the
     # OpenTelemetry interceptor records the right span status only this way.
     await context.abort(
@@ -220,6 +225,15 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
         message,
         trailing_metadata=((rpc_status.GRPC_DETAILS_METADATA_KEY, status.SerializeToString()),),
     )
+
+
+def _drop_tracebacks(exc: BaseException) -> None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
 
 
 def error_from_code(code: str, message: str, retryable: bool) -> domain.ImageGenError:
