@@ -55,14 +55,16 @@ class Migration:
 
 
 def migrations_dir() -> Path:
-    """The migrations shipped with this code: the wheel's `imagegen/_migrations`, else
-    the checkout's `migrations/`. MigrationError if neither exists."""
+    """The migrations shipped with this code: the checkout's `migrations/` when running
+    from a checkout, else the wheel's `imagegen/_migrations`. The checkout comes first
+    because an editable install also has `_migrations`, copied when it was installed:
+    a migration added since would be missing from it. MigrationError if neither exists."""
     packaged = Path(str(resources.files("imagegen").joinpath("_migrations")))
-    if packaged.is_dir():
-        return packaged
     checkout = Path(__file__).resolve().parents[3] / "migrations"
     if checkout.is_dir():
         return checkout
+    if packaged.is_dir():
+        return packaged
     raise MigrationError(f"no migrations directory: neither {packaged} nor {checkout} exists")
 
 
