@@ -19,6 +19,7 @@ from imagegen.v1 import common_pb2, generation_pb2, generation_pb2_grpc, usage_p
 from imagegen.domain.credits import plan_reservation
 from imagegen.repositories.credits import CreditLedger
 from imagegen.repositories.db import open_pool
+from tests.fakes.forge_server import ForgeFake, Reply
 from tests.inprocess import serve_in_process
 from tests.integration.test_pipeline import CHANNEL_OPTIONS, generate, metadata, reason_of
 
@@ -95,7 +96,20 @@ async def test_fifty_concurrent_submits_with_credits_for_ten(tmp_path: Path, dat
 async def test_failed_and_cancelled_jobs_are_refunded_and_quotes_match(
     tmp_path: Path, database_url: str
 ) -> None:
-    async with serve_in_process(tmp_path, database_url, env=plans(tmp_path, 20)) as server:
+    async with (
+        ForgeFake.start() as forge,
+        serve_in_process(
+            tmp_path,
+            database_url,
+            env={
+                **plans(tmp_path, 20),
+                "BUILT_IN_FORGE_API_URL": forge.url,
+                "BUILT_IN_FORGE_API_KEY": "k",
+                "IMAGEGEN_DEFAULT_PROVIDER": "local",
+            },
+        ) as server,
+    ):
+        forge.default = Reply(status=400)  # every forge job fails, not retried
         port = server.grpc_port
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as ch:
             stub = generation_pb2_grpc.ImageGenerationServiceStub(ch)
@@ -108,11 +122,11 @@ async def test_failed_and_cancelled_jobs_are_refunded_and_quotes_match(
             assert err is None
             assert (await balance(port)).available_credits == 20 - quote.credits
 
-            # A failed job (forge has no credentials) gives its reservation back.
+            # A failed job (the provider rejects it) gives its reservation back.
             failed, _ = await generate(
                 port, common_pb2.GenerationSpec(prompt="x", provider="forge")
             )
-            assert failed[-1].error.code == "IMG_001"
+            assert failed[-1].error.code == "IMG_002"
             assert (await balance(port)).available_credits == 16
 
         conn = await asyncpg.connect(database_url)

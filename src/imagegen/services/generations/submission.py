@@ -3,7 +3,8 @@
 A submit, top to bottom:
 1. The provider: the one the request names, else the caller's stored default, else the
    deployment's; it is recorded on the job.
-2. Validation of every field, and of what the provider can do (IMG_003).
+2. Validation of every field, and of what the provider can do (IMG_003); a provider
+   that is not configured here, with no configured fallback for the request, is IMG_001.
 3. For an edit, a read-only precheck of the plan limits and credits (nothing is fetched
    for a request that would be refused), then the sources are fetched, checked and stored.
 4. One unit of work under the user's advisory lock: a retry with the same request_id
@@ -24,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from opentelemetry import propagate, trace
 
 from imagegen.domain.credits import check_affordable, plan_reservation
-from imagegen.domain.errors import InvalidRequest, NotFound, RequestIdReused
+from imagegen.domain.errors import InvalidRequest, NotFound, ProviderNotConfigured, RequestIdReused
 from imagegen.domain.limits import check_request_limits
 from imagegen.domain.models import (
     EditSource,
@@ -211,7 +212,9 @@ class SubmissionService:
         size_given: bool = True,
     ) -> Provider:
         """Check every field against its limit and the provider's capabilities; raises
-        InvalidRequest naming the field. Returns the provider that would serve it."""
+        InvalidRequest naming the field, or ProviderNotConfigured when the provider has
+        no credentials here and no configured fallback can take the request. Returns the
+        provider that would serve it first."""
         check_prompt(spec.prompt)
         check_negative_prompt(spec.negative_prompt)
         if size_given:
@@ -253,6 +256,16 @@ class SubmissionService:
                 mask=placeholder if has_mask else None,
             )
         )
+        if (
+            not provider.configured
+            and not self._catalogue.call_order(spec, provider, edit=edit, has_mask=has_mask)[1:]
+        ):
+            raise ProviderNotConfigured(
+                f"provider {provider_id!r} is not configured on this deployment and no "
+                "configured fallback can take this request; choose one that ListProviders "
+                "shows",
+                metadata={"provider": provider_id},
+            )
         return provider
 
     def _price(self, spec: GenerationSpec, *, edit: bool = False) -> int:
