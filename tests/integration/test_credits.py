@@ -16,7 +16,7 @@ import grpc
 import pytest
 from imagegen.v1 import common_pb2, generation_pb2, generation_pb2_grpc, usage_pb2, usage_pb2_grpc
 
-from imagegen.domain.credits import plan_reservation
+from imagegen.domain.credits import Balance, balance_of, plan_reservation
 from imagegen.repositories.credits import CreditLedger
 from imagegen.repositories.db import open_pool
 from tests.fakes.forge_server import ForgeFake, Reply
@@ -179,11 +179,16 @@ async def test_monthly_allowance_resets_and_grants_do_not_expire(
     ledger = CreditLedger(pool)
     january = datetime(2026, 1, 15, tzinfo=UTC)
     february = datetime(2026, 2, 1, 0, 0, 1, tzinfo=UTC)
+
+    async def balance_at(now: datetime) -> Balance:
+        facts, held = await ledger.balance_facts("alice")
+        return balance_of(facts, held, 10, now)
+
     try:
         async with pool.acquire() as conn, conn.transaction():
-            await CreditLedger(conn).ensure_allowance("alice", 10, january)
-            await CreditLedger(conn).ensure_allowance("alice", 10, january)  # once per period
-        assert (await ledger.balance("alice", january)).available == 10
+            await CreditLedger(conn).open_period("alice", 10, january)
+            await CreditLedger(conn).open_period("alice", 10, january)  # once per period
+        assert (await balance_at(january)).available == 10
         assert await ledger.grant("alice", 5) == 15
         conn = await pool.acquire()
         try:
@@ -195,21 +200,31 @@ async def test_monthly_allowance_resets_and_grants_do_not_expire(
                     " '{}', 'local', 'completed')"
                 )
                 in_transaction = CreditLedger(conn)
-                facts = await in_transaction.facts("alice", january)
+                facts = await in_transaction.open_period("alice", 10, january)
                 await in_transaction.reserve(
                     "alice",
                     "00000000-0000-0000-0000-000000000001",
                     plan_reservation(facts, 3, january),
                 )
-                await in_transaction.settle("alice", "00000000-0000-0000-0000-000000000001", 3)
-            jan = await ledger.balance("alice", january)
+                await in_transaction.settle(
+                    "alice",
+                    "00000000-0000-0000-0000-000000000001",
+                    3,
+                    allowance=10,
+                    now=january,
+                )
+            jan = await balance_at(january)
             assert (jan.allowance_remaining, jan.purchased, jan.available) == (7, 5, 12)
+            # February, before anything is written: shown as the opening will make it.
+            shown = await balance_at(february)
+            assert (shown.allowance_remaining, shown.purchased, shown.available) == (10, 5, 15)
             async with conn.transaction():
-                await CreditLedger(conn).ensure_allowance("alice", 10, february)
+                await CreditLedger(conn).open_period("alice", 10, february)
         finally:
             await pool.release(conn)
-        feb = await ledger.balance("alice", february)
+        feb = await balance_at(february)
         assert (feb.allowance_remaining, feb.purchased, feb.available) == (10, 5, 15)
+        assert feb == shown
         assert feb.period_reset == datetime(2026, 3, 1, tzinfo=UTC)
     finally:
         await pool.close()

@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
-from imagegen.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from imagegen.v1 import common_pb2, generation_pb2, generation_pb2_grpc, usage_pb2, usage_pb2_grpc
 
 from tests.inprocess import serve_in_process
 from tests.integration.test_pipeline import CHANNEL_OPTIONS, generate, metadata, reason_of
@@ -72,6 +72,10 @@ async def test_forge_without_configuration_is_refused_at_submit_with_nothing_tak
             assert err is not None and err.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert reason_of(err) == "IMG_001"
             assert await counts(database_url) == (0, 0), "no job, no charge"
+            balance = await usage_pb2_grpc.UsageServiceStub(channel).GetCreditBalance(
+                usage_pb2.GetCreditBalanceRequest(), metadata=metadata()
+            )
+            assert balance.balance.available_credits == 10
             # The hour's one request is still free: no rate-limit slot was taken.
             local = common_pb2.GenerationSpec(prompt="a fox", provider="local", size=SMALL)
             accepted = await stub.SubmitGeneration(

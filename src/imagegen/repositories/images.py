@@ -129,9 +129,25 @@ class ImageRepository:
         return None if row is None else _image_from_row(row)
 
     async def storage_used(self, user_id: str) -> int:
-        """Bytes of the user's stored images (soft-deleted ones too, until purged)."""
+        """Bytes of the user's stored images (soft-deleted ones too, until purged): the
+        counter a trigger keeps with every image row's insert and delete
+        (migrations/0003_counters.sql), one row however many images there are."""
         value = await self._db.fetchval(
-            "SELECT coalesce(sum(size_bytes), 0) FROM images WHERE user_id = $1", user_id
+            "SELECT used_bytes FROM storage_usage WHERE user_id = $1", user_id
+        )
+        return int(value or 0)
+
+    async def lock_storage_used(self, user_id: str) -> int:
+        """`storage_used`, with the user's counter row locked until the transaction ends
+        (inside a unit of work): the quota is decided against it and the image row
+        inserted before any other transaction can store an image of this user."""
+        value = await self._db.fetchval(
+            """
+            INSERT INTO storage_usage AS s (user_id) VALUES ($1)
+            ON CONFLICT (user_id) DO UPDATE SET user_id = s.user_id
+            RETURNING used_bytes
+            """,
+            user_id,
         )
         return int(value)
 

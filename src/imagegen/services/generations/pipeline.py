@@ -492,7 +492,13 @@ class JobPipeline:
                 worker_id=worker_id,
             )
             if ended:
-                await uow.credits.settle(job.user_id, job.id, credits)
+                await uow.credits.settle(
+                    job.user_id,
+                    job.id,
+                    credits,
+                    allowance=self._settings.plans.limits_for(job.plan).monthly_credits,
+                    now=datetime.now(UTC),
+                )
                 await uow.usage.insert(usage)
                 await uow.generations.append_event(
                     job.id, _terminal_event(state, len(images), error)

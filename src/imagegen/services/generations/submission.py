@@ -24,9 +24,9 @@ from datetime import UTC, datetime, timedelta
 
 from opentelemetry import propagate, trace
 
-from imagegen.domain.credits import check_affordable, plan_reservation
+from imagegen.domain.credits import check_affordable, open_period, plan_reservation
 from imagegen.domain.errors import InvalidRequest, NotFound, ProviderNotConfigured, RequestIdReused
-from imagegen.domain.limits import check_request_limits
+from imagegen.domain.limits import check_request_limits, counted_up_to
 from imagegen.domain.models import (
     EditSource,
     Generation,
@@ -281,13 +281,14 @@ class SubmissionService:
         lock: lets expensive work before a submit (fetching source URLs) be skipped for a
         request that would be refused anyway. `_create` still decides."""
         now = datetime.now(UTC)
-        # One connection for the three reads; nothing is written, so nothing is committed.
+        # One connection for the reads; nothing is written, so nothing is committed.
         async with self._db.unit_of_work() as uow:
             if request_id and await uow.generations.request_id_taken(user_id, request_id):
                 return  # a retry: `_create` answers with the job it already made
-            check_request_limits(await uow.generations.request_counts(user_id), limits)
-            facts = await uow.credits.facts(user_id, now)
-            check_affordable(facts, credits, limits.monthly_credits, now)
+            counts = await uow.generations.request_counts(user_id, counted_up_to(limits))
+            check_request_limits(counts, limits)
+            facts = await uow.credits.facts(user_id)
+            check_affordable(open_period(facts, limits.monthly_credits, now).after, credits, now)
 
     async def _create(self, job: NewGeneration, limits: PlanLimits) -> tuple[Generation, bool]:
         """Store a queued job with its QUEUED event and its credit reservation, within the
@@ -309,13 +310,12 @@ class SubmissionService:
                         )
                     await uow.commit()  # keeps the forgetting of expired request ids
                     return past.generation, False
-            check_request_limits(await uow.generations.request_counts(job.user_id), limits)
+            counts = await uow.generations.request_counts(job.user_id, counted_up_to(limits))
+            check_request_limits(counts, limits)
             now = datetime.now(UTC)
-            await uow.credits.ensure_allowance(job.user_id, limits.monthly_credits, now)
+            facts = await uow.credits.open_period(job.user_id, limits.monthly_credits, now)
+            reservation = plan_reservation(facts, job.credits, now)
             generation = await uow.generations.insert(job)
-            reservation = plan_reservation(
-                await uow.credits.facts(job.user_id, now), job.credits, now
-            )
             await uow.credits.reserve(job.user_id, job.id, reservation)
             await uow.generations.announce_queued(job.id)
             await uow.commit()
