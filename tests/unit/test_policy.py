@@ -26,6 +26,7 @@ from imagegen.domain.limits import (
     RequestCounts,
     check_request_limits,
     check_storage_quota,
+    check_storage_room,
     counted_up_to,
     window_retry_after,
 )
@@ -166,6 +167,16 @@ def test_counts_are_read_up_to_each_cap_and_not_at_all_when_unlimited() -> None:
     with pytest.raises(RateLimited) as caught:
         check_request_limits(counts(hour=10, oldest_in_hour=NOW - timedelta(minutes=59)), limits)
     assert caught.value.retry_after == timedelta(minutes=1)
+
+
+def test_storage_room_refuses_a_user_at_or_over_the_quota_only() -> None:
+    check_storage_room(None, 10**12)
+    check_storage_room(1000, 999)
+    for used in (1000, 1001):
+        with pytest.raises(StorageQuotaExceeded) as caught:
+            check_storage_room(1000, used)
+        assert caught.value.code == "IMG_008"
+        assert caught.value.metadata == {"quota_bytes": "1000", "used_bytes": str(used)}
 
 
 def test_opening_a_period_expires_what_is_left_and_grants_once() -> None:

@@ -9,7 +9,7 @@ A count only has to tell "below the cap" from "at it", so it is read up to the c
 no further: its cost is bounded by the plan, never by the user's history.
 
 Order, as docs/plans-and-prices.md states it: requests per hour, per day, then
-concurrent generations; credits come after (domain/credits.py).
+concurrent generations; credits come after (domain/credits.py), the storage quota last.
 """
 
 from __future__ import annotations
@@ -100,6 +100,20 @@ def check_request_limits(counts: RequestCounts, limits: PlanLimits) -> None:
             retry_after=CONCURRENT_RETRY_AFTER,
             metadata={"limit": "concurrent", "cap": str(limits.concurrent)},
         )
+
+
+def check_storage_room(quota_bytes: int | None, used_bytes: int) -> None:
+    """IMG_008 when a user is already at or over `quota_bytes` (None: no quota): no
+    image, however small, would fit. The read-only check at submit, before a job, a
+    rate-limit slot or a charge; the exact decision is `check_storage_quota` when the
+    image is recorded."""
+    if quota_bytes is None or used_bytes < quota_bytes:
+        return
+    raise StorageQuotaExceeded(
+        f"your storage quota of {quota_bytes} bytes is full ({used_bytes} used); purge "
+        "images to free space",
+        metadata={"quota_bytes": str(quota_bytes), "used_bytes": str(used_bytes)},
+    )
 
 
 def check_storage_quota(quota_bytes: int | None, used_bytes: int, size_bytes: int) -> None:
