@@ -112,10 +112,6 @@ class CreditLedger:
                 opening.period_start,
             )
 
-    async def ensure_allowance(self, user_id: str, allowance: int, now: datetime) -> None:
-        """Open the period `now` falls in (once; see `open_period`)."""
-        await self.open_period(user_id, allowance, now)
-
     async def reserve(self, user_id: str, generation_id: str, reservation: Reservation) -> None:
         """Hold a job's price as decided by domain.credits.plan_reservation."""
         await self._db.execute(
