@@ -317,7 +317,11 @@ class Server:
                 ImageGenerationServicer(
                     submission=submission,
                     reads=GenerationReads(
-                        db=database, blobs=blobs, signals=signals, url_ttl=settings.url_ttl
+                        db=database,
+                        blobs=blobs,
+                        signals=signals,
+                        url_ttl=settings.url_ttl,
+                        plans=plans,
                     ),
                     watch=watch,
                     user_settings=UserSettingsService(database.user_settings, catalogue),

@@ -129,9 +129,25 @@ class ImageRepository:
         return None if row is None else _image_from_row(row)
 
     async def storage_used(self, user_id: str) -> int:
-        """Bytes of the user's stored images (soft-deleted ones too, until purged)."""
+        """Bytes of the user's stored images (soft-deleted ones too, until purged): the
+        counter a trigger keeps with every image row's insert and delete
+        (migrations/0003_counters.sql), one row however many images there are."""
         value = await self._db.fetchval(
-            "SELECT coalesce(sum(size_bytes), 0) FROM images WHERE user_id = $1", user_id
+            "SELECT used_bytes FROM storage_usage WHERE user_id = $1", user_id
+        )
+        return int(value or 0)
+
+    async def lock_storage_used(self, user_id: str) -> int:
+        """`storage_used`, with the user's counter row locked until the transaction ends
+        (inside a unit of work): the quota is decided against it and the image row
+        inserted before any other transaction can store an image of this user."""
+        value = await self._db.fetchval(
+            """
+            INSERT INTO storage_usage AS s (user_id) VALUES ($1)
+            ON CONFLICT (user_id) DO UPDATE SET user_id = s.user_id
+            RETURNING used_bytes
+            """,
+            user_id,
         )
         return int(value)
 
@@ -167,6 +183,9 @@ class ImageRepository:
 
 
 #: The library's page query; a module constant so the benchmark can EXPLAIN the real thing.
+#: It walks images_user_created_idx newest first and stops after a page: right when
+#: nothing or a common word filters the rows, but for a word few images contain it
+#: would read the user's whole history (LIST_IMAGES_TEXT_SQL is used then).
 LIST_IMAGES_SQL = """
 SELECT * FROM images
  WHERE user_id = $1
@@ -182,6 +201,67 @@ SELECT * FROM images
  LIMIT $11
 """
 
+#: How many of the user's newest images (after the page cursor) a word search reads
+#: in date order before it asks the full-text index for the older ones.
+TEXT_WALK_ROWS = 1000
+
+# Every filter of a page but the word and the cursor, on the columns of `images`.
+_PAGE_FILTERS = """
+       user_id = $1
+   AND (cardinality($2::text[]) = 0 OR tags @> $2::text[])
+   AND (NOT $4 OR favorite)
+   AND ($5::timestamptz IS NULL OR created_at >= $5)
+   AND ($6::timestamptz IS NULL OR created_at < $6)
+   AND ($7 = 'all' OR is_edit = ($7 = 'edit'))
+   AND ($8 OR deleted_at IS NULL)
+"""
+_AFTER_CURSOR = "($9::timestamptz IS NULL OR (created_at, id) < ($9, $10::uuid))"
+
+#: A page of the images whose text matches a word (parameters as LIST_IMAGES_SQL's).
+#: The planner cannot know how many images a word matches (a word that no image holds
+#: is estimated like any uncommon one), so the statement does not ask it to choose:
+#: 1. `recent_hits` walks the user's newest TEXT_WALK_ROWS images in date order and
+#:    keeps the matching ones, stopping at a full page: a common word ends here after
+#:    a few dozen rows.
+#: 2. Only when that found less than a page (a rare word) does the second branch run
+#:    (its one-time filter), driven by the full-text GIN index (`matches`, a
+#:    materialized CTE, so it is planned on the word alone): the matching images older
+#:    than the walked window. Its cost follows how many images hold the word, never
+#:    the length of the history.
+LIST_IMAGES_TEXT_SQL = f"""
+WITH recent_hits AS MATERIALIZED (
+    SELECT * FROM (
+        SELECT * FROM images
+         WHERE {_PAGE_FILTERS} AND {_AFTER_CURSOR}
+         ORDER BY created_at DESC, id DESC
+         LIMIT {TEXT_WALK_ROWS}) recent
+     WHERE search @@ plainto_tsquery('english', $3)
+     ORDER BY created_at DESC, id DESC
+     LIMIT $11
+), matches AS MATERIALIZED (
+    SELECT * FROM images WHERE user_id = $1 AND search @@ plainto_tsquery('english', $3)
+)
+SELECT * FROM recent_hits
+UNION ALL
+(SELECT * FROM matches
+  WHERE (SELECT count(*) FROM recent_hits) < $11
+    AND {_PAGE_FILTERS}
+    AND (created_at, id) < (
+        SELECT created_at, id FROM images
+         WHERE {_PAGE_FILTERS} AND {_AFTER_CURSOR}
+         ORDER BY created_at DESC, id DESC
+         OFFSET {TEXT_WALK_ROWS - 1} LIMIT 1)
+  ORDER BY created_at DESC, id DESC
+  LIMIT $11)
+ORDER BY created_at DESC, id DESC
+LIMIT $11
+"""  # noqa: S608 - built from this module's constants only; every value is a parameter
+
+
+def page_statement(text: str) -> str:
+    """The page query for a ListImages request whose word filter is `text`."""
+    return LIST_IMAGES_TEXT_SQL if text else LIST_IMAGES_SQL
+
 
 class LibraryQueries:
     """The library's reads and owner changes; every statement is scoped to the owner."""
@@ -194,7 +274,7 @@ class LibraryQueries:
     ) -> list[StoredImage]:
         """The owner's images, newest first, strictly after `after`."""
         rows = await self._pool.fetch(
-            LIST_IMAGES_SQL,
+            page_statement(query.text),
             user_id,
             list(query.tags),
             query.text,

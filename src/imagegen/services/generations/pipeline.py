@@ -6,10 +6,13 @@ its lease), from STARTED to the terminal event.
 2. For each image of the batch: the provider call, with PROGRESS events (and previews)
    as it works, abandoned as soon as the owner cancels; on a failure another provider
    may not share, the next one of the fallback chain takes over.
+   Before each call, a user already at their storage quota ends the job IMG_008
+   (a read-only check: no provider call is made for an image that cannot be kept).
 3. The reply's bytes are checked and converted to the asked format, in a thread.
-4. The storage quota is decided (domain/limits.py), the blob is put, and its image row
-   and IMAGE_READY event are recorded in one unit of work (the blob is deleted again if
-   that fails); a PROGRESS "stored" event follows.
+4. The blob is put, then one unit of work locks the user's storage counter, decides the
+   quota (domain/limits.py) and records the image row and its IMAGE_READY event, so two
+   jobs of one user never pass the quota together; if the quota refuses it or the
+   record fails, the blob is deleted again. A PROGRESS "stored" event follows.
 5. The end, in one unit of work: the job's terminal state, the settlement of its credit
    reservation (images delivered are charged, the rest refunded), its usage record and
    its terminal event: COMPLETED, FAILED (with its IMG code) or CANCELLED.
@@ -41,7 +44,7 @@ from imagegen.domain.errors import (
     ProviderNotConfigured,
     StorageFailed,
 )
-from imagegen.domain.limits import check_storage_quota
+from imagegen.domain.limits import check_storage_quota, check_storage_room
 from imagegen.domain.models import (
     EditSource,
     EventType,
@@ -239,11 +242,14 @@ class JobPipeline:
         deadline = time.monotonic() + self._settings.provider_timeout.total_seconds()
         sources = tuple([await self._load_source(s) for s in job.spec.sources])
         mask = await self._load_source(job.spec.mask) if job.spec.mask else None
+        quota = self._settings.plans.limits_for(job.plan).storage_bytes
         for index in range(count):
             if index in existing:
                 # Stored by an earlier attempt of this job: never make or charge it twice.
                 continue
             await self._checkpoint(job.id)
+            if quota is not None:
+                check_storage_room(quota, await self._db.images.storage_used(job.user_id))
             request = ProviderRequest(
                 prompt=job.spec.prompt,
                 negative_prompt=job.spec.negative_prompt,
@@ -405,11 +411,8 @@ class JobPipeline:
         reported_seed: int | None,
         used_seed: int,
     ) -> None:
-        """Quota, blob, then row and IMAGE_READY event; no blob stays without its row."""
-        quota = self._settings.plans.limits_for(job.plan).storage_bytes
-        if quota is not None:
-            used = await self._db.images.storage_used(job.user_id)
-            check_storage_quota(quota, used, len(encoded))
+        """Blob, then quota, row and IMAGE_READY event in one unit of work; no blob stays
+        without its row, and no row without its blob."""
         image_id = str(uuid.uuid4())
         key = blob_key(job.user_id, image_id, info.format.extension, datetime.now(UTC))
         with self._tracer.start_as_current_span(
@@ -444,12 +447,14 @@ class JobPipeline:
             recorded = await self._record_image(
                 image,
                 NewEvent(EventType.IMAGE_READY, {"image_id": image_id, "image_index": index}),
+                quota=self._settings.plans.limits_for(job.plan).storage_bytes,
                 negative_prompt=job.spec.negative_prompt,
                 style=job.spec.style.value if job.spec.style else "",
                 seed=reported_seed if reported_seed is not None else used_seed,
             )
         except BaseException:
-            # No blob without its row: undo the upload, whatever stopped the insert.
+            # No blob without its row: undo the upload, whatever stopped the insert
+            # (the quota included).
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._blobs.delete(key))
             raise
@@ -463,15 +468,22 @@ class JobPipeline:
         image: StoredImage,
         event: NewEvent,
         *,
+        quota: int | None,
         negative_prompt: str,
         style: str,
         seed: int | None,
     ) -> StoredImage | None:
-        """Insert the row of a stored blob and announce it, atomically. None when
-        another attempt of the job already stored this batch index.
-        Raises StorageFailed when the database cannot record it."""
+        """Decide the storage quota, insert the row of a stored blob and announce it,
+        atomically: the user's storage counter stays locked from the decision to the
+        commit, so concurrent jobs of one user decide one after the other. None when
+        another attempt of the job already stored this batch index. Raises
+        StorageQuotaExceeded (IMG_008) past `quota` (None: no quota), StorageFailed when
+        the database cannot record it."""
         try:
             async with self._db.unit_of_work() as uow:
+                if quota is not None:
+                    used = await uow.images.lock_storage_used(image.user_id)
+                    check_storage_quota(quota, used, image.size_bytes)
                 stored = await uow.images.insert(
                     image, negative_prompt=negative_prompt, style=style, seed=seed
                 )
@@ -524,7 +536,13 @@ class JobPipeline:
                 worker_id=worker_id,
             )
             if ended:
-                await uow.credits.settle(job.user_id, job.id, credits)
+                await uow.credits.settle(
+                    job.user_id,
+                    job.id,
+                    credits,
+                    allowance=self._settings.plans.limits_for(job.plan).monthly_credits,
+                    now=datetime.now(UTC),
+                )
                 await uow.usage.insert(usage)
                 await uow.generations.append_event(
                     job.id, _terminal_event(state, len(images), error)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from imagegen.domain import paging
 from imagegen.domain.errors import InvalidRequest, NotFound
 from imagegen.domain.models import Generation, GenerationState, Identity, StoredImage
+from imagegen.domain.plans import PlanTable
 from imagegen.jobs.signals import JobSignals
 from imagegen.services.unit_of_work import Database
 from imagegen.storage.base import BlobStore
@@ -17,9 +18,16 @@ class GenerationReads:
     """Get, list and cancel the caller's jobs; anyone else's are NotFound."""
 
     def __init__(
-        self, *, db: Database, blobs: BlobStore, signals: JobSignals, url_ttl: timedelta
+        self,
+        *,
+        db: Database,
+        blobs: BlobStore,
+        signals: JobSignals,
+        url_ttl: timedelta,
+        plans: PlanTable,
     ) -> None:
         self._db = db
+        self._plans = plans
         self._blobs = blobs
         self._signals = signals
         self._url_ttl = url_ttl
@@ -81,7 +89,13 @@ class GenerationReads:
             if generation.state is GenerationState.QUEUED:
                 generation = await uow.generations.cancel_queued(generation.id)
                 # Nothing was delivered: the whole reservation goes back.
-                await uow.credits.settle(identity.user_id, generation.id, 0)
+                await uow.credits.settle(
+                    identity.user_id,
+                    generation.id,
+                    0,
+                    allowance=self._plans.limits_for(generation.plan).monthly_credits,
+                    now=datetime.now(UTC),
+                )
             elif generation.state is GenerationState.RUNNING:
                 generation = await uow.generations.request_cancel(generation.id)
             await uow.generations.notify_changed(generation.id)

@@ -3,13 +3,16 @@
 A submit, top to bottom:
 1. The provider: the one the request names, else the caller's stored default, else the
    deployment's; it is recorded on the job.
-2. Validation of every field, and of what the provider can do (IMG_003).
-3. For an edit, a read-only precheck of the plan limits and credits (nothing is fetched
-   for a request that would be refused), then the sources are fetched, checked and stored.
+2. Validation of every field, and of what the provider can do (IMG_003); a provider
+   that is not configured here, with no configured fallback for the request, is IMG_001.
+3. For an edit, a read-only precheck of the plan limits, credits and storage quota
+   (nothing is fetched for a request that would be refused), then the sources are
+   fetched, checked and stored.
 4. One unit of work under the user's advisory lock: a retry with the same request_id
-   gets its earlier job back; otherwise the plan limits (IMG_005) and the credits
-   (IMG_006) are decided by domain/limits.py and domain/credits.py, the job is inserted
-   QUEUED, its price reserved, its QUEUED event appended and workers notified.
+   gets its earlier job back; otherwise the plan limits (IMG_005), the credits (IMG_006)
+   and the storage quota (IMG_008: a user already at it) are decided by domain/limits.py
+   and domain/credits.py, the job is inserted QUEUED, its price reserved, its QUEUED
+   event appended and workers notified.
 The job then waits for a worker (jobs/runner.py), which runs it through pipeline.py.
 """
 
@@ -23,9 +26,9 @@ from datetime import UTC, datetime, timedelta
 
 from opentelemetry import propagate, trace
 
-from imagegen.domain.credits import check_affordable, plan_reservation
-from imagegen.domain.errors import InvalidRequest, NotFound, RequestIdReused
-from imagegen.domain.limits import check_request_limits
+from imagegen.domain.credits import check_affordable, open_period, plan_reservation
+from imagegen.domain.errors import InvalidRequest, NotFound, ProviderNotConfigured, RequestIdReused
+from imagegen.domain.limits import check_request_limits, check_storage_room, counted_up_to
 from imagegen.domain.models import (
     EditSource,
     Generation,
@@ -226,7 +229,9 @@ class SubmissionService:
         size_given: bool = True,
     ) -> Provider:
         """Check every field against its limit and the provider's capabilities; raises
-        InvalidRequest naming the field. Returns the provider that would serve it."""
+        InvalidRequest naming the field, or ProviderNotConfigured when the provider has
+        no credentials here and no configured fallback can take the request. Returns the
+        provider that would serve it first."""
         check_prompt(spec.prompt)
         check_negative_prompt(spec.negative_prompt)
         if size_given:
@@ -268,6 +273,16 @@ class SubmissionService:
                 mask=placeholder if has_mask else None,
             )
         )
+        if (
+            not provider.configured
+            and not self._catalogue.call_order(spec, provider, edit=edit, has_mask=has_mask)[1:]
+        ):
+            raise ProviderNotConfigured(
+                f"provider {provider_id!r} is not configured on this deployment and no "
+                "configured fallback can take this request; choose one that ListProviders "
+                "shows",
+                metadata={"provider": provider_id},
+            )
         return provider
 
     def _price(self, spec: GenerationSpec, *, edit: bool = False) -> int:
@@ -279,17 +294,20 @@ class SubmissionService:
     async def _precheck(
         self, user_id: str, request_id: str, limits: PlanLimits, credits: int
     ) -> None:
-        """The plan-limit and credit decisions of `_create`, read-only and without the
-        lock: lets expensive work before a submit (fetching source URLs) be skipped for a
-        request that would be refused anyway. `_create` still decides."""
+        """The plan-limit, credit and storage decisions of `_create`, read-only and
+        without the lock: lets expensive work before a submit (fetching source URLs) be
+        skipped for a request that would be refused anyway. `_create` still decides."""
         now = datetime.now(UTC)
-        # One connection for the three reads; nothing is written, so nothing is committed.
+        # One connection for the reads; nothing is written, so nothing is committed.
         async with self._db.unit_of_work() as uow:
             if request_id and await uow.generations.request_id_taken(user_id, request_id):
                 return  # a retry: `_create` answers with the job it already made
-            check_request_limits(await uow.generations.request_counts(user_id), limits)
-            facts = await uow.credits.facts(user_id, now)
-            check_affordable(facts, credits, limits.monthly_credits, now)
+            counts = await uow.generations.request_counts(user_id, counted_up_to(limits))
+            check_request_limits(counts, limits)
+            facts = await uow.credits.facts(user_id)
+            check_affordable(open_period(facts, limits.monthly_credits, now).after, credits, now)
+            if limits.storage_bytes is not None:
+                check_storage_room(limits.storage_bytes, await uow.images.storage_used(user_id))
 
     async def _create(self, job: NewGeneration, limits: PlanLimits) -> tuple[Generation, bool]:
         """Store a queued job with its QUEUED event and its credit reservation, within the
@@ -311,13 +329,17 @@ class SubmissionService:
                         )
                     await uow.commit()  # keeps the forgetting of expired request ids
                     return past.generation, False
-            check_request_limits(await uow.generations.request_counts(job.user_id), limits)
+            counts = await uow.generations.request_counts(job.user_id, counted_up_to(limits))
+            check_request_limits(counts, limits)
             now = datetime.now(UTC)
-            await uow.credits.ensure_allowance(job.user_id, limits.monthly_credits, now)
+            facts = await uow.credits.open_period(job.user_id, limits.monthly_credits, now)
+            reservation = plan_reservation(facts, job.credits, now)
+            if limits.storage_bytes is not None:
+                # Read-only: a user at the quota gets no job; the exact decision is made
+                # when each image is recorded (pipeline.py).
+                used = await uow.images.storage_used(job.user_id)
+                check_storage_room(limits.storage_bytes, used)
             generation = await uow.generations.insert(job)
-            reservation = plan_reservation(
-                await uow.credits.facts(job.user_id, now), job.credits, now
-            )
             await uow.credits.reserve(job.user_id, job.id, reservation)
             await uow.generations.announce_queued(job.id)
             await uow.commit()
