@@ -47,6 +47,11 @@ def _image_from_row(row: asyncpg.Record) -> StoredImage:
         favorite=row["favorite"],
         updated_at=row["updated_at"],
         deleted_at=row["deleted_at"],
+        upload=row["upload"],
+        sub_account=row["sub_account"],
+        credits=row["credits"],
+        generation_duration=row["generation_duration"],
+        sha256=row["sha256"] or "",
     )
 
 
@@ -65,15 +70,17 @@ class ImageRepository:
         seed: int | None = None,
     ) -> StoredImage | None:
         """Add the row of an image whose blob is already stored (in a unit of work).
-        None when the job already has an image at that batch index (another attempt
-        stored it first)."""
+        None when the job already has a result at that batch index (another attempt
+        stored it first); an upload never conflicts."""
         row = await self._db.fetchrow(
             """
             INSERT INTO images (id, user_id, generation_id, batch_index, storage_key, mime_type,
                                 width, height, size_bytes, provider, model, prompt,
-                                negative_prompt, style, seed, is_edit)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
-            ON CONFLICT (generation_id, batch_index) DO NOTHING
+                                negative_prompt, style, seed, is_edit, upload, sub_account,
+                                credits, generation_duration, sha256)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                    $17, $18, $19, $20, $21)
+            ON CONFLICT (generation_id, batch_index) WHERE NOT upload DO NOTHING
             RETURNING *
             """,
             uuid.UUID(image.id),
@@ -92,6 +99,11 @@ class ImageRepository:
             style,
             seed,
             image.is_edit,
+            image.upload,
+            image.sub_account,
+            image.credits,
+            image.generation_duration,
+            image.sha256 or None,
         )
         if row is None:
             return None
