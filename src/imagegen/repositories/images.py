@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
@@ -224,7 +225,8 @@ class LibraryQueries:
     async def update_metadata(
         self, user_id: str, image_id: str, update: MetadataUpdate
     ) -> StoredImage | None:
-        """Change only the named fields; None if the caller has no such image."""
+        """Change only the named fields of a live image; None (nothing changed) if the
+        caller has no such image or it is soft-deleted."""
         iid = parse_id(image_id)
         if iid is None:
             return None
@@ -236,7 +238,7 @@ class LibraryQueries:
                 tags = CASE WHEN $7 THEN $8::text[] ELSE tags END,
                 favorite = CASE WHEN $9 THEN $10 ELSE favorite END,
                 updated_at = now()
-             WHERE id = $1 AND user_id = $2
+             WHERE id = $1 AND user_id = $2 AND deleted_at IS NULL
             RETURNING *
             """,
             iid,
@@ -271,15 +273,27 @@ class LibraryQueries:
         )
         return None if row is None else _image_from_row(row)
 
-    async def delete_row(self, user_id: str, image_id: str) -> StoredImage | None:
-        """Remove the row for good (its edit links go with it); returns what it was."""
+    async def purge(
+        self,
+        user_id: str,
+        image_id: str,
+        remove_blob: Callable[[StoredImage], Awaitable[None]],
+    ) -> StoredImage | None:
+        """Remove the row for good (its edit links go with it) and, before that commits,
+        call `remove_blob` with what it was: if that raises, the row stays. None if the
+        caller has no such image."""
         iid = parse_id(image_id)
         if iid is None:
             return None
-        row = await self._pool.fetchrow(
-            "DELETE FROM images WHERE id = $1 AND user_id = $2 RETURNING *", iid, user_id
-        )
-        return None if row is None else _image_from_row(row)
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "DELETE FROM images WHERE id = $1 AND user_id = $2 RETURNING *", iid, user_id
+            )
+            if row is None:
+                return None
+            image = _image_from_row(row)
+            await remove_blob(image)
+        return image
 
     async def lineage(
         self, user_id: str, image_id: str, max_depth: int, limit: int
