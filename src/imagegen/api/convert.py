@@ -162,6 +162,12 @@ def spec_from_proto(spec: common_pb2.GenerationSpec) -> GenerationSpec:
     )
 
 
+def _duration(value: timedelta) -> Duration:
+    duration = Duration()
+    duration.FromTimedelta(value)
+    return duration
+
+
 def spec_to_proto(spec: GenerationSpec) -> common_pb2.GenerationSpec:
     message = common_pb2.GenerationSpec(
         prompt=spec.prompt,
@@ -203,7 +209,13 @@ def image_to_proto(image: StoredImage, url_ttl: timedelta) -> common_pb2.Image:
         tags=list(image.tags),
         favorite=image.favorite,
         parents=[IMAGES_PREFIX + p for p in image.parent_ids],
+        upload=image.upload,
+        sub_account=image.sub_account,
+        edit=image.is_edit,
+        credits=image.credits,
     )
+    if image.generation_duration is not None:
+        message.generation_duration.CopyFrom(_duration(image.generation_duration))
     if image.seed is not None:
         message.seed = image.seed % 2**32
     created = _timestamp(image.created_at)

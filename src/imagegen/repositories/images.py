@@ -120,16 +120,27 @@ class ImageRepository:
         return dataclasses.replace(stored, parent_ids=image.parent_ids)
 
     async def for_generation(self, generation_id: str) -> list[StoredImage]:
-        """A job's images in batch order."""
+        """The images a job made, in batch order (never the uploads it was given)."""
         gid = parse_id(generation_id)
         if gid is None:
             return []
         rows = await self._db.fetch(
             "SELECT * FROM images WHERE generation_id = $1 AND deleted_at IS NULL "
-            "ORDER BY batch_index",
+            "AND NOT upload ORDER BY batch_index",
             gid,
         )
         return [_image_from_row(r) for r in rows]
+
+    async def find_upload(self, user_id: str, sha256: str) -> StoredImage | None:
+        """The owner's live (not soft-deleted) upload of this content, if any; the
+        oldest when there are several."""
+        row = await self._db.fetchrow(
+            "SELECT * FROM images WHERE user_id = $1 AND sha256 = $2 AND upload "
+            "AND deleted_at IS NULL ORDER BY created_at, id LIMIT 1",
+            user_id,
+            sha256,
+        )
+        return None if row is None else _image_from_row(row)
 
     async def get(self, user_id: str, image_id: str) -> StoredImage | None:
         """The owner's image, or None (also for another user's or a malformed id)."""
@@ -188,7 +199,9 @@ SELECT * FROM images
    AND (NOT $4 OR favorite)
    AND ($5::timestamptz IS NULL OR created_at >= $5)
    AND ($6::timestamptz IS NULL OR created_at < $6)
-   AND ($7 = 'all' OR is_edit = ($7 = 'edit'))
+   AND CASE $7 WHEN 'all' THEN true WHEN 'original' THEN NOT is_edit AND NOT upload
+               WHEN 'edit' THEN is_edit WHEN 'upload' THEN upload WHEN 'generated' THEN NOT upload
+       END
    AND ($8 OR deleted_at IS NULL)
    AND ($9::timestamptz IS NULL OR (created_at, id) < ($9, $10::uuid))
  ORDER BY created_at DESC, id DESC

@@ -5,11 +5,13 @@ A submit, top to bottom:
    deployment's; it is recorded on the job.
 2. Validation of every field, and of what the provider can do (IMG_003).
 3. For an edit, a read-only precheck of the plan limits and credits (nothing is fetched
-   for a request that would be refused), then the sources are fetched, checked and stored.
+   for a request that would be refused), then the sources are fetched, checked and their
+   blobs stored as the caller's uploads (services/sources.py).
 4. One unit of work under the user's advisory lock: a retry with the same request_id
    gets its earlier job back; otherwise the plan limits (IMG_005) and the credits
    (IMG_006) are decided by domain/limits.py and domain/credits.py, the job is inserted
-   QUEUED, its price reserved, its QUEUED event appended and workers notified.
+   QUEUED with the rows of its new uploads, its price reserved, its QUEUED event
+   appended and workers notified.
 The job then waits for a worker (jobs/runner.py), which runs it through pipeline.py.
 """
 
@@ -27,12 +29,12 @@ from imagegen.domain.credits import check_affordable, plan_reservation
 from imagegen.domain.errors import InvalidRequest, NotFound, RequestIdReused
 from imagegen.domain.limits import check_request_limits
 from imagegen.domain.models import (
-    EditSource,
     Generation,
     GenerationSpec,
     Identity,
     Size,
     SourceRef,
+    StoredImage,
 )
 from imagegen.domain.plans import PlanLimits, PlanTable
 from imagegen.domain.pricing import PriceTable
@@ -50,7 +52,7 @@ from imagegen.jobs.signals import JobSignals
 from imagegen.providers.base import Provider, ProviderRequest, SourceImage
 from imagegen.repositories.generations import NewGeneration
 from imagegen.services.generations.catalogue import ProviderCatalogue
-from imagegen.services.sources import SourceResolver
+from imagegen.services.sources import ResolvedSources, SourceResolver
 from imagegen.services.unit_of_work import Database
 
 log = logging.getLogger(__name__)
@@ -125,18 +127,22 @@ class SubmissionService:
         if mask_ref is not None and not source_refs:
             raise InvalidRequest("a mask needs a source image to apply to", field="mask")
         limits = self._settings.plans.limits_for(identity.plan)
-        stored: tuple[EditSource, ...] = ()
+        generation_id = str(uuid.uuid4())
+        stored = ResolvedSources((), None, ())
         if source_refs:
             # Limits and credits come before any work; fetching sources is work, so a
             # request that would be refused is refused first.
             await self._precheck(identity.user_id, request_id, limits, self._price(spec, edit=True))
             stored = await self._sources.resolve(
-                identity, (*source_refs, *((mask_ref,) if mask_ref else ()))
+                identity,
+                source_refs,
+                mask_ref,
+                generation_id=generation_id,
+                prompt=spec.prompt,
             )
-            sources, mask = (stored[:-1], stored[-1]) if mask_ref else (stored, None)
-            spec = dataclasses.replace(spec, sources=sources, mask=mask)
+            spec = dataclasses.replace(spec, sources=stored.sources, mask=stored.mask)
             if not size_given:
-                first = sources[0]
+                first = stored.sources[0]
                 spec = dataclasses.replace(
                     spec,
                     size=_fit(Size(first.width, first.height), self._settings.max_pixels),
@@ -144,7 +150,7 @@ class SubmissionService:
                 )
         provider_id = spec.provider or self._catalogue.default_provider
         job = NewGeneration(
-            id=str(uuid.uuid4()),
+            id=generation_id,
             user_id=identity.user_id,
             sub_account=identity.sub_account,
             request_id=request_id,
@@ -154,12 +160,12 @@ class SubmissionService:
             extra_spec={"trace_context": _current_trace_context(), "plan": identity.plan},
         )
         try:
-            generation, created = await self._create(job, limits)
+            generation, created = await self._create(job, limits, stored.new_uploads)
         except BaseException:
             await self._sources.discard(stored)
             raise
         if not created:
-            # The earlier job with this request_id has its own copies of the sources.
+            # The earlier job with this request_id has its own uploads of the sources.
             await self._sources.discard(stored)
             return generation
         self._signals.job_queued()
@@ -276,11 +282,14 @@ class SubmissionService:
             facts = await uow.credits.facts(user_id, now)
             check_affordable(facts, credits, limits.monthly_credits, now)
 
-    async def _create(self, job: NewGeneration, limits: PlanLimits) -> tuple[Generation, bool]:
-        """Store a queued job with its QUEUED event and its credit reservation, within the
-        user's plan limits; an existing job for the same request_id is returned instead
-        (created=False), or IMG_009 if its parameters differ. One transaction under the
-        user's advisory lock, so every replica counts the same limits and balance."""
+    async def _create(
+        self, job: NewGeneration, limits: PlanLimits, uploads: tuple[StoredImage, ...]
+    ) -> tuple[Generation, bool]:
+        """Store a queued job with the rows of its new uploads, its QUEUED event and its
+        credit reservation, within the user's plan limits; an existing job for the same
+        request_id is returned instead (created=False), or IMG_009 if its parameters
+        differ. One transaction under the user's advisory lock, so every replica counts
+        the same limits and balance."""
         async with self._db.unit_of_work() as uow:
             await uow.generations.lock_user(job.user_id)
             if job.request_id:
@@ -300,6 +309,8 @@ class SubmissionService:
             now = datetime.now(UTC)
             await uow.credits.ensure_allowance(job.user_id, limits.monthly_credits, now)
             generation = await uow.generations.insert(job)
+            for upload in uploads:
+                await uow.images.insert(upload)
             reservation = plan_reservation(
                 await uow.credits.facts(job.user_id, now), job.credits, now
             )
