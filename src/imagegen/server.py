@@ -57,6 +57,7 @@ from imagegen.repositories.templates import TemplateRepository
 from imagegen.repositories.unit_of_work import PostgresDatabase
 from imagegen.repositories.usage import UsageQueries
 from imagegen.services.generations import (
+    GenerationPresenter,
     GenerationReads,
     GenerationWatch,
     JobPipeline,
@@ -225,6 +226,7 @@ class Server:
                     max_pixels=settings.max_pixels,
                     request_id_ttl=settings.request_id_ttl,
                 ),
+                presenter=GenerationPresenter(db=database, blobs=blobs, url_ttl=settings.url_ttl),
                 tracer=telemetry.tracer,
             )
             pipeline = JobPipeline(

@@ -113,6 +113,7 @@ async def test_edits_from_bytes_data_url_and_the_library(tmp_path: Path, databas
                 uuid.UUID(child.image.name.removeprefix("images/")),
             )
             assert [str(p["parent_id"]) for p in parents] == [parent_name.removeprefix("images/")]
+            assert list(child.image.parents) == [parent_name]
             edits = await conn.fetch(
                 "SELECT is_edit FROM images WHERE id = $1",
                 uuid.UUID(child.image.name.removeprefix("images/")),

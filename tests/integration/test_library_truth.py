@@ -1,7 +1,7 @@
 """Each RPC of ImageLibraryService does what its comment in library.proto says, for the
 cases where it once did not (issue 9 item 7): a soft-deleted image is not downloaded,
-URL'd or changed (FAILED_PRECONDITION), `ttl=0` gives the maximum, and a purge whose
-bytes cannot be removed keeps the image."""
+URL'd or changed (FAILED_PRECONDITION), `ttl=0` gives the maximum, a purge whose bytes
+cannot be removed keeps the image, and a replayed watch signs no deleted image."""
 
 from __future__ import annotations
 
@@ -172,3 +172,37 @@ async def test_a_purge_whose_bytes_cannot_be_removed_keeps_the_image(
             with pytest.raises(grpc.aio.AioRpcError) as gone:
                 await alice.lib.GetImage(L.GetImageRequest(name=name), metadata=alice.md)
             assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_replayed_watch_signs_no_deleted_image(tmp_path: Path, database_url: str) -> None:
+    async with serve_in_process(tmp_path, database_url) as server:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{server.grpc_port}", options=CHANNEL_OPTIONS
+        ) as channel:
+            alice = Stubs(channel)
+            job_name = completed(
+                await alice.generate(
+                    common_pb2.GenerationSpec(
+                        prompt="two boats",
+                        count=2,
+                        size=common_pb2.ImageSize(width=256, height=256),
+                    )
+                )
+            )
+            job = await alice.get(job_name)
+            deleted, purged = (i.name for i in job.images)
+            await alice.lib.DeleteImage(L.DeleteImageRequest(name=deleted), metadata=alice.md)
+            await alice.lib.PurgeImage(L.PurgeImageRequest(name=purged), metadata=alice.md)
+
+            replay = [
+                r.event
+                async for r in alice.gen.WatchGeneration(
+                    E.WatchGenerationRequest(name=job_name), metadata=alice.md, timeout=30
+                )
+            ]
+    ready = [e for e in replay if e.type == E.GENERATION_EVENT_TYPE_IMAGE_READY]
+    assert len(ready) == 2, "the log keeps both events"
+    shown = {e.image.name: e.image for e in ready if e.HasField("image")}
+    assert set(shown) == {deleted}, "a purged image is gone from its event"
+    assert shown[deleted].uri == "" and shown[deleted].HasField("delete_time")
+    assert not shown[deleted].HasField("uri_expire_time")

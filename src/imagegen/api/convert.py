@@ -12,6 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from imagegen.domain.errors import InvalidRequest
 from imagegen.domain.models import (
     DEFAULT_SIZE,
+    EditSource,
     EventType,
     Generation,
     GenerationEvent,
@@ -168,6 +169,14 @@ def _duration(value: timedelta) -> Duration:
     return duration
 
 
+def _source_to_proto(source: EditSource) -> common_pb2.ImageSource:
+    """A stored job's source as the library image it is; a source stored before sources
+    were library images, by its signed URL (never by its bytes)."""
+    if source.image_id:
+        return common_pb2.ImageSource(image=IMAGES_PREFIX + source.image_id)
+    return common_pb2.ImageSource(uri=source.url)
+
+
 def spec_to_proto(spec: GenerationSpec) -> common_pb2.GenerationSpec:
     message = common_pb2.GenerationSpec(
         prompt=spec.prompt,
@@ -181,7 +190,10 @@ def spec_to_proto(spec: GenerationSpec) -> common_pb2.GenerationSpec:
         provider=spec.provider,
         model=spec.model,
         source=_SOURCE_TO_PB[spec.source],
+        sources=[_source_to_proto(s) for s in spec.sources],
     )
+    if spec.mask is not None:
+        message.mask.CopyFrom(_source_to_proto(spec.mask))
     if spec.seed is not None:
         message.seed = spec.seed
     return message
@@ -247,7 +259,11 @@ def generation_to_proto(generation: Generation, url_ttl: timedelta) -> generatio
         images=[image_to_proto(img, url_ttl) for img in generation.images],
         request_id=generation.request_id,
         last_sequence=generation.last_sequence,
+        sub_account=generation.sub_account,
+        edit=generation.spec.is_edit,
     )
+    if generation.duration is not None:
+        message.duration.CopyFrom(_duration(generation.duration))
     if generation.error_code:
         message.error.CopyFrom(
             generation_pb2.GenerationError(

@@ -22,7 +22,16 @@ def parse_id(value: str) -> uuid.UUID | None:
         return None
 
 
+#: The select list of an image with its parents (in source order), in one statement.
+_WITH_PARENTS = """
+    i.*, array(SELECT p.parent_id FROM image_parents p
+                WHERE p.image_id = i.id ORDER BY p.position) AS parent_ids
+"""
+
+
 def _image_from_row(row: asyncpg.Record) -> StoredImage:
+    keys = row.keys()
+    parents = tuple(str(p) for p in row["parent_ids"]) if "parent_ids" in keys else ()
     return StoredImage(
         id=str(row["id"]),
         user_id=row["user_id"],
@@ -48,6 +57,7 @@ def _image_from_row(row: asyncpg.Record) -> StoredImage:
         favorite=row["favorite"],
         updated_at=row["updated_at"],
         deleted_at=row["deleted_at"],
+        parent_ids=parents,
         upload=row["upload"],
         sub_account=row["sub_account"],
         credits=row["credits"],
@@ -120,16 +130,40 @@ class ImageRepository:
         return dataclasses.replace(stored, parent_ids=image.parent_ids)
 
     async def for_generation(self, generation_id: str) -> list[StoredImage]:
-        """The images a job made, in batch order (never the uploads it was given)."""
+        """The images a job made, in batch order: soft-deleted ones too (they were
+        delivered and charged, and a retried attempt must not make them again), never the
+        uploads it was given."""
         gid = parse_id(generation_id)
         if gid is None:
             return []
         rows = await self._db.fetch(
-            "SELECT * FROM images WHERE generation_id = $1 AND deleted_at IS NULL "
-            "AND NOT upload ORDER BY batch_index",
+            "SELECT * FROM images WHERE generation_id = $1 AND NOT upload ORDER BY batch_index",
             gid,
         )
         return [_image_from_row(r) for r in rows]
+
+    async def for_generations(
+        self, user_id: str, generation_ids: list[str]
+    ) -> dict[str, list[StoredImage]]:
+        """The images each of the owner's jobs made (soft-deleted ones too, no uploads),
+        in batch order and with their parents, by job id: one statement for a whole page."""
+        if not generation_ids:
+            return {}
+        rows = await self._db.fetch(
+            f"""
+            SELECT {_WITH_PARENTS}
+              FROM images i
+             WHERE i.generation_id = ANY($1::uuid[]) AND NOT i.upload AND i.user_id = $2
+             ORDER BY i.generation_id, i.batch_index
+            """,  # noqa: S608 - _WITH_PARENTS is a fixed fragment
+            [uuid.UUID(g) for g in generation_ids],
+            user_id,
+        )
+        found: dict[str, list[StoredImage]] = {}
+        for row in rows:
+            image = _image_from_row(row)
+            found.setdefault(image.generation_id, []).append(image)
+        return found
 
     async def find_upload(self, user_id: str, sha256: str) -> StoredImage | None:
         """The owner's live (not soft-deleted) upload of this content, if any; the
@@ -182,11 +216,15 @@ class ImageRepository:
         return tuple(str(r["parent_id"]) for r in rows)
 
     async def get_by_id(self, image_id: str) -> StoredImage | None:
-        """An image by id for internal use (workers), never for callers."""
+        """An image by id, with its parents, for internal use (workers, a job's own
+        events), never for callers."""
         iid = parse_id(image_id)
         if iid is None:
             return None
-        row = await self._db.fetchrow("SELECT * FROM images WHERE id = $1", iid)
+        row = await self._db.fetchrow(
+            f"SELECT {_WITH_PARENTS} FROM images i WHERE i.id = $1",  # noqa: S608 - fixed
+            iid,
+        )
         return None if row is None else _image_from_row(row)
 
 

@@ -29,6 +29,7 @@ from imagegen.domain.credits import check_affordable, plan_reservation
 from imagegen.domain.errors import InvalidRequest, NotFound, RequestIdReused
 from imagegen.domain.limits import check_request_limits
 from imagegen.domain.models import (
+    EditSource,
     Generation,
     GenerationSpec,
     Identity,
@@ -52,6 +53,7 @@ from imagegen.jobs.signals import JobSignals
 from imagegen.providers.base import Provider, ProviderRequest, SourceImage
 from imagegen.repositories.generations import NewGeneration
 from imagegen.services.generations.catalogue import ProviderCatalogue
+from imagegen.services.generations.reads import GenerationPresenter
 from imagegen.services.sources import ResolvedSources, SourceResolver
 from imagegen.services.unit_of_work import Database
 
@@ -69,6 +71,15 @@ class SubmissionSettings:
     #: how long a request_id is remembered
     request_id_ttl: timedelta
     limits: RequestLimits = field(default_factory=RequestLimits)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A submit's job, and whether this submit created it (False: a retry with the same
+    request_id got the job an earlier submit made)."""
+
+    generation: Generation
+    created: bool
 
 
 @dataclass(frozen=True)
@@ -90,6 +101,7 @@ class SubmissionService:
         catalogue: ProviderCatalogue,
         signals: JobSignals,
         settings: SubmissionSettings,
+        presenter: GenerationPresenter | None = None,
         tracer: trace.Tracer | None = None,
     ) -> None:
         self._db = db
@@ -97,6 +109,8 @@ class SubmissionService:
         self._catalogue = catalogue
         self._signals = signals
         self._settings = settings
+        #: adds the stored images (with fresh URLs) to a job a retry gets back
+        self._presenter = presenter
         self._tracer = tracer or trace.get_tracer(__name__)
 
     async def submit(
@@ -111,6 +125,29 @@ class SubmissionService:
     ) -> Generation:
         """Validate, fetch and store any sources, and queue a job; the same request_id
         returns the same job."""
+        submitted = await self.submit_job(
+            identity,
+            spec,
+            request_id,
+            source_refs=source_refs,
+            mask_ref=mask_ref,
+            size_given=size_given,
+        )
+        return submitted.generation
+
+    async def submit_job(
+        self,
+        identity: Identity,
+        spec: GenerationSpec,
+        request_id: str = "",
+        *,
+        source_refs: tuple[SourceRef, ...] = (),
+        mask_ref: SourceRef | None = None,
+        size_given: bool = True,
+        rerun: bool = False,
+    ) -> Submitted:
+        """As `submit`, and whether this call created the job (a retry with the same
+        request_id did not). `rerun`: the sources are those of a stored job."""
         edit = bool(source_refs) or spec.is_edit
         if not spec.provider:
             # The caller's stored choice, else the deployment's default; recorded on the job.
@@ -139,6 +176,7 @@ class SubmissionService:
                 mask_ref,
                 generation_id=generation_id,
                 prompt=spec.prompt,
+                rerun=rerun,
             )
             spec = dataclasses.replace(spec, sources=stored.sources, mask=stored.mask)
             if not size_given:
@@ -167,7 +205,9 @@ class SubmissionService:
         if not created:
             # The earlier job with this request_id has its own uploads of the sources.
             await self._sources.discard(stored)
-            return generation
+            if self._presenter is not None:
+                generation = await self._presenter.present(identity.user_id, generation)
+            return Submitted(generation, created=False)
         self._signals.job_queued()
         self._signals.job_changed(generation.id)
         log.info(
@@ -183,16 +223,30 @@ class SubmissionService:
                 "source": spec.source.value,
             },
         )
-        return generation
+        return Submitted(generation, created=True)
 
     async def rerun(
         self, identity: Identity, generation_id: str, request_id: str = ""
     ) -> Generation:
-        """A new job with the settings of one of the caller's jobs."""
+        """A new job with the settings of one of the caller's jobs; an edit runs again on
+        the same library images (IMG_003 naming one that was purged since), and a size
+        the edit took from its source is taken from it again, not checked as asked."""
         original = await self._db.generations.get(identity.user_id, generation_id)
         if original is None:
             raise NotFound(f"generation {generation_id!r} not found")
-        return await self.submit(identity, original.spec, request_id)
+        spec = original.spec
+        source_refs = tuple(_ref_of(s) for s in spec.sources)
+        mask_ref = _ref_of(spec.mask) if spec.mask else None
+        submitted = await self.submit_job(
+            identity,
+            dataclasses.replace(spec, sources=(), mask=None, size_from_source=False),
+            request_id,
+            source_refs=source_refs,
+            mask_ref=mask_ref,
+            size_given=not spec.size_from_source,
+            rerun=True,
+        )
+        return submitted.generation
 
     def quote(
         self,
@@ -318,6 +372,14 @@ class SubmissionService:
             await uow.generations.announce_queued(job.id)
             await uow.commit()
             return generation, True
+
+
+def _ref_of(source: EditSource) -> SourceRef:
+    """How a rerun names a stored job's source again: as the library image it is, or by
+    its blob for a source stored before sources were kept as library images."""
+    if source.image_id:
+        return SourceRef("image", image_id=source.image_id)
+    return SourceRef("stored", storage_key=source.storage_key)
 
 
 def _fit(size: Size, max_pixels: int) -> Size:
