@@ -316,7 +316,11 @@ class Server:
             )
             templates_pb2_grpc.add_PromptTemplateServiceServicer_to_server(
                 PromptTemplateServicer(
-                    TemplateService(TemplateRepository(pool), submission),
+                    TemplateService(
+                        TemplateRepository(pool),
+                        submission,
+                        request_id_ttl=settings.request_id_ttl,
+                    ),
                     url_ttl=settings.url_ttl,
                 ),
                 server,
