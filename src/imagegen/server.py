@@ -65,6 +65,7 @@ from imagegen.repositories.templates import TemplateRepository
 from imagegen.repositories.unit_of_work import PostgresDatabase
 from imagegen.repositories.usage import UsageQueries
 from imagegen.services.generations import (
+    GenerationPresenter,
     GenerationReads,
     GenerationWatch,
     JobPipeline,
@@ -250,6 +251,7 @@ class Server:
                     max_pixels=settings.max_pixels,
                     request_id_ttl=settings.request_id_ttl,
                 ),
+                presenter=GenerationPresenter(db=database, blobs=blobs, url_ttl=settings.url_ttl),
                 tracer=telemetry.tracer,
                 moderation=moderation,
             )
@@ -348,7 +350,11 @@ class Server:
             )
             templates_pb2_grpc.add_PromptTemplateServiceServicer_to_server(
                 PromptTemplateServicer(
-                    TemplateService(TemplateRepository(pool), submission),
+                    TemplateService(
+                        TemplateRepository(pool),
+                        submission,
+                        request_id_ttl=settings.request_id_ttl,
+                    ),
                     url_ttl=settings.url_ttl,
                 ),
                 server,

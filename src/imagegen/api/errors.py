@@ -72,6 +72,7 @@ STATUS_TABLE: dict[type[domain.ImageGenError], _StatusFor] = {
     domain.ProviderNotConfigured: _fixed(grpc.StatusCode.FAILED_PRECONDITION),  # IMG_001
     domain.ProviderFailed: _by_retryable,  # IMG_002
     domain.InvalidRequest: _fixed(grpc.StatusCode.INVALID_ARGUMENT),  # IMG_003
+    domain.ImageDeleted: _fixed(grpc.StatusCode.FAILED_PRECONDITION),  # IMG_003
     domain.StorageFailed: _fixed(grpc.StatusCode.UNAVAILABLE),  # IMG_004
     domain.RateLimited: _fixed(grpc.StatusCode.RESOURCE_EXHAUSTED),  # IMG_005
     domain.InsufficientCredits: _fixed(grpc.StatusCode.FAILED_PRECONDITION),  # IMG_006
@@ -105,9 +106,13 @@ def _upper_snake(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).upper()
 
 
-#: ErrorInfo reason -> domain class, to rebuild an error stored by its code.
+#: ErrorInfo reason -> domain class, to rebuild an error stored by its code. A subclass
+#: that shares its base's code (ImageDeleted) only refines the status; the code rebuilds
+#: the base.
 _CLASS_BY_REASON: dict[str, type[domain.ImageGenError]] = {
-    cls.code or _upper_snake(cls.__name__): cls for cls in STATUS_TABLE
+    cls.code or _upper_snake(cls.__name__): cls
+    for cls in STATUS_TABLE
+    if not (cls.code and getattr(cls.__mro__[1], "code", "") == cls.code)
 }
 
 

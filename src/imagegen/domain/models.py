@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 
 class ImageFormat(enum.StrEnum):
@@ -131,10 +131,13 @@ class Identity:
 class SourceRef:
     """A source image as the caller named it, before it is fetched and checked."""
 
-    kind: str  # "uri" (https or data:), "bytes", or "image" (a library image id)
+    #: "uri" (https or data:), "bytes", "image" (a library image id), or "stored" (a
+    #: source a job stored before sources became library images, by its blob key)
+    kind: str
     uri: str = ""
     data: bytes = b""
     image_id: str = ""
+    storage_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -155,8 +158,11 @@ class EditSource:
     mime_type: str
     width: int
     height: int
-    #: the library image it came from, if any (it becomes the result's parent)
+    #: the library image it is (an upload or an image of the caller's library; it becomes
+    #: the result's parent); empty only for sources stored before uploads were kept
     image_id: str = ""
+    #: a signed URL of such an older source, for showing the job (never stored)
+    url: str = ""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -344,6 +350,16 @@ class StoredImage:
     favorite: bool = False
     updated_at: datetime | None = None
     deleted_at: datetime | None = None
+    #: supplied by the caller as an edit source or mask, not made by a provider
+    upload: bool = False
+    #: the owner's sub-account when it was stored
+    sub_account: str = ""
+    #: credits charged for it (0 for an upload)
+    credits: int = 0
+    #: from its provider call's start to its storage; None for an upload (or not measured)
+    generation_duration: timedelta | None = None
+    #: SHA-256 of an upload's bytes, hex; empty for a generated image
+    sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -372,6 +388,14 @@ class Generation:
     trace_context: dict[str, str] = field(default_factory=dict)
     #: the owner's plan when the job was submitted (its limits apply to the job)
     plan: str = "free"
+
+    @property
+    def duration(self) -> timedelta | None:
+        """How long it ran, from its first start to its end; None until it ended, and for
+        a job that never started."""
+        if self.started_at is None or self.completed_at is None:
+            return None
+        return max(self.completed_at - self.started_at, timedelta(0))
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ from imagegen.domain.errors import (
     ImageGenError,
     ImageTooLarge,
     InvalidRequest,
+    NotFound,
     ProviderFailed,
     ProviderNotConfigured,
     StorageFailed,
@@ -241,7 +242,7 @@ class JobPipeline:
         base_seed = job.spec.seed if job.spec.seed is not None else _seed_from(job.id)
         deadline = time.monotonic() + self._settings.provider_timeout.total_seconds()
         sources = tuple([await self._load_source(s) for s in job.spec.sources])
-        mask = await self._load_source(job.spec.mask) if job.spec.mask else None
+        mask = await self._load_source(job.spec.mask, "mask") if job.spec.mask else None
         quota = self._settings.plans.limits_for(job.plan).storage_bytes
         for index in range(count):
             if index in existing:
@@ -263,6 +264,7 @@ class JobPipeline:
                 resize_to=None if job.spec.size_from_source else job.spec.size,
                 timeout=max(deadline - time.monotonic(), 0.1),
             )
+            call_started = time.monotonic()
             reply, serving = await self._call_with_fallback(
                 job, provider, request, progress.reporter(index)
             )
@@ -302,6 +304,7 @@ class JobPipeline:
                 model=model,
                 reported_seed=reply.seed,
                 used_seed=request.seed,
+                call_started=call_started,
             )
             await progress.stored(index)
         return model, job
@@ -410,9 +413,11 @@ class JobPipeline:
         model: str,
         reported_seed: int | None,
         used_seed: int,
+        call_started: float,
     ) -> None:
         """Blob, then quota, row and IMAGE_READY event in one unit of work; no blob stays
-        without its row, and no row without its blob."""
+        without its row, and no row without its blob. `call_started` is when the image's
+        provider call began (time.monotonic())."""
         image_id = str(uuid.uuid4())
         key = blob_key(job.user_id, image_id, info.format.extension, datetime.now(UTC))
         with self._tracer.start_as_current_span(
@@ -442,6 +447,9 @@ class JobPipeline:
             index=index,
             is_edit=job.spec.is_edit,
             parent_ids=tuple(s.image_id for s in job.spec.sources if s.image_id),
+            sub_account=job.sub_account,
+            credits=self._image_price(job),
+            generation_duration=timedelta(seconds=time.monotonic() - call_started),
         )
         try:
             recorded = await self._record_image(
@@ -588,8 +596,18 @@ class JobPipeline:
     def _image_price(self, job: Generation) -> int:
         return self._settings.prices.generation_credits(job.spec.size, 1, edit=job.spec.is_edit)
 
-    async def _load_source(self, source: EditSource) -> SourceImage:
-        data = await self._blobs.get(source.storage_key)
+    async def _load_source(self, source: EditSource, field: str = "sources") -> SourceImage:
+        """A source's bytes; IMG_003 naming the source (never its storage key) when it
+        was purged after the job was submitted."""
+        try:
+            data = await self._blobs.get(source.storage_key)
+        except NotFound:
+            name = f"images/{source.image_id}" if source.image_id else "a source image"
+            raise InvalidRequest(
+                f"{name} of this edit was purged before the job ran; submit the edit again "
+                "with a source that exists",
+                field=field,
+            ) from None
         return SourceImage(data, source.mime_type, source.width, source.height)
 
     async def _checkpoint(self, generation_id: str) -> None:
