@@ -101,12 +101,24 @@ def _quote(value: str) -> str:
     return quote(value, safe="-_.~")
 
 
+@dataclass(frozen=True)
+class _SharedParts:
+    """What every URL signed in the same second, with the same credentials and lifetime,
+    has in common: all but the path and the signature."""
+
+    query: str
+    canonical_tail: str
+    string_to_sign_head: str
+    signing_key: bytes
+
+
 class PresignedUrlSigner:
     """Presigned GET URLs for one target, signed with the client's credentials.
 
-    The credentials are read per URL (a refreshable set refreshes itself); the signing
-    key derived from the secret, the day, the region and the service is kept until
-    one of them changes.
+    The credentials are read per URL (a refreshable set refreshes itself). A page of
+    URLs is signed within one second, so the parts they share (the query, the scope,
+    the signing key derived from the secret, day, region and service) are built once
+    per second and credential set; a URL then costs a quote, a SHA-256 and an HMAC.
     """
 
     def __init__(
@@ -118,34 +130,27 @@ class PresignedUrlSigner:
         self._target = target
         self._credentials = credentials
         self._clock = clock
-        self._signing_key: tuple[str, str, bytes] = ("", "", b"")
+        self._shared_for: tuple[object, ...] = ()
+        self._shared = _SharedParts("", "", "", b"")
+        self._signing_key_for: tuple[str, str] = ("", "")
+        self._signing_key = b""
 
     def _key_for(self, secret: str, day: str) -> bytes:
-        cached_secret, cached_day, key = self._signing_key
-        if cached_secret == secret and cached_day == day:
-            return key
-        key = hmac.digest(f"AWS4{secret}".encode(), day.encode(), "sha256")
-        for part in (self._target.region, self._target.service, "aws4_request"):
-            key = hmac.digest(key, part.encode(), "sha256")
-        self._signing_key = (secret, day, key)
-        return key
+        if self._signing_key_for != (secret, day):
+            key = hmac.digest(f"AWS4{secret}".encode(), day.encode(), "sha256")
+            for part in (self._target.region, self._target.service, "aws4_request"):
+                key = hmac.digest(key, part.encode(), "sha256")
+            self._signing_key_for, self._signing_key = (secret, day), key
+        return self._signing_key
 
-    async def url(self, full_key: str, expires_in: int) -> str:
-        """A URL that GETs `full_key` (the object key, prefix included) for
-        `expires_in` seconds from now (from the start of the current second)."""
-        if self._credentials is None:
-            raise StorageFailed("no AWS credentials are configured to sign S3 URLs")
-        try:
-            frozen = await self._credentials.get_frozen_credentials()
-        except BotoCoreError as exc:
-            raise StorageFailed(f"refreshing the AWS credentials failed: {_describe(exc)}") from exc
+    def _shared_parts(self, second: int, frozen: Any, expires_in: int) -> _SharedParts:
+        wanted = (second, frozen.access_key, frozen.secret_key, frozen.token, expires_in)
+        if wanted == self._shared_for:
+            return self._shared
         target = self._target
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._clock()))
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(second))
         day = stamp[:8]
         scope = f"{day}/{target.region}/{target.service}/aws4_request"
-        # The key's bytes as S3 sees them: every character but unreserved ones and "/"
-        # escaped, exactly as botocore puts it in the URL; S3 signs that path as it is.
-        path = target.base_path + quote(full_key.encode(), safe="/~")
         query = (
             f"X-Amz-Algorithm={_SIGV4}"
             f"&X-Amz-Credential={_quote(frozen.access_key + '/' + scope)}"
@@ -161,16 +166,34 @@ class PresignedUrlSigner:
             query = f"{query}&{token}"
         else:
             canonical_query = query
-        canonical_request = (
-            f"GET\n{path}\n{canonical_query}\nhost:{target.host}\n\nhost\n{_UNSIGNED_PAYLOAD}"
+        self._shared = _SharedParts(
+            query=query,
+            canonical_tail=f"{canonical_query}\nhost:{target.host}\n\nhost\n{_UNSIGNED_PAYLOAD}",
+            string_to_sign_head=f"{_SIGV4}\n{stamp}\n{scope}\n",
+            signing_key=self._key_for(frozen.secret_key, day),
         )
+        self._shared_for = wanted
+        return self._shared
+
+    async def url(self, full_key: str, expires_in: int) -> str:
+        """A URL that GETs `full_key` (the object key, prefix included) for
+        `expires_in` seconds from now (from the start of the current second)."""
+        if self._credentials is None:
+            raise StorageFailed("no AWS credentials are configured to sign S3 URLs")
+        try:
+            frozen = await self._credentials.get_frozen_credentials()
+        except BotoCoreError as exc:
+            raise StorageFailed(f"refreshing the AWS credentials failed: {_describe(exc)}") from exc
+        shared = self._shared_parts(int(self._clock()), frozen, expires_in)
+        # The key's bytes as S3 sees them: every character but unreserved ones and "/"
+        # escaped, exactly as botocore puts it in the URL; S3 signs that path as it is.
+        path = self._target.base_path + quote(full_key.encode(), safe="/~")
+        canonical_request = f"GET\n{path}\n{shared.canonical_tail}"
         string_to_sign = (
-            f"{_SIGV4}\n{stamp}\n{scope}\n" + hashlib.sha256(canonical_request.encode()).hexdigest()
+            shared.string_to_sign_head + hashlib.sha256(canonical_request.encode()).hexdigest()
         )
-        signature = hmac.new(
-            self._key_for(frozen.secret_key, day), string_to_sign.encode(), "sha256"
-        ).hexdigest()
-        return f"{target.origin}{path}?{query}&X-Amz-Signature={signature}"
+        signature = hmac.digest(shared.signing_key, string_to_sign.encode(), "sha256").hex()
+        return f"{self._target.origin}{path}?{shared.query}&X-Amz-Signature={signature}"
 
 
 class S3BlobStore:
