@@ -114,7 +114,7 @@ async def _client(job: Job, barrier: multiprocessing.synchronize.Barrier, result
         channel = grpc.aio.insecure_channel(job.target, options=CHANNEL_OPTIONS)
         closers.append(channel.close)
         # Bytes in, bytes out: no serializers, so every method costs the client the same.
-        call = channel.unary_unary(job.method)
+        call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(job.method)
 
         async def once(payload: bytes) -> None:
             await call(payload, metadata=job.metadata, timeout=30)
@@ -366,6 +366,74 @@ def top_functions(raw: Path, limit: int = 18) -> list[tuple[float, float, str]]:
     ]
 
 
+#: Where a profile sample's time goes: checked from the leaf frame up, the first frame
+#: that matches a part owns the sample; a sample under the pool's reset is the reset's.
+PROFILE_PARTS = (
+    (
+        "OpenTelemetry",
+        (
+            "trace/__init__.py",
+            "telemetry.py",
+            "grpc/_aio_server.py",
+            "grpc/_server.py",
+            "instrumentation",
+            "sampling.py",
+            "attributes/__init__.py",
+            "context/",
+            "_decorator.py",
+            "AsyncPGInstrumentor",
+            "_hydrate_span",
+        ),
+    ),
+    ("asyncpg", ("asyncpg/connection.py", "asyncpg/pool.py", "asyncpg/protocol")),
+    (
+        "per-image work",
+        (
+            "_image_from_row",
+            "image_to_proto",
+            "PresignedUrlSigner",
+            "signed_url",
+            "with_url",
+            "_signed",
+            "replace (dataclasses",
+        ),
+    ),
+    (
+        "servicer, service, repository",
+        ("api/library.py", "api/generation.py", "services/", "repositories/", "api/convert.py"),
+    ),
+    ("our interceptors", ("api/interceptors.py",)),
+)
+CORE = "gRPC core, asyncio, sockets"
+RESET = "pool reset on release"
+
+
+def profile_parts(raw: Path) -> dict[str, float]:
+    """% of the samples by part (PROFILE_PARTS; the rest is gRPC's and asyncio's C code,
+    the event loop and the sockets)."""
+    counts: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        if "Connection.reset" in stack:
+            counts[RESET] += count
+            continue
+        for frame in reversed(stack.split(";")):
+            owner = next(
+                (part for part, marks in PROFILE_PARTS if any(m in frame for m in marks)), None
+            )
+            if owner is not None:
+                counts[owner] += count
+                break
+        else:
+            counts[CORE] += count
+    return {part: 100 * counts[part] / total for part in counts} if total else {}
+
+
 # --- setting up ----------------------------------------------------------------------------
 
 
@@ -414,7 +482,8 @@ async def generate(
     ):
         last = reply.event
     assert last is not None and last.type == generation_pb2.GENERATION_EVENT_TYPE_COMPLETED, last
-    return last
+    event: generation_pb2.GenerationEvent = last
+    return event
 
 
 async def seed_generations(
@@ -758,7 +827,13 @@ async def main() -> None:
         for figures in results:
             print_row(figures, echo_figures)
         if args.profile:
-            for raw in sorted(args.profile.glob("*.txt")):
+            raws = sorted(args.profile.glob("*.txt"))
+            shares = [profile_parts(raw) for raw in raws]
+            print("\nprofile of the server, % of samples by part:")
+            print(f"  {'':32}" + "".join(f"{raw.stem:>18}" for raw in raws))
+            for part in (CORE, *(name for name, _ in PROFILE_PARTS), RESET):
+                print(f"  {part:32}" + "".join(f"{share.get(part, 0.0):18.1f}" for share in shares))
+            for raw in raws:
                 print(
                     f"\nprofile of the server, {raw.stem} (inclusive %, self %, busiest by self):"
                 )
