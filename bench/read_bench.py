@@ -846,6 +846,8 @@ async def main() -> None:
         echo.terminate()
         moto.stop()
         await embedded.stop()
+        # The database and the served data directory: some 40 MiB per run.
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
