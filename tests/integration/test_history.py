@@ -340,3 +340,45 @@ async def test_a_job_stored_before_uploads_shows_and_reruns_its_source(
             (upload,) = await alice.images(kind=L.IMAGE_KIND_UPLOAD)
             assert list(done.spec.sources) == [common_pb2.ImageSource(image=upload.name)]
             assert upload.generation == rerun.name and upload.size_bytes == len(source)
+
+
+async def test_a_word_search_keeps_the_kind_filter_and_the_parents(
+    tmp_path: Path, database_url: str
+) -> None:
+    # A word search takes another statement (LIST_IMAGES_TEXT_SQL) than a plain page:
+    # the kinds and the parents must come out the same through it.
+    async with serve_in_process(tmp_path, database_url) as server:
+        async with caller(server.grpc_port) as alice:
+            original = await alice.get(
+                completed(
+                    await alice.generate(common_pb2.GenerationSpec(prompt="a lighthouse at dusk"))
+                )
+            )
+            edit = await alice.get(
+                completed(
+                    await alice.generate(
+                        common_pb2.GenerationSpec(
+                            prompt="grayscale lighthouse",
+                            sources=[common_pb2.ImageSource(data=noise_png(64, 64))],
+                        )
+                    )
+                )
+            )
+            upload = edit.spec.sources[0].image
+            for word in ("", "lighthouse"):
+                by_kind = {
+                    kind: [i.name for i in await alice.images(query=word, kind=kind)]
+                    for kind in (
+                        L.IMAGE_KIND_ORIGINAL,
+                        L.IMAGE_KIND_EDIT,
+                        L.IMAGE_KIND_UPLOAD,
+                        L.IMAGE_KIND_GENERATED,
+                    )
+                }
+                assert by_kind[L.IMAGE_KIND_ORIGINAL] == [original.images[0].name], word
+                assert by_kind[L.IMAGE_KIND_EDIT] == [edit.images[0].name], word
+                if word == "":
+                    assert by_kind[L.IMAGE_KIND_UPLOAD] == [upload]
+                assert upload not in by_kind[L.IMAGE_KIND_GENERATED], word
+                listed = {i.name: i for i in await alice.images(query=word)}
+                assert list(listed[edit.images[0].name].parents) == [upload], word

@@ -177,12 +177,15 @@ class ImageRepository:
         return None if row is None else _image_from_row(row)
 
     async def get(self, user_id: str, image_id: str) -> StoredImage | None:
-        """The owner's image, or None (also for another user's or a malformed id)."""
+        """The owner's image with its parents, or None (also for another user's or a
+        malformed id)."""
         iid = parse_id(image_id)
         if iid is None:
             return None
         row = await self._db.fetchrow(
-            "SELECT * FROM images WHERE id = $1 AND user_id = $2", iid, user_id
+            f"SELECT {_WITH_PARENTS} FROM images i WHERE i.id = $1 AND i.user_id = $2",  # noqa: S608 - fixed
+            iid,
+            user_id,
         )
         return None if row is None else _image_from_row(row)
 
@@ -209,18 +212,6 @@ class ImageRepository:
         )
         return int(value)
 
-    async def parents_for(self, image_ids: list[str]) -> dict[str, tuple[str, ...]]:
-        """Parents of several images in one round trip."""
-        rows = await self._db.fetch(
-            "SELECT image_id, parent_id FROM image_parents WHERE image_id = ANY($1::uuid[]) "
-            "ORDER BY image_id, position",
-            [uuid.UUID(i) for i in image_ids],
-        )
-        found: dict[str, list[str]] = {}
-        for row in rows:
-            found.setdefault(str(row["image_id"]), []).append(str(row["parent_id"]))
-        return {key: tuple(value) for key, value in found.items()}
-
     async def parents_of(self, image_id: str) -> tuple[str, ...]:
         """The images an edit was made from, in source order."""
         iid = parse_id(image_id)
@@ -244,39 +235,43 @@ class ImageRepository:
         return None if row is None else _image_from_row(row)
 
 
-#: The library's page query; a module constant so the benchmark can EXPLAIN the real thing.
-#: It walks images_user_created_idx newest first and stops after a page: right when
-#: nothing or a common word filters the rows, but for a word few images contain it
-#: would read the user's whole history (LIST_IMAGES_TEXT_SQL is used then).
-LIST_IMAGES_SQL = """
-SELECT * FROM images
+#: The ListImages `kind` filter ($7), on the columns of `images`.
+_KIND_FILTER = """CASE $7 WHEN 'all' THEN true WHEN 'original' THEN NOT is_edit AND NOT upload
+               WHEN 'edit' THEN is_edit WHEN 'upload' THEN upload WHEN 'generated' THEN NOT upload
+       END"""
+
+#: The library's page query, each image with its parents; a module constant so the
+#: benchmark can EXPLAIN the real thing. It walks images_user_created_idx newest first
+#: and stops after a page: right when nothing or a common word filters the rows, but for
+#: a word few images contain it would read the user's whole history
+#: (LIST_IMAGES_TEXT_SQL is used then).
+LIST_IMAGES_SQL = f"""
+SELECT {_WITH_PARENTS} FROM images i
  WHERE user_id = $1
    AND (cardinality($2::text[]) = 0 OR tags @> $2::text[])
    AND ($3 = '' OR search @@ plainto_tsquery('english', $3))
    AND (NOT $4 OR favorite)
    AND ($5::timestamptz IS NULL OR created_at >= $5)
    AND ($6::timestamptz IS NULL OR created_at < $6)
-   AND CASE $7 WHEN 'all' THEN true WHEN 'original' THEN NOT is_edit AND NOT upload
-               WHEN 'edit' THEN is_edit WHEN 'upload' THEN upload WHEN 'generated' THEN NOT upload
-       END
+   AND {_KIND_FILTER}
    AND ($8 OR deleted_at IS NULL)
    AND ($9::timestamptz IS NULL OR (created_at, id) < ($9, $10::uuid))
  ORDER BY created_at DESC, id DESC
  LIMIT $11
-"""
+"""  # noqa: S608 - _WITH_PARENTS is a fixed fragment
 
 #: How many of the user's newest images (after the page cursor) a word search reads
 #: in date order before it asks the full-text index for the older ones.
 TEXT_WALK_ROWS = 1000
 
 # Every filter of a page but the word and the cursor, on the columns of `images`.
-_PAGE_FILTERS = """
+_PAGE_FILTERS = f"""
        user_id = $1
    AND (cardinality($2::text[]) = 0 OR tags @> $2::text[])
    AND (NOT $4 OR favorite)
    AND ($5::timestamptz IS NULL OR created_at >= $5)
    AND ($6::timestamptz IS NULL OR created_at < $6)
-   AND ($7 = 'all' OR is_edit = ($7 = 'edit'))
+   AND {_KIND_FILTER}
    AND ($8 OR deleted_at IS NULL)
 """
 _AFTER_CURSOR = "($9::timestamptz IS NULL OR (created_at, id) < ($9, $10::uuid))"
@@ -304,21 +299,24 @@ WITH recent_hits AS MATERIALIZED (
      LIMIT $11
 ), matches AS MATERIALIZED (
     SELECT * FROM images WHERE user_id = $1 AND search @@ plainto_tsquery('english', $3)
+), page AS (
+    SELECT * FROM recent_hits
+    UNION ALL
+    (SELECT * FROM matches
+      WHERE (SELECT count(*) FROM recent_hits) < $11
+        AND {_PAGE_FILTERS}
+        AND (created_at, id) < (
+            SELECT created_at, id FROM images
+             WHERE {_PAGE_FILTERS} AND {_AFTER_CURSOR}
+             ORDER BY created_at DESC, id DESC
+             OFFSET {TEXT_WALK_ROWS - 1} LIMIT 1)
+      ORDER BY created_at DESC, id DESC
+      LIMIT $11)
+    ORDER BY created_at DESC, id DESC
+    LIMIT $11
 )
-SELECT * FROM recent_hits
-UNION ALL
-(SELECT * FROM matches
-  WHERE (SELECT count(*) FROM recent_hits) < $11
-    AND {_PAGE_FILTERS}
-    AND (created_at, id) < (
-        SELECT created_at, id FROM images
-         WHERE {_PAGE_FILTERS} AND {_AFTER_CURSOR}
-         ORDER BY created_at DESC, id DESC
-         OFFSET {TEXT_WALK_ROWS - 1} LIMIT 1)
-  ORDER BY created_at DESC, id DESC
-  LIMIT $11)
-ORDER BY created_at DESC, id DESC
-LIMIT $11
+SELECT {_WITH_PARENTS} FROM page i
+ ORDER BY i.created_at DESC, i.id DESC
 """  # noqa: S608 - built from this module's constants only; every value is a parameter
 
 

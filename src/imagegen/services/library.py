@@ -101,8 +101,12 @@ class LibraryService:
             url = await self._blobs.signed_url(image.storage_key, self._settings.url_ttl)
         return dataclasses.replace(image, url=url, parent_ids=parents)
 
+    async def _signed(self, image: StoredImage) -> StoredImage:
+        """The image (read with its parents) with a fresh signed URL, unless deleted."""
+        return await self.with_url(image, image.parent_ids)
+
     async def get(self, identity: Identity, image_id: str) -> StoredImage:
-        return await self.with_url(await self._owned(identity, image_id))
+        return await self._signed(await self._owned(identity, image_id))
 
     async def list_images(
         self, identity: Identity, query: ImageQuery, *, page_size: int, page_token: str
@@ -121,8 +125,7 @@ class LibraryService:
             next_token = paging.encode_cursor(
                 paging.Cursor(last.created_at, last.id), query.scope()
             )
-        parents = await self._images.parents_for([image.id for image in page])
-        return [await self.with_url(i, parents.get(i.id, ())) for i in page], next_token
+        return [await self._signed(i) for i in page], next_token
 
     async def update(
         self, identity: Identity, image_id: str, update: MetadataUpdate
