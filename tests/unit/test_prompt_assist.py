@@ -1,5 +1,6 @@
 """The prompt assistant's rules without I/O: the phrase book, ranking and merging of
-suggestions, the local enhancer, the prompt limits and the price."""
+suggestions, the local enhancer, the prompt limits, reading a chat model's answer, the
+price and the settings."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from importlib import resources
 
 import pytest
 
+from imagegen.config import ConfigError, Settings
 from imagegen.domain.enhancement import enhance_locally, fit_text, fit_to_limits
 from imagegen.domain.errors import InvalidRequest
 from imagegen.domain.models import Style
@@ -25,6 +27,7 @@ from imagegen.domain.suggestions import (
     rank_suggestions,
     searchable,
 )
+from imagegen.providers.chat_enhancer import parse_answer, user_message
 
 NOW = datetime(2026, 11, 25, 12, tzinfo=UTC)
 BOOK = builtin_phrases()
@@ -235,6 +238,29 @@ def test_enhancements_stay_within_the_prompt_limits() -> None:
     assert fit_text("a\nb\tc", 10) == "a\nb\tc"
 
 
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ('{"prompt": "p", "negative_prompt": "n"}', ("p", "n")),
+        ('Sure! {"prompt": "p", "negative_prompt": ["a", "b"]} Enjoy.', ("p", "a, b")),
+        ('```json\n{"prompt": "p"}\n```', ("p", "")),
+        ("just a better prompt", ("just a better prompt", "")),
+        ('{"prompt": 3}', ('{"prompt": 3}', "")),
+        ("{not json}", ("{not json}", "")),
+    ],
+)
+def test_reading_the_chat_models_answer(content: str, expected: tuple[str, str]) -> None:
+    answer = parse_answer(content)
+    assert (answer.prompt, answer.negative_prompt) == expected
+
+
+def test_the_chat_model_is_told_the_style_and_the_prompt() -> None:
+    message = user_message("a fox\nin snow", Style.PIXEL_ART, BOOK.for_style(Style.PIXEL_ART))
+    assert message.splitlines()[0] == "Style: pixel_art"
+    assert message.endswith("Prompt: a fox\nin snow")
+    assert "Style: none" in user_message("a fox", None, BOOK.neutral)
+
+
 def test_the_enhancement_price() -> None:
     assert PriceTable.default().enhance_credits == 0
     base = '{"tiers": [{"max_pixels": 262144, "credits": 1}], "edit_credits": 2'
@@ -242,3 +268,28 @@ def test_the_enhancement_price() -> None:
     assert PriceTable.from_json(base + ', "enhance_credits": 2}').enhance_credits == 2
     with pytest.raises(ValueError, match="enhance_credits"):
         PriceTable.from_json(base + ', "enhance_credits": -1}')
+
+
+def test_enhancement_settings_are_their_own() -> None:
+    assert Settings.from_env({}).enhance.url is None
+    # OPENAI_* never turn on the enhancement model.
+    openai = Settings.from_env({"OPENAI_BASE_URL": "http://127.0.0.1:1/v1", "OPENAI_API_KEY": "k"})
+    assert openai.enhance.url is None and openai.enhance.api_key is None
+    configured = Settings.from_env(
+        {
+            "IMAGEGEN_ENHANCE_URL": "http://127.0.0.1:9/v1",
+            "IMAGEGEN_ENHANCE_MODEL": "m",
+            "IMAGEGEN_ENHANCE_TIMEOUT": "7.5",
+        }
+    )
+    assert configured.enhance.model == "m" and configured.enhance.timeout.total_seconds() == 7.5
+    with pytest.raises(ConfigError, match="IMAGEGEN_ENHANCE_MODEL"):
+        Settings.from_env({"IMAGEGEN_ENHANCE_URL": "http://127.0.0.1:9/v1"})
+    with pytest.raises(ConfigError, match="IMAGEGEN_ENHANCE_TIMEOUT"):
+        Settings.from_env(
+            {
+                "IMAGEGEN_ENHANCE_URL": "http://127.0.0.1:9/v1",
+                "IMAGEGEN_ENHANCE_MODEL": "m",
+                "IMAGEGEN_ENHANCE_TIMEOUT": "0",
+            }
+        )
