@@ -235,7 +235,7 @@ class ForgeSettings:
 
 
 @dataclass(frozen=True)
-class EnhanceSettings:
+class EnhanceModelSettings:
     """The prompt enhancement model; `url` unset means the local enhancer."""
 
     url: str | None
@@ -283,7 +283,7 @@ class Settings:
     openai_api_key: str | None
     openai_base_url: str | None
     sdwebui_url: str | None
-    enhance: EnhanceSettings
+    enhance: EnhanceModelSettings
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -321,7 +321,7 @@ class Settings:
             raise ConfigError(
                 f"IMAGEGEN_USAGE_NOTICE must be at most {MAX_USAGE_NOTICE_CHARS} characters"
             )
-        enhance = EnhanceSettings(
+        enhance = EnhanceModelSettings(
             url=reader.optional("IMAGEGEN_ENHANCE_URL"),
             api_key=reader.optional("IMAGEGEN_ENHANCE_API_KEY"),
             model=reader.optional("IMAGEGEN_ENHANCE_MODEL"),

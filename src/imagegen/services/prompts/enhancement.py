@@ -141,8 +141,7 @@ class PromptEnhancement:
         credits = self._settings.prices.enhance_credits
         allowance = self._settings.plans.limits_for(identity.plan).monthly_credits
         if credits:
-            async with self._db.unit_of_work() as uow:
-                facts = await uow.credits.facts(identity.user_id, requested_at)
+            facts = await self._db.credits.facts(identity.user_id, requested_at)
             check_affordable(facts, credits, allowance, requested_at)
         await self._screen.screen(identity, {"prompt": prompt})
         try:
