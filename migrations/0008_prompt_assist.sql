@@ -27,8 +27,9 @@ CREATE FUNCTION prompt_history_pattern(text text) RETURNS text
 
 CREATE TABLE prompt_history (
     user_id        text        NOT NULL,
-    -- md5 of prompt_key: a prompt may be 4000 characters, more than a btree entry holds
-    prompt_hash    uuid        NOT NULL,
+    -- SHA-256 of prompt_key (UTF-8): a prompt may be 4000 characters, more than a btree
+    -- entry holds; md5 is refused by PostgreSQL servers in FIPS mode
+    prompt_hash    bytea       NOT NULL,
     -- byte order ("C"), so that a prefix is a plain range of the btree below
     prompt_key     text        COLLATE "C" NOT NULL,
     -- the prompt as the user last wrote it
@@ -74,7 +75,8 @@ BEGIN
         INSERT INTO prompt_history AS h (user_id, prompt_hash, prompt_key, prompt, style,
                                          images_made, live_images, kept_images,
                                          deleted_images, last_used_at)
-        VALUES (image.user_id, md5(key)::uuid, key, image.prompt, image.style, 1,
+        VALUES (image.user_id, sha256(convert_to(key, 'UTF8')), key, image.prompt,
+                image.style, 1,
                 (image.deleted_at IS NULL)::int,
                 (image.favorite AND image.deleted_at IS NULL)::int,
                 (image.deleted_at IS NOT NULL)::int,
@@ -96,7 +98,7 @@ BEGIN
         kept_images = kept_images
                       + sign * (image.favorite AND image.deleted_at IS NULL AND NOT purged)::int,
         deleted_images = deleted_images + sign * (image.deleted_at IS NOT NULL OR purged)::int
-     WHERE user_id = image.user_id AND prompt_hash = md5(key)::uuid;
+     WHERE user_id = image.user_id AND prompt_hash = sha256(convert_to(key, 'UTF8'));
 END;
 $$;
 
@@ -129,7 +131,7 @@ CREATE TRIGGER images_prompt_history_delete AFTER DELETE ON images
 -- The images stored before this migration.
 INSERT INTO prompt_history (user_id, prompt_hash, prompt_key, prompt, style, images_made,
                             live_images, kept_images, deleted_images, last_used_at)
-SELECT user_id, md5(key)::uuid, key,
+SELECT user_id, sha256(convert_to(key, 'UTF8')), key,
        (array_agg(prompt ORDER BY created_at DESC))[1],
        (array_agg(style ORDER BY created_at DESC))[1],
        count(*),
