@@ -2,8 +2,8 @@
 --
 -- 1. prompt_history: one row per user and distinct prompt (compared lower-cased, runs of
 --    whitespace as one space) that made at least one of the user's library images, with
---    what became of those images. SuggestPrompts reads only this table, through the
---    indexes below, every one led by user_id: a call never scans a user's history.
+--    what became of those images. SuggestPrompts reads only this table, in branches
+--    that each stop at a LIMIT, through the indexes below (repositories/prompts.py).
 --    Triggers on images keep it current in the same transaction as the change to the
 --    image (stored, favourited, soft-deleted, restored, purged), whichever code path
 --    makes it; edits (whose prompt is an instruction) and empty prompts are left out.
@@ -47,13 +47,14 @@ CREATE TABLE prompt_history (
 );
 
 -- Completions that start with the text: a range over the first 256 characters
--- (at most 1 KiB, within a btree entry's limit); longer texts are rechecked in full.
+-- (at most 1 KiB, within a btree entry's limit); the query checks longer texts in full.
 CREATE INDEX prompt_history_prefix_idx
     ON prompt_history (user_id, left(prompt_key, 256));
 -- Completions that contain the text (three characters or more): the rows holding its
--- trigrams, ANDed with the user's rows from a btree above (a bitmap of index entries,
--- no table rows). A user_id column inside this GIN (btree_gin) was tried: for a user
--- with many prompts the planner then preferred reading all of them and filtering.
+-- trigrams, which the planner ANDs with the user's rows from a btree above, or, for a
+-- common text, it reads the user's rows until enough match (bench/README.md). A user_id
+-- column inside this GIN (btree_gin) was tried: for a user with many prompts the
+-- planner then never used it and read all of them.
 CREATE INDEX prompt_history_trgm_idx ON prompt_history USING gin (prompt_key gin_trgm_ops);
 -- The user's most recent prompts, and their kept ones (also what an empty text gets).
 CREATE INDEX prompt_history_recent_idx ON prompt_history (user_id, last_used_at DESC);

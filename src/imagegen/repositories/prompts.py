@@ -2,19 +2,22 @@
 from `prompt_history` (migrations/0008_prompt_assist.sql, kept current by triggers on
 images) and the templates they can see.
 
-Every branch of the history query reads a bounded number of rows through an index led
-by user_id, whatever the size of the user's history:
+Every branch of the history query returns at most its LIMIT, and only the caller's rows:
 
     recent    the user's most recent prompts           prompt_history_recent_idx
-    kept      their kept prompts containing the text   prompt_history_kept_idx, or the
-                                                       trigram index when it is rarer
+    kept      their kept prompts containing the text   prompt_history_kept_idx, ANDed
+                                                       with the trigram index when the
+                                                       text is rare enough
     prefix    prompts that start with the text         prompt_history_prefix_idx (a range)
     contains  prompts with the text anywhere           prompt_history_trgm_idx (3+ chars)
+                                                       ANDed with the user's rows, or the
+                                                       user's rows filtered until enough
+                                                       match, for a common text
 
-Which index serves the `kept` and `contains` branches depends on how common the text is,
-which only the text itself tells: both statements run with custom plans (a generic plan,
-which asyncpg's prepared statements get after five runs, guesses the selectivity and
-may walk the whole history in recency order instead of using the trigram index).
+Which way serves `kept` and `contains` depends on how common the text is, which only the
+text itself tells: both statements run with custom plans (a generic plan, which
+asyncpg's prepared statements get after five runs, cannot see the text and walked the
+user's whole history in recency order). Measured in bench/suggest_bench.py.
 """
 
 from __future__ import annotations
