@@ -1,5 +1,5 @@
-"""`imagegen`: serve, migrate, check health, mint a token, generate, or review moderation
-from the command line."""
+"""`imagegen`: serve, migrate, check health, mint a token, generate, get help with prompts,
+review moderation, or serve MCP from the command line."""
 
 from __future__ import annotations
 
@@ -81,6 +81,23 @@ def _parser() -> argparse.ArgumentParser:
         help="openai: function-calling `tools`; mcp: MCP Tool objects (with output schemas)",
     )
 
+    suggest = sub.add_parser(
+        "suggest", help="complete a prompt from your prompts, templates and built-in phrases"
+    )
+    suggest.add_argument("text", help="what you have typed so far (may be empty)")
+    suggest.add_argument("--style", choices=STYLES)
+    suggest.add_argument("--limit", type=int, default=0, help="1 to 50 (default: 10)")
+    enhance = sub.add_parser(
+        "enhance", help="rewrite a prompt with lighting, composition and quality details"
+    )
+    enhance.add_argument("prompt")
+    enhance.add_argument("--style", choices=STYLES)
+    for prompt_command in (suggest, enhance):
+        prompt_command.add_argument("--addr", default=None, help="server address (IMAGEGEN_ADDR)")
+        prompt_command.add_argument(
+            "--user", default="cli", help="user for a minted token when none is given"
+        )
+
     provenance = sub.add_parser(
         "provenance",
         help="print an image's C2PA manifest and XMP marks (exit 1 if none or invalid)",
@@ -143,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         from imagegen.cli_generate import run_generate
 
         return asyncio.run(run_generate(settings, args))
+    if args.command in ("suggest", "enhance"):
+        from imagegen.cli_prompts import run_enhance, run_suggest
+
+        run = run_suggest if args.command == "suggest" else run_enhance
+        return asyncio.run(run(settings, args))
     if args.command == "credits":
         return _grant(settings, args)
     if args.command == "provenance":

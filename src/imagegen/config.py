@@ -222,6 +222,21 @@ SETTINGS: tuple[SettingDoc, ...] = (
         "(unset)",
         "Base URL of an AUTOMATIC1111 / SD WebUI Forge server (the `sdwebui` provider).",
     ),
+    SettingDoc(
+        "IMAGEGEN_ENHANCE_URL",
+        "(unset: the local enhancer)",
+        "Base URL of an OpenAI-compatible chat-completions server for EnhancePrompt "
+        "(e.g. `https://api.openai.com/v1`); needs IMAGEGEN_ENHANCE_MODEL.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_ENHANCE_API_KEY",
+        "(unset: no Authorization header)",
+        "Bearer key of the prompt enhancement model.",
+    ),
+    SettingDoc("IMAGEGEN_ENHANCE_MODEL", "(unset)", "Chat model that enhances prompts."),
+    SettingDoc(
+        "IMAGEGEN_ENHANCE_TIMEOUT", "30", "Seconds one call to the enhancement model may take."
+    ),
     SettingDoc("OPENAI_API_KEY", "(unset)", "OpenAI Images key."),
     SettingDoc("OPENAI_BASE_URL", "(unset)", "OpenAI-compatible base URL."),
     SettingDoc(
@@ -306,6 +321,16 @@ class McpSettings:
 
 
 @dataclass(frozen=True)
+class EnhanceModelSettings:
+    """The prompt enhancement model; `url` unset means the local enhancer."""
+
+    url: str | None
+    api_key: str | None
+    model: str | None
+    timeout: timedelta
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the service reads from its environment."""
 
@@ -346,6 +371,7 @@ class Settings:
     openai_base_url: str | None
     sdwebui_url: str | None
     moderation: ModerationSettings
+    enhance: EnhanceModelSettings
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -393,6 +419,16 @@ class Settings:
             default_wait=default_wait,
             max_wait=max_wait,
         )
+        enhance = EnhanceModelSettings(
+            url=reader.optional("IMAGEGEN_ENHANCE_URL"),
+            api_key=reader.optional("IMAGEGEN_ENHANCE_API_KEY"),
+            model=reader.optional("IMAGEGEN_ENHANCE_MODEL"),
+            timeout=reader.seconds("IMAGEGEN_ENHANCE_TIMEOUT", 30),
+        )
+        if enhance.url and not enhance.model:
+            raise ConfigError("IMAGEGEN_ENHANCE_URL needs IMAGEGEN_ENHANCE_MODEL (the chat model)")
+        if enhance.timeout <= timedelta(0):
+            raise ConfigError("IMAGEGEN_ENHANCE_TIMEOUT must be more than 0 seconds")
         settings = cls(
             data_dir=data_dir,
             host=reader.text("IMAGEGEN_HOST", "127.0.0.1"),
@@ -454,6 +490,7 @@ class Settings:
             openai_base_url=reader.optional("OPENAI_BASE_URL"),
             sdwebui_url=reader.optional("IMAGEGEN_SDWEBUI_URL"),
             moderation=_moderation_settings(reader),
+            enhance=enhance,
         )
         return settings
 

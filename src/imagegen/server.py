@@ -34,12 +34,14 @@ from imagegen.api.interceptors import (
 )
 from imagegen.api.library import ImageLibraryServicer
 from imagegen.api.memory import HeapTrimmer, LargeRequestInterceptor
+from imagegen.api.prompts import PromptAssistantServicer
 from imagegen.api.templates import PromptTemplateServicer
 from imagegen.api.usage import UsageServicer
 from imagegen.config import ModerationSettings, Settings
 from imagegen.domain.errors import Unauthenticated
 from imagegen.domain.moderation import ModerationPolicyTable
 from imagegen.domain.moderation_rules import RuleSet, readings
+from imagegen.domain.phrases import builtin_phrases
 from imagegen.domain.plans import PlanTable
 from imagegen.domain.pricing import PriceTable
 from imagegen.embedded import start_embedded_postgres
@@ -49,6 +51,7 @@ from imagegen.jobs.runner import JobRunner
 from imagegen.jobs.signals import JobSignals, NotificationListener
 from imagegen.ports import bind_failure, ensure_ports_free
 from imagegen.providers.base import Provider
+from imagegen.providers.chat_enhancer import ChatEnhancer
 from imagegen.providers.fetch_guard import FetchLimits, GuardedFetcher
 from imagegen.providers.forge import ForgeProvider
 from imagegen.providers.local import LocalProvider
@@ -61,6 +64,7 @@ from imagegen.repositories.db import open_pool
 from imagegen.repositories.images import LibraryQueries
 from imagegen.repositories.migrator import apply_migrations
 from imagegen.repositories.moderation import ModerationRepository
+from imagegen.repositories.prompts import PromptCandidates
 from imagegen.repositories.templates import TemplateRepository
 from imagegen.repositories.unit_of_work import PostgresDatabase
 from imagegen.repositories.usage import UsageQueries
@@ -76,7 +80,12 @@ from imagegen.services.generations import (
     UserSettingsService,
 )
 from imagegen.services.library import LibraryService, LibrarySettings
-from imagegen.services.moderation import ModerationService, Moderator
+from imagegen.services.moderation import EnhancementScreen, ModerationService, Moderator
+from imagegen.services.prompts import (
+    EnhancementSettings,
+    PromptEnhancement,
+    PromptSuggestions,
+)
 from imagegen.services.sources import SourceLimits, SourceResolver
 from imagegen.services.templates import TemplateService
 from imagegen.services.usage import UsageService
@@ -89,6 +98,8 @@ from imagegen.v1 import (
     generation_pb2_grpc,
     library_pb2,
     library_pb2_grpc,
+    prompts_pb2,
+    prompts_pb2_grpc,
     templates_pb2,
     templates_pb2_grpc,
     usage_pb2,
@@ -105,6 +116,7 @@ SERVICE_NAMES = (
     library_pb2.DESCRIPTOR.services_by_name["ImageLibraryService"].full_name,
     templates_pb2.DESCRIPTOR.services_by_name["PromptTemplateService"].full_name,
     usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+    prompts_pb2.DESCRIPTOR.services_by_name["PromptAssistantService"].full_name,
 )
 
 
@@ -364,6 +376,30 @@ class Server:
                     UsageService(
                         UsageQueries(pool), database.credits, plans, blobs, settings.url_ttl
                     )
+                ),
+                server,
+            )
+            enhance = settings.enhance
+            phrases = builtin_phrases()
+            prompts_pb2_grpc.add_PromptAssistantServiceServicer_to_server(
+                PromptAssistantServicer(
+                    PromptSuggestions(PromptCandidates(pool), phrases=phrases),
+                    PromptEnhancement(
+                        db=database,
+                        chat=ChatEnhancer(
+                            enhance.url,
+                            enhance.model or "",
+                            http_client,
+                            api_key=enhance.api_key,
+                            timeout=enhance.timeout.total_seconds(),
+                        )
+                        if enhance.url
+                        else None,
+                        phrases=phrases,
+                        # The moderation use case takes this seam's place once it exists.
+                        screen=EnhancementScreen(moderation),
+                        settings=EnhancementSettings(plans=plans, prices=prices),
+                    ),
                 ),
                 server,
             )

@@ -397,5 +397,16 @@ def style_from_proto(value: common_pb2.Style.ValueType) -> Style | None:
     return _STYLE_FROM_PB[value]
 
 
+def source_from_proto(
+    value: common_pb2.GenerationSource.ValueType, *, field: str = "source"
+) -> GenerationSource:
+    """API for unspecified; IMG_003 for an unknown value."""
+    if value == common_pb2.GENERATION_SOURCE_UNSPECIFIED:
+        return GenerationSource.API
+    if value not in _SOURCE_FROM_PB:
+        raise InvalidRequest(f"source {value} is not a known source", field=field)
+    return _SOURCE_FROM_PB[value]
+
+
 def style_to_proto(style: str) -> common_pb2.Style.ValueType:
     return _STYLE_TO_PB[Style(style)] if style else common_pb2.STYLE_UNSPECIFIED

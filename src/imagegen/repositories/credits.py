@@ -128,6 +128,24 @@ class CreditLedger:
             uuid.UUID(generation_id),
         )
 
+    async def spend(self, user_id: str, reservation: Reservation, note: str) -> None:
+        """Charge, for good, a price that belongs to no job (a prompt enhancement): rows of
+        kind `reserve` without a generation, which nothing ever settles or refunds, so
+        the balance and its check stay as they are (caller holds the user's lock)."""
+        for bucket, amount in (
+            ("allowance", reservation.from_allowance),
+            ("purchased", reservation.from_purchased),
+        ):
+            if amount:
+                await self._db.execute(
+                    "INSERT INTO credit_ledger (user_id, kind, bucket, amount, note) "
+                    "VALUES ($1, 'reserve', $2, $3, $4)",
+                    user_id,
+                    bucket,
+                    -amount,
+                    note,
+                )
+
     async def settle(
         self, user_id: str, generation_id: str, charged: int, *, allowance: int, now: datetime
     ) -> None:

@@ -18,7 +18,9 @@ from imagegen.domain.templates import (
 )
 from imagegen.repositories.images import parse_id
 
-_VISIBLE = "(owner_id = $1 OR (shared AND sub_account <> '' AND sub_account = $2))"
+#: Who sees a template, with the caller's user id as $1 and sub-account as $2 (also the
+#: rule of prompt suggestions, repositories/prompts.py).
+VISIBLE = "(owner_id = $1 OR (shared AND sub_account <> '' AND sub_account = $2))"
 
 
 def _variables_json(template: PromptTemplate) -> list[dict[str, Any]]:
@@ -139,7 +141,7 @@ class TemplateRepository:
         if tid is None:
             return None
         row = await self._pool.fetchrow(
-            f"SELECT * FROM prompt_templates WHERE id = $3 AND {_VISIBLE}",  # noqa: S608
+            f"SELECT * FROM prompt_templates WHERE id = $3 AND {VISIBLE}",  # noqa: S608
             user_id,
             sub_account,
             tid,
@@ -152,12 +154,12 @@ class TemplateRepository:
         rows = await self._pool.fetch(
             f"""
             SELECT * FROM prompt_templates
-             WHERE {_VISIBLE}
+             WHERE {VISIBLE}
                AND ($3 = '' OR category = $3)
                AND ($4::timestamptz IS NULL OR (created_at, id) < ($4, $5::uuid))
              ORDER BY created_at DESC, id DESC
              LIMIT $6
-            """,  # noqa: S608 - _VISIBLE is a fixed clause
+            """,  # noqa: S608 - VISIBLE is a fixed clause
             user_id,
             sub_account,
             category,

@@ -302,3 +302,16 @@ class ModerationService:
     def _observe(self, decision: str, purpose: str, categories: Sequence[str]) -> None:
         if self._observer is not None:
             self._observer.decision_made(str(decision), str(purpose), categories)
+
+
+class EnhancementScreen:
+    """The moderation use case as prompt enhancement's screen (services/prompts): the
+    prompt it reads and the prompt it writes are checked like any prompt, for the
+    purpose `enhance`, so a blocked enhancement is IMG_011 and is recorded."""
+
+    def __init__(self, moderation: ModerationService) -> None:
+        self._moderation = moderation
+
+    async def screen(self, identity: Identity, texts: Mapping[str, str]) -> None:
+        """Return when the texts may be used; raise IMG_011 or IMG_012 otherwise."""
+        await self._moderation.check(identity, texts, Purpose.ENHANCE)

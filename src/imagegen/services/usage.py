@@ -42,6 +42,8 @@ USAGE_COLUMNS = (
     "error_message",
     "request_time",
     "complete_time",
+    # Added with prompt enhancements; last, so that readers by position keep working.
+    "kind",
 )
 GENERATION_COLUMNS = (
     "name",
@@ -230,6 +232,7 @@ class UsageService:
                         r.error_message,
                         _time(r.requested_at),
                         _time(r.completed_at),
+                        r.kind.value,
                     ]
                 if len(batch) < EXPORT_BATCH:
                     return
