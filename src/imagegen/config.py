@@ -62,6 +62,17 @@ SETTINGS: tuple[SettingDoc, ...] = (
         "to it); below common 60 s client timeouts.",
     ),
     SettingDoc(
+        "IMAGEGEN_WAIT_DEFAULT",
+        "30",
+        "WaitGeneration: seconds it waits for the job when the request names no timeout.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WAIT_MAX",
+        "120",
+        "WaitGeneration: most seconds it waits (a longer timeout is cut to it; the caller's "
+        "gRPC deadline also bounds it).",
+    ),
+    SettingDoc(
         "IMAGEGEN_PUBLIC_URL",
         "http://HOST:HTTP_PORT",
         "Base URL that local-store signed URLs start with.",
@@ -313,6 +324,9 @@ class Settings:
     grpc_port: int
     http_port: int
     mcp: McpSettings
+    #: WaitGeneration's wait when a request names no timeout, and its ceiling
+    wait_default: timedelta
+    wait_max: timedelta
     public_url: str | None
     ready_file: Path | None
     database_url: str | None
@@ -392,12 +406,20 @@ class Settings:
             default_wait=default_wait,
             max_wait=max_wait,
         )
+        wait_max = reader.seconds("IMAGEGEN_WAIT_MAX", 120)
+        wait_default = reader.seconds("IMAGEGEN_WAIT_DEFAULT", min(30.0, wait_max.total_seconds()))
+        if wait_default <= timedelta(0) or wait_default > wait_max:
+            raise ConfigError(
+                "IMAGEGEN_WAIT_DEFAULT must be above 0 and not above IMAGEGEN_WAIT_MAX"
+            )
         settings = cls(
             data_dir=data_dir,
             host=reader.text("IMAGEGEN_HOST", "127.0.0.1"),
             grpc_port=reader.port("IMAGEGEN_GRPC_PORT", 50051),
             http_port=reader.port("IMAGEGEN_HTTP_PORT", 8088),
             mcp=mcp,
+            wait_default=wait_default,
+            wait_max=wait_max,
             public_url=reader.optional("IMAGEGEN_PUBLIC_URL"),
             ready_file=_path_or_none(reader.optional("IMAGEGEN_READY_FILE")),
             database_url=reader.optional("DATABASE_URL"),

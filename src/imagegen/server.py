@@ -64,6 +64,7 @@ from imagegen.repositories.unit_of_work import PostgresDatabase
 from imagegen.repositories.usage import UsageQueries
 from imagegen.services.generations import (
     GenerationReads,
+    GenerationWaiter,
     GenerationWatch,
     JobPipeline,
     PipelineSettings,
@@ -71,6 +72,7 @@ from imagegen.services.generations import (
     SubmissionService,
     SubmissionSettings,
     UserSettingsService,
+    WaitSettings,
 )
 from imagegen.services.library import LibraryService, LibrarySettings
 from imagegen.services.moderation import ModerationService, Moderator
@@ -304,15 +306,21 @@ class Server:
                     ("grpc.so_reuseport", 0),
                 ],
             )
+            reads = GenerationReads(
+                db=database, blobs=blobs, signals=signals, url_ttl=settings.url_ttl
+            )
             generation_pb2_grpc.add_ImageGenerationServiceServicer_to_server(
                 ImageGenerationServicer(
                     submission=submission,
-                    reads=GenerationReads(
-                        db=database, blobs=blobs, signals=signals, url_ttl=settings.url_ttl
-                    ),
+                    reads=reads,
                     watch=watch,
                     user_settings=UserSettingsService(database.user_settings, catalogue),
                     url_ttl=settings.url_ttl,
+                    waiter=GenerationWaiter(
+                        reads=reads,
+                        watch=watch,
+                        settings=WaitSettings(settings.wait_default, settings.wait_max),
+                    ),
                 ),
                 server,
             )

@@ -21,6 +21,7 @@ from imagegen.domain.models import EventType, Generation, Identity
 from imagegen.domain.providers import ProviderInfo
 from imagegen.services.generations import (
     GenerationReads,
+    GenerationWaiter,
     GenerationWatch,
     SubmissionService,
     UserSettingsService,
@@ -39,10 +40,12 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         watch: GenerationWatch,
         user_settings: UserSettingsService,
         url_ttl: timedelta,
+        waiter: GenerationWaiter | None = None,
     ) -> None:
         self._submission = submission
         self._reads = reads
         self._watch = watch
+        self._waiter = waiter
         self._user_settings = user_settings
         self._url_ttl = url_ttl
 
@@ -228,11 +231,27 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         return generation_pb2.ListProvidersResponse(providers=[_provider(p) for p in providers])
 
 
+    async def WaitGeneration(
+        self,
+        request: generation_pb2.WaitGenerationRequest,
+        context: grpc.aio.ServicerContext[
+            generation_pb2.WaitGenerationRequest, generation_pb2.WaitGenerationResponse
+        ],
+    ) -> generation_pb2.WaitGenerationResponse:
+        caller = identity()
+        generation_id = convert.generation_id_from_name(request.name)
+        timeout = convert.optional_duration(request, "timeout")
+        if self._waiter is None:
+            raise NotImplementedError
+        generation = await self._waiter.wait(
+            caller, generation_id, timeout, deadline_left=context.time_remaining()
+        )
+        return generation_pb2.WaitGenerationResponse(
+            generation=convert.generation_to_proto(generation, self._url_ttl)
+        )
+
     # Added to the contract ahead of their use cases (issues 13 and 14); until those
     # land they answer UNIMPLEMENTED, as the generated base class would.
-    async def WaitGeneration(self, request: Any, context: Any) -> Any:
-        raise NotImplementedError
-
     async def BatchGenerate(self, request: Any, context: Any) -> Any:
         raise NotImplementedError
 

@@ -11,6 +11,7 @@
 - watch.py       WatchGeneration / GenerateImage's stream: the job's event log from any
                  sequence number, woken by LISTEN/NOTIFY, until the terminal event.
 - reads.py       GetGeneration, ListGenerations, CancelGeneration.
+- wait.py        WaitGeneration: a unary wait for the terminal event, through the watch.
 - user_settings.py  a user's default provider, and ListProviders (catalogue.py holds
                  the providers, the deployment's default and the fallback chain).
 
@@ -32,11 +33,13 @@ from imagegen.services.generations.submission import (
     SubmissionSettings,
 )
 from imagegen.services.generations.user_settings import UserSettingsService
+from imagegen.services.generations.wait import GenerationWaiter, WaitSettings
 from imagegen.services.generations.watch import GenerationWatch
 
 __all__ = [
     "GenerationObserver",
     "GenerationReads",
+    "GenerationWaiter",
     "GenerationWatch",
     "JobPipeline",
     "PipelineSettings",
@@ -45,4 +48,5 @@ __all__ = [
     "SubmissionService",
     "SubmissionSettings",
     "UserSettingsService",
+    "WaitSettings",
 ]
