@@ -14,6 +14,9 @@ from datetime import timedelta
 from pathlib import Path
 
 MAX_URL_TTL = timedelta(days=7)
+MIN_WEBHOOK_KEY_CHARS = 32
+#: 5 s, 30 s, 2 min, 10 min, 30 min, 1 h, 2 h, 4 h, 8 h, 8 h: 23.7 hours in all.
+DEFAULT_WEBHOOK_RETRY_DELAYS = "5,30,120,600,1800,3600,7200,14400,28800,28800"
 MAX_USAGE_NOTICE_CHARS = 2000
 #: What images say about themselves when a deployment sets no IMAGEGEN_USAGE_NOTICE.
 DEFAULT_USAGE_NOTICE = (
@@ -226,6 +229,44 @@ SETTINGS: tuple[SettingDoc, ...] = (
         "Store the texts of blocked and flagged requests for review; otherwise only their "
         "SHA-256.",
     ),
+    SettingDoc(
+        "IMAGEGEN_WEBHOOK_KEY",
+        "(development key in the data directory)",
+        f"Key (at least {MIN_WEBHOOK_KEY_CHARS} characters) that encrypts users' webhook "
+        "signing secrets in the database; replicas sharing a database need the same one.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WEBHOOK_SECRET_GRACE",
+        "86400",
+        "Seconds a rotated webhook secret goes on signing beside the new one.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WEBHOOK_TIMEOUT",
+        "10",
+        "Seconds one webhook attempt may take (connect, send, answer); past it the attempt "
+        "failed.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WEBHOOK_RETRY_DELAYS",
+        DEFAULT_WEBHOOK_RETRY_DELAYS,
+        "Comma-separated seconds between a failed webhook attempt and the next (the last "
+        "repeats); the default spreads 11 attempts over about 24 hours.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WEBHOOK_MAX_ATTEMPTS",
+        "11",
+        "Webhook attempts in all before a callback is given up.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WEBHOOK_CONCURRENCY",
+        "8",
+        "Webhook attempts one process makes at once.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WEBHOOK_POLL",
+        "1",
+        "Seconds between one process's looks for callbacks that became due.",
+    ),
     SettingDoc("BUILT_IN_FORGE_API_URL", "(unset)", "Base URL of the Forge ImageService."),
     SettingDoc("BUILT_IN_FORGE_API_KEY", "(unset)", "Bearer key of the Forge ImageService."),
     SettingDoc(
@@ -316,6 +357,20 @@ class McpSettings:
 
 
 @dataclass(frozen=True)
+class WebhookSettings:
+    """Signed webhooks: the key that encrypts users' secrets (None: the development key
+    in the data directory), a rotation's grace period, and how callbacks are sent."""
+
+    key: str | None
+    secret_grace: timedelta
+    timeout: timedelta
+    retry_delays: tuple[timedelta, ...]
+    max_attempts: int
+    concurrency: int
+    poll_interval: float
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the service reads from its environment."""
 
@@ -359,6 +414,7 @@ class Settings:
     openai_base_url: str | None
     sdwebui_url: str | None
     moderation: ModerationSettings
+    webhooks: WebhookSettings
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -475,6 +531,7 @@ class Settings:
             openai_base_url=reader.optional("OPENAI_BASE_URL"),
             sdwebui_url=reader.optional("IMAGEGEN_SDWEBUI_URL"),
             moderation=_moderation_settings(reader),
+            webhooks=_webhook_settings(reader),
         )
         return settings
 
@@ -527,6 +584,39 @@ def _moderation_settings(reader: _Reader) -> ModerationSettings:
         api_key=api_key,
         timeout=timeout,
         store_text=store_text in ("true", "1", "yes"),
+    )
+
+
+def _webhook_settings(reader: _Reader) -> WebhookSettings:
+    key = reader.optional("IMAGEGEN_WEBHOOK_KEY")
+    if key is not None and len(key) < MIN_WEBHOOK_KEY_CHARS:
+        raise ConfigError(
+            f"IMAGEGEN_WEBHOOK_KEY must be at least {MIN_WEBHOOK_KEY_CHARS} characters"
+        )
+    raw_delays = reader.text("IMAGEGEN_WEBHOOK_RETRY_DELAYS", DEFAULT_WEBHOOK_RETRY_DELAYS)
+    try:
+        delays = tuple(float(d) for d in raw_delays.split(",") if d.strip())
+    except ValueError:
+        delays = ()
+    if not delays or any(not 0 < d <= 7 * 86400 for d in delays):
+        raise ConfigError(
+            "IMAGEGEN_WEBHOOK_RETRY_DELAYS must be comma-separated seconds, each above 0 and "
+            f"at most 604800, not {raw_delays!r}"
+        )
+    timeout = reader.seconds("IMAGEGEN_WEBHOOK_TIMEOUT", 10)
+    if not timedelta(0) < timeout <= timedelta(minutes=5):
+        raise ConfigError("IMAGEGEN_WEBHOOK_TIMEOUT must be above 0 and at most 300 seconds")
+    poll = reader.number("IMAGEGEN_WEBHOOK_POLL", 1.0)
+    if poll <= 0:
+        raise ConfigError("IMAGEGEN_WEBHOOK_POLL must be above 0")
+    return WebhookSettings(
+        key=key,
+        secret_grace=reader.seconds("IMAGEGEN_WEBHOOK_SECRET_GRACE", 86400),
+        timeout=timeout,
+        retry_delays=tuple(timedelta(seconds=d) for d in delays),
+        max_attempts=reader.integer("IMAGEGEN_WEBHOOK_MAX_ATTEMPTS", 11, minimum=1),
+        concurrency=reader.integer("IMAGEGEN_WEBHOOK_CONCURRENCY", 8, minimum=1),
+        poll_interval=poll,
     )
 
 

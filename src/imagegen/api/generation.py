@@ -7,6 +7,7 @@ gRPC status in one place.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -26,6 +27,7 @@ from imagegen.services.generations import (
     SubmissionService,
     UserSettingsService,
 )
+from imagegen.services.webhooks.secrets import WebhookSecrets, WebhookSecretView
 from imagegen.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 
@@ -41,21 +43,27 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         user_settings: UserSettingsService,
         url_ttl: timedelta,
         waiter: GenerationWaiter | None = None,
+        webhook_secrets: WebhookSecrets | None = None,
     ) -> None:
         self._submission = submission
         self._reads = reads
         self._watch = watch
         self._waiter = waiter
+        self._webhook_secrets = webhook_secrets
         self._user_settings = user_settings
         self._url_ttl = url_ttl
 
     async def _submit(
-        self, caller: Identity, spec: common_pb2.GenerationSpec, request_id: str
+        self,
+        caller: Identity,
+        spec: common_pb2.GenerationSpec,
+        request_id: str,
+        callback_uri: str = "",
     ) -> Generation:
         parsed = convert.parse_spec(spec)
         return await self._submission.submit(
             caller,
-            parsed.spec,
+            dataclasses.replace(parsed.spec, callback_uri=callback_uri),
             request_id,
             source_refs=parsed.source_refs,
             mask_ref=parsed.mask_ref,
@@ -86,7 +94,9 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             generation_pb2.SubmitGenerationRequest, generation_pb2.SubmitGenerationResponse
         ],
     ) -> generation_pb2.SubmitGenerationResponse:
-        generation = await self._submit(identity(), request.spec, request.request_id)
+        generation = await self._submit(
+            identity(), request.spec, request.request_id, request.callback_uri
+        )
         return generation_pb2.SubmitGenerationResponse(
             generation=convert.generation_to_proto(generation, self._url_ttl)
         )
@@ -258,11 +268,39 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
     async def UpscaleImage(self, request: Any, context: Any) -> Any:
         raise NotImplementedError
 
-    async def GetWebhookSecret(self, request: Any, context: Any) -> Any:
-        raise NotImplementedError
+    async def GetWebhookSecret(
+        self,
+        request: generation_pb2.GetWebhookSecretRequest,
+        context: grpc.aio.ServicerContext[
+            generation_pb2.GetWebhookSecretRequest, generation_pb2.GetWebhookSecretResponse
+        ],
+    ) -> generation_pb2.GetWebhookSecretResponse:
+        caller = identity()
+        if self._webhook_secrets is None:
+            raise NotImplementedError
+        secret = await self._webhook_secrets.get(caller)
+        return generation_pb2.GetWebhookSecretResponse(secret=_webhook_secret(secret))
 
-    async def RotateWebhookSecret(self, request: Any, context: Any) -> Any:
-        raise NotImplementedError
+    async def RotateWebhookSecret(
+        self,
+        request: generation_pb2.RotateWebhookSecretRequest,
+        context: grpc.aio.ServicerContext[
+            generation_pb2.RotateWebhookSecretRequest, generation_pb2.RotateWebhookSecretResponse
+        ],
+    ) -> generation_pb2.RotateWebhookSecretResponse:
+        caller = identity()
+        if self._webhook_secrets is None:
+            raise NotImplementedError
+        secret = await self._webhook_secrets.rotate(caller, request.request_id)
+        return generation_pb2.RotateWebhookSecretResponse(secret=_webhook_secret(secret))
+
+
+def _webhook_secret(view: WebhookSecretView) -> generation_pb2.WebhookSecret:
+    message = generation_pb2.WebhookSecret(secret=view.secret)
+    message.create_time.FromDatetime(view.created_at)
+    if view.previous_expire_time is not None:
+        message.previous_expire_time.FromDatetime(view.previous_expire_time)
+    return message
 
 
 def _provider(info: ProviderInfo) -> generation_pb2.ProviderInfo:

@@ -182,7 +182,8 @@ class EditSource:
 
 @dataclass(frozen=True)
 class GenerationSpec:
-    """A validated text-to-image request: everything that decides the result."""
+    """A validated text-to-image request: everything that decides the result, and where
+    to tell when the job ends (`callback_uri`)."""
 
     prompt: str
     negative_prompt: str = ""
@@ -200,6 +201,8 @@ class GenerationSpec:
     mask: EditSource | None = None
     #: an edit whose caller gave no size keeps its first source's geometry
     size_from_source: bool = False
+    #: URL POSTed to (a signed webhook) when the job ends; empty for none
+    callback_uri: str = ""
 
     @property
     def is_edit(self) -> bool:
@@ -225,6 +228,9 @@ class GenerationSpec:
         }
         if self.model:
             fingerprint["model"] = self.model
+        if self.callback_uri:
+            # Only when set, as `model`: a retry naming another URL is another request.
+            fingerprint["callback_uri"] = self.callback_uri
         return fingerprint
 
 
@@ -286,6 +292,22 @@ class Generation:
     trace_context: dict[str, str] = field(default_factory=dict)
     #: the owner's plan when the job was submitted (its limits apply to the job)
     plan: str = "free"
+    #: every attempt to deliver the job's webhook, oldest first
+    webhook_deliveries: tuple[WebhookAttempt, ...] = ()
+
+
+@dataclass(frozen=True)
+class WebhookAttempt:
+    """One attempt to POST a callback; every attempt of one callback has its webhook_id."""
+
+    webhook_id: str
+    attempt: int
+    attempt_time: datetime
+    #: the receiver's HTTP status; 0 when no answer came
+    http_status: int
+    #: why it failed, for people; empty when delivered
+    error: str
+    delivered: bool
 
 
 @dataclass(frozen=True)

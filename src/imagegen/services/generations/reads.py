@@ -10,6 +10,7 @@ from imagegen.domain.errors import InvalidRequest, NotFound
 from imagegen.domain.models import Generation, GenerationState, Identity, StoredImage
 from imagegen.jobs.signals import JobSignals
 from imagegen.services.unit_of_work import Database
+from imagegen.services.webhooks.outbox import queue_job_webhook
 from imagegen.storage.base import BlobStore
 
 
@@ -33,6 +34,7 @@ class GenerationReads:
         with_urls = tuple(
             [await with_signed_url(self._blobs, img, self._url_ttl) for img in images]
         )
+        (generation,) = await self._with_webhook_deliveries([generation])
         return dataclasses.replace(generation, images=with_urls)
 
     async def list_generations(
@@ -68,7 +70,19 @@ class GenerationReads:
             page = page[:size]
             last = page[-1]
             next_token = paging.encode_cursor(paging.Cursor(last.created_at, last.id), scope)
-        return page, next_token
+        return await self._with_webhook_deliveries(page), next_token
+
+    async def _with_webhook_deliveries(self, jobs: list[Generation]) -> list[Generation]:
+        """The jobs with their webhook's attempts (one query, only for jobs that named a
+        callback)."""
+        called = [job.id for job in jobs if job.spec.callback_uri]
+        if not called:
+            return jobs
+        attempts = await self._db.webhooks.attempts_for(called)
+        return [
+            dataclasses.replace(job, webhook_deliveries=attempts.get(job.id, ()))
+            for job in jobs
+        ]
 
     async def cancel(self, identity: Identity, generation_id: str) -> Generation:
         """Cancel the caller's job: a queued one at once (CANCELLED, its whole reservation
@@ -80,6 +94,7 @@ class GenerationReads:
                 raise NotFound(f"generation {generation_id!r} not found")
             if generation.state is GenerationState.QUEUED:
                 generation = await uow.generations.cancel_queued(generation.id)
+                await queue_job_webhook(uow, generation, GenerationState.CANCELLED)
                 # Nothing was delivered: the whole reservation goes back.
                 await uow.credits.settle(identity.user_id, generation.id, 0)
             elif generation.state is GenerationState.RUNNING:

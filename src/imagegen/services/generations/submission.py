@@ -3,7 +3,8 @@
 A submit, top to bottom:
 1. The provider: the one the request names, else the caller's stored default, else the
    deployment's; it is recorded on the job.
-2. Validation of every field, and of what the provider can do (IMG_003).
+2. Validation of every field, and of what the provider can do (IMG_003); a callback_uri
+   is vetted as the fetch guard would connect to it.
 3. For an edit, a read-only precheck of the plan limits and credits (nothing is fetched
    for a request that would be refused), then the sources are fetched, checked and stored.
 4. One unit of work under the user's advisory lock: a retry with the same request_id
@@ -20,6 +21,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from opentelemetry import propagate, trace
 
@@ -79,6 +81,14 @@ class Quote:
     provider: str
 
 
+class CallbackChecker(Protocol):
+    """Vets a job's callback URL before the job exists (services/webhooks/delivery.py)."""
+
+    async def check_callback(self, uri: str) -> None:
+        """IMG_003 on callback_uri for a URL the service would not call."""
+        ...
+
+
 class SubmissionService:
     """Validates, prices and queues generation jobs."""
 
@@ -92,10 +102,13 @@ class SubmissionService:
         settings: SubmissionSettings,
         tracer: trace.Tracer | None = None,
         moderation: ModerationService | None = None,
+        callbacks: CallbackChecker | None = None,
     ) -> None:
         self._db = db
         #: None: texts are not moderated
         self._moderation = moderation
+        #: None: a request naming a callback_uri is refused
+        self._callbacks = callbacks
         self._sources = sources
         self._catalogue = catalogue
         self._signals = signals
@@ -131,6 +144,10 @@ class SubmissionService:
             )
         if mask_ref is not None and not source_refs:
             raise InvalidRequest("a mask needs a source image to apply to", field="mask")
+        if spec.callback_uri:
+            if self._callbacks is None:
+                raise InvalidRequest("callbacks are not enabled here", field="callback_uri")
+            await self._callbacks.check_callback(spec.callback_uri)
         if self._moderation is not None:
             # After validation, before limits, credits, source fetches or any job row: a
             # blocked text costs nothing and counts against no limit (IMG_011/IMG_012).
