@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -421,3 +424,49 @@ async def test_a_retry_with_another_callback_is_another_request(
             await submit(stub, "http://127.0.0.1:9/b", request_id="same")
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert reason_and_field(caught.value)[0] == "IMG_009"
+
+
+async def test_the_cli_reads_and_rotates_a_users_secret(
+    tmp_path: Path, database_url: str
+) -> None:
+    async with serve_in_process(tmp_path, database_url) as running, grpc.aio.insecure_channel(
+        f"127.0.0.1:{running.grpc_port}", options=CHANNEL_OPTIONS
+    ) as channel:
+        stub = generation_pb2_grpc.ImageGenerationServiceStub(channel)
+        env = {
+            **os.environ,
+            "IMAGEGEN_ADDR": f"127.0.0.1:{running.grpc_port}",
+            "IMAGEGEN_JWT_KEY": TEST_JWT_KEY,
+            "IMAGEGEN_DATA_DIR": str(tmp_path / "cli"),
+        }
+        env.pop("IMAGEGEN_TOKEN", None)
+
+        async def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "imagegen.cli", "webhook", "secret", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        shown = await cli("--user", "alice")
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.splitlines()[-1] == await secret_of(stub, "alice")
+        assert "user 'alice'" in shown.stderr
+
+        rotated = await cli("--user", "alice", "--rotate", "--request-id", "cli-1")
+        again = await cli("--user", "alice", "--rotate", "--request-id", "cli-1")
+        assert rotated.returncode == again.returncode == 0, rotated.stderr + again.stderr
+        new = rotated.stdout.splitlines()[-1]
+        assert new == again.stdout.splitlines()[-1] != shown.stdout.splitlines()[-1]
+        assert new == await secret_of(stub, "alice")
+        assert "previous secret also signs until" in rotated.stderr
+        assert await secret_of(stub, "bob") != new
+
+        misuse = await cli("--user", "alice", "--request-id", "cli-2")
+        assert misuse.returncode == 2 and "--rotate" in misuse.stderr
+        bad = await cli("--user", "alice", "--rotate", "--request-id", "no spaces")
+        assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
+        assert await secret_of(stub, "alice") == new
