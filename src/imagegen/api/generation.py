@@ -240,7 +240,6 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         providers = await self._user_settings.list_providers(identity())
         return generation_pb2.ListProvidersResponse(providers=[_provider(p) for p in providers])
 
-
     async def WaitGeneration(
         self,
         request: generation_pb2.WaitGenerationRequest,
@@ -259,14 +258,6 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         return generation_pb2.WaitGenerationResponse(
             generation=convert.generation_to_proto(generation, self._url_ttl)
         )
-
-    # Added to the contract ahead of their use cases (issues 13 and 14); until those
-    # land they answer UNIMPLEMENTED, as the generated base class would.
-    async def BatchGenerate(self, request: Any, context: Any) -> Any:
-        raise NotImplementedError
-
-    async def UpscaleImage(self, request: Any, context: Any) -> Any:
-        raise NotImplementedError
 
     async def GetWebhookSecret(
         self,
@@ -293,6 +284,14 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             raise NotImplementedError
         secret = await self._webhook_secrets.rotate(caller, request.request_id)
         return generation_pb2.RotateWebhookSecretResponse(secret=_webhook_secret(secret))
+
+    # Added to the contract ahead of their use cases (issues 13 and 14); until those
+    # land they answer UNIMPLEMENTED, as the generated base class would.
+    async def BatchGenerate(self, request: Any, context: Any) -> Any:
+        raise NotImplementedError
+
+    async def UpscaleImage(self, request: Any, context: Any) -> Any:
+        raise NotImplementedError
 
 
 def _webhook_secret(view: WebhookSecretView) -> generation_pb2.WebhookSecret:
