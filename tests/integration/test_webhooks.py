@@ -470,3 +470,21 @@ async def test_the_cli_reads_and_rotates_a_users_secret(
         bad = await cli("--user", "alice", "--rotate", "--request-id", "no spaces")
         assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
         assert await secret_of(stub, "alice") == new
+
+
+async def test_concurrent_first_reads_and_rotations_agree(
+    tmp_path: Path, database_url: str
+) -> None:
+    async with served(tmp_path, database_url, {}) as stub:
+        firsts = await asyncio.gather(*(secret_of(stub, "carol") for _ in range(8)))
+        assert len(set(firsts)) == 1
+        rotations = await asyncio.gather(
+            *(
+                stub.RotateWebhookSecret(E.RotateWebhookSecretRequest(), metadata=metadata("dave"))
+                for _ in range(6)
+            ),
+            secret_of(stub, "dave"),
+        )
+        made = {r.secret.secret for r in rotations[:-1]}
+        assert len(made) == 6
+        assert await secret_of(stub, "dave") in made

@@ -139,15 +139,22 @@ class WebhookSecretStore:
 
     async def create_first(self, user_id: str, key: bytes) -> StoredSecret:
         """Store `key` as the user's first version, unless they have one already (made
-        meanwhile by another request); returns the current version either way."""
-        await self._db.execute(
-            "INSERT INTO webhook_secrets (user_id, version, secret_ciphertext, key_id) "
-            "VALUES ($1, 1, $2, $3) ON CONFLICT DO NOTHING",
-            user_id,
-            self._box.seal(key, user_id=user_id, version=1),
-            self._box.key_id,
-        )
-        return (await self.newest(user_id))[0]
+        meanwhile by another request); returns the current version either way. Under the
+        user's lock, as `rotate`, so a first rotation never races it for version 1."""
+        async with transaction(self._db) as conn:
+            await _lock_user(conn, user_id)
+            await conn.execute(
+                "INSERT INTO webhook_secrets (user_id, version, secret_ciphertext, key_id) "
+                "VALUES ($1, 1, $2, $3) ON CONFLICT DO NOTHING",
+                user_id,
+                self._box.seal(key, user_id=user_id, version=1),
+                self._box.key_id,
+            )
+            row = await conn.fetchrow(
+                "SELECT * FROM webhook_secrets WHERE user_id = $1 ORDER BY version DESC LIMIT 1",
+                user_id,
+            )
+            return self._opened(row)
 
     async def rotate(
         self,
@@ -164,11 +171,7 @@ class WebhookSecretStore:
         (concurrent rotations number their versions one after the other). Versions older
         than the previous one are deleted once no remembered request_id can ask for them."""
         async with transaction(self._db) as conn:
-            await conn.execute(
-                "SELECT pg_advisory_xact_lock(hashtextextended('imagegen-webhook-secret:' "
-                "|| $1, 0))",
-                user_id,
-            )
+            await _lock_user(conn, user_id)
             if request_id:
                 await conn.execute(
                     "UPDATE webhook_secrets SET request_id = NULL WHERE user_id = $1 "
@@ -210,3 +213,11 @@ class WebhookSecretStore:
                 request_id_ttl,
             )
             return self._opened(row)
+
+
+async def _lock_user(conn: asyncpg.Connection, user_id: str) -> None:
+    """The user's secret lock, until the transaction ends."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended('imagegen-webhook-secret:' || $1, 0))",
+        user_id,
+    )
