@@ -279,7 +279,8 @@ SETTINGS: tuple[SettingDoc, ...] = (
     SettingDoc(
         "OTEL_*",
         "(no export)",
-        "Standard OpenTelemetry variables; OTLP export when an endpoint is set.",
+        "Standard OpenTelemetry variables; OTLP export when an endpoint is set, over gRPC "
+        "or `OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`; no span is recorded otherwise.",
     ),
     SettingDoc("IMAGEGEN_ADDR", "127.0.0.1:50051", "CLI: server address."),
     SettingDoc("IMAGEGEN_TOKEN", "(minted from the data directory's key)", "CLI: bearer token."),

@@ -1,10 +1,10 @@
 """The composition root: reads settings, opens every resource in one exit stack,
 wires services and servicers, serves gRPC and HTTP, and shuts down in order.
 
-Shutdown on SIGTERM/SIGINT: health turns NOT_SERVING and new RPCs are refused
-(UNAVAILABLE) while running ones finish within IMAGEGEN_SHUTDOWN_GRACE; workers
-stop claiming, running jobs finish or go back to the queue; then everything closes
-in reverse order.
+Shutdown on SIGTERM/SIGINT: new RPCs are refused (UNAVAILABLE) and readiness (gRPC
+health and /readyz) turns NOT_SERVING while running RPCs finish within
+IMAGEGEN_SHUTDOWN_GRACE; workers stop claiming, running jobs finish or go back to the
+queue; then everything closes in reverse order. /healthz (liveness) stays 200.
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import asyncpg
 import grpc
 import httpx
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from imagegen.api.generation import ImageGenerationServicer
+from imagegen.api.health import Readiness
 from imagegen.api.http import build_http_app, start_http_server
 from imagegen.api.interceptors import (
     AuthInterceptor,
@@ -35,6 +36,7 @@ from imagegen.api.interceptors import (
     InflightInterceptor,
 )
 from imagegen.api.library import ImageLibraryServicer
+from imagegen.api.memory import HeapTrimmer, LargeRequestInterceptor
 from imagegen.api.templates import PromptTemplateServicer
 from imagegen.api.usage import UsageServicer
 from imagegen.api.webhooks import render_payload
@@ -74,6 +76,7 @@ from imagegen.repositories.webhook_secrets import (
     load_or_create_dev_key,
 )
 from imagegen.services.generations import (
+    GenerationPresenter,
     GenerationReads,
     GenerationWaiter,
     GenerationWatch,
@@ -176,7 +179,9 @@ class Server:
                 stack.push_async_callback(embedded.stop)
                 dsn = embedded.dsn
             await apply_migrations(dsn)
-            pool = await open_pool(dsn, max_size=max(10, settings.workers * 3))
+            pool = await open_pool(
+                dsn, max_size=max(10, settings.workers * 3), tracer=telemetry.tracer
+            )
             stack.push_async_callback(pool.close)
 
             local_store: LocalBlobStore | None = None
@@ -227,8 +232,10 @@ class Server:
             await listener.start()
             stack.push_async_callback(listener.stop)
 
+            moderators = await _moderators(settings.moderation, http_client)
+            telemetry.moderation_metrics.moderators_configured([m.id for m in moderators])
             moderation = ModerationService(
-                chain=await _moderators(settings.moderation, http_client),
+                chain=moderators,
                 policies=ModerationPolicyTable.load(settings.moderation.policy_file),
                 repository=ModerationRepository(pool),
                 observer=telemetry.moderation_metrics,
@@ -236,11 +243,15 @@ class Server:
             )
 
             database = PostgresDatabase(pool)
+            plans = PlanTable.load(settings.plans_file)
             reads = GenerationReads(
-                db=database, blobs=blobs, signals=signals, url_ttl=settings.url_ttl
+                db=database,
+                blobs=blobs,
+                signals=signals,
+                url_ttl=settings.url_ttl,
+                plans=plans,
             )
             webhook_secrets, deliveries = _webhooks(settings, pool, database, reads, stack)
-            plans = PlanTable.load(settings.plans_file)
             prices = PriceTable.load(settings.pricing_file)
             catalogue = ProviderCatalogue(
                 providers,
@@ -263,6 +274,7 @@ class Server:
                     max_pixels=settings.max_pixels,
                     request_id_ttl=settings.request_id_ttl,
                 ),
+                presenter=GenerationPresenter(db=database, blobs=blobs, url_ttl=settings.url_ttl),
                 tracer=telemetry.tracer,
                 moderation=moderation,
                 callbacks=deliveries,
@@ -309,10 +321,13 @@ class Server:
             handle.watch = watch
             inflight = InflightInterceptor()
             handle.inflight = inflight
-            max_message = settings.max_input_bytes + 1024 * 1024
+            max_message = receive_limit(settings.max_input_bytes)
+            trimmer = HeapTrimmer()
+            stack.push_async_callback(trimmer.aclose)
             server = grpc.aio.server(
                 interceptors=[
                     telemetry.grpc_server_interceptor(),
+                    LargeRequestInterceptor(trimmer),
                     DrainInterceptor(lambda: handle.draining),
                     inflight,
                     AuthInterceptor(verifier),
@@ -367,7 +382,11 @@ class Server:
             )
             templates_pb2_grpc.add_PromptTemplateServiceServicer_to_server(
                 PromptTemplateServicer(
-                    TemplateService(TemplateRepository(pool), submission),
+                    TemplateService(
+                        TemplateRepository(pool),
+                        submission,
+                        request_id_ttl=settings.request_id_ttl,
+                    ),
                     url_ttl=settings.url_ttl,
                 ),
                 server,
@@ -382,6 +401,8 @@ class Server:
             )
             health_servicer = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+            readiness = Readiness(health_servicer, ("", *SERVICE_NAMES))
+            handle.readiness = readiness
             reflection.enable_server_reflection(
                 (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
@@ -398,7 +419,11 @@ class Server:
                     "IMAGEGEN_GRPC_PORT", settings.host, settings.grpc_port, RuntimeError()
                 )
 
-            http_app = build_http_app(local_store=local_store, metrics_text=telemetry.metrics_text)
+            http_app = build_http_app(
+                local_store=local_store,
+                metrics_text=telemetry.metrics_text,
+                is_ready=lambda: readiness.ready,
+            )
             try:
                 http_runner, http_port = await start_http_server(
                     http_app, settings.host, settings.http_port
@@ -422,10 +447,9 @@ class Server:
             await webhook_worker.start()
             handle.webhooks = webhook_worker
             await server.start()
-            for name in ("", *SERVICE_NAMES):
-                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            # Migrations, the listener, the workers and both servers are up.
+            await readiness.serving()
             handle.server = server
-            handle.health = health_servicer
             handle.mcp = await _start_mcp(settings, grpc_port, verifier, stack)
             mcp_port = handle.mcp.port if handle.mcp is not None else None
             self.running = RunningServer(grpc_port, http_port, settings, telemetry, mcp_port)
@@ -450,12 +474,12 @@ class Server:
         grace = self._settings.shutdown_grace.total_seconds()
         deadline = time.monotonic() + grace
         log.info("shutting down", extra={"event": "server.draining", "grace_s": grace})
+        assert handle.readiness is not None and handle.server is not None
         handle.draining = True
+        # /readyz and gRPC health say not ready from here on.
+        await handle.readiness.draining()
         if handle.watch is not None:
             handle.watch.begin_drain()
-        assert handle.health is not None and handle.server is not None
-        for name in ("", *SERVICE_NAMES):
-            await handle.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         assert handle.runner is not None
         runner_stop = asyncio.create_task(handle.runner.stop(max(deadline - time.monotonic(), 0)))
         assert handle.webhooks is not None
@@ -483,7 +507,7 @@ class _GrpcHandle:
     def __init__(self) -> None:
         self.draining = False
         self.server: grpc.aio.Server | None = None
-        self.health: Any = None
+        self.readiness: Readiness | None = None
         self.runner: JobRunner | None = None
         self.webhooks: WebhookWorker | None = None
         self.inflight: InflightInterceptor | None = None
@@ -604,6 +628,14 @@ def _load_rules(settings: ModerationSettings) -> RuleSet:
     rules = RuleSet.load(settings.rules_file)
     readings("warm up")  # loads the confusables table here, not in the first request
     return rules
+
+
+def receive_limit(max_input_bytes: int) -> int:
+    """gRPC's receive limit for IMAGEGEN_MAX_INPUT_BYTES: room for a source just over the
+    limit written as a base64 `data:` URL (4/3 of its bytes) plus the rest of the
+    request, so such a source reaches our own check and is refused as IMG_007 with an
+    ErrorInfo; only a message far beyond it is refused by the transport."""
+    return max_input_bytes * 4 // 3 + 1024 * 1024
 
 
 def public_url_notice(host: str, public_url: str | None, http_port: int) -> str | None:

@@ -36,6 +36,7 @@ CASES: list[tuple[domain.ImageGenError, grpc.StatusCode, str]] = [
     (domain.ProviderFailed("boom", retryable=True), grpc.StatusCode.UNAVAILABLE, "IMG_002"),
     (domain.ProviderFailed("bad reply"), grpc.StatusCode.INTERNAL, "IMG_002"),
     (domain.InvalidRequest("prompt empty"), grpc.StatusCode.INVALID_ARGUMENT, "IMG_003"),
+    (domain.ImageDeleted("undelete it"), grpc.StatusCode.FAILED_PRECONDITION, "IMG_003"),
     (domain.StorageFailed("s3 down"), grpc.StatusCode.UNAVAILABLE, "IMG_004"),
     (
         domain.RateLimited("slow down", retry_after=timedelta(seconds=30)),
@@ -235,8 +236,19 @@ def test_unexpected_error_is_generic_and_logged(caplog: pytest.LogCaptureFixture
     )
 
 
+#: ImageDeleted refines IMG_003's status for a direct refusal; a stored IMG_003 (a job's
+#: failure) is rebuilt as the InvalidRequest it was.
+ROUND_TRIPS = [c for c in CASES if type(c[0]) is not domain.ImageDeleted]
+
+
+def test_a_stored_img_003_is_rebuilt_as_invalid_request() -> None:
+    rebuilt = error_from_code("IMG_003", "source purged", False)
+    assert type(rebuilt) is domain.InvalidRequest
+    assert rich_status(rebuilt)[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
 @pytest.mark.parametrize(
-    ("exc", "code", "reason"), CASES, ids=[c[2] + "-" + str(c[1]) for c in CASES]
+    ("exc", "code", "reason"), ROUND_TRIPS, ids=[c[2] + "-" + str(c[1]) for c in ROUND_TRIPS]
 )
 def test_error_from_code_round_trips(
     exc: domain.ImageGenError, code: grpc.StatusCode, reason: str

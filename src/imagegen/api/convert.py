@@ -12,6 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from imagegen.domain.errors import InvalidRequest
 from imagegen.domain.models import (
     DEFAULT_SIZE,
+    EditSource,
     EventType,
     Generation,
     GenerationEvent,
@@ -164,6 +165,20 @@ def spec_from_proto(spec: common_pb2.GenerationSpec) -> GenerationSpec:
     )
 
 
+def _duration(value: timedelta) -> Duration:
+    duration = Duration()
+    duration.FromTimedelta(value)
+    return duration
+
+
+def _source_to_proto(source: EditSource) -> common_pb2.ImageSource:
+    """A stored job's source as the library image it is; a source stored before sources
+    were library images, by its signed URL (never by its bytes)."""
+    if source.image_id:
+        return common_pb2.ImageSource(image=IMAGES_PREFIX + source.image_id)
+    return common_pb2.ImageSource(uri=source.url)
+
+
 def spec_to_proto(spec: GenerationSpec) -> common_pb2.GenerationSpec:
     message = common_pb2.GenerationSpec(
         prompt=spec.prompt,
@@ -177,7 +192,10 @@ def spec_to_proto(spec: GenerationSpec) -> common_pb2.GenerationSpec:
         provider=spec.provider,
         model=spec.model,
         source=_SOURCE_TO_PB[spec.source],
+        sources=[_source_to_proto(s) for s in spec.sources],
     )
+    if spec.mask is not None:
+        message.mask.CopyFrom(_source_to_proto(spec.mask))
     if spec.seed is not None:
         message.seed = spec.seed
     return message
@@ -205,7 +223,13 @@ def image_to_proto(image: StoredImage, url_ttl: timedelta) -> common_pb2.Image:
         tags=list(image.tags),
         favorite=image.favorite,
         parents=[IMAGES_PREFIX + p for p in image.parent_ids],
+        upload=image.upload,
+        sub_account=image.sub_account,
+        edit=image.is_edit,
+        credits=image.credits,
     )
+    if image.generation_duration is not None:
+        message.generation_duration.CopyFrom(_duration(image.generation_duration))
     if image.seed is not None:
         message.seed = image.seed % 2**32
     created = _timestamp(image.created_at)
@@ -237,9 +261,13 @@ def generation_to_proto(generation: Generation, url_ttl: timedelta) -> generatio
         images=[image_to_proto(img, url_ttl) for img in generation.images],
         request_id=generation.request_id,
         last_sequence=generation.last_sequence,
+        sub_account=generation.sub_account,
+        edit=generation.spec.is_edit,
         callback_uri=shown_callback_uri(generation.spec.callback_uri),
         webhook_deliveries=[_webhook_attempt(a) for a in generation.webhook_deliveries],
     )
+    if generation.duration is not None:
+        message.duration.CopyFrom(_duration(generation.duration))
     if generation.error_code:
         message.error.CopyFrom(
             generation_pb2.GenerationError(

@@ -72,6 +72,7 @@ STATUS_TABLE: dict[type[domain.ImageGenError], _StatusFor] = {
     domain.ProviderNotConfigured: _fixed(grpc.StatusCode.FAILED_PRECONDITION),  # IMG_001
     domain.ProviderFailed: _by_retryable,  # IMG_002
     domain.InvalidRequest: _fixed(grpc.StatusCode.INVALID_ARGUMENT),  # IMG_003
+    domain.ImageDeleted: _fixed(grpc.StatusCode.FAILED_PRECONDITION),  # IMG_003
     domain.StorageFailed: _fixed(grpc.StatusCode.UNAVAILABLE),  # IMG_004
     domain.RateLimited: _fixed(grpc.StatusCode.RESOURCE_EXHAUSTED),  # IMG_005
     domain.InsufficientCredits: _fixed(grpc.StatusCode.FAILED_PRECONDITION),  # IMG_006
@@ -105,9 +106,13 @@ def _upper_snake(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).upper()
 
 
-#: ErrorInfo reason -> domain class, to rebuild an error stored by its code.
+#: ErrorInfo reason -> domain class, to rebuild an error stored by its code. A subclass
+#: that shares its base's code (ImageDeleted) only refines the status; the code rebuilds
+#: the base.
 _CLASS_BY_REASON: dict[str, type[domain.ImageGenError]] = {
-    cls.code or _upper_snake(cls.__name__): cls for cls in STATUS_TABLE
+    cls.code or _upper_snake(cls.__name__): cls
+    for cls in STATUS_TABLE
+    if not (cls.code and getattr(cls.__mro__[1], "code", "") == cls.code)
 }
 
 
@@ -213,6 +218,11 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
             error_reason(exc),
             current_request_id.get() or "-",
         )
+    # The status is built and the error logged: let go of the frames of its traceback
+    # (and of what it was chained to). The AbortError raised below keeps `exc` as its
+    # context for as long as gRPC keeps that, and those frames hold the request, up to a
+    # whole source image (bench/oversize_bench.py).
+    _drop_tracebacks(exc)
     # context.abort with the details in trailing metadata, not abort_with_status: the
     # OpenTelemetry interceptor records the right span status only this way.
     await context.abort(
@@ -220,6 +230,15 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
         message,
         trailing_metadata=((rpc_status.GRPC_DETAILS_METADATA_KEY, status.SerializeToString()),),
     )
+
+
+def _drop_tracebacks(exc: BaseException) -> None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
 
 
 def error_from_code(code: str, message: str, retryable: bool) -> domain.ImageGenError:

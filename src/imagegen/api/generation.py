@@ -316,8 +316,11 @@ def _provider(info: ProviderInfo) -> generation_pb2.ProviderInfo:
             sizes=[common_pb2.ImageSize(width=s.width, height=s.height) for s in info.sizes],
             formats=[convert.format_to_proto(f) for f in info.formats],
             max_count=info.max_count,
+            outpaint=info.outpaint,
+            upscale=info.upscale,
         ),
         models=list(info.models),
+        upscalers=list(info.upscalers),
         styles=convert.all_styles_proto(),
         default=info.default,
     )

@@ -4,6 +4,7 @@
     ├── ProviderNotConfigured      IMG_001  provider credentials not configured
     ├── ProviderFailed             IMG_002  the provider failed (retryable or not)
     ├── InvalidRequest             IMG_003  invalid prompt or request (names the field)
+    │   └── ImageDeleted           IMG_003  the image named is soft-deleted (undelete it first)
     ├── StorageFailed              IMG_004  storing the image failed
     ├── RateLimited                IMG_005  a plan limit was hit (carries retry_after)
     ├── InsufficientCredits        IMG_006  not enough credits
@@ -78,6 +79,15 @@ class InvalidRequest(ImageGenError):
             merged.setdefault("field", field)
         super().__init__(message, metadata=merged)
         self.field = field
+
+
+class ImageDeleted(InvalidRequest):
+    """The request names one of the caller's images that is soft-deleted, for a use that
+    needs it live (a URL, a download, a change, an edit source): a precondition of the
+    image's state rather than a malformed field, so FAILED_PRECONDITION with IMG_003."""
+
+    def __init__(self, message: str, *, field: str = "name", image: str = "") -> None:
+        super().__init__(message, field=field, metadata={"image": image} if image else None)
 
 
 class StorageFailed(ImageGenError):

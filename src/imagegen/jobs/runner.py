@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 import uuid
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
 
 from imagegen.domain.models import Generation
 from imagegen.jobs.signals import JobSignals
@@ -110,7 +114,9 @@ class JobRunner:
                     await asyncio.wait_for(queued.wait(), timeout=self._poll_interval)
 
     def _spawn(self, job: Generation) -> None:
-        task = asyncio.create_task(self._run(job), name=f"imagegen-job-{job.id}")
+        task = asyncio.create_task(
+            self._run(job), name=f"imagegen-job-{job.id}", context=_job_context(job)
+        )
         self._tasks[job.id] = task
 
         def _done(_t: asyncio.Task[None]) -> None:
@@ -163,3 +169,12 @@ class JobRunner:
                     return
             except Exception:
                 log.warning("renewing the lease of %s failed", generation_id, exc_info=True)
+
+
+def _job_context(job: Generation) -> contextvars.Context:
+    """A copy of the current context in which the submitting request's trace is current,
+    so everything the job does (its log lines, its spans, its lease heartbeats) joins the
+    caller's trace. The token is never detached: the context dies with the job's task."""
+    context = contextvars.copy_context()
+    context.run(otel_context.attach, propagate.extract(job.trace_context))
+    return context

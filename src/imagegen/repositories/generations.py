@@ -15,7 +15,7 @@ from typing import Any
 
 import asyncpg
 
-from imagegen.domain.limits import RequestCounts
+from imagegen.domain.limits import CountCaps, RequestCounts
 from imagegen.domain.models import (
     EditSource,
     EventType,
@@ -189,30 +189,37 @@ class GenerationRepository:
             )
         )
 
-    async def request_counts(self, user_id: str) -> RequestCounts:
-        """Requests accepted in the last hour and day (with the oldest of each window),
-        and jobs queued or running, counted at the database's now()."""
+    async def request_counts(self, user_id: str, caps: CountCaps) -> RequestCounts:
+        """Requests accepted in the last hour and day (with the oldest of those counted),
+        and jobs queued or running, at the database's now(); each counted newest first
+        up to its cap in `caps`, so the index scans stop there whatever the history."""
         row = await self._db.fetchrow(
             """
-            SELECT now() AS now,
-                   count(*) FILTER (WHERE created_at > now() - interval '1 hour') AS hour,
-                   count(*) FILTER (WHERE created_at > now() - interval '1 day') AS day,
-                   count(*) FILTER (WHERE state IN ('queued', 'running')) AS running,
-                   min(created_at) FILTER (WHERE created_at > now() - interval '1 hour')
-                       AS oldest_in_hour,
-                   min(created_at) FILTER (WHERE created_at > now() - interval '1 day')
-                       AS oldest_in_day
-              FROM generations
-             WHERE user_id = $1
-               AND (created_at > now() - interval '1 day' OR state IN ('queued', 'running'))
+            SELECT now() AS now, in_hour.n AS hour, in_hour.oldest AS oldest_in_hour,
+                   in_day.n AS day, in_day.oldest AS oldest_in_day, active_jobs.n AS active
+              FROM (SELECT count(*) AS n, min(created_at) AS oldest
+                      FROM (SELECT created_at FROM generations
+                             WHERE user_id = $1 AND created_at > now() - interval '1 hour'
+                             ORDER BY created_at DESC LIMIT $2) w) in_hour,
+                   (SELECT count(*) AS n, min(created_at) AS oldest
+                      FROM (SELECT created_at FROM generations
+                             WHERE user_id = $1 AND created_at > now() - interval '1 day'
+                             ORDER BY created_at DESC LIMIT $3) w) in_day,
+                   (SELECT count(*) AS n
+                      FROM (SELECT 1 FROM generations
+                             WHERE user_id = $1 AND state IN ('queued', 'running')
+                             LIMIT $4) w) active_jobs
             """,
             user_id,
+            caps.hour,
+            caps.day,
+            caps.active,
         )
         return RequestCounts(
             now=row["now"],
             last_hour=row["hour"],
             last_day=row["day"],
-            active=row["running"],
+            active=row["active"],
             oldest_in_hour=row["oldest_in_hour"],
             oldest_in_day=row["oldest_in_day"],
         )

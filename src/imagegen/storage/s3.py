@@ -29,6 +29,11 @@ class S3BlobStore:
         self._prefix = prefix.strip("/")
         self._op_timeout = op_timeout
 
+    @property
+    def bucket(self) -> str:
+        """The bucket's name (for spans)."""
+        return self._bucket
+
     def _key(self, key: str) -> str:
         return f"{self._prefix}/{key}" if self._prefix else key
 

@@ -6,10 +6,13 @@ its lease), from STARTED to the terminal event.
 2. For each image of the batch: the provider call, with PROGRESS events (and previews)
    as it works, abandoned as soon as the owner cancels; on a failure another provider
    may not share, the next one of the fallback chain takes over.
+   Before each call, a user already at their storage quota ends the job IMG_008
+   (a read-only check: no provider call is made for an image that cannot be kept).
 3. The reply's bytes are checked and converted to the asked format, in a thread.
-4. The storage quota is decided (domain/limits.py), the blob is put, and its image row
-   and IMAGE_READY event are recorded in one unit of work (the blob is deleted again if
-   that fails); a PROGRESS "stored" event follows.
+4. The blob is put, then one unit of work locks the user's storage counter, decides the
+   quota (domain/limits.py) and records the image row and its IMAGE_READY event, so two
+   jobs of one user never pass the quota together; if the quota refuses it or the
+   record fails, the blob is deleted again. A PROGRESS "stored" event follows.
 5. The end, in one unit of work: the job's terminal state, the settlement of its credit
    reservation (images delivered are charged, the rest refunded), its usage record and
    its terminal event: COMPLETED, FAILED (with its IMG code) or CANCELLED.
@@ -37,11 +40,12 @@ from imagegen.domain.errors import (
     ImageGenError,
     ImageTooLarge,
     InvalidRequest,
+    NotFound,
     ProviderFailed,
     ProviderNotConfigured,
     StorageFailed,
 )
-from imagegen.domain.limits import check_storage_quota
+from imagegen.domain.limits import check_storage_quota, check_storage_room
 from imagegen.domain.models import (
     EditSource,
     EventType,
@@ -239,12 +243,15 @@ class JobPipeline:
         base_seed = job.spec.seed if job.spec.seed is not None else _seed_from(job.id)
         deadline = time.monotonic() + self._settings.provider_timeout.total_seconds()
         sources = tuple([await self._load_source(s) for s in job.spec.sources])
-        mask = await self._load_source(job.spec.mask) if job.spec.mask else None
+        mask = await self._load_source(job.spec.mask, "mask") if job.spec.mask else None
+        quota = self._settings.plans.limits_for(job.plan).storage_bytes
         for index in range(count):
             if index in existing:
                 # Stored by an earlier attempt of this job: never make or charge it twice.
                 continue
             await self._checkpoint(job.id)
+            if quota is not None:
+                check_storage_room(quota, await self._db.images.storage_used(job.user_id))
             request = ProviderRequest(
                 prompt=job.spec.prompt,
                 negative_prompt=job.spec.negative_prompt,
@@ -258,6 +265,7 @@ class JobPipeline:
                 resize_to=None if job.spec.size_from_source else job.spec.size,
                 timeout=max(deadline - time.monotonic(), 0.1),
             )
+            call_started = time.monotonic()
             reply, serving = await self._call_with_fallback(
                 job, provider, request, progress.reporter(index)
             )
@@ -267,12 +275,27 @@ class JobPipeline:
                 await self._db.generations.set_provider(job.id, serving.id)
             model = reply.model or model or (provider.models[0] if provider.models else "")
             await self._checkpoint(job.id)
-            with self._tracer.start_as_current_span("image.process"):
+            with self._tracer.start_as_current_span(
+                "image.process",
+                attributes={
+                    "imagegen.image.input.size": len(reply.data),
+                    "imagegen.image.requested_format": job.spec.output_format.value,
+                },
+            ) as process_span:
                 encoded, info = await asyncio.to_thread(
                     self._process_reply,
                     reply.data,
                     job.spec.output_format,
                     None if job.spec.size_from_source else job.spec.size,
+                )
+                process_span.set_attributes(
+                    {
+                        "imagegen.image.size": len(encoded),
+                        "imagegen.image.format": info.format.value,
+                        "imagegen.image.mime_type": info.mime_type,
+                        "imagegen.image.width": info.width,
+                        "imagegen.image.height": info.height,
+                    }
                 )
             await self._store(
                 job,
@@ -282,6 +305,7 @@ class JobPipeline:
                 model=model,
                 reported_seed=reply.seed,
                 used_seed=request.seed,
+                call_started=call_started,
             )
             await progress.stored(index)
         return model, job
@@ -334,12 +358,16 @@ class JobPipeline:
             with self._signals.watch_cancel(generation_id) as changed:
                 while True:
                     woken = asyncio.create_task(changed.wait())
-                    done, _ = await asyncio.wait(
-                        {call, woken},
-                        timeout=self._settings.cancel_poll_interval,
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
-                    woken.cancel()
+                    try:
+                        done, _ = await asyncio.wait(
+                            {call, woken},
+                            timeout=self._settings.cancel_poll_interval,
+                            return_when=asyncio.FIRST_COMPLETED,
+                        )
+                    finally:
+                        # Also when a drain cancels the job here: a waiter left pending
+                        # is destroyed pending ("Task was destroyed but it is pending!").
+                        woken.cancel()
                     if call in done:
                         return call.result()
                     changed.clear()
@@ -386,15 +414,23 @@ class JobPipeline:
         model: str,
         reported_seed: int | None,
         used_seed: int,
+        call_started: float,
     ) -> None:
-        """Quota, blob, then row and IMAGE_READY event; no blob stays without its row."""
-        quota = self._settings.plans.limits_for(job.plan).storage_bytes
-        if quota is not None:
-            used = await self._db.images.storage_used(job.user_id)
-            check_storage_quota(quota, used, len(encoded))
+        """Blob, then quota, row and IMAGE_READY event in one unit of work; no blob stays
+        without its row, and no row without its blob. `call_started` is when the image's
+        provider call began (time.monotonic())."""
         image_id = str(uuid.uuid4())
         key = blob_key(job.user_id, image_id, info.format.extension, datetime.now(UTC))
-        with self._tracer.start_as_current_span("storage.put"):
+        with self._tracer.start_as_current_span(
+            "storage.put",
+            attributes={
+                "imagegen.blob.size": len(encoded),
+                "imagegen.blob.mime_type": info.mime_type,
+                "imagegen.blob.bucket": self._blobs.bucket,
+                # The folder only: the rest of the key names the user and the image.
+                "imagegen.blob.key_prefix": key.split("/", 1)[0],
+            },
+        ):
             await self._blobs.put(key, encoded, info.mime_type)
         image = StoredImage(
             id=image_id,
@@ -412,17 +448,22 @@ class JobPipeline:
             index=index,
             is_edit=job.spec.is_edit,
             parent_ids=tuple(s.image_id for s in job.spec.sources if s.image_id),
+            sub_account=job.sub_account,
+            credits=self._image_price(job),
+            generation_duration=timedelta(seconds=time.monotonic() - call_started),
         )
         try:
             recorded = await self._record_image(
                 image,
                 NewEvent(EventType.IMAGE_READY, {"image_id": image_id, "image_index": index}),
+                quota=self._settings.plans.limits_for(job.plan).storage_bytes,
                 negative_prompt=job.spec.negative_prompt,
                 style=job.spec.style.value if job.spec.style else "",
                 seed=reported_seed if reported_seed is not None else used_seed,
             )
         except BaseException:
-            # No blob without its row: undo the upload, whatever stopped the insert.
+            # No blob without its row: undo the upload, whatever stopped the insert
+            # (the quota included).
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._blobs.delete(key))
             raise
@@ -436,15 +477,22 @@ class JobPipeline:
         image: StoredImage,
         event: NewEvent,
         *,
+        quota: int | None,
         negative_prompt: str,
         style: str,
         seed: int | None,
     ) -> StoredImage | None:
-        """Insert the row of a stored blob and announce it, atomically. None when
-        another attempt of the job already stored this batch index.
-        Raises StorageFailed when the database cannot record it."""
+        """Decide the storage quota, insert the row of a stored blob and announce it,
+        atomically: the user's storage counter stays locked from the decision to the
+        commit, so concurrent jobs of one user decide one after the other. None when
+        another attempt of the job already stored this batch index. Raises
+        StorageQuotaExceeded (IMG_008) past `quota` (None: no quota), StorageFailed when
+        the database cannot record it."""
         try:
             async with self._db.unit_of_work() as uow:
+                if quota is not None:
+                    used = await uow.images.lock_storage_used(image.user_id)
+                    check_storage_quota(quota, used, image.size_bytes)
                 stored = await uow.images.insert(
                     image, negative_prompt=negative_prompt, style=style, seed=seed
                 )
@@ -497,7 +545,13 @@ class JobPipeline:
                 worker_id=worker_id,
             )
             if ended:
-                await uow.credits.settle(job.user_id, job.id, credits)
+                await uow.credits.settle(
+                    job.user_id,
+                    job.id,
+                    credits,
+                    allowance=self._settings.plans.limits_for(job.plan).monthly_credits,
+                    now=datetime.now(UTC),
+                )
                 await uow.usage.insert(usage)
                 await uow.generations.append_event(
                     job.id, _terminal_event(state, len(images), error)
@@ -544,8 +598,18 @@ class JobPipeline:
     def _image_price(self, job: Generation) -> int:
         return self._settings.prices.generation_credits(job.spec.size, 1, edit=job.spec.is_edit)
 
-    async def _load_source(self, source: EditSource) -> SourceImage:
-        data = await self._blobs.get(source.storage_key)
+    async def _load_source(self, source: EditSource, field: str = "sources") -> SourceImage:
+        """A source's bytes; IMG_003 naming the source (never its storage key) when it
+        was purged after the job was submitted."""
+        try:
+            data = await self._blobs.get(source.storage_key)
+        except NotFound:
+            name = f"images/{source.image_id}" if source.image_id else "a source image"
+            raise InvalidRequest(
+                f"{name} of this edit was purged before the job ran; submit the edit again "
+                "with a source that exists",
+                field=field,
+            ) from None
         return SourceImage(data, source.mime_type, source.width, source.height)
 
     async def _checkpoint(self, generation_id: str) -> None:

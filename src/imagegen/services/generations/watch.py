@@ -70,6 +70,10 @@ class GenerationWatch:
                     if event.type.terminal:
                         return
                 if self._draining and not self._runs_here(generation.id):
+                    # The job may have ended here while the events above were being
+                    # sent: its last events are stored before it leaves `runs_here`.
+                    if await self._db.generations.events_after(generation.id, last):
+                        continue
                     raise ShuttingDown(
                         "this replica is shutting down; watch again with after_sequence="
                         f"{last} and another replica will follow the job",
@@ -80,12 +84,15 @@ class GenerationWatch:
                         await asyncio.wait_for(changed.wait(), timeout=self._poll_interval)
 
     async def _with_image(self, event: GenerationEvent) -> GenerationEvent:
-        """An IMAGE_READY event with its image and a fresh URL; others as they are."""
+        """An IMAGE_READY event with its image as it now stands: a fresh URL, or none
+        once it is soft-deleted, and no image at all once it is purged. Others as they are."""
         if event.type is not EventType.IMAGE_READY:
             return event
         image = await self._db.images.get_by_id(event.extra.get("image_id", ""))
         if image is None:
             return event
+        if image.deleted:
+            return dataclasses.replace(event, image=image)
         return dataclasses.replace(
             event, image=await with_signed_url(self._blobs, image, self._url_ttl)
         )
