@@ -1,5 +1,5 @@
 """`imagegen`: serve, migrate, check health, mint a token, generate, get help with prompts,
-review moderation, or serve MCP from the command line."""
+review moderation, read a webhook secret, or serve MCP from the command line."""
 
 from __future__ import annotations
 
@@ -117,8 +117,10 @@ def _parser() -> argparse.ArgumentParser:
     grant.add_argument("--note", default="granted by an administrator")
 
     from imagegen.cli_moderation import add_parser as add_moderation_parser
+    from imagegen.cli_webhook import add_parser as add_webhook_parser
 
     add_moderation_parser(sub)
+    add_webhook_parser(sub)
 
     for what, help_text in (
         ("usage", "usage records"),
@@ -177,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
         from imagegen.cli_moderation import run as run_moderation
 
         return run_moderation(settings, args)
+    if args.command == "webhook":
+        from imagegen.cli_webhook import run as run_webhook
+
+        return asyncio.run(run_webhook(settings, args))
     if args.command in ("usage", "generations"):
         from imagegen.cli_export import run_export
 

@@ -14,6 +14,9 @@ from datetime import timedelta
 from pathlib import Path
 
 MAX_URL_TTL = timedelta(days=7)
+MIN_WEBHOOK_KEY_CHARS = 32
+#: 5 s, 30 s, 2 min, 10 min, 30 min, 1 h, 2 h, 4 h, 8 h, 8 h: 23.7 hours in all.
+DEFAULT_WEBHOOK_RETRY_DELAYS = "5,30,120,600,1800,3600,7200,14400,28800,28800"
 MAX_USAGE_NOTICE_CHARS = 2000
 #: What images say about themselves when a deployment sets no IMAGEGEN_USAGE_NOTICE.
 DEFAULT_USAGE_NOTICE = (
@@ -60,6 +63,17 @@ SETTINGS: tuple[SettingDoc, ...] = (
         "55",
         "MCP: most seconds any tool call waits for a job (`wait_seconds` above it is cut "
         "to it); below common 60 s client timeouts.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WAIT_DEFAULT",
+        "30",
+        "WaitGeneration: seconds it waits for the job when the request names no timeout.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WAIT_MAX",
+        "120",
+        "WaitGeneration: most seconds it waits (a longer timeout is cut to it; the caller's "
+        "gRPC deadline also bounds it).",
     ),
     SettingDoc(
         "IMAGEGEN_PUBLIC_URL",
@@ -215,6 +229,44 @@ SETTINGS: tuple[SettingDoc, ...] = (
         "Store the texts of blocked and flagged requests for review; otherwise only their "
         "SHA-256.",
     ),
+    SettingDoc(
+        "IMAGEGEN_WEBHOOK_KEY",
+        "(development key in the data directory)",
+        f"Key (at least {MIN_WEBHOOK_KEY_CHARS} characters) that encrypts users' webhook "
+        "signing secrets in the database; replicas sharing a database need the same one.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WEBHOOK_SECRET_GRACE",
+        "86400",
+        "Seconds a rotated webhook secret goes on signing beside the new one.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WEBHOOK_TIMEOUT",
+        "10",
+        "Seconds one webhook attempt may take (connect, send, answer); past it the attempt "
+        "failed.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WEBHOOK_RETRY_DELAYS",
+        DEFAULT_WEBHOOK_RETRY_DELAYS,
+        "Comma-separated seconds between a failed webhook attempt and the next (the last "
+        "repeats); the default spreads 11 attempts over about 24 hours.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WEBHOOK_MAX_ATTEMPTS",
+        "11",
+        "Webhook attempts in all before a callback is given up.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WEBHOOK_CONCURRENCY",
+        "8",
+        "Webhook attempts one process makes at once.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WEBHOOK_POLL",
+        "1",
+        "Seconds between one process's looks for callbacks that became due.",
+    ),
     SettingDoc("BUILT_IN_FORGE_API_URL", "(unset)", "Base URL of the Forge ImageService."),
     SettingDoc("BUILT_IN_FORGE_API_KEY", "(unset)", "Bearer key of the Forge ImageService."),
     SettingDoc(
@@ -331,6 +383,20 @@ class EnhanceModelSettings:
 
 
 @dataclass(frozen=True)
+class WebhookSettings:
+    """Signed webhooks: the key that encrypts users' secrets (None: the development key
+    in the data directory), a rotation's grace period, and how callbacks are sent."""
+
+    key: str | None
+    secret_grace: timedelta
+    timeout: timedelta
+    retry_delays: tuple[timedelta, ...]
+    max_attempts: int
+    concurrency: int
+    poll_interval: float
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the service reads from its environment."""
 
@@ -339,6 +405,9 @@ class Settings:
     grpc_port: int
     http_port: int
     mcp: McpSettings
+    #: WaitGeneration's wait when a request names no timeout, and its ceiling
+    wait_default: timedelta
+    wait_max: timedelta
     public_url: str | None
     ready_file: Path | None
     database_url: str | None
@@ -372,6 +441,7 @@ class Settings:
     sdwebui_url: str | None
     moderation: ModerationSettings
     enhance: EnhanceModelSettings
+    webhooks: WebhookSettings
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -429,12 +499,20 @@ class Settings:
             raise ConfigError("IMAGEGEN_ENHANCE_URL needs IMAGEGEN_ENHANCE_MODEL (the chat model)")
         if enhance.timeout <= timedelta(0):
             raise ConfigError("IMAGEGEN_ENHANCE_TIMEOUT must be more than 0 seconds")
+        wait_max = reader.seconds("IMAGEGEN_WAIT_MAX", 120)
+        wait_default = reader.seconds("IMAGEGEN_WAIT_DEFAULT", min(30.0, wait_max.total_seconds()))
+        if wait_default <= timedelta(0) or wait_default > wait_max:
+            raise ConfigError(
+                "IMAGEGEN_WAIT_DEFAULT must be above 0 and not above IMAGEGEN_WAIT_MAX"
+            )
         settings = cls(
             data_dir=data_dir,
             host=reader.text("IMAGEGEN_HOST", "127.0.0.1"),
             grpc_port=reader.port("IMAGEGEN_GRPC_PORT", 50051),
             http_port=reader.port("IMAGEGEN_HTTP_PORT", 8088),
             mcp=mcp,
+            wait_default=wait_default,
+            wait_max=wait_max,
             public_url=reader.optional("IMAGEGEN_PUBLIC_URL"),
             ready_file=_path_or_none(reader.optional("IMAGEGEN_READY_FILE")),
             database_url=reader.optional("DATABASE_URL"),
@@ -491,6 +569,7 @@ class Settings:
             sdwebui_url=reader.optional("IMAGEGEN_SDWEBUI_URL"),
             moderation=_moderation_settings(reader),
             enhance=enhance,
+            webhooks=_webhook_settings(reader),
         )
         return settings
 
@@ -543,6 +622,39 @@ def _moderation_settings(reader: _Reader) -> ModerationSettings:
         api_key=api_key,
         timeout=timeout,
         store_text=store_text in ("true", "1", "yes"),
+    )
+
+
+def _webhook_settings(reader: _Reader) -> WebhookSettings:
+    key = reader.optional("IMAGEGEN_WEBHOOK_KEY")
+    if key is not None and len(key) < MIN_WEBHOOK_KEY_CHARS:
+        raise ConfigError(
+            f"IMAGEGEN_WEBHOOK_KEY must be at least {MIN_WEBHOOK_KEY_CHARS} characters"
+        )
+    raw_delays = reader.text("IMAGEGEN_WEBHOOK_RETRY_DELAYS", DEFAULT_WEBHOOK_RETRY_DELAYS)
+    try:
+        delays = tuple(float(d) for d in raw_delays.split(",") if d.strip())
+    except ValueError:
+        delays = ()
+    if not delays or any(not 0 < d <= 7 * 86400 for d in delays):
+        raise ConfigError(
+            "IMAGEGEN_WEBHOOK_RETRY_DELAYS must be comma-separated seconds, each above 0 and "
+            f"at most 604800, not {raw_delays!r}"
+        )
+    timeout = reader.seconds("IMAGEGEN_WEBHOOK_TIMEOUT", 10)
+    if not timedelta(0) < timeout <= timedelta(minutes=5):
+        raise ConfigError("IMAGEGEN_WEBHOOK_TIMEOUT must be above 0 and at most 300 seconds")
+    poll = reader.number("IMAGEGEN_WEBHOOK_POLL", 1.0)
+    if poll <= 0:
+        raise ConfigError("IMAGEGEN_WEBHOOK_POLL must be above 0")
+    return WebhookSettings(
+        key=key,
+        secret_grace=reader.seconds("IMAGEGEN_WEBHOOK_SECRET_GRACE", 86400),
+        timeout=timeout,
+        retry_delays=tuple(timedelta(seconds=d) for d in delays),
+        max_attempts=reader.integer("IMAGEGEN_WEBHOOK_MAX_ATTEMPTS", 11, minimum=1),
+        concurrency=reader.integer("IMAGEGEN_WEBHOOK_CONCURRENCY", 8, minimum=1),
+        poll_interval=poll,
     )
 
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
+import asyncpg
 import grpc
 import httpx
 from grpc_health.v1 import health, health_pb2_grpc
@@ -37,6 +40,7 @@ from imagegen.api.memory import HeapTrimmer, LargeRequestInterceptor
 from imagegen.api.prompts import PromptAssistantServicer
 from imagegen.api.templates import PromptTemplateServicer
 from imagegen.api.usage import UsageServicer
+from imagegen.api.webhooks import render_payload
 from imagegen.config import ModerationSettings, Settings
 from imagegen.domain.errors import Unauthenticated
 from imagegen.domain.moderation import ModerationPolicyTable
@@ -44,11 +48,13 @@ from imagegen.domain.moderation_rules import RuleSet, readings
 from imagegen.domain.phrases import builtin_phrases
 from imagegen.domain.plans import PlanTable
 from imagegen.domain.pricing import PriceTable
+from imagegen.domain.webhooks import RetryPolicy
 from imagegen.embedded import start_embedded_postgres
 from imagegen.identity import TokenVerifier, resolve_jwt_key
 from imagegen.imaging import EncodeSettings
 from imagegen.jobs.runner import JobRunner
 from imagegen.jobs.signals import JobSignals, NotificationListener
+from imagegen.jobs.webhooks import WebhookWorker
 from imagegen.ports import bind_failure, ensure_ports_free
 from imagegen.providers.base import Provider
 from imagegen.providers.chat_enhancer import ChatEnhancer
@@ -68,9 +74,15 @@ from imagegen.repositories.prompts import PromptCandidates
 from imagegen.repositories.templates import TemplateRepository
 from imagegen.repositories.unit_of_work import PostgresDatabase
 from imagegen.repositories.usage import UsageQueries
+from imagegen.repositories.webhook_secrets import (
+    SecretBox,
+    WebhookSecretStore,
+    load_or_create_dev_key,
+)
 from imagegen.services.generations import (
     GenerationPresenter,
     GenerationReads,
+    GenerationWaiter,
     GenerationWatch,
     JobPipeline,
     PipelineSettings,
@@ -78,6 +90,7 @@ from imagegen.services.generations import (
     SubmissionService,
     SubmissionSettings,
     UserSettingsService,
+    WaitSettings,
 )
 from imagegen.services.library import LibraryService, LibrarySettings
 from imagegen.services.moderation import EnhancementScreen, ModerationService, Moderator
@@ -89,6 +102,8 @@ from imagegen.services.prompts import (
 from imagegen.services.sources import SourceLimits, SourceResolver
 from imagegen.services.templates import TemplateService
 from imagegen.services.usage import UsageService
+from imagegen.services.webhooks.delivery import CallbackDelivery, DeliverySettings
+from imagegen.services.webhooks.secrets import WebhookSecrets
 from imagegen.storage.base import BlobStore
 from imagegen.storage.local import LocalBlobStore, load_or_create_signing_key
 from imagegen.storage.s3 import open_s3_store
@@ -241,6 +256,14 @@ class Server:
 
             database = PostgresDatabase(pool)
             plans = PlanTable.load(settings.plans_file)
+            reads = GenerationReads(
+                db=database,
+                blobs=blobs,
+                signals=signals,
+                url_ttl=settings.url_ttl,
+                plans=plans,
+            )
+            webhook_secrets, deliveries = _webhooks(settings, pool, database, reads, stack)
             prices = PriceTable.load(settings.pricing_file)
             catalogue = ProviderCatalogue(
                 providers,
@@ -266,6 +289,7 @@ class Server:
                 presenter=GenerationPresenter(db=database, blobs=blobs, url_ttl=settings.url_ttl),
                 tracer=telemetry.tracer,
                 moderation=moderation,
+                callbacks=deliveries,
             )
             pipeline = JobPipeline(
                 db=database,
@@ -327,19 +351,27 @@ class Server:
                     ("grpc.so_reuseport", 0),
                 ],
             )
+            webhook_worker = WebhookWorker(
+                database.webhooks,
+                deliveries.deliver,
+                concurrency=settings.webhooks.concurrency,
+                # Past the attempt's own deadline, with room for recording it.
+                lease=settings.webhooks.timeout * 2 + timedelta(seconds=10),
+                poll_interval=settings.webhooks.poll_interval,
+            )
             generation_pb2_grpc.add_ImageGenerationServiceServicer_to_server(
                 ImageGenerationServicer(
                     submission=submission,
-                    reads=GenerationReads(
-                        db=database,
-                        blobs=blobs,
-                        signals=signals,
-                        url_ttl=settings.url_ttl,
-                        plans=plans,
-                    ),
+                    reads=reads,
                     watch=watch,
                     user_settings=UserSettingsService(database.user_settings, catalogue),
                     url_ttl=settings.url_ttl,
+                    waiter=GenerationWaiter(
+                        reads=reads,
+                        watch=watch,
+                        settings=WaitSettings(settings.wait_default, settings.wait_max),
+                    ),
+                    webhook_secrets=webhook_secrets,
                 ),
                 server,
             )
@@ -448,6 +480,8 @@ class Server:
             await runner.start()
             telemetry.generation_metrics.register_queue_observer(lambda: runner.queue_stats)
             handle.runner = runner
+            await webhook_worker.start()
+            handle.webhooks = webhook_worker
             await server.start()
             # Migrations, the listener, the workers and both servers are up.
             await readiness.serving()
@@ -470,6 +504,7 @@ class Server:
                 # Normally done by _shutdown; this covers a failure while serving.
                 await server.stop(0)
                 await runner.stop(0)
+                await webhook_worker.stop(0)
 
     async def _shutdown(self, handle: _GrpcHandle) -> None:
         grace = self._settings.shutdown_grace.total_seconds()
@@ -483,6 +518,10 @@ class Server:
             handle.watch.begin_drain()
         assert handle.runner is not None
         runner_stop = asyncio.create_task(handle.runner.stop(max(deadline - time.monotonic(), 0)))
+        assert handle.webhooks is not None
+        webhooks_stop = asyncio.create_task(
+            handle.webhooks.stop(max(deadline - time.monotonic(), 0))
+        )
         # MCP requests go through this process's gRPC port, so they drain before it stops.
         mcp_stop = asyncio.create_task(
             handle.mcp.stop(max(deadline - time.monotonic() - 1.0, 0.1))
@@ -496,6 +535,7 @@ class Server:
         await mcp_stop
         await handle.server.stop(max(min(deadline - time.monotonic(), 1.0), 0.1))
         await runner_stop
+        await webhooks_stop
         log.info("stopped", extra={"event": "server.stopped"})
 
 
@@ -505,6 +545,7 @@ class _GrpcHandle:
         self.server: grpc.aio.Server | None = None
         self.readiness: Readiness | None = None
         self.runner: JobRunner | None = None
+        self.webhooks: WebhookWorker | None = None
         self.inflight: InflightInterceptor | None = None
         self.watch: GenerationWatch | None = None
         self.mcp: McpHttpServer | None = None
@@ -545,6 +586,59 @@ async def _start_mcp(
     await mcp.start()
     stack.push_async_callback(mcp.stop, 0.0)
     return mcp
+
+
+def _webhooks(
+    settings: Settings,
+    pool: asyncpg.Pool,
+    database: PostgresDatabase,
+    reads: GenerationReads,
+    stack: contextlib.AsyncExitStack,
+) -> tuple[WebhookSecrets, CallbackDelivery]:
+    """Users' signing secrets (encrypted with IMAGEGEN_WEBHOOK_KEY), and callbacks sent
+    through a fetch guard of their own: its allowlist is the deployment's, its deadline
+    the attempt's, and it reads little of an answer."""
+    key = settings.webhooks.key
+    if key is None:
+        key = load_or_create_dev_key(settings.data_dir)
+        if settings.database_url is not None:
+            log.warning(
+                "IMAGEGEN_WEBHOOK_KEY is not set: webhook secrets are encrypted with a key "
+                "in this data directory; replicas sharing the database need the same "
+                "IMAGEGEN_WEBHOOK_KEY",
+                extra={"event": "server.webhook_key_unset"},
+            )
+    secrets = WebhookSecrets(
+        WebhookSecretStore(pool, SecretBox(key)),
+        grace=settings.webhooks.secret_grace,
+        request_id_ttl=settings.request_id_ttl,
+    )
+    allow_hosts = frozenset(settings.fetch_allow_hosts)
+    sender = GuardedFetcher(
+        FetchLimits(
+            max_bytes=WEBHOOK_ANSWER_BYTES,
+            timeout=settings.webhooks.timeout.total_seconds(),
+            max_redirects=0,
+            allow_hosts=allow_hosts,
+        )
+    )
+    stack.push_async_callback(sender.aclose)
+    deliveries = CallbackDelivery(
+        db=database,
+        reads=reads,
+        secrets=secrets,
+        sender=sender,
+        render=functools.partial(render_payload, url_ttl=settings.url_ttl),
+        settings=DeliverySettings(
+            retry=RetryPolicy(settings.webhooks.retry_delays, settings.webhooks.max_attempts),
+            allow_hosts=allow_hosts,
+        ),
+    )
+    return secrets, deliveries
+
+
+#: How much of a receiver's answer is read (only its status counts).
+WEBHOOK_ANSWER_BYTES = 64 * 1024
 
 
 async def _moderators(

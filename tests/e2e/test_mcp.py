@@ -430,9 +430,12 @@ class ModernClient:
 async def test_tasks_extension_over_raw_json_rpc(
     tmp_path: Path, database_url: str, s3_endpoint: str, s3_bucket: str
 ) -> None:
-    # Two replicas share the database and (as in production) the blob store.
+    # Two replicas share the database and (as in production) the blob store. A replica
+    # that stops hands its running jobs back at once instead of finishing them, so the
+    # restart below leaves the job running (on either replica) for the cancel to reach.
     env = {
         **SLOW_ENV,
+        "IMAGEGEN_SHUTDOWN_GRACE": "1",
         "IMAGEGEN_S3_ENDPOINT": s3_endpoint,
         "IMAGEGEN_S3_BUCKET": s3_bucket,
         "IMAGEGEN_S3_REGION": "us-east-1",

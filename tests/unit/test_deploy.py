@@ -49,6 +49,7 @@ SECRET_SETTINGS = frozenset(
     {
         "DATABASE_URL",
         "IMAGEGEN_JWT_KEY",
+        "IMAGEGEN_WEBHOOK_KEY",
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
         "AWS_SESSION_TOKEN",
@@ -362,9 +363,11 @@ def test_the_pods_settings_parse_and_require_external_postgres_and_s3() -> None:
     assert settings.s3 is not None and settings.s3.bucket
     assert settings.jwt.key is not None
     assert settings.host == "0.0.0.0"
-    # DATABASE_URL and the JWT key are required keys: no embedded database, no per-pod key.
+    assert settings.webhooks.key is not None
+    # DATABASE_URL and the keys are required: no embedded database, no per-pod key.
+    required = ("DATABASE_URL", "IMAGEGEN_JWT_KEY", "IMAGEGEN_WEBHOOK_KEY", "AWS_SECRET_ACCESS_KEY")
     for entry in server_container()["env"]:
-        if entry["name"] in ("DATABASE_URL", "IMAGEGEN_JWT_KEY", "AWS_SECRET_ACCESS_KEY"):
+        if entry["name"] in required:
             assert not entry["valueFrom"]["secretKeyRef"].get("optional", False)
 
 

@@ -25,8 +25,10 @@ from imagegen.domain.models import (
     SourceRef,
     StoredImage,
     Style,
+    WebhookAttempt,
 )
 from imagegen.domain.validation import check_resource_name
+from imagegen.domain.webhooks import shown_callback_uri
 from imagegen.v1 import common_pb2, generation_pb2
 
 _STYLE_TO_PB = {
@@ -268,6 +270,8 @@ def generation_to_proto(generation: Generation, url_ttl: timedelta) -> generatio
         last_sequence=generation.last_sequence,
         sub_account=generation.sub_account,
         edit=generation.spec.is_edit,
+        callback_uri=shown_callback_uri(generation.spec.callback_uri),
+        webhook_deliveries=[_webhook_attempt(a) for a in generation.webhook_deliveries],
     )
     if generation.duration is not None:
         message.duration.CopyFrom(_duration(generation.duration))
@@ -286,6 +290,18 @@ def generation_to_proto(generation: Generation, url_ttl: timedelta) -> generatio
         stamp = _timestamp(value)
         if stamp is not None:
             getattr(message, field).CopyFrom(stamp)
+    return message
+
+
+def _webhook_attempt(attempt: WebhookAttempt) -> generation_pb2.WebhookDelivery:
+    message = generation_pb2.WebhookDelivery(
+        webhook_id=attempt.webhook_id,
+        attempt=attempt.attempt,
+        http_status=attempt.http_status,
+        error=attempt.error,
+        delivered=attempt.delivered,
+    )
+    message.attempt_time.FromDatetime(attempt.attempt_time)
     return message
 
 

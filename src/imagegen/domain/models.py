@@ -265,7 +265,8 @@ class UpscaleSpec:
 
 @dataclass(frozen=True)
 class GenerationSpec:
-    """A validated text-to-image request: everything that decides the result."""
+    """A validated text-to-image request: everything that decides the result, and where
+    to tell when the job ends (`callback_uri`)."""
 
     prompt: str
     negative_prompt: str = ""
@@ -287,6 +288,8 @@ class GenerationSpec:
     outpaint: OutpaintSpec | None = None
     #: enlarge the first source by a factor (upscaling); None for any other request
     upscale: UpscaleSpec | None = None
+    #: URL POSTed to (a signed webhook) when the job ends; empty for none
+    callback_uri: str = ""
 
     @property
     def is_edit(self) -> bool:
@@ -317,6 +320,9 @@ class GenerationSpec:
             fingerprint["outpaint"] = self.outpaint.to_json()
         if self.upscale is not None:
             fingerprint["upscale"] = self.upscale.to_json()
+        if self.callback_uri:
+            # Only when set, as `model`: a retry naming another URL is another request.
+            fingerprint["callback_uri"] = self.callback_uri
         return fingerprint
 
 
@@ -388,6 +394,8 @@ class Generation:
     trace_context: dict[str, str] = field(default_factory=dict)
     #: the owner's plan when the job was submitted (its limits apply to the job)
     plan: str = "free"
+    #: every attempt to deliver the job's webhook, oldest first
+    webhook_deliveries: tuple[WebhookAttempt, ...] = ()
 
     @property
     def duration(self) -> timedelta | None:
@@ -396,6 +404,20 @@ class Generation:
         if self.started_at is None or self.completed_at is None:
             return None
         return max(self.completed_at - self.started_at, timedelta(0))
+
+
+@dataclass(frozen=True)
+class WebhookAttempt:
+    """One attempt to POST a callback; every attempt of one callback has its webhook_id."""
+
+    webhook_id: str
+    attempt: int
+    attempt_time: datetime
+    #: the receiver's HTTP status; 0 when no answer came
+    http_status: int
+    #: why it failed, for people; empty when delivered
+    error: str
+    delivered: bool
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,7 @@ def spec_from_json(data: dict[str, Any]) -> GenerationSpec:
         sources=tuple(EditSource.from_json(s) for s in data.get("sources") or ()),
         mask=EditSource.from_json(data["mask"]) if data.get("mask") else None,
         size_from_source=bool(data.get("size_from_source", False)),
+        callback_uri=str(data.get("callback_uri") or ""),
     )
 
 

@@ -12,6 +12,7 @@
                  sequence number, woken by LISTEN/NOTIFY, until the terminal event.
 - reads.py       GetGeneration, ListGenerations, CancelGeneration, each with the job's
                  images and full spec (GenerationPresenter, also for a retried submit).
+- wait.py        WaitGeneration: a unary wait for the terminal event, through the watch.
 - user_settings.py  a user's default provider, and ListProviders (catalogue.py holds
                  the providers, the deployment's default and the fallback chain).
 
@@ -34,12 +35,14 @@ from imagegen.services.generations.submission import (
     Submitted,
 )
 from imagegen.services.generations.user_settings import UserSettingsService
+from imagegen.services.generations.wait import GenerationWaiter, WaitSettings
 from imagegen.services.generations.watch import GenerationWatch
 
 __all__ = [
     "GenerationObserver",
     "GenerationPresenter",
     "GenerationReads",
+    "GenerationWaiter",
     "GenerationWatch",
     "JobPipeline",
     "PipelineSettings",
@@ -49,4 +52,5 @@ __all__ = [
     "SubmissionSettings",
     "Submitted",
     "UserSettingsService",
+    "WaitSettings",
 ]

@@ -71,6 +71,7 @@ from imagegen.repositories.generations import NewEvent
 from imagegen.services.generations.catalogue import ProviderCatalogue
 from imagegen.services.moderation import ModerationService
 from imagegen.services.unit_of_work import Database
+from imagegen.services.webhooks.outbox import queue_job_webhook
 from imagegen.storage.base import BlobStore
 from imagegen.storage.keys import blob_key
 
@@ -555,6 +556,7 @@ class JobPipeline:
                 await uow.generations.append_event(
                     job.id, _terminal_event(state, len(images), error)
                 )
+                await queue_job_webhook(uow, job, state)
                 await uow.commit()
         if ended and state is GenerationState.COMPLETED:
             self._observer.credits_charged(job.provider, credits)

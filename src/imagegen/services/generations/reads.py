@@ -2,8 +2,8 @@
 with the images the job stored (fresh URLs; none for a soft-deleted image; a purged one
 is gone) and its full spec.
 
-A read is at most two statements whatever the page size: the job rows, then the images
-of all of them (GenerationPresenter).
+A read is at most three statements whatever the page size: the job rows, the images of
+all of them, and the webhook attempts of those that named a callback (GenerationPresenter).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from imagegen.domain.models import (
 from imagegen.domain.plans import PlanTable
 from imagegen.jobs.signals import JobSignals
 from imagegen.services.unit_of_work import Database
+from imagegen.services.webhooks.outbox import queue_job_webhook
 from imagegen.storage.base import BlobStore
 
 
@@ -41,11 +42,14 @@ class GenerationPresenter:
         return (await self.present_all(user_id, [generation]))[0]
 
     async def present_all(self, user_id: str, generations: list[Generation]) -> list[Generation]:
-        """The owner's jobs with their images, in the order given."""
+        """The owner's jobs with their images and webhook attempts, in the order given."""
         images = await self._db.images.for_generations(user_id, [g.id for g in generations])
+        called = [g.id for g in generations if g.spec.callback_uri]
+        attempts = await self._db.webhooks.attempts_for(called) if called else {}
         return [
             dataclasses.replace(
                 generation,
+                webhook_deliveries=attempts.get(generation.id, ()),
                 images=tuple(
                     [await self.with_url(image) for image in images.get(generation.id, [])]
                 ),
@@ -144,6 +148,7 @@ class GenerationReads:
                 raise NotFound(f"generation {generation_id!r} not found")
             if generation.state is GenerationState.QUEUED:
                 generation = await uow.generations.cancel_queued(generation.id)
+                await queue_job_webhook(uow, generation, GenerationState.CANCELLED)
                 # Nothing was delivered: the whole reservation goes back.
                 await uow.credits.settle(
                     identity.user_id,

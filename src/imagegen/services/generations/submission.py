@@ -4,7 +4,8 @@ A submit, top to bottom:
 1. The provider: the one the request names, else the caller's stored default, else the
    deployment's; it is recorded on the job.
 2. Validation of every field, and of what the provider can do (IMG_003); a provider
-   that is not configured here, with no configured fallback for the request, is IMG_001.
+   that is not configured here, with no configured fallback for the request, is IMG_001;
+   a callback_uri is vetted as the fetch guard would connect to it.
 3. For an edit, a read-only precheck of the plan limits, credits and storage quota
    (nothing is fetched for a request that would be refused), then the sources are
    fetched, checked and their blobs stored as the caller's uploads (services/sources.py).
@@ -24,6 +25,7 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from opentelemetry import propagate, trace
 
@@ -99,6 +101,14 @@ class Quote:
     provider: str
 
 
+class CallbackChecker(Protocol):
+    """Vets a job's callback URL before the job exists (services/webhooks/delivery.py)."""
+
+    async def check_callback(self, uri: str) -> None:
+        """IMG_003 on callback_uri for a URL the service would not call."""
+        ...
+
+
 class SubmissionService:
     """Validates, prices and queues generation jobs."""
 
@@ -113,10 +123,13 @@ class SubmissionService:
         presenter: GenerationPresenter | None = None,
         tracer: trace.Tracer | None = None,
         moderation: ModerationService | None = None,
+        callbacks: CallbackChecker | None = None,
     ) -> None:
         self._db = db
         #: None: texts are not moderated
         self._moderation = moderation
+        #: None: a request naming a callback_uri is refused
+        self._callbacks = callbacks
         self._sources = sources
         self._catalogue = catalogue
         self._signals = signals
@@ -179,6 +192,10 @@ class SubmissionService:
             )
         if mask_ref is not None and not source_refs:
             raise InvalidRequest("a mask needs a source image to apply to", field="mask")
+        if spec.callback_uri:
+            if self._callbacks is None:
+                raise InvalidRequest("callbacks are not enabled here", field="callback_uri")
+            await self._callbacks.check_callback(spec.callback_uri)
         if self._moderation is not None:
             # After validation, before limits, credits, source fetches or any job row: a
             # blocked text costs nothing and counts against no limit (IMG_011/IMG_012).
