@@ -594,7 +594,7 @@ class JobPipeline:
     # --- small steps ----------------------------------------------------------------------
 
     def _image_price(self, job: Generation) -> int:
-        return self._settings.prices.generation_credits(job.spec.size, 1, edit=job.spec.is_edit)
+        return self._settings.prices.image_price(job.spec)
 
     async def _load_source(self, source: EditSource, field: str = "sources") -> SourceImage:
         """A source's bytes; IMG_003 naming the source (never its storage key) when it

@@ -353,9 +353,7 @@ class SubmissionService:
 
     def _price(self, spec: GenerationSpec, *, edit: bool = False) -> int:
         """Credits a request reserves."""
-        return self._settings.prices.generation_credits(
-            spec.size, spec.count, edit=edit or spec.is_edit
-        )
+        return self._settings.prices.image_price(spec, edit=edit) * spec.count
 
     async def _precheck(
         self, user_id: str, request_id: str, limits: PlanLimits, credits: int
