@@ -172,11 +172,11 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             generation_pb2.QuoteGenerationRequest, generation_pb2.QuoteGenerationResponse
         ],
     ) -> generation_pb2.QuoteGenerationResponse:
-        identity()
         parsed = convert.parse_spec(request.spec)
-        quote = self._submission.quote(
+        quote = await self._submission.quote(
+            identity(),
             parsed.spec,
-            edit=bool(parsed.source_refs),
+            source_refs=parsed.source_refs,
             has_mask=parsed.mask_ref is not None,
             size_given=parsed.size_given,
         )

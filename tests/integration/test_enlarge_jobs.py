@@ -1,0 +1,339 @@
+"""Outpainting and upscaling as jobs, on the `local` provider through a served server:
+the size made, the source kept and the new area filled, lineage, prices and quotes,
+idempotency, and every refusal at submit (no job, no charge)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import httpx
+import pytest
+from imagegen.v1 import (
+    common_pb2,
+    generation_pb2,
+    generation_pb2_grpc,
+    library_pb2_grpc,
+    usage_pb2,
+    usage_pb2_grpc,
+)
+from PIL import Image, ImageChops
+
+from imagegen.domain.enlarge import UPSCALE_PROMPT, outpaint_geometry
+from imagegen.domain.models import OutpaintAnchor, OutpaintSpec, Size
+from imagegen.providers import outpainting
+from tests.inprocess import serve_in_process
+from tests.integration.test_pipeline import CHANNEL_OPTIONS, metadata, reason_of
+
+E = generation_pb2
+C = common_pb2
+
+
+def gradient(width: int, height: int) -> Image.Image:
+    """Colourful and never black, so a black or transparent pixel is a hole."""
+    image = Image.new("RGB", (width, height))
+    image.putdata(
+        [
+            (40 + x * 7 % 200, 40 + y * 11 % 200, 40 + (x + y) % 200)
+            for y in range(height)
+            for x in range(width)
+        ]
+    )
+    return image
+
+
+def png_of(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+class Caller:
+    """The three services a test here talks to, as one user."""
+
+    def __init__(self, channel: grpc.aio.Channel, user: str = "alice") -> None:
+        self.generations: Any = generation_pb2_grpc.ImageGenerationServiceStub(channel)
+        self.library: Any = library_pb2_grpc.ImageLibraryServiceStub(channel)
+        self.usage: Any = usage_pb2_grpc.UsageServiceStub(channel)
+        self.metadata = metadata(user)
+
+    async def run(self, spec: C.GenerationSpec) -> list[E.GenerationEvent]:
+        call = self.generations.GenerateImage(
+            E.GenerateImageRequest(spec=spec), metadata=self.metadata, timeout=60
+        )
+        return [response.event async for response in call]
+
+    async def upscale(self, **fields: Any) -> E.Generation:
+        reply = await self.generations.UpscaleImage(
+            E.UpscaleImageRequest(**fields), metadata=self.metadata, timeout=30
+        )
+        return reply.generation  # type: ignore[no-any-return]
+
+    async def finished(self, name: str) -> E.Generation:
+        async for _ in self.generations.WatchGeneration(
+            E.WatchGenerationRequest(name=name), metadata=self.metadata, timeout=60
+        ):
+            pass
+        reply = await self.generations.GetGeneration(
+            E.GetGenerationRequest(name=name), metadata=self.metadata, timeout=30
+        )
+        return reply.generation  # type: ignore[no-any-return]
+
+    async def balance(self) -> int:
+        reply = await self.usage.GetCreditBalance(
+            usage_pb2.GetCreditBalanceRequest(), metadata=self.metadata, timeout=30
+        )
+        return int(reply.balance.available_credits)
+
+
+async def download(uri: str) -> Image.Image:
+    async with httpx.AsyncClient(trust_env=False) as http:
+        reply = await http.get(uri)
+    reply.raise_for_status()
+    with Image.open(io.BytesIO(reply.content)) as image:
+        image.load()
+        return image
+
+
+def image_ready(events: list[E.GenerationEvent]) -> C.Image:
+    assert events[-1].type == E.GENERATION_EVENT_TYPE_COMPLETED, events[-1]
+    return next(e for e in events if e.type == E.GENERATION_EVENT_TYPE_IMAGE_READY).image
+
+
+async def count(dsn: str, sql: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval(sql))
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def port(tmp_path: Path, database_url: str) -> AsyncIterator[int]:
+    async with serve_in_process(tmp_path, database_url) as server:
+        yield server.grpc_port
+
+
+@pytest.fixture
+async def caller(port: int) -> AsyncIterator[Caller]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as ch:
+        yield Caller(ch)
+
+
+# --- outpaint ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("outpaint", "domain"),
+    [
+        (
+            C.Outpaint(left=32, top=0, right=16, bottom=24),
+            OutpaintSpec(left=32, top=0, right=16, bottom=24),
+        ),
+        (
+            C.Outpaint(
+                target_size=C.ImageSize(width=160, height=96),
+                anchor=C.OUTPAINT_ANCHOR_TOP_RIGHT,
+            ),
+            OutpaintSpec(target=Size(160, 96), anchor=OutpaintAnchor.TOP_RIGHT),
+        ),
+    ],
+    ids=["sides", "target"],
+)
+async def test_a_local_outpaint_keeps_the_source_inside_and_fills_the_new_area(
+    caller: Caller, outpaint: C.Outpaint, domain: OutpaintSpec
+) -> None:
+    source = gradient(96, 80)
+    spec = C.GenerationSpec(
+        prompt="the beach goes on",
+        provider="local",
+        sources=[C.ImageSource(data=png_of(source))],
+        outpaint=outpaint,
+    )
+    events = await caller.run(spec)
+    made = image_ready(events)
+    geometry = outpaint_geometry(Size(96, 80), domain, max_pixels=4096 * 4096)
+    assert (made.width, made.height) == (geometry.canvas.width, geometry.canvas.height)
+    result = (await download(made.uri)).convert("RGB")
+    assert result.size == (geometry.canvas.width, geometry.canvas.height)
+    # The source, pixel for pixel, where the outpaint puts it.
+    assert ImageChops.difference(result.crop(geometry.box), source).getbbox() is None
+    # The new area is filled: no hole, and exactly the documented deterministic fill.
+    new_area = outpainting.repaint_mask(geometry)
+    assert min(min(band) for band in result.getextrema()) > 0, "no black hole"
+    expected = outpainting.filled(source, geometry)
+    assert ImageChops.difference(result, expected).getbbox() is None
+    assert new_area.histogram()[255] == geometry.canvas.pixels - geometry.source.pixels
+    # Lineage and price as an edit; the job shows the outpaint and the size it made.
+    assert made.edit and len(made.parents) == 1
+    generation = await caller.finished(events[0].generation)
+    assert generation.spec.outpaint.left == outpaint.left
+    assert (generation.spec.size.width, generation.spec.size.height) == (
+        geometry.canvas.width,
+        geometry.canvas.height,
+    )
+    assert generation.credits == 2 and generation.edit
+
+
+async def test_an_outpaint_past_the_limits_is_refused_at_submit_and_leaves_nothing(
+    caller: Caller, database_url: str
+) -> None:
+    big = png_of(gradient(64, 64))
+    refusals = [
+        (C.Outpaint(left=4096 - 64 + 1), "IMG_003", grpc.StatusCode.INVALID_ARGUMENT),
+        (C.Outpaint(left=2049), "IMG_003", grpc.StatusCode.INVALID_ARGUMENT),
+        (C.Outpaint(), "IMG_003", grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            C.Outpaint(target_size=C.ImageSize(width=32, height=128)),
+            "IMG_003",
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ]
+    for outpaint, code, status in refusals:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await caller.run(
+                C.GenerationSpec(
+                    prompt="more", sources=[C.ImageSource(data=big)], outpaint=outpaint
+                )
+            )
+        assert (caught.value.code(), reason_of(caught.value)) == (status, code), outpaint
+    # Two sources, a mask, none at all.
+    for spec in (
+        C.GenerationSpec(
+            prompt="more",
+            sources=[C.ImageSource(data=big)] * 2,
+            outpaint=C.Outpaint(left=8),
+        ),
+        C.GenerationSpec(
+            prompt="more",
+            sources=[C.ImageSource(data=big)],
+            mask=C.ImageSource(data=big),
+            outpaint=C.Outpaint(left=8),
+        ),
+        C.GenerationSpec(prompt="more", outpaint=C.Outpaint(left=8)),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await caller.run(spec)
+        assert reason_of(caught.value) == "IMG_003"
+    assert await count(database_url, "SELECT count(*) FROM generations") == 0
+    assert await count(database_url, "SELECT count(*) FROM images") == 0
+
+
+async def test_an_outpaint_past_the_pixel_limit_is_img_007_at_submit(
+    tmp_path: Path, database_url: str
+) -> None:
+    env = {"IMAGEGEN_MAX_PIXELS": str(128 * 128)}
+    async with (
+        serve_in_process(tmp_path, database_url, env=env) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}", options=CHANNEL_OPTIONS) as ch,
+    ):
+        caller = Caller(ch)
+        source = [C.ImageSource(data=png_of(gradient(100, 100)))]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await caller.run(
+                C.GenerationSpec(prompt="more", sources=source, outpaint=C.Outpaint(right=64))
+            )
+        assert reason_of(caught.value) == "IMG_007"
+        # At the limit exactly it runs.
+        made = image_ready(
+            await caller.run(
+                C.GenerationSpec(prompt="more", sources=source, outpaint=C.Outpaint(right=28))
+            )
+        )
+        assert (made.width, made.height) == (128, 100)
+    assert await count(database_url, "SELECT count(*) FROM generations") == 1
+
+
+@pytest.mark.parametrize("provider", ["forge", "openai"])
+async def test_outpaint_and_upscale_on_a_provider_without_the_capability_are_refused(
+    tmp_path: Path, database_url: str, provider: str
+) -> None:
+    env = {
+        "BUILT_IN_FORGE_API_URL": "http://127.0.0.1:9/forge",
+        "BUILT_IN_FORGE_API_KEY": "k",
+        "OPENAI_BASE_URL": "http://127.0.0.1:9/v1",
+        "OPENAI_API_KEY": "k",
+    }
+    async with (
+        serve_in_process(tmp_path, database_url, env=env) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}", options=CHANNEL_OPTIONS) as ch,
+    ):
+        caller = Caller(ch)
+        source = [C.ImageSource(data=png_of(gradient(64, 64)))]
+        if provider == "forge":
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await caller.run(
+                    C.GenerationSpec(
+                        prompt="more",
+                        provider=provider,
+                        sources=source,
+                        outpaint=C.Outpaint(left=8),
+                    )
+                )
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert reason_of(caught.value) == "IMG_003"
+            assert "cannot extend" in (caught.value.details() or "")
+        made = image_ready(
+            await caller.run(
+                C.GenerationSpec(
+                    prompt="a fox", provider="local", size=C.ImageSize(width=256, height=256)
+                )
+            )
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await caller.run(
+                C.GenerationSpec(
+                    prompt=UPSCALE_PROMPT,
+                    provider=provider,
+                    sources=[C.ImageSource(image=made.name)],
+                    upscale=C.Upscale(factor=2),
+                )
+            )
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert reason_of(caught.value) == "IMG_003"
+        assert "cannot upscale" in (caught.value.details() or "")
+    assert await count(database_url, "SELECT count(*) FROM generations") == 1
+
+
+async def test_quotes_price_outpaints_as_edits_of_their_size_and_upscales_by_factor(
+    caller: Caller,
+) -> None:
+    made = image_ready(
+        await caller.run(
+            C.GenerationSpec(prompt="a fox", size=C.ImageSize(width=1024, height=1024))
+        )
+    )
+
+    async def quote(spec: C.GenerationSpec) -> int:
+        reply = await caller.generations.QuoteGeneration(
+            E.QuoteGenerationRequest(spec=spec), metadata=caller.metadata, timeout=30
+        )
+        return int(reply.credits)
+
+    library = [C.ImageSource(image=made.name)]
+    # 1024x1024 + 512 on the right = 1536x1024: the third tier.
+    assert (
+        await quote(C.GenerationSpec(prompt="x", sources=library, outpaint=C.Outpaint(right=512)))
+        == 3
+    )
+    small = [C.ImageSource(data=png_of(gradient(64, 64)))]
+    assert (
+        await quote(C.GenerationSpec(prompt="x", sources=small, outpaint=C.Outpaint(right=8))) == 2
+    )
+    # A URL is not fetched for a quote: sides are added to 1024x1024.
+    by_url = [C.ImageSource(uri="https://images.example/a.png")]
+    assert (
+        await quote(C.GenerationSpec(prompt="x", sources=by_url, outpaint=C.Outpaint(right=512)))
+        == 3
+    )
+    target = C.Outpaint(target_size=C.ImageSize(width=2048, height=2048))
+    assert await quote(C.GenerationSpec(prompt="x", sources=by_url, outpaint=target)) == 6
+    for factor, credits in ((2, 1), (4, 2)):
+        upscale = C.GenerationSpec(
+            prompt=UPSCALE_PROMPT, sources=library, upscale=C.Upscale(factor=factor)
+        )
+        assert await quote(upscale) == credits
