@@ -5,6 +5,7 @@ idempotency, and every refusal at submit (no job, no charge)."""
 from __future__ import annotations
 
 import io
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from imagegen.v1 import (
     common_pb2,
     generation_pb2,
     generation_pb2_grpc,
+    library_pb2,
     library_pb2_grpc,
     usage_pb2,
     usage_pb2_grpc,
@@ -285,14 +287,7 @@ async def test_outpaint_and_upscale_on_a_provider_without_the_capability_are_ref
             )
         )
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await caller.run(
-                C.GenerationSpec(
-                    prompt=UPSCALE_PROMPT,
-                    provider=provider,
-                    sources=[C.ImageSource(image=made.name)],
-                    upscale=C.Upscale(factor=2),
-                )
-            )
+            await caller.upscale(image=made.name, factor=2, provider=provider)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert reason_of(caught.value) == "IMG_003"
         assert "cannot upscale" in (caught.value.details() or "")
@@ -337,3 +332,137 @@ async def test_quotes_price_outpaints_as_edits_of_their_size_and_upscales_by_fac
             prompt=UPSCALE_PROMPT, sources=library, upscale=C.Upscale(factor=factor)
         )
         assert await quote(upscale) == credits
+
+
+# --- upscale -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+async def test_a_local_upscale_is_a_new_image_of_the_factors_size_with_its_parent(
+    caller: Caller, database_url: str, factor: int
+) -> None:
+    original = image_ready(
+        await caller.run(C.GenerationSpec(prompt="a fox", size=C.ImageSize(width=256, height=256)))
+    )
+    before = await caller.balance()
+    queued = await caller.upscale(image=original.name, factor=factor, request_id=f"up-{factor}")
+    assert queued.state == E.GENERATION_STATE_QUEUED
+    assert queued.edit and queued.spec.upscale.factor == factor
+    assert queued.spec.prompt == UPSCALE_PROMPT
+    assert [s.image for s in queued.spec.sources] == [original.name]
+    assert (queued.spec.size.width, queued.spec.size.height) == (256 * factor, 256 * factor)
+    price = {2: 1, 4: 2}[factor]
+    assert queued.credits == price
+    done = await caller.finished(queued.name)
+    assert done.state == E.GENERATION_STATE_COMPLETED
+    (made,) = done.images
+    assert (made.width, made.height) == (256 * factor, 256 * factor)
+    assert made.mime_type == "image/png" and made.model == "lanczos"
+    assert list(made.parents) == [original.name] and made.credits == price
+    picture = await download(made.uri)
+    assert picture.size == (256 * factor, 256 * factor)
+    lineage = await caller.library.GetImageLineage(
+        library_pb2.GetImageLineageRequest(name=made.name), metadata=caller.metadata, timeout=30
+    )
+    assert [a.image.name for a in lineage.ancestors] == [original.name]
+    # Charged once, also when the same request is sent again.
+    again = await caller.upscale(image=original.name, factor=factor, request_id=f"up-{factor}")
+    assert again.name == queued.name and again.state == E.GENERATION_STATE_COMPLETED
+    assert await caller.balance() == before - price
+    assert await count(database_url, "SELECT count(*) FROM generations") == 2
+    # The same request_id for another factor is IMG_009.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await caller.upscale(image=original.name, factor=6 - factor, request_id=f"up-{factor}")
+    assert reason_of(caught.value) == "IMG_009"
+
+
+async def test_an_upscale_keeps_the_sources_format_unless_told(caller: Caller) -> None:
+    original = image_ready(
+        await caller.run(
+            C.GenerationSpec(
+                prompt="a fox",
+                size=C.ImageSize(width=256, height=256),
+                format=C.IMAGE_FORMAT_WEBP,
+            )
+        )
+    )
+    kept = await caller.finished((await caller.upscale(image=original.name, factor=2)).name)
+    assert kept.images[0].mime_type == "image/webp"
+    told = await caller.finished(
+        (await caller.upscale(image=original.name, factor=2, format=C.IMAGE_FORMAT_JPEG)).name
+    )
+    assert told.images[0].mime_type == "image/jpeg"
+
+
+async def test_upscale_refusals_at_submit(tmp_path: Path, database_url: str) -> None:
+    env = {"IMAGEGEN_MAX_PIXELS": str(1024 * 1024)}
+    async with (
+        serve_in_process(tmp_path, database_url, env=env) as server,
+        grpc.aio.insecure_channel(f"127.0.0.1:{server.grpc_port}", options=CHANNEL_OPTIONS) as ch,
+    ):
+        alice, bob = Caller(ch), Caller(ch, "bob")
+        small = image_ready(
+            await alice.run(
+                C.GenerationSpec(prompt="a fox", size=C.ImageSize(width=256, height=256))
+            )
+        )
+        large = image_ready(
+            await alice.run(
+                C.GenerationSpec(prompt="a fox", size=C.ImageSize(width=512, height=512))
+            )
+        )
+        jobs = await count(database_url, "SELECT count(*) FROM generations")
+
+        async def refused(caller: Caller, **fields: Any) -> grpc.aio.AioRpcError:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await caller.upscale(**fields)
+            return caught.value
+
+        other = await refused(bob, image=small.name, factor=2)
+        assert other.code() == grpc.StatusCode.NOT_FOUND
+        missing = await refused(alice, image=f"images/{uuid.uuid4()}", factor=2)
+        assert missing.code() == grpc.StatusCode.NOT_FOUND
+        for fields, field in (
+            ({"image": small.name, "factor": 3}, "factor"),
+            ({"image": small.name, "factor": 0}, "factor"),
+            ({"image": small.name, "factor": 2, "upscaler": "R-ESRGAN 4x+"}, "upscaler"),
+            ({"image": small.name, "factor": 2, "provider": "nope"}, "provider"),
+            ({"image": "", "factor": 2}, "image"),
+            ({"image": small.name, "factor": 2, "request_id": "bad id"}, "request_id"),
+        ):
+            error = await refused(alice, **fields)
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, fields
+            assert reason_of(error) == "IMG_003", fields
+            assert field_of(error) == field, fields
+        # 4x of 512x512 is 2048x2048, past IMAGEGEN_MAX_PIXELS; 2x reaches it exactly.
+        too_big = await refused(alice, image=large.name, factor=4)
+        assert (too_big.code(), reason_of(too_big)) == (grpc.StatusCode.INVALID_ARGUMENT, "IMG_007")
+        assert await count(database_url, "SELECT count(*) FROM generations") == jobs
+        fits = await alice.finished((await alice.upscale(image=large.name, factor=2)).name)
+        assert (fits.images[0].width, fits.images[0].height) == (1024, 1024)
+        # A soft-deleted image: FAILED_PRECONDITION, until it is undeleted.
+        await alice.library.DeleteImage(
+            library_pb2.DeleteImageRequest(name=small.name), metadata=alice.metadata, timeout=30
+        )
+        deleted = await refused(alice, image=small.name, factor=2)
+        assert (deleted.code(), reason_of(deleted)) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "IMG_003",
+        )
+        await alice.library.UndeleteImage(
+            library_pb2.UndeleteImageRequest(name=small.name), metadata=alice.metadata, timeout=30
+        )
+        assert (await alice.upscale(image=small.name, factor=2)).state == E.GENERATION_STATE_QUEUED
+
+
+def field_of(err: grpc.aio.AioRpcError) -> str:
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    status = rpc_status.from_call(err)
+    assert status is not None
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.metadata.get("field", "")
+    return ""

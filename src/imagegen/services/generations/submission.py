@@ -1,4 +1,5 @@
-"""Submitting a generation: validate, quote, submit, rerun.
+"""Submitting a generation: validate, quote, submit, rerun, and upscale (a generation
+whose one source is a library image and whose spec says `upscale`).
 
 A submit, top to bottom:
 1. The provider: the one the request names, else the caller's stored default, else the
@@ -8,6 +9,8 @@ A submit, top to bottom:
 3. For an edit, a read-only precheck of the plan limits, credits and storage quota
    (nothing is fetched for a request that would be refused), then the sources are
    fetched, checked and their blobs stored as the caller's uploads (services/sources.py).
+   An outpaint's or upscale's output size then follows from its source's size
+   (domain/enlarge.py), refused here past the limits.
 4. One unit of work under the user's advisory lock: a retry with the same request_id
    gets its earlier job back; otherwise the plan limits (IMG_005), the credits (IMG_006)
    and the storage quota (IMG_008: a user already at it, or uploads that would pass it)
@@ -36,7 +39,13 @@ from imagegen.domain.enlarge import (
     outpaint_geometry,
     upscale_size,
 )
-from imagegen.domain.errors import InvalidRequest, NotFound, ProviderNotConfigured, RequestIdReused
+from imagegen.domain.errors import (
+    ImageDeleted,
+    InvalidRequest,
+    NotFound,
+    ProviderNotConfigured,
+    RequestIdReused,
+)
 from imagegen.domain.limits import (
     check_request_limits,
     check_storage_quota,
@@ -47,11 +56,14 @@ from imagegen.domain.models import (
     DEFAULT_SIZE,
     EditSource,
     Generation,
+    GenerationSource,
     GenerationSpec,
     Identity,
+    ImageFormat,
     Size,
     SourceRef,
     StoredImage,
+    UpscaleSpec,
 )
 from imagegen.domain.moderation import Purpose
 from imagegen.domain.plans import PlanLimits, PlanTable
@@ -76,6 +88,14 @@ from imagegen.services.sources import ResolvedSources, SourceResolver
 from imagegen.services.unit_of_work import Database
 
 log = logging.getLogger(__name__)
+
+IMAGES_PREFIX = "images/"
+#: The fields of GenerationSpec an upscale's checks name, as UpscaleImageRequest names them.
+_UPSCALE_REQUEST_FIELDS = {
+    "sources": "image",
+    "upscale.factor": "factor",
+    "upscale.upscaler": "upscaler",
+}
 
 
 @dataclass(frozen=True)
@@ -267,6 +287,60 @@ class SubmissionService:
             },
         )
         return Submitted(generation, created=True)
+
+    async def upscale(
+        self,
+        identity: Identity,
+        image_id: str,
+        *,
+        factor: int,
+        provider: str = "",
+        upscaler: str = "",
+        request_id: str = "",
+        source: GenerationSource = GenerationSource.API,
+        output_format: ImageFormat | None = None,
+    ) -> Generation:
+        """Queue a job that enlarges one of the caller's library images by `factor` (2
+        or 4) with the provider's `upscaler` (empty: its default); its result is a new
+        library image whose parent is the source, in `output_format` (None: the
+        source's). It is a generation like any other: the same limits, credits (by the
+        price table's upscale price), idempotency and events. NOT_FOUND for an image
+        that is not the caller's, IMG_003 (FAILED_PRECONDITION) for a deleted one,
+        IMG_003 naming `factor`, `upscaler` or `provider`, IMG_007 past the pixel limit."""
+        upscale = check_upscale(UpscaleSpec(factor, upscaler), field="")
+        name = IMAGES_PREFIX + image_id
+        image = await self._db.images.get(identity.user_id, image_id)
+        if image is None:
+            raise NotFound(f"image {name!r} not found")
+        if image.deleted:
+            raise ImageDeleted(
+                f"image {name} is deleted; undelete it before upscaling it",
+                field="image",
+                image=name,
+            )
+        spec = GenerationSpec(
+            prompt=UPSCALE_PROMPT,
+            provider=provider,
+            source=source,
+            output_format=output_format or ImageFormat.from_mime(image.mime_type),
+            upscale=upscale,
+        )
+        try:
+            submitted = await self.submit_job(
+                identity,
+                spec,
+                request_id,
+                source_refs=(SourceRef("image", image_id=image_id),),
+                size_given=False,
+            )
+        except InvalidRequest as exc:
+            renamed = _UPSCALE_REQUEST_FIELDS.get(exc.field)
+            if type(exc) is not InvalidRequest or renamed is None:
+                raise
+            # The checks name GenerationSpec's fields; the caller filled UpscaleImage's.
+            metadata = {k: v for k, v in exc.metadata.items() if k != "field"}
+            raise InvalidRequest(exc.message, field=renamed, metadata=metadata) from exc
+        return submitted.generation
 
     async def rerun(
         self, identity: Identity, generation_id: str, request_id: str = ""
