@@ -466,3 +466,68 @@ def field_of(err: grpc.aio.AioRpcError) -> str:
         if detail.Unpack(info):
             return info.metadata.get("field", "")
     return ""
+
+
+async def test_outpaint_and_upscale_jobs_run_again_as_they_were(caller: Caller) -> None:
+    original = image_ready(
+        await caller.run(C.GenerationSpec(prompt="a fox", size=C.ImageSize(width=256, height=256)))
+    )
+    outpainted = image_ready(
+        await caller.run(
+            C.GenerationSpec(
+                prompt="more",
+                sources=[C.ImageSource(image=original.name)],
+                outpaint=C.Outpaint(left=64),
+            )
+        )
+    )
+    upscaled = await caller.finished((await caller.upscale(image=original.name, factor=2)).name)
+    for job, size in ((outpainted.generation, (320, 256)), (upscaled.name, (512, 512))):
+        reply = await caller.generations.RerunGeneration(
+            E.RerunGenerationRequest(name=job), metadata=caller.metadata, timeout=30
+        )
+        again = await caller.finished(reply.generation.name)
+        assert again.state == E.GENERATION_STATE_COMPLETED, again.error
+        (image,) = again.images
+        assert (image.width, image.height) == size
+        assert list(image.parents) == [original.name]
+
+
+async def test_an_upscale_has_no_text_of_the_callers_to_moderate(
+    tmp_path: Path, database_url: str
+) -> None:
+    from tests.fakes.openai_moderation_server import ModerationFake
+
+    async with ModerationFake.start() as moderator:
+        env = {
+            "IMAGEGEN_MODERATION_CHAIN": "openai",
+            "IMAGEGEN_MODERATION_URL": moderator.url,
+            "IMAGEGEN_MODERATION_API_KEY": "mod-key",
+        }
+        async with (
+            serve_in_process(tmp_path, database_url, env=env) as server,
+            grpc.aio.insecure_channel(
+                f"127.0.0.1:{server.grpc_port}", options=CHANNEL_OPTIONS
+            ) as ch,
+        ):
+            caller = Caller(ch)
+            original = image_ready(
+                await caller.run(
+                    C.GenerationSpec(prompt="a fox", size=C.ImageSize(width=256, height=256))
+                )
+            )
+            assert len(moderator.requests) == 1
+            done = await caller.finished((await caller.upscale(image=original.name, factor=2)).name)
+            assert done.state == E.GENERATION_STATE_COMPLETED
+            assert len(moderator.requests) == 1, "the fixed prompt is not sent to moderation"
+            # An outpaint's prompt is the caller's, and is moderated.
+            image_ready(
+                await caller.run(
+                    C.GenerationSpec(
+                        prompt="more sea",
+                        sources=[C.ImageSource(image=original.name)],
+                        outpaint=C.Outpaint(right=16),
+                    )
+                )
+            )
+            assert len(moderator.requests) == 2
