@@ -312,8 +312,11 @@ class MessageFuzzer:
             oneof = fd.containing_oneof
             if oneof is not None and chosen_oneofs.get(oneof.name, fd.name) != fd.name:
                 continue
-            if self.rng.random() < (0.85 if fd.name == "mask" and oddness < 0.1 else unset):
-                continue  # left unset: defaults are input too
+            rare = fd.name in ("mask", "outpaint", "upscale")
+            if self.rng.random() < (0.85 if rare and oddness < 0.1 else unset):
+                # Left unset: defaults are input too. A plausible spec is mostly a plain
+                # generation (a mask, an outpaint or an upscale each need their own sources).
+                continue
             if fd.message_type and fd.message_type.full_name == "google.protobuf.FieldMask":
                 getattr(message, fd.name).paths.extend(self._mask_paths(descriptor, oddness))
                 continue
@@ -403,6 +406,8 @@ class MessageFuzzer:
             return self.rng.choice(INT32_EDGES) if odd else 1
         if name == "page_size":
             return self.rng.choice(INT32_EDGES) if odd else self.rng.choice((0, 1, 2, 100))
+        if name == "factor":
+            return self.rng.choice((*INT32_EDGES, 3)) if odd else self.rng.choice((2, 4))
         if name == "max_depth":
             return self.rng.choice((*INT32_EDGES, 11)) if odd else self.rng.choice((0, 1, 10))
         if name == "after_sequence":
@@ -441,6 +446,8 @@ class MessageFuzzer:
             )
         if name == "model":
             return self.rng.choice(ODD_TEXT) if odd else ""
+        if name == "upscaler":
+            return self.rng.choice(ODD_TEXT) if odd else self.rng.choice(("", "lanczos"))
         if odd:
             return self.rng.choice(ODD_TEXT)
         return self.rng.choice(PLAIN_TEXT)

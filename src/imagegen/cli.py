@@ -1,5 +1,6 @@
-"""`imagegen`: serve, migrate, check health, mint a token, generate, get help with prompts,
-review moderation, read a webhook secret, or serve MCP from the command line."""
+"""`imagegen`: serve, migrate, check health, mint a token, generate, outpaint, upscale, get
+help with prompts, review moderation, read a webhook secret, or serve MCP from the command
+line."""
 
 from __future__ import annotations
 
@@ -62,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default=".", help="directory to save the images in")
     gen.add_argument("--addr", default=None, help="server address (IMAGEGEN_ADDR)")
     gen.add_argument("--user", default="cli", help="user for a minted token when none is given")
+
+    from imagegen.cli_enlarge import add_parsers as add_enlarge_parsers
+
+    add_enlarge_parsers(sub, STYLES)
 
     mcp = sub.add_parser(
         "mcp",
@@ -162,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         from imagegen.cli_generate import run_generate
 
         return asyncio.run(run_generate(settings, args))
+    if args.command in ("outpaint", "upscale"):
+        from imagegen.cli_enlarge import run_outpaint, run_upscale
+
+        enlarge = run_outpaint if args.command == "outpaint" else run_upscale
+        return asyncio.run(enlarge(settings, args))
     if args.command in ("suggest", "enhance"):
         from imagegen.cli_prompts import run_enhance, run_suggest
 

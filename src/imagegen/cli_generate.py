@@ -12,7 +12,7 @@ import grpc
 import httpx
 from grpc_status import rpc_status
 
-from imagegen.client import ImageGenClient
+from imagegen.client import GenerationResult, ImageGenClient
 from imagegen.config import Settings
 from imagegen.v1 import common_pb2, generation_pb2
 
@@ -69,47 +69,54 @@ def _draw(percent: int, stage: str) -> None:
     sys.stderr.flush()
 
 
-def _prepare_out_dir(out: str) -> Path:
+def prepare_out_dir(out: str) -> Path:
+    """The directory to save images in, made if missing."""
     path = Path(out).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-async def run_generate(settings: Settings, args: argparse.Namespace) -> int:
-    address = args.addr or os.environ.get("IMAGEGEN_ADDR") or f"127.0.0.1:{settings.grpc_port}"
-    out_dir = await asyncio.to_thread(_prepare_out_dir, args.out)
+def address_of(settings: Settings, args: argparse.Namespace) -> str:
+    """The server to call: --addr, else IMAGEGEN_ADDR, else this machine's gRPC port."""
+    return args.addr or os.environ.get("IMAGEGEN_ADDR") or f"127.0.0.1:{settings.grpc_port}"
 
-    def on_event(event: generation_pb2.GenerationEvent) -> None:
-        if event.type == generation_pb2.GENERATION_EVENT_TYPE_PROGRESS:
-            _draw(event.progress.percent, event.progress.stage)
-        elif event.type == generation_pb2.GENERATION_EVENT_TYPE_QUEUED:
-            _draw(0, "queued")
-        elif event.type == generation_pb2.GENERATION_EVENT_TYPE_COMPLETED:
-            _draw(100, "done")
-            sys.stderr.write("\n")
 
-    async with ImageGenClient(address, _token(settings, args.user)) as client:
-        try:
-            result = await client.generate(_spec(args), on_event=on_event)
-        except grpc.aio.AioRpcError as err:
-            sys.stderr.write("\n")
-            status = rpc_status.from_call(err)
-            reason = ""
-            if status is not None:
-                from google.rpc import error_details_pb2
+def progress_bar(event: generation_pb2.GenerationEvent) -> None:
+    """Draw a job's progress on stderr from its events (an `on_event` handler)."""
+    if event.type == generation_pb2.GENERATION_EVENT_TYPE_PROGRESS:
+        _draw(event.progress.percent, event.progress.stage)
+    elif event.type == generation_pb2.GENERATION_EVENT_TYPE_QUEUED:
+        _draw(0, "queued")
+    elif event.type == generation_pb2.GENERATION_EVENT_TYPE_COMPLETED:
+        _draw(100, "done")
+        sys.stderr.write("\n")
 
-                for detail in status.details:
-                    info = error_details_pb2.ErrorInfo()
-                    if detail.Unpack(info):
-                        reason = info.reason
-            print(
-                f"imagegen: {err.code().name} {reason}: {err.details()}".replace("  ", " "),
-                file=sys.stderr,
-            )
-            return 1
+
+def refused(err: grpc.aio.AioRpcError) -> int:
+    """Print a refused call as `imagegen: STATUS REASON: message`; the exit code."""
+    sys.stderr.write("\n")
+    status = rpc_status.from_call(err)
+    reason = ""
+    if status is not None:
+        from google.rpc import error_details_pb2
+
+        for detail in status.details:
+            info = error_details_pb2.ErrorInfo()
+            if detail.Unpack(info):
+                reason = info.reason
+    print(
+        f"imagegen: {err.code().name} {reason}: {err.details()}".replace("  ", " "),
+        file=sys.stderr,
+    )
+    return 1
+
+
+async def save_results(result: GenerationResult, out_dir: Path, what: str = "generation") -> int:
+    """Save a finished job's images into `out_dir`, printing each URL and file; the
+    exit code (1 when the job did not complete)."""
     if result.state != "completed":
         print(
-            f"\nimagegen: generation {result.state}: {result.error_code} {result.error_message}",
+            f"\nimagegen: {what} {result.state}: {result.error_code} {result.error_message}",
             file=sys.stderr,
         )
         return 1
@@ -123,3 +130,13 @@ async def run_generate(settings: Settings, args: argparse.Namespace) -> int:
             print(image.uri)
             print(f"saved {path} ({image.width}x{image.height}, {image.size_bytes} bytes)")
     return 0
+
+
+async def run_generate(settings: Settings, args: argparse.Namespace) -> int:
+    out_dir = await asyncio.to_thread(prepare_out_dir, args.out)
+    async with ImageGenClient(address_of(settings, args), _token(settings, args.user)) as client:
+        try:
+            result = await client.generate(_spec(args), on_event=progress_bar)
+        except grpc.aio.AioRpcError as err:
+            return refused(err)
+    return await save_results(result, out_dir)

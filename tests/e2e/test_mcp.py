@@ -148,6 +148,10 @@ async def test_http_client_lists_validated_tools_and_generates(served: ServedPro
             "generate_from_template",
             "quote_generation",
             "get_credit_balance",
+            "outpaint_image",
+            "upscale_image",
+            "suggest_prompts",
+            "enhance_prompt",
         }
         progress: list[float] = []
 
@@ -182,6 +186,83 @@ async def test_http_client_lists_validated_tools_and_generates(served: ServedPro
             ("get_generation", {"name": out["name"]}),
         ):
             check_result(await session.call_tool(name, arguments), schemas[name])
+
+
+async def test_outpaint_upscale_and_prompt_tools_over_the_sdk_client(
+    served: ServedProcess,
+) -> None:
+    async with http_session(served) as session:
+        schemas = check_schemas((await session.list_tools()).tools)
+        made = check_result(
+            await session.call_tool(
+                "generate_image", {"prompt": "a lighthouse at dusk", "size": "256x256"}
+            ),
+            schemas["generate_image"],
+        )
+        (image,) = made["images"]
+
+        outpainted = await session.call_tool(
+            "outpaint_image",
+            {"source": image["name"], "prompt": "more sea", "right": 64, "bottom": 32},
+        )
+        out = check_result(outpainted, schemas["outpaint_image"])
+        assert out["state"] == "completed" and out["credits"] == 2
+        assert [(i["width"], i["height"]) for i in out["images"]] == [(320, 288)]
+        assert len(thumbnails(outpainted)) == 1
+        targeted = check_result(
+            await session.call_tool(
+                "outpaint_image",
+                {"source": image["name"], "prompt": "x", "size": "512x256", "anchor": "left"},
+            ),
+            schemas["outpaint_image"],
+        )
+        assert [(i["width"], i["height"]) for i in targeted["images"]] == [(512, 256)]
+
+        arguments = {"image": image["name"], "factor": 4, "request_id": "agent:up-1"}
+        upscaled = check_result(
+            await session.call_tool("upscale_image", arguments), schemas["upscale_image"]
+        )
+        assert upscaled["state"] == "completed" and upscaled["credits"] == 2
+        assert [(i["width"], i["height"]) for i in upscaled["images"]] == [(1024, 1024)]
+        again = check_result(
+            await session.call_tool("upscale_image", arguments), schemas["upscale_image"]
+        )
+        assert again["name"] == upscaled["name"]
+        assert await count_jobs(served, "agent:up-1") == 1
+        refused = await session.call_tool(
+            "upscale_image", {"image": image["name"], "upscaler": "R-ESRGAN 4x+"}
+        )
+        assert refused.is_error and refused.structured_content["error"]["code"] == "IMG_003"
+        schema_refused = await session.call_tool(
+            "upscale_image", {"image": image["name"], "factor": 3}
+        )
+        assert schema_refused.is_error and "factor" in schema_refused.content[0].text
+
+        suggested = check_result(
+            await session.call_tool("suggest_prompts", {"text": "a lighth", "limit": 3}),
+            schemas["suggest_prompts"],
+        )
+        assert suggested["suggestions"][0]["text"] == "a lighthouse at dusk"
+        assert suggested["suggestions"][0]["source"] == "history"
+        enhanced = check_result(
+            await session.call_tool(
+                "enhance_prompt", {"prompt": "a quiet harbour", "style": "watercolor"}
+            ),
+            schemas["enhance_prompt"],
+        )
+        assert enhanced["prompt"].startswith("a quiet harbour, ")
+        assert (enhanced["enhancer"], enhanced["credits"]) == ("local", 0)
+
+    # A client that declares the Tasks extension gets an upscale as a task, the job.
+    async with httpx.AsyncClient(trust_env=False, timeout=60) as http:
+        client = ModernClient(http, served)
+        created = await client.call_tool("upscale_image", {"image": image["name"]})
+        assert created["resultType"] == "task" and created["taskId"].startswith("generations/")
+        await client.call_tool("get_generation", {"name": created["taskId"], "wait_seconds": 30})
+        done = (await client.task("tasks/get", created["taskId"]))["result"]
+        assert done["status"] == "completed"
+        images = done["result"]["structuredContent"]["images"]
+        assert [(i["width"], i["height"]) for i in images] == [(512, 512)]
 
 
 async def test_http_refuses_missing_and_wrong_tokens(served: ServedProcess) -> None:

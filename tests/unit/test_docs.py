@@ -56,6 +56,12 @@ def test_the_price_table_is_the_default_one() -> None:
     assert f"at least {prices.edit_credits} credits" in PLANS_AND_PRICES.read_text()
     enhancement = f"A prompt enhancement (`EnhancePrompt`) costs {prices.enhance_credits} credits"
     assert enhancement in " ".join(PLANS_AND_PRICES.read_text().split())
+    upscale = (
+        f"An upscale (`UpscaleImage`) costs {prices.upscale_credits[2]} credit at 2x and "
+        f"{prices.upscale_credits[4]} credits at 4x"
+    )
+    assert upscale in " ".join(PLANS_AND_PRICES.read_text().split())
+    assert "An outpaint is priced as an edit" in PLANS_AND_PRICES.read_text()
 
 
 #: Where the design reasons live is this repository; nothing may point outside it.

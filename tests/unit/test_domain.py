@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime
 
 import pytest
 
 from imagegen.domain import paging
 from imagegen.domain.errors import InvalidRequest
-from imagegen.domain.models import Size
+from imagegen.domain.models import EditSource, GenerationSpec, OutpaintSpec, Size, UpscaleSpec
 from imagegen.domain.pricing import PriceTable
 from imagegen.domain.validation import (
     RequestLimits,
@@ -76,6 +77,31 @@ def test_prices_follow_the_table() -> None:
     )
     assert custom.image_credits(Size(10, 10)) == 5
     assert custom.image_credits(Size(10, 11)) == 10
+
+
+def test_outpaints_are_priced_as_edits_and_upscales_by_factor() -> None:
+    prices = PriceTable.default()
+    source = EditSource("0" * 64, "k", "image/png", 512, 512, image_id="i")
+    outpaint = GenerationSpec(
+        prompt="wider", size=Size(1536, 1024), sources=(source,), outpaint=OutpaintSpec(left=512)
+    )
+    assert prices.image_price(outpaint) == 3, "an edit, by the extended size"
+    small = dataclasses.replace(outpaint, size=Size(320, 256))
+    assert prices.image_price(small) == 2, "at least the edit price"
+    for factor, credits in ((2, 1), (4, 2)):
+        upscale = GenerationSpec(
+            prompt="upscale", size=Size(2048, 2048), sources=(source,), upscale=UpscaleSpec(factor)
+        )
+        assert prices.image_price(upscale) == credits, "by factor, whatever the size"
+    base = '{"tiers": [{"max_pixels": 100, "credits": 5}], "edit_credits": 1'
+    assert PriceTable.from_json(base + "}").upscale_credits == {2: 1, 4: 2}
+    assert PriceTable.from_json(base + ', "upscale_credits": {"4": 7}}').upscale_credits == {
+        2: 1,
+        4: 7,
+    }
+    for bad in ('{"3": 1}', '{"2": -1}', '{"x": 1}'):
+        with pytest.raises(ValueError):
+            PriceTable.from_json(base + f', "upscale_credits": {bad}}}')
 
 
 def test_page_tokens_round_trip_and_are_bound_to_their_query() -> None:

@@ -25,7 +25,7 @@ def test_openai_definitions_are_valid_and_match_the_mcp_ones() -> None:
     openai = openai_tool_definitions()
     mcp = mcp_tool_definitions()
     assert [t["function"]["name"] for t in openai] == [t["name"] for t in mcp]
-    assert len({t["name"] for t in mcp}) == len(TOOLS) == 9
+    assert len({t["name"] for t in mcp}) == len(TOOLS) == 13
     for function, tool in zip(openai, mcp, strict=True):
         assert function["type"] == "function"
         Draft202012Validator.check_schema(function["function"]["parameters"])
@@ -57,6 +57,34 @@ def test_parameter_schemas_accept_good_and_refuse_bad_arguments() -> None:
     assert not edit.is_valid({"prompt": "make it blue", "sources": []})
     assert not edit.is_valid({"prompt": "make it blue", "sources": ["a"] * 5})
     assert Draft202012Validator(by_name["get_credit_balance"]).is_valid({})
+    outpaint = Draft202012Validator(by_name["outpaint_image"])
+    assert outpaint.is_valid({"source": "images/abc", "prompt": "more sea", "left": 2048})
+    assert outpaint.is_valid(
+        {"source": "images/abc", "prompt": "x", "size": "1536x1024", "anchor": "top_left"}
+    )
+    for bad in (
+        {"prompt": "x", "left": 8},
+        {"source": "images/abc", "left": 8},
+        {"source": "images/abc", "prompt": "x", "left": 2049},
+        {"source": "images/abc", "prompt": "x", "top": -1},
+        {"source": "images/abc", "prompt": "x", "anchor": "middle"},
+    ):
+        assert not outpaint.is_valid(bad), bad
+    upscale = Draft202012Validator(by_name["upscale_image"])
+    assert upscale.is_valid({"image": "images/abc", "factor": 4, "upscaler": "R-ESRGAN 4x+"})
+    for bad in (
+        {"image": "images/abc", "factor": 3},
+        {"image": "https://x/a.png"},
+        {},
+        {"image": "images/abc", "format": "gif"},
+    ):
+        assert not upscale.is_valid(bad), bad
+    suggest = Draft202012Validator(by_name["suggest_prompts"])
+    assert suggest.is_valid({}) and suggest.is_valid({"text": "a red f", "limit": 50})
+    assert not suggest.is_valid({"limit": 51}) and not suggest.is_valid({"text": "x" * 4001})
+    enhance = Draft202012Validator(by_name["enhance_prompt"])
+    assert enhance.is_valid({"prompt": "a fox", "style": "cinematic"})
+    assert not enhance.is_valid({"prompt": ""}) and not enhance.is_valid({"style": "anime"})
 
 
 @pytest.mark.parametrize("form", ["openai", "mcp"])

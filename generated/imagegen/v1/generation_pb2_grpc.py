@@ -206,7 +206,10 @@ class ImageGenerationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def QuoteGeneration(self, request, context):
-        """Returns the price in credits of a request without running it.
+        """Returns the price in credits of a request without running it. Nothing is fetched:
+        an outpaint is priced at the size it makes from its source's size when that is
+        known without a fetch (a library image, data or a data: URL), else as if the
+        source were 1024x1024.
         INVALID_ARGUMENT (IMG_003) for an invalid request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -269,6 +272,8 @@ class ImageGenerationServiceServicer:
         it is soft-deleted; INVALID_ARGUMENT (IMG_003) for another factor, an upscaler
         the provider does not offer or a provider that cannot upscale; IMG_007 when the
         result would pass the pixel limit; other refusals as SubmitGeneration.
+        The job's spec has the one source, `upscale`, and the fixed prompt `upscale`,
+        which no provider reads.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

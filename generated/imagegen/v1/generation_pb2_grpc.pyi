@@ -83,7 +83,10 @@ class ImageGenerationServiceStub:
     refusals as SubmitGeneration.
     """
     QuoteGeneration: _grpc.UnaryUnaryMultiCallable[_generation_pb2.QuoteGenerationRequest, _generation_pb2.QuoteGenerationResponse]
-    """Returns the price in credits of a request without running it.
+    """Returns the price in credits of a request without running it. Nothing is fetched:
+    an outpaint is priced at the size it makes from its source's size when that is
+    known without a fetch (a library image, data or a data: URL), else as if the
+    source were 1024x1024.
     INVALID_ARGUMENT (IMG_003) for an invalid request.
     """
     ListProviders: _grpc.UnaryUnaryMultiCallable[_generation_pb2.ListProvidersRequest, _generation_pb2.ListProvidersResponse]
@@ -120,6 +123,8 @@ class ImageGenerationServiceStub:
     it is soft-deleted; INVALID_ARGUMENT (IMG_003) for another factor, an upscaler
     the provider does not offer or a provider that cannot upscale; IMG_007 when the
     result would pass the pixel limit; other refusals as SubmitGeneration.
+    The job's spec has the one source, `upscale`, and the fixed prompt `upscale`,
+    which no provider reads.
     """
     GetWebhookSecret: _grpc.UnaryUnaryMultiCallable[_generation_pb2.GetWebhookSecretRequest, _generation_pb2.GetWebhookSecretResponse]
     """Returns the caller's webhook signing secret (`whsec_...`), making one on first
@@ -186,7 +191,10 @@ class ImageGenerationServiceAsyncStub(ImageGenerationServiceStub):
     refusals as SubmitGeneration.
     """
     QuoteGeneration: _aio.UnaryUnaryMultiCallable[_generation_pb2.QuoteGenerationRequest, _generation_pb2.QuoteGenerationResponse]  # type: ignore[assignment]
-    """Returns the price in credits of a request without running it.
+    """Returns the price in credits of a request without running it. Nothing is fetched:
+    an outpaint is priced at the size it makes from its source's size when that is
+    known without a fetch (a library image, data or a data: URL), else as if the
+    source were 1024x1024.
     INVALID_ARGUMENT (IMG_003) for an invalid request.
     """
     ListProviders: _aio.UnaryUnaryMultiCallable[_generation_pb2.ListProvidersRequest, _generation_pb2.ListProvidersResponse]  # type: ignore[assignment]
@@ -223,6 +231,8 @@ class ImageGenerationServiceAsyncStub(ImageGenerationServiceStub):
     it is soft-deleted; INVALID_ARGUMENT (IMG_003) for another factor, an upscaler
     the provider does not offer or a provider that cannot upscale; IMG_007 when the
     result would pass the pixel limit; other refusals as SubmitGeneration.
+    The job's spec has the one source, `upscale`, and the fixed prompt `upscale`,
+    which no provider reads.
     """
     GetWebhookSecret: _aio.UnaryUnaryMultiCallable[_generation_pb2.GetWebhookSecretRequest, _generation_pb2.GetWebhookSecretResponse]  # type: ignore[assignment]
     """Returns the caller's webhook signing secret (`whsec_...`), making one on first
@@ -334,7 +344,10 @@ class ImageGenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _generation_pb2.QuoteGenerationRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_generation_pb2.QuoteGenerationResponse, _abc.Awaitable[_generation_pb2.QuoteGenerationResponse]]:
-        """Returns the price in credits of a request without running it.
+        """Returns the price in credits of a request without running it. Nothing is fetched:
+        an outpaint is priced at the size it makes from its source's size when that is
+        known without a fetch (a library image, data or a data: URL), else as if the
+        source were 1024x1024.
         INVALID_ARGUMENT (IMG_003) for an invalid request.
         """
 
@@ -407,6 +420,8 @@ class ImageGenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         it is soft-deleted; INVALID_ARGUMENT (IMG_003) for another factor, an upscaler
         the provider does not offer or a provider that cannot upscale; IMG_007 when the
         result would pass the pixel limit; other refusals as SubmitGeneration.
+        The job's spec has the one source, `upscale`, and the fixed prompt `upscale`,
+        which no provider reads.
         """
 
     @_abc_1.abstractmethod

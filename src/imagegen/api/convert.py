@@ -21,10 +21,13 @@ from imagegen.domain.models import (
     GenerationSpec,
     GenerationState,
     ImageFormat,
+    OutpaintAnchor,
+    OutpaintSpec,
     Size,
     SourceRef,
     StoredImage,
     Style,
+    UpscaleSpec,
     WebhookAttempt,
 )
 from imagegen.domain.validation import check_resource_name
@@ -62,6 +65,19 @@ _SOURCE_TO_PB = {
     GenerationSource.AGENT: common_pb2.GENERATION_SOURCE_AGENT,
 }
 _SOURCE_FROM_PB = {v: k for k, v in _SOURCE_TO_PB.items()}
+
+_ANCHOR_TO_PB = {
+    OutpaintAnchor.CENTER: common_pb2.OUTPAINT_ANCHOR_CENTER,
+    OutpaintAnchor.TOP: common_pb2.OUTPAINT_ANCHOR_TOP,
+    OutpaintAnchor.BOTTOM: common_pb2.OUTPAINT_ANCHOR_BOTTOM,
+    OutpaintAnchor.LEFT: common_pb2.OUTPAINT_ANCHOR_LEFT,
+    OutpaintAnchor.RIGHT: common_pb2.OUTPAINT_ANCHOR_RIGHT,
+    OutpaintAnchor.TOP_LEFT: common_pb2.OUTPAINT_ANCHOR_TOP_LEFT,
+    OutpaintAnchor.TOP_RIGHT: common_pb2.OUTPAINT_ANCHOR_TOP_RIGHT,
+    OutpaintAnchor.BOTTOM_LEFT: common_pb2.OUTPAINT_ANCHOR_BOTTOM_LEFT,
+    OutpaintAnchor.BOTTOM_RIGHT: common_pb2.OUTPAINT_ANCHOR_BOTTOM_RIGHT,
+}
+_ANCHOR_FROM_PB = {v: k for k, v in _ANCHOR_TO_PB.items()}
 
 _STATE_TO_PB = {
     GenerationState.QUEUED: generation_pb2.GENERATION_STATE_QUEUED,
@@ -172,7 +188,47 @@ def spec_from_proto(spec: common_pb2.GenerationSpec) -> GenerationSpec:
         provider=spec.provider,
         model=spec.model,
         source=_SOURCE_FROM_PB.get(spec.source, GenerationSource.API),
+        outpaint=outpaint_from_proto(spec.outpaint) if spec.HasField("outpaint") else None,
+        upscale=(
+            UpscaleSpec(factor=spec.upscale.factor, upscaler=spec.upscale.upscaler)
+            if spec.HasField("upscale")
+            else None
+        ),
     )
+
+
+def outpaint_from_proto(outpaint: common_pb2.Outpaint) -> OutpaintSpec:
+    """Contract -> domain; an unknown anchor is IMG_003. A 0x0 target_size is unset, as
+    an ImageSize of 0x0 is elsewhere. The limits are domain/enlarge.py's to check."""
+    anchor = outpaint.anchor
+    if anchor != common_pb2.OUTPAINT_ANCHOR_UNSPECIFIED and anchor not in _ANCHOR_FROM_PB:
+        raise InvalidRequest(
+            f"outpaint.anchor {anchor} is not a known anchor", field="outpaint.anchor"
+        )
+    target = outpaint.target_size
+    has_target = outpaint.HasField("target_size") and (target.width, target.height) != (0, 0)
+    return OutpaintSpec(
+        left=outpaint.left,
+        top=outpaint.top,
+        right=outpaint.right,
+        bottom=outpaint.bottom,
+        target=Size(target.width, target.height) if has_target else None,
+        anchor=_ANCHOR_FROM_PB.get(anchor),
+    )
+
+
+def outpaint_to_proto(outpaint: OutpaintSpec) -> common_pb2.Outpaint:
+    """Domain -> contract; a stored target's anchor is always given (the centre when the
+    caller left it unset)."""
+    message = common_pb2.Outpaint(
+        left=outpaint.left, top=outpaint.top, right=outpaint.right, bottom=outpaint.bottom
+    )
+    if outpaint.target is not None:
+        message.target_size.CopyFrom(
+            common_pb2.ImageSize(width=outpaint.target.width, height=outpaint.target.height)
+        )
+        message.anchor = _ANCHOR_TO_PB[outpaint.placement]
+    return message
 
 
 def _duration(value: timedelta) -> Duration:
@@ -208,6 +264,12 @@ def spec_to_proto(spec: GenerationSpec) -> common_pb2.GenerationSpec:
         message.mask.CopyFrom(_source_to_proto(spec.mask))
     if spec.seed is not None:
         message.seed = spec.seed
+    if spec.outpaint is not None:
+        message.outpaint.CopyFrom(outpaint_to_proto(spec.outpaint))
+    if spec.upscale is not None:
+        message.upscale.CopyFrom(
+            common_pb2.Upscale(factor=spec.upscale.factor, upscaler=spec.upscale.upscaler)
+        )
     return message
 
 

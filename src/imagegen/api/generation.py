@@ -20,6 +20,7 @@ from imagegen.api.errors import error_from_code
 from imagegen.domain.errors import InvalidRequest
 from imagegen.domain.models import EventType, Generation, Identity
 from imagegen.domain.providers import ProviderInfo
+from imagegen.domain.validation import check_resource_name
 from imagegen.services.generations import (
     GenerationReads,
     GenerationWaiter,
@@ -185,11 +186,11 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             generation_pb2.QuoteGenerationRequest, generation_pb2.QuoteGenerationResponse
         ],
     ) -> generation_pb2.QuoteGenerationResponse:
-        identity()
         parsed = convert.parse_spec(request.spec)
-        quote = self._submission.quote(
+        quote = await self._submission.quote(
+            identity(),
             parsed.spec,
-            edit=bool(parsed.source_refs),
+            source_refs=parsed.source_refs,
             has_mask=parsed.mask_ref is not None,
             size_given=parsed.size_given,
         )
@@ -290,8 +291,27 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
     async def BatchGenerate(self, request: Any, context: Any) -> Any:
         raise NotImplementedError
 
-    async def UpscaleImage(self, request: Any, context: Any) -> Any:
-        raise NotImplementedError
+    async def UpscaleImage(
+        self,
+        request: generation_pb2.UpscaleImageRequest,
+        context: grpc.aio.ServicerContext[
+            generation_pb2.UpscaleImageRequest, generation_pb2.UpscaleImageResponse
+        ],
+    ) -> generation_pb2.UpscaleImageResponse:
+        caller = identity()
+        generation = await self._submission.upscale(
+            caller,
+            check_resource_name(request.image, "images", field="image"),
+            factor=request.factor,
+            provider=request.provider,
+            upscaler=request.upscaler,
+            request_id=request.request_id,
+            source=convert.source_from_proto(request.source),
+            output_format=convert.format_from_proto(request.format),
+        )
+        return generation_pb2.UpscaleImageResponse(
+            generation=convert.generation_to_proto(generation, self._url_ttl)
+        )
 
 
 def _webhook_secret(view: WebhookSecretView) -> generation_pb2.WebhookSecret:

@@ -28,6 +28,10 @@ MAX_RESULT_SIDE = 4096
 UPSCALE_FACTORS = (2, 4)
 #: Longest upscaler name (the names are the provider's, such as `R-ESRGAN 4x+`).
 MAX_UPSCALER_CHARS = 128
+#: The prompt of the job UpscaleImage makes. Every job carries a prompt, but an upscale
+#: draws nothing new, so providers never read it; it is fixed so that a job, its image
+#: and its usage say what was done, and the same request always fingerprints the same.
+UPSCALE_PROMPT = "upscale"
 
 #: Where the source sits on each axis for each anchor: 0 at the start (left or top),
 #: 1 centred, 2 at the end; the offset is the free space times this, halved.

@@ -6,7 +6,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imagegen.domain.models import Size
+from imagegen.domain.enlarge import UPSCALE_FACTORS
+from imagegen.domain.models import GenerationSpec, Size
+
+#: What an upscale costs by its factor, whatever the image's size: it enlarges what is
+#: there rather than making a new picture (docs/plans-and-prices.md).
+DEFAULT_UPSCALE_CREDITS: dict[int, int] = {2: 1, 4: 2}
 
 
 @dataclass(frozen=True)
@@ -19,8 +24,8 @@ class PriceTier:
 
 @dataclass(frozen=True)
 class PriceTable:
-    """Credits per image by pixel count, the flat price of an edit, and of a prompt
-    enhancement."""
+    """Credits per image by pixel count, the flat price of an edit (an outpaint is one),
+    of an upscale by its factor, and of a prompt enhancement."""
 
     tiers: tuple[PriceTier, ...]
     edit_credits: int
@@ -28,6 +33,8 @@ class PriceTable:
     provider_cents: dict[str, int] = field(default_factory=dict)
     #: what one prompt enhancement (EnhancePrompt) costs
     enhance_credits: int = 0
+    #: what one upscale costs, by factor (2 and 4)
+    upscale_credits: dict[int, int] = field(default_factory=lambda: dict(DEFAULT_UPSCALE_CREDITS))
 
     @classmethod
     def default(cls) -> PriceTable:
@@ -40,6 +47,7 @@ class PriceTable:
             ),
             edit_credits=2,
             enhance_credits=0,
+            upscale_credits=dict(DEFAULT_UPSCALE_CREDITS),
         )
 
     @classmethod
@@ -58,6 +66,7 @@ class PriceTable:
             tiers=tiers,
             edit_credits=int(data["edit_credits"]),
             enhance_credits=enhance_credits,
+            upscale_credits=_upscale_credits(data.get("upscale_credits") or {}),
             provider_cents={
                 str(k): int(v) for k, v in (data.get("provider_cents_per_image") or {}).items()
             },
@@ -81,9 +90,34 @@ class PriceTable:
         blocks = -(-size.pixels // top.max_pixels)
         return top.credits * blocks
 
+    def image_price(self, spec: GenerationSpec, *, edit: bool = False) -> int:
+        """What one image of `spec` costs: an upscale by its factor, an edit (an outpaint
+        too) at least the edit price, anything else by its size. `edit` stands in for
+        sources not yet resolved."""
+        if spec.upscale is not None:
+            return self.upscale_credits[spec.upscale.factor]
+        if edit or spec.is_edit:
+            return max(self.edit_credits, self.image_credits(spec.size))
+        return self.image_credits(spec.size)
+
     def generation_credits(self, size: Size, count: int, *, edit: bool = False) -> int:
         """The price of a request: each image of a batch at its size; an edit flat."""
         per_image = (
             max(self.edit_credits, self.image_credits(size)) if edit else (self.image_credits(size))
         )
         return per_image * count
+
+
+def _upscale_credits(configured: dict[str, object]) -> dict[int, int]:
+    """The price file's `upscale_credits` ({"2": 1, "4": 2}) over the defaults: every
+    factor has a price, none is negative, and no other factor is named."""
+    prices = dict(DEFAULT_UPSCALE_CREDITS)
+    for factor_text, credits in configured.items():
+        factor = int(factor_text)
+        if factor not in UPSCALE_FACTORS:
+            raise ValueError(f"upscale_credits names factor {factor}; upscales are 2x or 4x")
+        value = int(str(credits))
+        if value < 0:
+            raise ValueError("upscale_credits must not be negative")
+        prices[factor] = value
+    return prices

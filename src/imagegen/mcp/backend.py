@@ -27,6 +27,7 @@ from imagegen.v1 import (
     generation_pb2_grpc,
     library_pb2,
     library_pb2_grpc,
+    prompts_pb2_grpc,
     templates_pb2_grpc,
     usage_pb2_grpc,
 )
@@ -105,7 +106,7 @@ def failure_from_rpc(err: grpc.aio.AioRpcError) -> ToolFailure:
 
 
 class Backend:
-    """gRPC stubs of the four imagegen services on one channel."""
+    """gRPC stubs of the five imagegen services on one channel."""
 
     def __init__(self, address: str) -> None:
         self.address = address
@@ -115,6 +116,7 @@ class Backend:
         self.library: Any = library_pb2_grpc.ImageLibraryServiceStub(self._channel)
         self.templates: Any = templates_pb2_grpc.PromptTemplateServiceStub(self._channel)
         self.usage: Any = usage_pb2_grpc.UsageServiceStub(self._channel)
+        self.prompts: Any = prompts_pb2_grpc.PromptAssistantServiceStub(self._channel)
 
     async def close(self) -> None:
         await self._channel.close()

@@ -49,6 +49,17 @@ Style = Literal[
 ]
 ImageFormatName = Literal["png", "jpeg", "webp"]
 GenerationStateName = Literal["queued", "running", "completed", "failed", "cancelled"]
+OutpaintAnchorName = Literal[
+    "center",
+    "top",
+    "bottom",
+    "left",
+    "right",
+    "top_left",
+    "top_right",
+    "bottom_left",
+    "bottom_right",
+]
 
 #: The contract's request_id alphabet and length (generation.proto, service comment).
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
@@ -247,6 +258,79 @@ class GetCreditBalanceArguments(_Arguments):
     """get_credit_balance takes no arguments."""
 
 
+class OutpaintImageArguments(_RenderOptions):
+    """Arguments of outpaint_image."""
+
+    source: SourceRef
+    prompt: str = Field(
+        min_length=1,
+        max_length=4000,
+        description="What the new area shows (the `local` provider extends the edges instead).",
+    )
+    left: int = Field(default=0, ge=0, le=2048, description="Pixels to add on the left.")
+    top: int = Field(default=0, ge=0, le=2048, description="Pixels to add at the top.")
+    right: int = Field(default=0, ge=0, le=2048, description="Pixels to add on the right.")
+    bottom: int = Field(default=0, ge=0, le=2048, description="Pixels to add at the bottom.")
+    size: Size | None = Field(
+        default=None,
+        description=(
+            "The canvas size to reach instead of the sides (at least the source's size, "
+            "at most 4096 a side); the source sits on it by anchor."
+        ),
+    )
+    anchor: OutpaintAnchorName | None = Field(
+        default=None, description="Where the source sits on size; unset for the centre."
+    )
+    wait_seconds: WaitSeconds = None
+    request_id: RequestId = None
+
+
+class UpscaleImageArguments(_Arguments):
+    """Arguments of upscale_image."""
+
+    image: str = Field(
+        pattern=r"^images/[^/]{1,100}$",
+        description="One of your library images, images/{id}, e.g. from a job's images.",
+    )
+    factor: Literal[2, 4] = Field(default=2, description="Enlarge by 2 or 4 on each side.")
+    upscaler: str = Field(
+        default="",
+        max_length=128,
+        description="One of the provider's upscalers (ListProviders); empty for its default.",
+    )
+    provider: str = Field(
+        default="",
+        max_length=64,
+        description="Provider id that can upscale (local, sdwebui); empty for your default.",
+    )
+    format: ImageFormatName | None = Field(
+        default=None, description="Output encoding; unset keeps the image's own."
+    )
+    wait_seconds: WaitSeconds = None
+    request_id: RequestId = None
+
+
+class SuggestPromptsArguments(_Arguments):
+    """Arguments of suggest_prompts."""
+
+    text: str = Field(
+        default="",
+        max_length=4000,
+        description="What has been typed so far; empty for the style's phrases and favourites.",
+    )
+    style: Style | None = Field(default=None, description="Style preset to favour.")
+    limit: int = Field(default=10, ge=1, le=50, description="Most suggestions to return.")
+
+
+class EnhancePromptArguments(_Arguments):
+    """Arguments of enhance_prompt."""
+
+    prompt: str = Field(min_length=1, max_length=4000, description="The prompt to enrich.")
+    style: Style | None = Field(
+        default=None, description="Style whose lighting and composition to add; unset: none."
+    )
+
+
 class ImageOut(_Output):
     """One stored image."""
 
@@ -360,6 +444,32 @@ class CreditBalanceOut(_Output):
     period_reset_time: str
 
 
+class SuggestionOut(_Output):
+    """One completion."""
+
+    text: str = Field(description="The suggested prompt.")
+    source: Literal["history", "template", "phrase"] = Field(
+        description="Your own earlier prompt, a template you can see, or a built-in phrase."
+    )
+    template: str = Field(description="For a template suggestion, templates/{id}; else empty.")
+    score: float = Field(description="Higher is better; comparable within one answer only.")
+
+
+class SuggestPromptsOut(_Output):
+    """Completions of the text, best first."""
+
+    suggestions: list[SuggestionOut]
+
+
+class EnhancedPromptOut(_Output):
+    """A richer prompt."""
+
+    prompt: str = Field(description="The richer prompt: pass it to generate_image.")
+    negative_prompt: str = Field(description="A proposed negative prompt; may be empty.")
+    enhancer: str = Field(description="`local` for the built-in enhancer, else the chat model.")
+    credits: int = Field(description="Credits charged for it.")
+
+
 @dataclass(frozen=True)
 class ToolDefinition:
     """One tool: what the server lists and what `imagegen tools` prints."""
@@ -419,6 +529,34 @@ TOOLS: tuple[ToolDefinition, ...] = (
         read_only=False,
     ),
     ToolDefinition(
+        name="outpaint_image",
+        title="Outpaint an image",
+        description=(
+            "Extend an image outward: add pixels on each side, or give a larger canvas size "
+            "and where the image sits on it; the new area is painted to match. The source "
+            "is never changed and becomes the result's parent; priced as an edit."
+        )
+        + _WAIT_NOTE,
+        arguments=OutpaintImageArguments,
+        output=GenerationOut,
+        makes_job=True,
+        read_only=False,
+    ),
+    ToolDefinition(
+        name="upscale_image",
+        title="Upscale an image",
+        description=(
+            "Enlarge one of your library images 2x or 4x into a new library image whose "
+            "parent is the original (the `local` provider resamples; others use their "
+            "upscaler models)."
+        )
+        + _WAIT_NOTE,
+        arguments=UpscaleImageArguments,
+        output=GenerationOut,
+        makes_job=True,
+        read_only=False,
+    ),
+    ToolDefinition(
         name="get_generation",
         title="Get a generation",
         description=(
@@ -468,6 +606,28 @@ TOOLS: tuple[ToolDefinition, ...] = (
         description="The credits a generation would cost, without running it.",
         arguments=QuoteGenerationArguments,
         output=QuoteOut,
+    ),
+    ToolDefinition(
+        name="suggest_prompts",
+        title="Suggest prompts",
+        description=(
+            "Complete a prompt as it is typed, from your own earlier prompts (those whose "
+            "images you kept first), the templates you can see and built-in style phrases."
+        ),
+        arguments=SuggestPromptsArguments,
+        output=SuggestPromptsOut,
+    ),
+    ToolDefinition(
+        name="enhance_prompt",
+        title="Enhance a prompt",
+        description=(
+            "Rewrite a prompt into a richer one (subject, lighting, composition, quality) "
+            "with a proposed negative prompt, for a style. Recorded in usage and charged as "
+            "the price table says (0 credits by default)."
+        ),
+        arguments=EnhancePromptArguments,
+        output=EnhancedPromptOut,
+        read_only=False,
     ),
     ToolDefinition(
         name="get_credit_balance",

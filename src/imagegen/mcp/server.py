@@ -54,10 +54,10 @@ from imagegen.v1 import generation_pb2
 SERVER_NAME = "imagegen"
 INSTRUCTIONS = (
     "imagegen makes and edits images and keeps them in your library. Job tools "
-    "(generate_image, edit_image, generate_from_template) wait up to wait_seconds: if the "
-    "job is not done by then they answer with its name, state and percent; resume with "
-    "get_generation(name, wait_seconds). A retried call with the same request_id never runs "
-    "or charges twice. Errors say whether retrying can help."
+    "(generate_image, edit_image, outpaint_image, upscale_image, generate_from_template) "
+    "wait up to wait_seconds: if the job is not done by then they answer with its name, "
+    "state and percent; resume with get_generation(name, wait_seconds). A retried call with "
+    "the same request_id never runs or charges twice. Errors say whether retrying can help."
 )
 #: Derived request ids: a prefix that marks them, then hex (inside the contract's alphabet).
 DERIVED_PREFIX = "mcp-"

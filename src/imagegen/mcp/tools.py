@@ -13,7 +13,7 @@ import base64
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 from google.protobuf import timestamp_pb2
 from mcp_types import CallToolResult, ContentBlock, ImageContent, TextContent
@@ -25,6 +25,7 @@ from imagegen.v1 import (
     common_pb2,
     generation_pb2,
     library_pb2,
+    prompts_pb2,
     templates_pb2,
     usage_pb2,
 )
@@ -47,6 +48,15 @@ _KINDS = {
     "edit": library_pb2.IMAGE_KIND_EDIT,
     "upload": library_pb2.IMAGE_KIND_UPLOAD,
     "generated": library_pb2.IMAGE_KIND_GENERATED,
+}
+_ANCHORS: dict[str, common_pb2.OutpaintAnchor.ValueType] = {
+    name: common_pb2.OutpaintAnchor.Value(f"OUTPAINT_ANCHOR_{name.upper()}")
+    for name in get_args(d.OutpaintAnchorName)
+}
+_SUGGESTION_SOURCES = {
+    prompts_pb2.SUGGESTION_SOURCE_HISTORY: "history",
+    prompts_pb2.SUGGESTION_SOURCE_TEMPLATE: "template",
+    prompts_pb2.SUGGESTION_SOURCE_PHRASE: "phrase",
 }
 _VARIABLE_TYPES = {
     templates_pb2.TEMPLATE_VARIABLE_TYPE_UNSPECIFIED: "string",
@@ -121,6 +131,18 @@ def _source(reference: str) -> common_pb2.ImageSource:
     if reference.startswith("images/"):
         return common_pb2.ImageSource(image=reference)
     return common_pb2.ImageSource(uri=reference)
+
+
+def _outpaint(arguments: d.OutpaintImageArguments) -> common_pb2.Outpaint:
+    outpaint = common_pb2.Outpaint(
+        left=arguments.left, top=arguments.top, right=arguments.right, bottom=arguments.bottom
+    )
+    target = _size(arguments.size)
+    if target is not None:
+        outpaint.target_size.CopyFrom(target)
+    if arguments.anchor is not None:
+        outpaint.anchor = _ANCHORS[arguments.anchor]
+    return outpaint
 
 
 def _style(name: str | None) -> common_pb2.Style.ValueType:
@@ -342,6 +364,47 @@ class ToolRunner:
                 call.token,
             )
             return structured_result({"credits": reply.credits, "provider": reply.provider})
+        if isinstance(arguments, d.SuggestPromptsArguments):
+            reply = await backend.unary(
+                backend.prompts.SuggestPrompts,
+                prompts_pb2.SuggestPromptsRequest(
+                    text=arguments.text, style=_style(arguments.style), limit=arguments.limit
+                ),
+                call.token,
+            )
+            return structured_result(
+                {
+                    "suggestions": [
+                        {
+                            "text": suggestion.text,
+                            # The contract never sends another source; history is the safe
+                            # reading of a value this adapter does not know yet.
+                            "source": _SUGGESTION_SOURCES.get(suggestion.source, "history"),
+                            "template": suggestion.template,
+                            "score": suggestion.score,
+                        }
+                        for suggestion in reply.suggestions
+                    ]
+                }
+            )
+        if isinstance(arguments, d.EnhancePromptArguments):
+            reply = await backend.unary(
+                backend.prompts.EnhancePrompt,
+                prompts_pb2.EnhancePromptRequest(
+                    prompt=arguments.prompt,
+                    style=_style(arguments.style),
+                    source=common_pb2.GENERATION_SOURCE_AGENT,
+                ),
+                call.token,
+            )
+            return structured_result(
+                {
+                    "prompt": reply.prompt,
+                    "negative_prompt": reply.negative_prompt,
+                    "enhancer": reply.enhancer,
+                    "credits": reply.credits,
+                }
+            )
         if isinstance(arguments, d.GetCreditBalanceArguments):
             reply = await backend.unary(
                 backend.usage.GetCreditBalance, usage_pb2.GetCreditBalanceRequest(), call.token
@@ -390,13 +453,37 @@ class ToolRunner:
                 ),
                 call.token,
             )
+        elif isinstance(arguments, d.UpscaleImageArguments):
+            reply = await backend.unary(
+                backend.generations.UpscaleImage,
+                generation_pb2.UpscaleImageRequest(
+                    image=arguments.image,
+                    factor=arguments.factor,
+                    provider=arguments.provider,
+                    upscaler=arguments.upscaler,
+                    request_id=request_id,
+                    source=common_pb2.GENERATION_SOURCE_AGENT,
+                    format=(
+                        _FORMATS[arguments.format]
+                        if arguments.format
+                        else common_pb2.IMAGE_FORMAT_UNSPECIFIED
+                    ),
+                ),
+                call.token,
+            )
         else:
-            assert isinstance(arguments, d.GenerateImageArguments | d.EditImageArguments)
+            assert isinstance(
+                arguments,
+                d.GenerateImageArguments | d.EditImageArguments | d.OutpaintImageArguments,
+            )
             spec = common_pb2.GenerationSpec(
                 prompt=arguments.prompt,
                 negative_prompt=arguments.negative_prompt,
                 style=_style(arguments.style),
-                size=_size(arguments.size),
+                # An outpaint's size is its canvas (in spec.outpaint), never spec.size.
+                size=None
+                if isinstance(arguments, d.OutpaintImageArguments)
+                else _size(arguments.size),
                 count=arguments.count,
                 format=_FORMATS[arguments.format],
                 provider=arguments.provider,
@@ -409,6 +496,9 @@ class ToolRunner:
                 spec.sources.extend(_source(source) for source in arguments.sources)
                 if arguments.mask is not None:
                     spec.mask.CopyFrom(_source(arguments.mask))
+            if isinstance(arguments, d.OutpaintImageArguments):
+                spec.sources.append(_source(arguments.source))
+                spec.outpaint.CopyFrom(_outpaint(arguments))
             reply = await backend.unary(
                 backend.generations.SubmitGeneration,
                 generation_pb2.SubmitGenerationRequest(spec=spec, request_id=request_id),

@@ -25,8 +25,10 @@ from imagegen.domain.models import (
     GenerationSpec,
     GenerationState,
     ImageFormat,
+    OutpaintSpec,
     Size,
     Style,
+    UpscaleSpec,
 )
 from imagegen.domain.paging import Cursor
 from imagegen.repositories.db import Executor
@@ -97,6 +99,8 @@ def spec_from_json(data: dict[str, Any]) -> GenerationSpec:
         mask=EditSource.from_json(data["mask"]) if data.get("mask") else None,
         size_from_source=bool(data.get("size_from_source", False)),
         callback_uri=str(data.get("callback_uri") or ""),
+        outpaint=OutpaintSpec.from_json(data["outpaint"]) if data.get("outpaint") else None,
+        upscale=UpscaleSpec.from_json(data["upscale"]) if data.get("upscale") else None,
     )
 
 

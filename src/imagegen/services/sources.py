@@ -24,7 +24,14 @@ from typing import Protocol
 from imagegen import imaging
 from imagegen.domain.data_url import decode_data_url
 from imagegen.domain.errors import ImageDeleted, ImageTooLarge, InvalidRequest, NotFound
-from imagegen.domain.models import EditSource, FetchedBody, Identity, SourceRef, StoredImage
+from imagegen.domain.models import (
+    EditSource,
+    FetchedBody,
+    Identity,
+    Size,
+    SourceRef,
+    StoredImage,
+)
 from imagegen.repositories.images import ImageRepository
 from imagegen.storage.base import BlobStore
 from imagegen.storage.keys import source_key
@@ -117,6 +124,37 @@ class SourceResolver:
         if mask_ref is not None:
             return ResolvedSources(tuple(resolved[:-1]), resolved[-1], tuple(uploads))
         return ResolvedSources(tuple(resolved), None, tuple(uploads))
+
+    async def size_of(self, identity: Identity, ref: SourceRef) -> Size | None:
+        """A source's size without fetching, storing or decoding it, for a quote: a
+        library image's (NOT_FOUND if it is not the caller's, IMG_003 if it is deleted),
+        or read from the header of given bytes or a data: URL (IMG_007 past the limits,
+        IMG_003 if they are not an image); None for a URL, which is not fetched."""
+        if ref.kind == "image":
+            name = IMAGES_PREFIX + ref.image_id
+            image = await self._images.get(identity.user_id, ref.image_id)
+            if image is None:
+                raise NotFound(f"image {name!r} not found")
+            if image.deleted:
+                raise ImageDeleted(
+                    f"source image {name} is deleted; undelete it first",
+                    field="sources",
+                    image=name,
+                )
+            return Size(image.width, image.height)
+        if ref.kind == "bytes" or (ref.kind == "uri" and ref.uri.lower().startswith("data:")):
+            data = await self._bytes_of(ref, 0, "sources")
+            limits = imaging.ImageLimits(
+                max_pixels=self._limits.max_pixels, max_bytes=self._limits.max_bytes
+            )
+            try:
+                header = await asyncio.to_thread(imaging.read_header, data, limits)
+            except imaging.ImageDecodeError as exc:
+                raise InvalidRequest(
+                    f"a source is not a PNG, JPEG or WebP image ({exc})", field="sources"
+                ) from exc
+            return Size(header.width, header.height)
+        return None
 
     async def discard(self, resolved: ResolvedSources) -> None:
         """Remove the blobs of the new uploads (never a library image's)."""

@@ -1,8 +1,9 @@
 """The generation use cases, one module each. A job from submit to its terminal event:
 
-- submission.py  SubmitGeneration / GenerateImage / RerunGeneration / QuoteGeneration:
-                 validate, decide plan limits and credits, insert the job QUEUED with
-                 its reservation and QUEUED event (one unit of work), notify workers.
+- submission.py  SubmitGeneration / GenerateImage / RerunGeneration / QuoteGeneration /
+                 UpscaleImage: validate, decide plan limits and credits, insert the job
+                 QUEUED with its reservation and QUEUED event (one unit of work), notify
+                 workers.
 - jobs/runner.py a worker on any replica claims the job (FOR UPDATE SKIP LOCKED) and
                  holds its lease while it runs.
 - pipeline.py    what the worker runs: STARTED, provider calls (PROGRESS, fallback,

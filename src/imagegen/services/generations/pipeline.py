@@ -35,6 +35,7 @@ from typing import Protocol
 from opentelemetry import propagate, trace
 
 from imagegen import imaging
+from imagegen.domain.enlarge import OutpaintGeometry, outpaint_geometry
 from imagegen.domain.errors import (
     Cancelled,
     ImageGenError,
@@ -244,6 +245,7 @@ class JobPipeline:
         deadline = time.monotonic() + self._settings.provider_timeout.total_seconds()
         sources = tuple([await self._load_source(s) for s in job.spec.sources])
         mask = await self._load_source(job.spec.mask, "mask") if job.spec.mask else None
+        outpaint = self._outpaint_geometry(job)
         quota = self._settings.plans.limits_for(job.plan).storage_bytes
         for index in range(count):
             if index in existing:
@@ -263,6 +265,10 @@ class JobPipeline:
                 sources=sources,
                 mask=mask,
                 resize_to=None if job.spec.size_from_source else job.spec.size,
+                # The reply is fitted to spec.size, which submit set to the outpaint's
+                # canvas or the upscaled size: openai answers at its native sizes.
+                outpaint=outpaint,
+                upscale=job.spec.upscale,
                 timeout=max(deadline - time.monotonic(), 0.1),
             )
             call_started = time.monotonic()
@@ -596,7 +602,19 @@ class JobPipeline:
     # --- small steps ----------------------------------------------------------------------
 
     def _image_price(self, job: Generation) -> int:
-        return self._settings.prices.generation_credits(job.spec.size, 1, edit=job.spec.is_edit)
+        return self._settings.prices.image_price(job.spec)
+
+    def _outpaint_geometry(self, job: Generation) -> OutpaintGeometry | None:
+        """Where an outpaint's source lands on its canvas, from the source's stored size
+        (as submit computed it); None for any other job."""
+        if job.spec.outpaint is None:
+            return None
+        first = job.spec.sources[0]
+        return outpaint_geometry(
+            Size(first.width, first.height),
+            job.spec.outpaint,
+            max_pixels=self._settings.max_pixels,
+        )
 
     async def _load_source(self, source: EditSource, field: str = "sources") -> SourceImage:
         """A source's bytes; IMG_003 naming the source (never its storage key) when it

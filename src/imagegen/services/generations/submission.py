@@ -1,4 +1,5 @@
-"""Submitting a generation: validate, quote, submit, rerun.
+"""Submitting a generation: validate, quote, submit, rerun, and upscale (a generation
+whose one source is a library image and whose spec says `upscale`).
 
 A submit, top to bottom:
 1. The provider: the one the request names, else the caller's stored default, else the
@@ -9,6 +10,8 @@ A submit, top to bottom:
 3. For an edit, a read-only precheck of the plan limits, credits and storage quota
    (nothing is fetched for a request that would be refused), then the sources are
    fetched, checked and their blobs stored as the caller's uploads (services/sources.py).
+   An outpaint's or upscale's output size then follows from its source's size
+   (domain/enlarge.py), refused here past the limits.
 4. One unit of work under the user's advisory lock: a retry with the same request_id
    gets its earlier job back; otherwise the plan limits (IMG_005), the credits (IMG_006)
    and the storage quota (IMG_008: a user already at it, or uploads that would pass it)
@@ -30,7 +33,21 @@ from typing import Protocol
 from opentelemetry import propagate, trace
 
 from imagegen.domain.credits import check_affordable, open_period, plan_reservation
-from imagegen.domain.errors import InvalidRequest, NotFound, ProviderNotConfigured, RequestIdReused
+from imagegen.domain.enlarge import (
+    UPSCALE_PROMPT,
+    check_enlarge_request,
+    check_outpaint,
+    check_upscale,
+    outpaint_geometry,
+    upscale_size,
+)
+from imagegen.domain.errors import (
+    ImageDeleted,
+    InvalidRequest,
+    NotFound,
+    ProviderNotConfigured,
+    RequestIdReused,
+)
 from imagegen.domain.limits import (
     check_request_limits,
     check_storage_quota,
@@ -38,13 +55,17 @@ from imagegen.domain.limits import (
     counted_up_to,
 )
 from imagegen.domain.models import (
+    DEFAULT_SIZE,
     EditSource,
     Generation,
+    GenerationSource,
     GenerationSpec,
     Identity,
+    ImageFormat,
     Size,
     SourceRef,
     StoredImage,
+    UpscaleSpec,
 )
 from imagegen.domain.moderation import Purpose
 from imagegen.domain.plans import PlanLimits, PlanTable
@@ -60,7 +81,7 @@ from imagegen.domain.validation import (
     check_size,
 )
 from imagegen.jobs.signals import JobSignals
-from imagegen.providers.base import Provider, ProviderRequest, SourceImage
+from imagegen.providers.base import PENDING_OUTPAINT, Provider, ProviderRequest, SourceImage
 from imagegen.repositories.generations import NewGeneration
 from imagegen.services.generations.catalogue import ProviderCatalogue
 from imagegen.services.generations.reads import GenerationPresenter
@@ -69,6 +90,14 @@ from imagegen.services.sources import ResolvedSources, SourceResolver
 from imagegen.services.unit_of_work import Database
 
 log = logging.getLogger(__name__)
+
+IMAGES_PREFIX = "images/"
+#: The fields of GenerationSpec an upscale's checks name, as UpscaleImageRequest names them.
+_UPSCALE_REQUEST_FIELDS = {
+    "sources": "image",
+    "upscale.factor": "factor",
+    "upscale.upscaler": "upscaler",
+}
 
 
 @dataclass(frozen=True)
@@ -189,6 +218,7 @@ class SubmissionService:
                 edit=edit,
                 has_mask=mask_ref is not None or spec.mask is not None,
                 size_given=size_given,
+                source_count=len(source_refs) or len(spec.sources),
             )
         if mask_ref is not None and not source_refs:
             raise InvalidRequest("a mask needs a source image to apply to", field="mask")
@@ -196,7 +226,7 @@ class SubmissionService:
             if self._callbacks is None:
                 raise InvalidRequest("callbacks are not enabled here", field="callback_uri")
             await self._callbacks.check_callback(spec.callback_uri)
-        if self._moderation is not None:
+        if self._moderation is not None and not _fixed_upscale_text(spec):
             # After validation, before limits, credits, source fetches or any job row: a
             # blocked text costs nothing and counts against no limit (IMG_011/IMG_012).
             await self._moderation.check(
@@ -220,7 +250,16 @@ class SubmissionService:
                 rerun=rerun,
             )
             spec = dataclasses.replace(spec, sources=stored.sources, mask=stored.mask)
-            if not size_given:
+            if spec.outpaint is not None or spec.upscale is not None:
+                # The output size follows from the source's: the outpaint's canvas or the
+                # upscaled size, refused here when it passes the limits (IMG_003/IMG_007).
+                try:
+                    enlarged = self._enlarged_size(spec, stored.sources[0])
+                except BaseException:
+                    await self._sources.discard(stored)
+                    raise
+                spec = dataclasses.replace(spec, size=enlarged, size_from_source=False)
+            elif not size_given:
                 first = stored.sources[0]
                 spec = dataclasses.replace(
                     spec,
@@ -266,6 +305,60 @@ class SubmissionService:
         )
         return Submitted(generation, created=True)
 
+    async def upscale(
+        self,
+        identity: Identity,
+        image_id: str,
+        *,
+        factor: int,
+        provider: str = "",
+        upscaler: str = "",
+        request_id: str = "",
+        source: GenerationSource = GenerationSource.API,
+        output_format: ImageFormat | None = None,
+    ) -> Generation:
+        """Queue a job that enlarges one of the caller's library images by `factor` (2
+        or 4) with the provider's `upscaler` (empty: its default); its result is a new
+        library image whose parent is the source, in `output_format` (None: the
+        source's). It is a generation like any other: the same limits, credits (by the
+        price table's upscale price), idempotency and events. NOT_FOUND for an image
+        that is not the caller's, IMG_003 (FAILED_PRECONDITION) for a deleted one,
+        IMG_003 naming `factor`, `upscaler` or `provider`, IMG_007 past the pixel limit."""
+        upscale = check_upscale(UpscaleSpec(factor, upscaler), field="")
+        name = IMAGES_PREFIX + image_id
+        image = await self._db.images.get(identity.user_id, image_id)
+        if image is None:
+            raise NotFound(f"image {name!r} not found")
+        if image.deleted:
+            raise ImageDeleted(
+                f"image {name} is deleted; undelete it before upscaling it",
+                field="image",
+                image=name,
+            )
+        spec = GenerationSpec(
+            prompt=UPSCALE_PROMPT,
+            provider=provider,
+            source=source,
+            output_format=output_format or ImageFormat.from_mime(image.mime_type),
+            upscale=upscale,
+        )
+        try:
+            submitted = await self.submit_job(
+                identity,
+                spec,
+                request_id,
+                source_refs=(SourceRef("image", image_id=image_id),),
+                size_given=False,
+            )
+        except InvalidRequest as exc:
+            renamed = _UPSCALE_REQUEST_FIELDS.get(exc.field)
+            if type(exc) is not InvalidRequest or renamed is None:
+                raise
+            # The checks name GenerationSpec's fields; the caller filled UpscaleImage's.
+            metadata = {k: v for k, v in exc.metadata.items() if k != "field"}
+            raise InvalidRequest(exc.message, field=renamed, metadata=metadata) from exc
+        return submitted.generation
+
     async def rerun(
         self, identity: Identity, generation_id: str, request_id: str = ""
     ) -> Generation:
@@ -289,17 +382,40 @@ class SubmissionService:
         )
         return submitted.generation
 
-    def quote(
+    async def quote(
         self,
+        identity: Identity,
         spec: GenerationSpec,
         *,
-        edit: bool = False,
+        source_refs: tuple[SourceRef, ...] = (),
         has_mask: bool = False,
         size_given: bool = True,
     ) -> Quote:
         """Validate a request as submit would and say what it would reserve and who
-        would serve it; nothing is stored."""
-        provider = self.validate(spec, edit=edit, has_mask=has_mask, size_given=size_given)
+        would serve it; nothing is fetched or stored. An outpaint is priced at the size
+        it makes from its source's size, read without fetching: a library image's, or
+        the header of given bytes; a source given by an https URL is taken as 1024x1024
+        (docs/plans-and-prices.md). An upscale is priced by its factor."""
+        edit = bool(source_refs)
+        if not spec.provider:
+            chosen = await self._db.user_settings.default_provider(identity.user_id)
+            spec = dataclasses.replace(spec, provider=chosen or self._catalogue.default_provider)
+        provider = self.validate(
+            spec,
+            edit=edit,
+            has_mask=has_mask,
+            size_given=size_given,
+            source_count=len(source_refs),
+        )
+        if spec.outpaint is not None or spec.upscale is not None:
+            known = await self._sources.size_of(identity, source_refs[0])
+            if spec.outpaint is not None and known is None:
+                # Not fetched for a quote. A target is the canvas whatever the source
+                # (a 1x1 source passes its checks); sides are added to the default size.
+                known = Size(1, 1) if spec.outpaint.target is not None else DEFAULT_SIZE
+            if known is not None:
+                placeholder = EditSource("", "", "", known.width, known.height)
+                spec = dataclasses.replace(spec, size=self._enlarged_size(spec, placeholder))
         return Quote(credits=self._price(spec, edit=edit), provider=provider.id)
 
     def validate(
@@ -310,14 +426,31 @@ class SubmissionService:
         edit: bool = False,
         has_mask: bool = False,
         size_given: bool = True,
+        source_count: int | None = None,
     ) -> Provider:
         """Check every field against its limit and the provider's capabilities; raises
         InvalidRequest naming the field, or ProviderNotConfigured when the provider has
         no credentials here and no configured fallback can take the request. Returns the
-        provider that would serve it first."""
+        provider that would serve it first. `source_count` is how many sources the
+        request names (by default one for an edit); an outpaint or upscale takes one,
+        and its size is checked once its source's size is known."""
         check_prompt(spec.prompt)
         check_negative_prompt(spec.negative_prompt)
-        if size_given:
+        enlarge = spec.outpaint is not None or spec.upscale is not None
+        check_enlarge_request(
+            outpaint=spec.outpaint,
+            upscale=spec.upscale,
+            source_count=(1 if edit else 0) if source_count is None else source_count,
+            has_mask=has_mask,
+        )
+        if spec.outpaint is not None:
+            check_outpaint(spec.outpaint, max_pixels=self._settings.max_pixels)
+        if spec.upscale is not None:
+            check_upscale(spec.upscale)
+            if spec.count != 1:
+                raise InvalidRequest("an upscale makes one image; leave count at 1", field="count")
+        if size_given and not enlarge:
+            # An outpaint or upscale ignores `size`: its output size follows from the source.
             check_size(spec.size, self._settings.limits)
         check_count(spec.count)
         check_seed(spec.seed)
@@ -354,6 +487,8 @@ class SubmissionService:
                 model=spec.model,
                 sources=(placeholder,) if edit else (),
                 mask=placeholder if has_mask else None,
+                outpaint=PENDING_OUTPAINT if spec.outpaint is not None else None,
+                upscale=spec.upscale,
             )
         )
         if (
@@ -368,11 +503,19 @@ class SubmissionService:
             )
         return provider
 
+    def _enlarged_size(self, spec: GenerationSpec, source: EditSource) -> Size:
+        """The size an outpaint or upscale of `source` makes: the outpaint's canvas, or
+        the source's size times the factor; IMG_003 or IMG_007 past the limits."""
+        source_size = Size(source.width, source.height)
+        max_pixels = self._settings.max_pixels
+        if spec.outpaint is not None:
+            return outpaint_geometry(source_size, spec.outpaint, max_pixels=max_pixels).canvas
+        assert spec.upscale is not None, "only an outpaint or an upscale is enlarged"
+        return upscale_size(source_size, spec.upscale, max_pixels=max_pixels)
+
     def _price(self, spec: GenerationSpec, *, edit: bool = False) -> int:
         """Credits a request reserves."""
-        return self._settings.prices.generation_credits(
-            spec.size, spec.count, edit=edit or spec.is_edit
-        )
+        return self._settings.prices.image_price(spec, edit=edit) * spec.count
 
     async def _precheck(
         self, user_id: str, request_id: str, limits: PlanLimits, credits: int
@@ -447,6 +590,12 @@ def _ref_of(source: EditSource) -> SourceRef:
     if source.image_id:
         return SourceRef("image", image_id=source.image_id)
     return SourceRef("stored", storage_key=source.storage_key)
+
+
+def _fixed_upscale_text(spec: GenerationSpec) -> bool:
+    """An upscale whose only text is the fixed prompt UpscaleImage gives it: nothing of
+    the caller's to moderate."""
+    return spec.upscale is not None and spec.prompt == UPSCALE_PROMPT and not spec.negative_prompt
 
 
 def _fit(size: Size, max_pixels: int) -> Size:

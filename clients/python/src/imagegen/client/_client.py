@@ -61,6 +61,15 @@ class GenerationResult:
 
 ProgressHandler = Callable[[generation_pb2.GenerationEvent], None]
 
+#: An image to work on: one of the caller's library images (`images/{id}`), an https or
+#: `data:` URL the server fetches, or the encoded bytes (PNG, JPEG or WebP). Anything but
+#: a library image is kept as the caller's upload and becomes the result's parent.
+ImageArg = str | bytes
+
+#: The prompt of an upscale job, as the server gives the jobs of UpscaleImage: every job
+#: carries a prompt, and an upscale's is never read by a provider.
+UPSCALE_PROMPT = "upscale"
+
 #: A style preset by name ("cinematic", "digital_art"; "" for none) or by its enum value.
 StyleArg = str | int
 
@@ -107,6 +116,14 @@ def _enum_value(value: str | int, enum: Any, prefix: str, what: str) -> int:
     except ValueError:
         names = ", ".join(n.removeprefix(prefix).lower() for n in enum.keys()[1:])
         raise ValueError(f"{what} {value!r} is not known; use one of {names}") from None
+
+
+def _image_source(image: ImageArg) -> common_pb2.ImageSource:
+    if isinstance(image, bytes):
+        return common_pb2.ImageSource(data=image)
+    if image.startswith("images/"):
+        return common_pb2.ImageSource(image=image)
+    return common_pb2.ImageSource(uri=image)
 
 
 class ImageGenClient:
@@ -309,6 +326,129 @@ class ImageGenClient:
             enhancer=reply.enhancer,
             credits=reply.credits,
         )
+
+    async def outpaint(
+        self,
+        image: ImageArg,
+        *,
+        prompt: str,
+        left: int = 0,
+        top: int = 0,
+        right: int = 0,
+        bottom: int = 0,
+        size: tuple[int, int] | None = None,
+        anchor: str | int = "",
+        provider: str = "",
+        negative_prompt: str = "",
+        style: StyleArg = "",
+        output_format: str | int = "",
+        seed: int | None = None,
+        source: str | int = "",
+        request_id: str | None = None,
+        on_event: ProgressHandler | None = None,
+    ) -> GenerationResult:
+        """Extend `image` outward and wait for the result, as `generate` does. Give the
+        pixels to add on each side (0 to 2048), or the canvas `size` (width, height) to
+        reach and where the image sits on it (`anchor`: "center", "top", "bottom_left",
+        ...; "" for the centre), not both. `prompt` says what the new area shows (`local`
+        ignores it and extends the edges). The result is a new library image whose
+        parent is the source, priced as an edit of its size. Raises ValueError for an
+        unknown anchor, style or format name, grpc.aio.AioRpcError when refused: IMG_003
+        for a wrong form or a provider that cannot outpaint, IMG_007 past the pixel
+        limit."""
+        outpaint = common_pb2.Outpaint(left=left, top=top, right=right, bottom=bottom)
+        if size is not None:
+            outpaint.target_size.CopyFrom(common_pb2.ImageSize(width=size[0], height=size[1]))
+        outpaint.anchor = _enum_value(  # type: ignore[assignment]
+            anchor, common_pb2.OutpaintAnchor, "OUTPAINT_ANCHOR_", "anchor"
+        )
+        spec = common_pb2.GenerationSpec(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            style=_enum_value(style, common_pb2.Style, "STYLE_", "style"),  # type: ignore[arg-type]
+            format=_enum_value(  # type: ignore[arg-type]
+                output_format, common_pb2.ImageFormat, "IMAGE_FORMAT_", "format"
+            ),
+            provider=provider,
+            source=_enum_value(  # type: ignore[arg-type]
+                source, common_pb2.GenerationSource, "GENERATION_SOURCE_", "source"
+            ),
+            sources=[_image_source(image)],
+            outpaint=outpaint,
+        )
+        if seed is not None:
+            spec.seed = seed
+        return await self.generate(spec, request_id=request_id, on_event=on_event)
+
+    async def upscale(
+        self,
+        image: ImageArg,
+        *,
+        factor: int = 2,
+        upscaler: str = "",
+        provider: str = "",
+        output_format: str | int = "",
+        source: str | int = "",
+        request_id: str | None = None,
+        on_event: ProgressHandler | None = None,
+    ) -> GenerationResult:
+        """Enlarge `image` by `factor` (2 or 4) and wait for the result, as `generate`
+        does: a library image through UpscaleImage, other images (bytes, a URL) as a
+        generation whose spec upscales them (they are kept as uploads first). `upscaler`
+        is one of the provider's (ListProviders), "" for its default; `output_format`
+        "" keeps a library image's format (PNG for others). The result is a new library
+        image of exactly factor times the size, whose parent is the source. Raises
+        ValueError for an unknown format name, grpc.aio.AioRpcError when refused:
+        NOT_FOUND for another user's image, IMG_003 for another factor, an unknown
+        upscaler or a provider that cannot upscale, IMG_007 past the pixel limit."""
+        request_id = request_id or uuid.uuid4().hex
+        deadline = time.monotonic() + self._timeout
+        image_format = _enum_value(output_format, common_pb2.ImageFormat, "IMAGE_FORMAT_", "format")
+        caller_source = _enum_value(
+            source, common_pb2.GenerationSource, "GENERATION_SOURCE_", "source"
+        )
+        if isinstance(image, str) and image.startswith("images/"):
+            request = generation_pb2.UpscaleImageRequest(
+                image=image,
+                factor=factor,
+                provider=provider,
+                upscaler=upscaler,
+                request_id=request_id,
+                source=caller_source,  # type: ignore[arg-type]
+                format=image_format,  # type: ignore[arg-type]
+            )
+            generation = await self._upscale_image(request, deadline)
+        else:
+            spec = common_pb2.GenerationSpec(
+                prompt=UPSCALE_PROMPT,
+                provider=provider,
+                format=image_format,  # type: ignore[arg-type]
+                source=caller_source,  # type: ignore[arg-type]
+                sources=[_image_source(image)],
+                upscale=common_pb2.Upscale(factor=factor, upscaler=upscaler),
+            )
+            generation = await self.submit(spec, request_id=request_id)
+        result = await self.wait(generation.name, on_event=on_event, deadline=deadline)
+        result.request_id = request_id
+        return result
+
+    async def _upscale_image(
+        self, request: generation_pb2.UpscaleImageRequest, deadline: float
+    ) -> generation_pb2.Generation:
+        """UpscaleImage, retried with the same request id after UNAVAILABLE."""
+        attempt = 0
+        while True:
+            try:
+                reply = await self.generations.UpscaleImage(
+                    request, metadata=self._metadata, timeout=_left(deadline)
+                )
+                generation: generation_pb2.Generation = reply.generation
+                return generation
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in _RETRYABLE or _left(deadline) <= 0:
+                    raise
+                await self._next_replica(attempt)
+                attempt += 1
 
     async def generate(
         self,
