@@ -92,6 +92,7 @@ class LocalProvider:
         max_count=4,
         outpaint=True,
         upscale=True,
+        edit_sets_size=True,
     )
 
     def __init__(self, step_delay: float = 0.05) -> None:
