@@ -18,21 +18,18 @@ import itertools
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-import grpc
 import httpx
 import pybase64
 import pytest
 from imagegen.v1 import common_pb2, generation_pb2, usage_pb2, usage_pb2_grpc
 from PIL import Image, ImageChops, ImageOps, ImageStat
 
-from tests.fakes.forge_server import ForgeFake, Reply
-from tests.fakes.openai_server import OpenAIFake, OpenAIReply
-from tests.fakes.sdwebui_server import SDFake, SDReply
-from tests.inprocess import serve_in_process
+from tests.fakes.forge_server import Reply
+from tests.fakes.openai_server import OpenAIReply
+from tests.fakes.sdwebui_server import SDReply
+from tests.integration.all_providers import PROVIDERS, Served, serve_with_fakes
 from tests.integration.callers import Stubs, completed
-from tests.integration.test_pipeline import CHANNEL_OPTIONS
 
 E = generation_pb2
 U = usage_pb2
@@ -131,7 +128,7 @@ class Case:
 
 def generation_cases() -> list[Case]:
     made = []
-    for provider in ("local", "forge", "openai", "sdwebui"):
+    for provider in PROVIDERS:
         replies: list[Dimensions | None] = [None] if provider == "local" else list(REPLIES)
         for (asked_index, asked), (reply_index, reply), count in itertools.product(
             enumerate(PRICES), enumerate(replies), (1, 2)
@@ -146,7 +143,7 @@ def edit_cases() -> list[Case]:
     made = []
     asked_sizes: list[Dimensions | None] = [*PRICES, None]
     edit_replies: list[Dimensions | None] = [(1536, 1024), (1000, 700), (256, 256)]
-    for provider in ("local", "forge", "openai", "sdwebui"):
+    for provider in PROVIDERS:
         replies = [None] if provider == "local" else edit_replies
         for (asked_index, asked), (reply_index, reply) in itertools.product(
             enumerate(asked_sizes), enumerate(replies)
@@ -156,38 +153,14 @@ def edit_cases() -> list[Case]:
     return made
 
 
-@dataclass
-class Served:
-    forge: ForgeFake
-    openai: OpenAIFake
-    sdwebui: SDFake
-    channel: grpc.aio.Channel
-
-
 @pytest.fixture(scope="module")
 async def served(
     tmp_path_factory: pytest.TempPathFactory, module_database_url: str
 ) -> AsyncIterator[Served]:
     """One server for the module, every outside provider pointed at its fake."""
-    tmp_path: Path = tmp_path_factory.mktemp("size-matrix")
-    async with (
-        ForgeFake.start() as forge,
-        OpenAIFake.start() as openai,
-        SDFake.start(step_delay=0) as sdwebui,
-    ):
-        env = {
-            "BUILT_IN_FORGE_API_URL": forge.url,
-            "BUILT_IN_FORGE_API_KEY": "k",
-            "OPENAI_API_KEY": "sk-test",
-            "OPENAI_BASE_URL": openai.url,
-            "IMAGEGEN_SDWEBUI_URL": sdwebui.url,
-            "IMAGEGEN_LOCAL_STEP_DELAY": "0",
-        }
-        async with serve_in_process(tmp_path, module_database_url, env=env) as server:
-            async with grpc.aio.insecure_channel(
-                f"127.0.0.1:{server.grpc_port}", options=CHANNEL_OPTIONS
-            ) as channel:
-                yield Served(forge, openai, sdwebui, channel)
+    tmp_path = tmp_path_factory.mktemp("size-matrix")
+    async with serve_with_fakes(tmp_path, module_database_url) as made:
+        yield made
 
 
 def script_replies(served: Served, case: Case) -> int:
