@@ -304,7 +304,8 @@ class JobPipeline:
                 info,
                 model=model,
                 reported_seed=reply.seed,
-                used_seed=request.seed,
+                # A seed the provider has no way to take was not the one it made it with.
+                used_seed=request.seed if provider.capabilities.seed else None,
                 call_started=call_started,
             )
             await progress.stored(index)
@@ -413,7 +414,7 @@ class JobPipeline:
         *,
         model: str,
         reported_seed: int | None,
-        used_seed: int,
+        used_seed: int | None,
         call_started: float,
     ) -> None:
         """Blob, then quota, row and IMAGE_READY event in one unit of work; no blob stays
