@@ -215,6 +215,9 @@ async def test_img2img_turns_the_contracts_mask_into_an_inpainting_mask() -> Non
     assert path == "/sdapi/v1/img2img"
     assert [pybase64.b64decode(i) for i in body["init_images"]] == [source.data]
     assert (body["width"], body["height"], body["seed"]) == (512, 512, 5)
+    # A 64x32 source asked at 512x512: A1111's "Crop and resize" (cover, then crop around
+    # the centre, the pipeline's fit rule), never its default stretch (resize_mode 0).
+    assert body["resize_mode"] == 1
     assert body["prompt"] == "a hat, cartoon style, bold outlines, flat saturated colors"
     assert body["override_settings"] == {"sd_model_checkpoint": "sd_xl_base_1.0"}
     assert (body["inpainting_fill"], body["inpaint_full_res"], body["inpainting_mask_invert"]) == (

@@ -40,6 +40,11 @@ class ProviderCapabilities:
     outpaint: bool = False
     #: it can enlarge an image (ProviderRequest.upscale) with one of its `upscalers`
     upscale: bool = False
+    #: its edit instructions decide the size of what they make (the local renderer's
+    #: crop, rotate, border, upscale): an edit asked without a size keeps the size it
+    #: answers at. Any other provider's answer to such an edit is fitted to the size the
+    #: job took from its source, the size it is priced at.
+    edit_sets_size: bool = False
 
 
 @dataclass(frozen=True)

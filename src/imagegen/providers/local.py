@@ -7,6 +7,10 @@ own technique, and it reports real progress with a preview after every stage.
 Rendering runs in a worker thread; the pauses between stages are async, so
 cancellation takes effect between stages.
 
+An edit applies the instruction's operations (providers/local_edits.py) to the first
+source and answers at the size they leave; an asked size is reached by the pipeline's
+one fit rule (scale to cover, crop around the centre), never by stretching here.
+
 It also outpaints and upscales, deterministically and without any model:
 - an outpaint extends the source's edge pixels over the new area and blurs them
   (providers/outpainting.py); the source's pixels are kept exactly, the prompt is
@@ -88,6 +92,7 @@ class LocalProvider:
         max_count=4,
         outpaint=True,
         upscale=True,
+        edit_sets_size=True,
     )
 
     def __init__(self, step_delay: float = 0.05) -> None:
@@ -139,7 +144,7 @@ class LocalProvider:
             ("blending", lambda current: outpainting.soften(current, geometry)),
         ]
         image = await self._stages(image, stages, progress)
-        data = await asyncio.to_thread(_encode_png, image, None)
+        data = await asyncio.to_thread(_encode_png, image)
         await progress(100, "outpainted", None)
         return ProviderImage(data=data, mime_type="image/png", model=MODEL, seed=request.seed)
 
@@ -154,7 +159,7 @@ class LocalProvider:
             ("sharpening", lambda current: _sharpen(current, upscale.factor)),
         ]
         image = await self._stages(image, stages, progress)
-        data = await asyncio.to_thread(_encode_png, image, None)
+        data = await asyncio.to_thread(_encode_png, image)
         await progress(100, "upscaled", None)
         return ProviderImage(data=data, mime_type="image/png", model=UPSCALER)
 
@@ -185,8 +190,7 @@ class LocalProvider:
             await progress(number * 90 // len(operations), operation.name, preview)
             if self._step_delay > 0:
                 await asyncio.sleep(self._step_delay)
-        target = request.resize_to
-        data = await asyncio.to_thread(_encode_png, image, target)
+        data = await asyncio.to_thread(_encode_png, image)
         await progress(100, "edited", None)
         return ProviderImage(data=data, mime_type="image/png", model=MODEL, seed=request.seed)
 
@@ -207,9 +211,7 @@ def _sharpen(image: Image.Image, factor: int) -> Image.Image:
     return image.filter(ImageFilter.UnsharpMask(radius=factor / 2, percent=60, threshold=2))
 
 
-def _encode_png(image: Image.Image, size: Size | None) -> bytes:
-    if size is not None and image.size != (size.width, size.height):
-        image = image.resize((size.width, size.height), Image.Resampling.LANCZOS)
+def _encode_png(image: Image.Image) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG", optimize=False, compress_level=6)
     return out.getvalue()

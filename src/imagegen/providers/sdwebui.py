@@ -17,7 +17,10 @@ What goes out, field by field: `width`/`height` the asked size (for an edit with
 the source's), `seed` the job's seed (the seed the server reports back is recorded),
 `negative_prompt` natively, the style preset folded into `prompt` (the API's `styles`
 are names saved on that one server, not presets; providers/prompting.py), the model as
-below. An edit is img2img with every source in `init_images`; a mask goes out as
+below. An edit is img2img with every source in `init_images` and `resize_mode` 1
+("Crop and resize": a source of another shape than `width`/`height` is scaled to cover
+them and cropped around its centre, the pipeline's own fit rule, where A1111's default
+0 would stretch it out of shape; the mask is resized the same way); a mask goes out as
 A1111's inpainting mask (white = repaint, made from the contract's mask, whose
 transparent pixels mark the area to change) with `inpainting_fill` 1 (start from the
 original), `inpaint_full_res` false (the whole picture), `mask_blur` 4 and
@@ -278,6 +281,7 @@ class SDWebUIProvider:
             path = "/sdapi/v1/img2img"
             body["init_images"] = [pybase64.b64encode(s.data).decode() for s in request.sources]
             body["denoising_strength"] = 0.6
+            body["resize_mode"] = 1
             if request.mask is not None:
                 mask = await asyncio.to_thread(inpainting_mask, request.mask.data)
                 body.update(

@@ -74,6 +74,8 @@ class ProviderCatalogue:
                 continue
             if has_mask and not caps.mask:
                 continue
+            if spec.seed is not None and not caps.seed:
+                continue
             if spec.outpaint is not None and not caps.outpaint:
                 continue
             if spec.upscale is not None and not caps.upscale:

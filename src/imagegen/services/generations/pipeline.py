@@ -8,7 +8,8 @@ its lease), from STARTED to the terminal event.
    may not share, the next one of the fallback chain takes over.
    Before each call, a user already at their storage quota ends the job IMG_008
    (a read-only check: no provider call is made for an image that cannot be kept).
-3. The reply's bytes are checked and converted to the asked format, in a thread.
+3. The reply's bytes are checked, fitted to the job's size by the one fit rule (see
+   `_stored_size`) and converted to the asked format, in a thread.
 4. The blob is put, then one unit of work locks the user's storage counter, decides the
    quota (domain/limits.py) and records the image row and its IMAGE_READY event, so two
    jobs of one user never pass the quota together; if the quota refuses it or the
@@ -292,7 +293,7 @@ class JobPipeline:
                     self._process_reply,
                     reply.data,
                     job.spec.output_format,
-                    None if job.spec.size_from_source else job.spec.size,
+                    _stored_size(job, provider),
                 )
                 process_span.set_attributes(
                     {
@@ -310,7 +311,8 @@ class JobPipeline:
                 info,
                 model=model,
                 reported_seed=reply.seed,
-                used_seed=request.seed,
+                # A seed the provider has no way to take was not the one it made it with.
+                used_seed=request.seed if provider.capabilities.seed else None,
                 call_started=call_started,
             )
             await progress.stored(index)
@@ -419,7 +421,7 @@ class JobPipeline:
         *,
         model: str,
         reported_seed: int | None,
-        used_seed: int,
+        used_seed: int | None,
         call_started: float,
     ) -> None:
         """Blob, then quota, row and IMAGE_READY event in one unit of work; no blob stays
@@ -717,6 +719,15 @@ def _terminal_event(
             },
         )
     return NewEvent(EventType.CANCELLED, {})
+
+
+def _stored_size(job: Generation, provider: Provider) -> Size | None:
+    """The size a reply is fitted to: the job's, which is what it is priced at (asked,
+    or taken from the source of an edit asked without one); None keeps the reply's,
+    for an edit without a size whose instruction decides it (edit_sets_size)."""
+    if job.spec.size_from_source and provider.capabilities.edit_sets_size:
+        return None
+    return job.spec.size
 
 
 def _seed_from(generation_id: str) -> int:

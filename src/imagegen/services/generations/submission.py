@@ -472,6 +472,14 @@ class SubmissionService:
                 field="mask",
                 metadata={"capability": "mask"},
             )
+        if spec.seed is not None and not caps.seed:
+            # Its API has no seed: taking one would promise a reproducibility it cannot give.
+            raise InvalidRequest(
+                f"provider {provider_id!r} does not take a seed; leave it unset, or choose "
+                "a provider whose capabilities say seed (ListProviders shows them)",
+                field="seed",
+                metadata={"capability": "seed"},
+            )
         if spec.count > caps.max_count:
             raise InvalidRequest(
                 f"provider {provider_id!r} makes at most {caps.max_count} images per request",
