@@ -338,7 +338,9 @@ class GenerationSpec(_message.Message):
     """Output encoding; unspecified for PNG."""
     seed: _builtins.int
     """Seed for reproducible results, 0 to 4294967295; unset for a random seed
-    (the seed used is reported on each image).
+    (the seed used is reported on each image, where the provider takes one). A
+    provider whose capabilities do not say `seed` refuses a seed at submit
+    (INVALID_ARGUMENT, IMG_003, field `seed`) rather than ignore it.
     """
     provider: _builtins.str
     """Provider id (`local`, `forge`, `openai`, `sdwebui`); empty for the caller's
