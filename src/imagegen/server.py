@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import grpc
 import httpx
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,7 +35,7 @@ from imagegen.api.interceptors import (
 from imagegen.api.library import ImageLibraryServicer
 from imagegen.api.templates import PromptTemplateServicer
 from imagegen.api.usage import UsageServicer
-from imagegen.config import Settings
+from imagegen.config import ConfigError, Settings
 from imagegen.domain.plans import PlanTable
 from imagegen.domain.pricing import PriceTable
 from imagegen.embedded import start_embedded_postgres
@@ -50,7 +51,7 @@ from imagegen.providers.local import LocalProvider
 from imagegen.providers.openai import OpenAIProvider
 from imagegen.providers.resilience import ResilientProvider
 from imagegen.providers.sdwebui import SDWebUIProvider
-from imagegen.repositories.db import open_pool
+from imagegen.repositories.db import connection_slots, open_pool
 from imagegen.repositories.images import LibraryQueries
 from imagegen.repositories.migrator import apply_migrations
 from imagegen.repositories.templates import TemplateRepository
@@ -150,8 +151,11 @@ class Server:
                 stack.push_async_callback(embedded.stop)
                 dsn = embedded.dsn
             await apply_migrations(dsn)
-            pool = await open_pool(dsn, max_size=max(10, settings.workers * 3))
+            # Workers and RPCs share one bounded pool: a statement holds a connection only
+            # while it runs, so the worker count never decides how many connections we open.
+            pool = await open_pool(dsn, max_size=settings.db_pool_size)
             stack.push_async_callback(pool.close)
+            await check_connection_budget(pool, settings.db_pool_size)
 
             local_store: LocalBlobStore | None = None
             blobs: BlobStore
@@ -417,6 +421,19 @@ class _GrpcHandle:
         self.runner: JobRunner | None = None
         self.inflight: InflightInterceptor | None = None
         self.watch: GenerationWatch | None = None
+
+
+async def check_connection_budget(pool: asyncpg.Pool, pool_size: int) -> None:
+    """Refuse to start a process whose pool (and listener connection) alone could take
+    more connections than the database lets ordinary roles open."""
+    max_connections, usable = await connection_slots(pool)
+    if pool_size + 1 > usable:
+        raise ConfigError(
+            f"IMAGEGEN_DB_POOL_SIZE={pool_size} plus the listener connection exceeds the "
+            f"{usable} connections the database allows (max_connections={max_connections} "
+            "less its reserved slots); lower IMAGEGEN_DB_POOL_SIZE (workers share the pool, "
+            "so IMAGEGEN_WORKERS does not need more connections) or raise max_connections"
+        )
 
 
 def public_url_notice(host: str, public_url: str | None, http_port: int) -> str | None:
