@@ -51,7 +51,7 @@ from imagegen.providers.local import LocalProvider
 from imagegen.providers.openai import OpenAIProvider
 from imagegen.providers.resilience import ResilientProvider
 from imagegen.providers.sdwebui import SDWebUIProvider
-from imagegen.repositories.db import connection_slots, open_pool
+from imagegen.repositories.db import BackendPids, connection_slots, open_pool
 from imagegen.repositories.images import LibraryQueries
 from imagegen.repositories.migrator import apply_migrations
 from imagegen.repositories.templates import TemplateRepository
@@ -153,7 +153,10 @@ class Server:
             await apply_migrations(dsn)
             # Workers and RPCs share one bounded pool: a statement holds a connection only
             # while it runs, so the worker count never decides how many connections we open.
-            pool = await open_pool(dsn, max_size=settings.db_pool_size)
+            backend_pids = BackendPids()
+            pool = await open_pool(
+                dsn, max_size=settings.db_pool_size, backend_pids=backend_pids
+            )
             stack.push_async_callback(pool.close)
             await check_connection_budget(pool, settings.db_pool_size)
 
@@ -201,7 +204,7 @@ class Server:
             stack.push_async_callback(fetcher.aclose)
 
             signals = JobSignals()
-            listener = NotificationListener(dsn, signals)
+            listener = NotificationListener(dsn, signals, own_pids=backend_pids)
             await listener.start()
             stack.push_async_callback(listener.stop)
 
@@ -260,6 +263,7 @@ class Server:
                 signals,
                 workers=settings.workers,
                 lease=settings.lease,
+                max_attempts=settings.max_attempts,
             )
 
             verifier = TokenVerifier(

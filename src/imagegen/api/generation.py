@@ -68,7 +68,7 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
     ) -> AsyncIterator[generation_pb2.GenerateImageResponse]:
         caller = identity()
         generation = await self._submit(caller, request.spec, request.request_id)
-        async for event in self._watch.watch(caller, generation.id):
+        async for event in self._watch.follow(generation):
             yield generation_pb2.GenerateImageResponse(
                 event=convert.event_to_proto(event, self._url_ttl)
             )

@@ -1,22 +1,22 @@
 """Watching a job: its stored events after a sequence number, then live ones, until the
 terminal event (COMPLETED, FAILED or CANCELLED).
 
-Events are always read from the job's log in PostgreSQL; a signal (from this process,
-or from another replica through LISTEN/NOTIFY, see jobs/signals.py) only says "read
-again", and a poll covers a lost one. So a watcher can start, stop and start again on
-any replica without missing or repeating an event.
+A watcher subscribes to the job's feed (jobs/signals.py), then reads the log once. After
+that it reads again only when signalled that the log grew elsewhere (a NOTIFY from
+another replica, a listener reconnect) or when the events this process handed over in
+memory leave a gap; while the job is quiet it issues no statement at all. Sequence
+numbers decide what is new, so a watcher can start, stop and start again on any replica
+without missing or repeating an event.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 
 from imagegen.domain.errors import NotFound, ShuttingDown
-from imagegen.domain.models import EventType, GenerationEvent, Identity
+from imagegen.domain.models import EventType, Generation, GenerationEvent, Identity
 from imagegen.jobs.signals import JobSignals
 from imagegen.services.generations.reads import with_signed_url
 from imagegen.services.unit_of_work import Database
@@ -34,7 +34,6 @@ class GenerationWatch:
         signals: JobSignals,
         runs_here: Callable[[str], bool],
         url_ttl: timedelta,
-        poll_interval: float = 1.0,
     ) -> None:
         self._db = db
         self._blobs = blobs
@@ -42,7 +41,6 @@ class GenerationWatch:
         #: whether this process is executing a job (pipeline.JobPipeline.runs_here)
         self._runs_here = runs_here
         self._url_ttl = url_ttl
-        self._poll_interval = poll_interval
         self._draining = False
 
     def begin_drain(self) -> None:
@@ -55,37 +53,67 @@ class GenerationWatch:
     async def watch(
         self, identity: Identity, generation_id: str, after_sequence: int = 0
     ) -> AsyncIterator[GenerationEvent]:
-        """Stored events after `after_sequence`, then live ones, until the terminal one."""
+        """Stored events after `after_sequence`, then live ones, until the terminal one.
+        At or past a finished job's last sequence, nothing: the stream ends at once."""
         generation = await self._db.generations.get(identity.user_id, generation_id)
         if generation is None:
             raise NotFound(f"generation {generation_id!r} not found")
+        async for event in self.follow(generation, after_sequence):
+            yield event
+
+    async def follow(
+        self, generation: Generation, after_sequence: int = 0
+    ) -> AsyncIterator[GenerationEvent]:
+        """`watch` for a job already read (the caller's, e.g. just submitted)."""
         last = max(after_sequence, 0)
-        while True:
-            # Subscribed before reading, so a change between the read and the wait wakes us.
-            with self._signals.watch_job(generation.id) as changed:
-                events = await self._db.generations.events_after(generation.id, last)
+        if generation.state.terminal and last >= generation.last_sequence:
+            return
+        with self._signals.watch_job(generation.id) as feed:
+            # Subscribed first: whatever commits after the read below reaches the feed.
+            must_read = True
+            while True:
+                handed, stale = feed.take()
+                fresh = [event for event in handed if event.sequence > last]
+                # The job ended at or before the sequence this watch started after.
+                finished = any(e.type.terminal for e in handed if e.sequence <= last)
+                if fresh and [e.sequence for e in fresh] != list(
+                    range(last + 1, last + 1 + len(fresh))
+                ):
+                    stale = True  # some were appended without reaching this feed
+                if (must_read or stale) and not finished:
+                    page = await self._db.generations.read_log(generation.id, last)
+                    events = page.events
+                    # A full page may have more behind it.
+                    must_read = page.full
+                    finished = not events and page.state.terminal
+                else:
+                    events = fresh
                 for event in events:
                     last = event.sequence
                     yield await self._with_image(event)
                     if event.type.terminal:
                         return
+                if finished:
+                    # Watched from past the terminal event: nothing more will come.
+                    return
                 if self._draining and not self._runs_here(generation.id):
                     raise ShuttingDown(
                         "this replica is shutting down; watch again with after_sequence="
                         f"{last} and another replica will follow the job",
                         metadata={"after_sequence": str(last)},
                     )
-                if not events:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(changed.wait(), timeout=self._poll_interval)
+                if not events and not must_read:
+                    await feed.changed.wait()
 
     async def _with_image(self, event: GenerationEvent) -> GenerationEvent:
         """An IMAGE_READY event with its image and a fresh URL; others as they are."""
         if event.type is not EventType.IMAGE_READY:
             return event
-        image = await self._db.images.get_by_id(event.extra.get("image_id", ""))
+        image = event.image
         if image is None:
-            return event
+            image = await self._db.images.get_by_id(event.extra.get("image_id", ""))
+            if image is None:
+                return event
         return dataclasses.replace(
             event, image=await with_signed_url(self._blobs, image, self._url_ttl)
         )
