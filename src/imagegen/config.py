@@ -156,7 +156,8 @@ SETTINGS: tuple[SettingDoc, ...] = (
     SettingDoc("IMAGEGEN_MAX_ATTEMPTS", "3", "Times a job is started before it is failed."),
     SettingDoc("IMAGEGEN_PRICING_FILE", "(built-in table)", "JSON price table in credits."),
     SettingDoc("IMAGEGEN_PLANS_FILE", "(built-in table)",
-               "JSON plan limits: requests per hour and day, concurrent generations."),
+               "JSON plan limits: requests per hour and day, concurrent generations, "
+               "open streams."),
     SettingDoc("IMAGEGEN_REQUEST_ID_TTL", "86400", "Seconds a request_id is remembered."),
     SettingDoc("IMAGEGEN_PROVIDER_TIMEOUT", "120", "Seconds one provider call may take."),
     SettingDoc(

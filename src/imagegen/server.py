@@ -254,6 +254,7 @@ class Server:
                 db=database,
                 blobs=blobs,
                 signals=signals,
+                plans=plans,
                 runs_here=pipeline.runs_here,
                 url_ttl=settings.url_ttl,
             )

@@ -1,11 +1,13 @@
 """Watch streams that scale, and generations near the direct path, counted at the
 database's door (tests/pgwire.py): an idle watch sends PostgreSQL nothing, a generation
-takes a bounded number of round trips, a watch past the end of a job ends, a process's
-own NOTIFYs are not read back, progress is coalesced and a cancel crosses replicas."""
+takes a bounded number of round trips, a watch past the end of a job ends, the open
+streams of a user are capped by their plan, and a process's own NOTIFYs are not read
+back."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,6 +15,8 @@ from pathlib import Path
 import asyncpg
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from imagegen.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 from imagegen.identity import mint_token
@@ -39,6 +43,19 @@ def spec(prompt: str = "a heron at dawn") -> common_pb2.GenerationSpec:
     return common_pb2.GenerationSpec(
         prompt=prompt, provider="forge", size=common_pb2.ImageSize(width=256, height=256)
     )
+
+
+def reason_and_retry(err: grpc.aio.AioRpcError) -> tuple[str, float | None]:
+    status = rpc_status.from_call(err)
+    assert status is not None
+    reason, retry = "", None
+    for detail in status.details:
+        info, delay = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
+        if detail.Unpack(info):
+            reason = info.reason
+        elif detail.Unpack(delay):
+            retry = delay.retry_delay.ToTimedelta().total_seconds()
+    return reason, retry
 
 
 class Client:
@@ -214,6 +231,75 @@ async def test_a_watch_at_or_past_the_end_of_a_running_job_follows_it(
         assert [e.sequence for e in rest] == list(range(3 + past, 3 + past + len(rest)))
         assert rest[-1].type == E.GENERATION_EVENT_TYPE_COMPLETED
         await client.channel.close()
+
+
+async def test_open_streams_are_capped_per_user_by_plan(
+    tmp_path: Path, database_url: str, held_forge: ForgeFake
+) -> None:
+    plans = tmp_path / "plans.json"
+    plans.write_text(
+        json.dumps(
+            {
+                "plans": {
+                    "free": {"monthly_credits": 1000, "max_streams": 2},
+                    "pro": {"monthly_credits": 1000, "max_streams": 3},
+                }
+            }
+        )
+    )
+    env = forge_env(held_forge, IMAGEGEN_PLANS_FILE=str(plans))
+    async with serve_in_process(tmp_path, database_url, env=env) as server:
+        client = Client(server.grpc_port)
+        job = await client.submit()
+        first, second = client.watch(job.name), client.watch(job.name)
+        for call in (first, second):
+            await events_until(call, E.GENERATION_EVENT_TYPE_QUEUED)
+        # The third stream of a free user is refused, with a reason and a delay.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await drain(client.watch(job.name))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert reason_and_retry(refused.value) == ("STREAM_LIMIT", 5.0)
+        # GenerateImage counts too, and is refused before any job exists.
+        jobs_before = await count_jobs(database_url)
+        with pytest.raises(grpc.aio.AioRpcError) as generate_refused:
+            async for _ in client.stub.GenerateImage(
+                E.GenerateImageRequest(spec=spec()), metadata=metadata(), timeout=30
+            ):
+                pass
+        assert reason_and_retry(generate_refused.value)[0] == "STREAM_LIMIT"
+        assert await count_jobs(database_url) == jobs_before
+        # Another user is not affected; the cap follows the plan the token names.
+        bob_job = await client.submit("bob")
+        await events_until(client.watch(bob_job.name, user="bob"), E.GENERATION_EVENT_TYPE_QUEUED)
+        third = client.watch(job.name, plan="pro")
+        await events_until(third, E.GENERATION_EVENT_TYPE_QUEUED)
+        third.cancel()
+        # Closing a stream frees its slot.
+        first.cancel()
+        await wait_until_accepted(client, job.name)
+        await client.channel.close()
+
+
+async def wait_until_accepted(client: Client, name: str) -> None:
+    """The server frees a cancelled stream's slot once it sees the cancel; until then a
+    new watch is refused (each refused attempt is a round trip: the retry's own wait)."""
+    for _ in range(500):
+        call = client.watch(name, timeout=30)
+        try:
+            await events_until(call, E.GENERATION_EVENT_TYPE_QUEUED)
+            call.cancel()
+            return
+        except grpc.aio.AioRpcError as err:
+            assert reason_and_retry(err)[0] == "STREAM_LIMIT"
+    raise AssertionError("a closed stream never freed its slot")
+
+
+async def count_jobs(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM generations"))
+    finally:
+        await conn.close()
 
 
 async def test_the_listener_ignores_its_own_process_notifies(database_url: str) -> None:

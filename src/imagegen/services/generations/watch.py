@@ -7,20 +7,61 @@ another replica, a listener reconnect) or when the events this process handed ov
 memory leave a gap; while the job is quiet it issues no statement at all. Sequence
 numbers decide what is new, so a watcher can start, stop and start again on any replica
 without missing or repeating an event.
+
+Open streams are counted per user in this process and capped by the plan's
+`max_streams` (domain/plans.py): a replica refuses the stream past the cap with
+STREAM_LIMIT. The count is per replica (see the WatchGeneration comment in
+proto/imagegen/v1/generation.proto): counting across replicas would cost a database
+write per stream and leave stale counts behind a replica that dies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import timedelta
 
-from imagegen.domain.errors import NotFound, ShuttingDown
+from imagegen.domain.errors import NotFound, ShuttingDown, StreamLimit
 from imagegen.domain.models import EventType, Generation, GenerationEvent, Identity
+from imagegen.domain.plans import PlanTable
 from imagegen.jobs.signals import JobSignals
 from imagegen.services.generations.reads import with_signed_url
 from imagegen.services.unit_of_work import Database
 from imagegen.storage.base import BlobStore
+
+
+class StreamSlots:
+    """Open streams per user in this process, capped by their plan's `max_streams`."""
+
+    def __init__(self, plans: PlanTable) -> None:
+        self._plans = plans
+        self._open: dict[str, int] = {}
+
+    def open_for(self, user_id: str) -> int:
+        """How many streams the user has open here."""
+        return self._open.get(user_id, 0)
+
+    @contextlib.contextmanager
+    def hold(self, identity: Identity) -> Iterator[None]:
+        """One slot for the duration of a stream; StreamLimit when the user has none left."""
+        cap = self._plans.limits_for(identity.plan).max_streams
+        held = self._open.get(identity.user_id, 0)
+        if cap is not None and held >= cap:
+            raise StreamLimit(
+                f"you have {held} open streams, the most your plan allows on one server; "
+                "close one (or wait for a job to end) and try again",
+                metadata={"max_streams": str(cap)},
+            )
+        self._open[identity.user_id] = held + 1
+        try:
+            yield
+        finally:
+            left = self._open[identity.user_id] - 1
+            if left:
+                self._open[identity.user_id] = left
+            else:
+                del self._open[identity.user_id]
 
 
 class GenerationWatch:
@@ -32,6 +73,7 @@ class GenerationWatch:
         db: Database,
         blobs: BlobStore,
         signals: JobSignals,
+        plans: PlanTable,
         runs_here: Callable[[str], bool],
         url_ttl: timedelta,
     ) -> None:
@@ -42,6 +84,12 @@ class GenerationWatch:
         self._runs_here = runs_here
         self._url_ttl = url_ttl
         self._draining = False
+        self.slots = StreamSlots(plans)
+
+    def stream_slot(self, identity: Identity) -> contextlib.AbstractContextManager[None]:
+        """Hold one of the caller's open-stream slots while a GenerateImage or
+        WatchGeneration stream is open (StreamLimit past the plan's cap)."""
+        return self.slots.hold(identity)
 
     def begin_drain(self) -> None:
         """This replica is shutting down: watchers of jobs it is not running are told
