@@ -7,10 +7,12 @@ lease renewed by a heartbeat while it runs; a process that dies stops renewing a
 another one takes the job again. On shutdown the runner stops claiming, lets running
 jobs finish within the grace period and hands the rest back to the queue.
 
-The claim loop does not poll: it claims when a job is queued or handed back (a signal
-from this process or a NOTIFY), when one of its slots frees, and when the first lease
-held by another worker runs out (the claim says when); a listener reconnect wakes it
-too. IDLE_CLAIM_INTERVAL is only a backstop.
+The claim loop does not poll for queued jobs: it claims when a job is queued or handed
+back (a signal from this process or a NOTIFY), when one of its slots frees, and when
+the first lease held by another worker runs out (the last claim says when); a listener
+reconnect wakes it too. A worker that dies holding a job sends nothing, and one that
+claimed after our last claim is unknown to us, so an idle loop also claims every half
+lease: a dead worker's job is taken again within 1.5 leases at worst.
 """
 
 from __future__ import annotations
@@ -31,8 +33,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds between refreshes of the queue-depth gauge's reading (while claiming).
 STATS_INTERVAL = 5.0
-#: Longest wait between two claims when nothing signals: no event should need it.
-IDLE_CLAIM_INTERVAL = 300.0
 #: Shortest wait before claiming a job whose lease ran out but was locked (being
 #: claimed by another worker) or not yet expired at the database's clock.
 MIN_LEASE_WAIT = 0.1
@@ -129,8 +129,8 @@ class JobRunner:
 
     def _idle_wait(self) -> float:
         """Seconds until the next claim unless signalled: a failed claim's retry, or when
-        the first lease held by another worker runs out (as the last claim said), else
-        the backstop. A moment that has come is used once: the claim it leads to (now,
+        the first lease held by another worker runs out (as the last claim said), at
+        most half a lease. A moment that has come is used once: the claim it leads to (now,
         or when a slot frees) learns the next one."""
         now = time.monotonic()
         for moment in (self._retry_at, self._lease_deadline):
@@ -141,9 +141,10 @@ class JobRunner:
                 return MIN_LEASE_WAIT
         if self._retry_at is not None:
             return self._retry_at - now
+        backstop = max(self._lease.total_seconds() / 2, MIN_LEASE_WAIT)
         if self._lease_deadline is None:
-            return IDLE_CLAIM_INTERVAL
-        return min(max(self._lease_deadline - now, MIN_LEASE_WAIT), IDLE_CLAIM_INTERVAL)
+            return backstop
+        return min(max(self._lease_deadline - now, MIN_LEASE_WAIT), backstop)
 
     async def _claim(self, free: int) -> None:
         """Claim up to `free` jobs and start them; note when to claim again unasked."""
