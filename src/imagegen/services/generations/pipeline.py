@@ -18,9 +18,10 @@ its lease), from STARTED to the terminal event.
 Every event is appended to the job's log and, once committed, handed to this process's
 watchers in memory (jobs/signals.py); other replicas' watchers hear of it by NOTIFY.
 A cancel arrives on the job's CancelFlag (its own NOTIFY channel), so the steps check
-it without a round trip. PROGRESS events of a chatty provider are coalesced: while one
-is being appended, only the newest next one waits (no gap in sequence numbers; the
-terminal and IMAGE_READY events are never dropped).
+it without a round trip. PROGRESS events are written in batches: each waits up to
+PROGRESS_WINDOW, a newer percent replaces a waiting one (previews are all kept), and
+those still waiting when the provider returns join the image's statement (no gap in
+sequence numbers; IMAGE_READY and the terminal events are never dropped).
 """
 
 from __future__ import annotations
@@ -272,6 +273,9 @@ class JobPipeline:
             reply, serving = await self._call_with_fallback(
                 job, provider, request, progress.reporter(index), run.cancel
             )
+            # The provider's last PROGRESS events wait for the image's statement: stored
+            # moments later, it makes them stale anyway.
+            last_progress = await run.events.take()
             if serving is not provider:
                 provider = serving
                 job = dataclasses.replace(job, provider=serving.id, model="")
@@ -293,7 +297,7 @@ class JobPipeline:
                 model=model,
                 reported_seed=reply.seed,
                 used_seed=request.seed,
-                progress=run.events,
+                waiting_progress=last_progress,
                 stored_progress=progress.stored(index),
             )
         return model, job
@@ -401,7 +405,7 @@ class JobPipeline:
         model: str,
         reported_seed: int | None,
         used_seed: int,
-        progress: _EventWriter,
+        waiting_progress: list[NewEvent],
         stored_progress: NewEvent,
     ) -> None:
         """Quota, blob, then row and events (the progress still waiting, IMAGE_READY and
@@ -434,7 +438,7 @@ class JobPipeline:
         try:
             recorded = await self._record_image(
                 image,
-                await progress.take(),
+                waiting_progress,
                 NewEvent(EventType.IMAGE_READY, {"image_id": image_id, "image_index": index}),
                 stored_progress,
                 negative_prompt=job.spec.negative_prompt,
@@ -615,9 +619,9 @@ class _EventWriter:
     A PROGRESS event waits up to PROGRESS_WINDOW before it is appended, and while one
     append is in flight the next ones wait: meanwhile a newer percent replaces a waiting
     percent-only event (events with a preview are kept, each). Whatever waits when the
-    job records an image goes into that image's statement (`take`); whatever waits at
-    the end is dropped (no PROGRESS after the terminal event). Every append is handed
-    to this process's watchers once committed."""
+    provider call returns goes into the statement of the image it made (`take`);
+    whatever waits at the end is dropped (no PROGRESS after the terminal event). Every
+    append is handed to this process's watchers once committed."""
 
     def __init__(self, generation_id: str, db: Database, signals: JobSignals) -> None:
         self._generation_id = generation_id
