@@ -33,7 +33,7 @@ ENV IMAGEGEN_HOST=0.0.0.0 \
 # when DATABASE_URL / IMAGEGEN_S3_* / IMAGEGEN_JWT_KEY are unset); the root filesystem
 # can stay read-only.
 VOLUME ["/var/lib/imagegen"]
-EXPOSE 50051 8088
+EXPOSE 50051 8088 8090
 
 # --- health and stop -------------------------------------------------------------------
 # `imagegen health` asks the server's own grpc.health.v1 service; it exits 1 from the

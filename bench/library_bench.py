@@ -22,7 +22,7 @@ from imagegen.v1 import library_pb2, library_pb2_grpc
 from imagegen.config import Settings
 from imagegen.embedded import start_embedded_postgres
 from imagegen.identity import mint_token
-from imagegen.repositories.images import LIST_IMAGES_SQL
+from imagegen.repositories.images import page_statement
 from imagegen.repositories.migrator import apply_migrations
 from imagegen.server import Server
 
@@ -31,7 +31,7 @@ WORDS = ["fox", "lighthouse", "cat", "forest", "harbour", "mountain", "river", "
 
 
 def page_args(word: str) -> tuple[object, ...]:
-    """LIST_IMAGES_SQL's parameters for a first page with an optional prompt word."""
+    """The page statement's parameters for a first page with an optional prompt word."""
     return ("bench", [], word, False, None, None, "all", False, None, None, 21)
 
 
@@ -102,7 +102,7 @@ async def main() -> None:
         served: list[float] = []
         for _ in range(args.pages):
             began = time.perf_counter()
-            await conn.fetch(LIST_IMAGES_SQL, *page_args(word))
+            await conn.fetch(page_statement(word), *page_args(word))
             direct.append(time.perf_counter() - began)
         token = ""
         for _ in range(args.pages):
@@ -120,12 +120,12 @@ async def main() -> None:
         )
     # The plan PostgreSQL really uses: the production statement, prepared and run more
     # than five times (after which a generic plan may take over), then explained.
-    await conn.execute(f"PREPARE page AS {LIST_IMAGES_SQL}")
-    for word in ("", "foxes"):
+    for number, word in enumerate(("", "foxes")):
+        await conn.execute(f"PREPARE page{number} AS {page_statement(word)}")
         literal = f"('bench', '{{}}', '{word}', false, NULL, NULL, 'all', false, NULL, NULL, 21)"
         for _ in range(6):
-            await conn.execute(f"EXECUTE page{literal}")
-        plan = await conn.fetch(f"EXPLAIN (ANALYZE, BUFFERS) EXECUTE page{literal}")
+            await conn.execute(f"EXECUTE page{number}{literal}")
+        plan = await conn.fetch(f"EXPLAIN (ANALYZE, BUFFERS) EXECUTE page{number}{literal}")
         print(f"\nEXPLAIN ANALYZE (query {word!r}):")
         for row in plan:
             print("  " + row[0])

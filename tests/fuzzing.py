@@ -5,9 +5,9 @@ RPC or field is fuzzed without touching this file. Requests travel as raw bytes 
 a channel with identity serializers, so the server also sees bytes that no client
 library would produce (truncated, wrong wire types, invalid UTF-8, bit flips).
 
-Nothing here reaches beyond loopback: the only field a server fetches (an image
-source `uri`) is drawn from a fixed list of URLs that the fetch guard refuses
-without a DNS lookup, or `data:` URLs.
+Nothing here reaches beyond loopback: the fields a server fetches or calls (an image
+source `uri`, a `callback_uri`) are drawn from a fixed list of URLs that the fetch
+guard refuses without a DNS lookup, or `data:` URLs.
 """
 
 from __future__ import annotations
@@ -416,6 +416,8 @@ class MessageFuzzer:
         return self.rng.choice(INT32_EDGES) if odd else self.rng.choice((0, 1))
 
     def _string(self, name: str, odd: bool) -> str:
+        if name == "callback_uri":
+            return self.rng.choice(SAFE_URIS) if odd else ""
         if name == "uri":
             if not odd and self.rng.random() < 0.7:
                 return "data:image/png;base64," + base64.b64encode(self._png).decode()

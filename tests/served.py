@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +13,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from imagegen.v1 import generation_pb2_grpc
@@ -31,6 +34,8 @@ class ServedProcess:
     data_dir: Path
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    #: MCP over Streamable HTTP, when started with IMAGEGEN_MCP_PORT; else empty.
+    mcp_address: str = ""
 
     def token(self, user: str = "alice", plan: str = "free", **kwargs: object) -> str:
         return mint_token(TEST_JWT_KEY, user_id=user, plan=plan, **kwargs)  # type: ignore[arg-type]
@@ -63,6 +68,31 @@ class ServedProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_entries(self) -> list[dict[str, Any]]:
+        """The server's JSON log lines (other output, such as the ready line, left out)."""
+        entries = []
+        for line in self.log_text().splitlines():
+            with contextlib.suppress(ValueError):
+                entry = json.loads(line)
+                if isinstance(entry, dict):
+                    entries.append(entry)
+        return entries
+
+    def log_problems(self) -> list[str]:
+        """Lines a clean run never logs: ERROR and above, tracebacks, asyncio's
+        "Task was destroyed but it is pending!"."""
+        problems = [
+            f"{e.get('logger')}: {e.get('message')}"
+            for e in self.log_entries()
+            if e.get("level") in ("ERROR", "CRITICAL")
+        ]
+        problems += [
+            line
+            for line in self.log_text().splitlines()
+            if "Task was destroyed" in line or line.startswith("Traceback")
+        ]
+        return problems
 
 
 async def start_server(
@@ -125,4 +155,5 @@ async def start_server(
         data_dir=data_dir,
         log_path=log_path,
         env=env,
+        mcp_address=parts.get("mcp", ""),
     )

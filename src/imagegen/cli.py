@@ -1,4 +1,5 @@
-"""`imagegen`: serve, migrate, check health, mint a token, or generate from the command line."""
+"""`imagegen`: serve, migrate, check health, mint a token, generate, get help with prompts,
+review moderation, read a webhook secret, or serve MCP from the command line."""
 
 from __future__ import annotations
 
@@ -62,6 +63,41 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--addr", default=None, help="server address (IMAGEGEN_ADDR)")
     gen.add_argument("--user", default="cli", help="user for a minted token when none is given")
 
+    mcp = sub.add_parser(
+        "mcp",
+        help="serve MCP on stdin/stdout for a local agent, calling a served imagegen "
+        "(IMAGEGEN_ADDR) with IMAGEGEN_TOKEN",
+    )
+    mcp.add_argument("--addr", default=None, help="server address (IMAGEGEN_ADDR)")
+    mcp.add_argument("--user", default="cli", help="user for a minted token when none is given")
+
+    tools = sub.add_parser(
+        "tools", help="print the MCP tools' definitions as JSON, for frameworks without MCP"
+    )
+    tools.add_argument(
+        "--format",
+        default="mcp",
+        choices=("openai", "mcp"),
+        help="openai: function-calling `tools`; mcp: MCP Tool objects (with output schemas)",
+    )
+
+    suggest = sub.add_parser(
+        "suggest", help="complete a prompt from your prompts, templates and built-in phrases"
+    )
+    suggest.add_argument("text", help="what you have typed so far (may be empty)")
+    suggest.add_argument("--style", choices=STYLES)
+    suggest.add_argument("--limit", type=int, default=0, help="1 to 50 (default: 10)")
+    enhance = sub.add_parser(
+        "enhance", help="rewrite a prompt with lighting, composition and quality details"
+    )
+    enhance.add_argument("prompt")
+    enhance.add_argument("--style", choices=STYLES)
+    for prompt_command in (suggest, enhance):
+        prompt_command.add_argument("--addr", default=None, help="server address (IMAGEGEN_ADDR)")
+        prompt_command.add_argument(
+            "--user", default="cli", help="user for a minted token when none is given"
+        )
+
     provenance = sub.add_parser(
         "provenance",
         help="print an image's C2PA manifest and XMP marks (exit 1 if none or invalid)",
@@ -79,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
     grant.add_argument("--user", required=True)
     grant.add_argument("--amount", type=int, required=True)
     grant.add_argument("--note", default="granted by an administrator")
+
+    from imagegen.cli_moderation import add_parser as add_moderation_parser
+    from imagegen.cli_webhook import add_parser as add_webhook_parser
+
+    add_moderation_parser(sub)
+    add_webhook_parser(sub)
 
     for what, help_text in (
         ("usage", "usage records"),
@@ -120,15 +162,58 @@ def main(argv: list[str] | None = None) -> int:
         from imagegen.cli_generate import run_generate
 
         return asyncio.run(run_generate(settings, args))
+    if args.command in ("suggest", "enhance"):
+        from imagegen.cli_prompts import run_enhance, run_suggest
+
+        run = run_suggest if args.command == "suggest" else run_enhance
+        return asyncio.run(run(settings, args))
     if args.command == "credits":
         return _grant(settings, args)
     if args.command == "provenance":
         return _provenance(settings, args)
+    if args.command == "mcp":
+        return _mcp(settings, args)
+    if args.command == "tools":
+        return _tools(args)
+    if args.command == "moderation":
+        from imagegen.cli_moderation import run as run_moderation
+
+        return run_moderation(settings, args)
+    if args.command == "webhook":
+        from imagegen.cli_webhook import run as run_webhook
+
+        return asyncio.run(run_webhook(settings, args))
     if args.command in ("usage", "generations"):
         from imagegen.cli_export import run_export
 
         return asyncio.run(run_export(settings, args, args.command))
     return 2  # pragma: no cover - argparse rejects other commands
+
+
+def _mcp(settings: Settings, args: argparse.Namespace) -> int:
+    import os
+
+    from imagegen.cli_generate import _token
+    from imagegen.mcp import run_stdio
+    from imagegen.mcp.tools import McpOptions
+    from imagegen.telemetry import configure_logging
+
+    # stdout carries the protocol: logs go to stderr only (configure_logging's stream).
+    configure_logging(settings.log_level)
+    address = args.addr or os.environ.get("IMAGEGEN_ADDR") or "127.0.0.1:50051"
+    options = McpOptions(default_wait=settings.mcp.default_wait, max_wait=settings.mcp.max_wait)
+    asyncio.run(run_stdio(address, _token(settings, args.user), options))
+    return 0
+
+
+def _tools(args: argparse.Namespace) -> int:
+    import json
+
+    from imagegen.mcp.definitions import mcp_tool_definitions, openai_tool_definitions
+
+    definitions = openai_tool_definitions() if args.format == "openai" else mcp_tool_definitions()
+    print(json.dumps(definitions, indent=2, ensure_ascii=False))
+    return 0
 
 
 def _serve(settings: Settings) -> int:

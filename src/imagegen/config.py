@@ -14,6 +14,9 @@ from datetime import timedelta
 from pathlib import Path
 
 MAX_URL_TTL = timedelta(days=7)
+MIN_WEBHOOK_KEY_CHARS = 32
+#: 5 s, 30 s, 2 min, 10 min, 30 min, 1 h, 2 h, 4 h, 8 h, 8 h: 23.7 hours in all.
+DEFAULT_WEBHOOK_RETRY_DELAYS = "5,30,120,600,1800,3600,7200,14400,28800,28800"
 MAX_USAGE_NOTICE_CHARS = 2000
 #: What images say about themselves when a deployment sets no IMAGEGEN_USAGE_NOTICE.
 DEFAULT_USAGE_NOTICE = (
@@ -43,6 +46,34 @@ SETTINGS: tuple[SettingDoc, ...] = (
         "IMAGEGEN_HTTP_PORT",
         "8088",
         "HTTP port for signed blob URLs (local store) and `/metrics`; 0 binds a free port.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_MCP_PORT",
+        "(unset: off)",
+        "Port of MCP over Streamable HTTP at `/mcp` (same bearer JWT as gRPC); 0 binds a "
+        "free port.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_MCP_WAIT",
+        "30",
+        "MCP: seconds a job tool waits for its job when the call names no `wait_seconds`.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_MCP_MAX_WAIT",
+        "55",
+        "MCP: most seconds any tool call waits for a job (`wait_seconds` above it is cut "
+        "to it); below common 60 s client timeouts.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WAIT_DEFAULT",
+        "30",
+        "WaitGeneration: seconds it waits for the job when the request names no timeout.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WAIT_MAX",
+        "120",
+        "WaitGeneration: most seconds it waits (a longer timeout is cut to it; the caller's "
+        "gRPC deadline also bounds it).",
     ),
     SettingDoc(
         "IMAGEGEN_PUBLIC_URL",
@@ -166,6 +197,84 @@ SETTINGS: tuple[SettingDoc, ...] = (
         "Seconds the `local` renderer pauses between its progress steps.",
     ),
     SettingDoc("IMAGEGEN_LOG_LEVEL", "INFO", "Log level."),
+    SettingDoc(
+        "IMAGEGEN_MODERATION_CHAIN",
+        "rules",
+        "Comma-separated moderators asked in order before any cost: `rules` (local term "
+        "lists), `openai` (OpenAI moderation endpoint); `none` turns moderation off.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_MODERATION_POLICY_FILE",
+        "(built-in policy)",
+        "JSON moderation policy per plan: block, flag or allow per category, score "
+        "threshold, fail closed or open, suspension after N blocks in a window.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_MODERATION_RULES_FILE",
+        "(built-in list)",
+        "JSON term and pattern lists per category for the `rules` moderator; replaces "
+        "the shipped list.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_MODERATION_URL",
+        "(OPENAI_BASE_URL, only if the chain names openai and both moderation settings "
+        "are unset)",
+        "Base URL of the OpenAI moderation endpoint (`{url}/moderations`).",
+    ),
+    SettingDoc(
+        "IMAGEGEN_MODERATION_API_KEY",
+        "(OPENAI_API_KEY, on the same terms)",
+        "Bearer key of the moderation endpoint; unset sends none.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_MODERATION_TIMEOUT",
+        "5",
+        "Seconds one call to the moderation endpoint may take before it counts as down.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_MODERATION_STORE_TEXT",
+        "false",
+        "Store the texts of blocked and flagged requests for review; otherwise only their "
+        "SHA-256.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WEBHOOK_KEY",
+        "(development key in the data directory)",
+        f"Key (at least {MIN_WEBHOOK_KEY_CHARS} characters) that encrypts users' webhook "
+        "signing secrets in the database; replicas sharing a database need the same one.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WEBHOOK_SECRET_GRACE",
+        "86400",
+        "Seconds a rotated webhook secret goes on signing beside the new one.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WEBHOOK_TIMEOUT",
+        "10",
+        "Seconds one webhook attempt may take (connect, send, answer); past it the attempt "
+        "failed.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WEBHOOK_RETRY_DELAYS",
+        DEFAULT_WEBHOOK_RETRY_DELAYS,
+        "Comma-separated seconds between a failed webhook attempt and the next (the last "
+        "repeats); the default spreads 11 attempts over about 24 hours.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WEBHOOK_MAX_ATTEMPTS",
+        "11",
+        "Webhook attempts in all before a callback is given up.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WEBHOOK_CONCURRENCY",
+        "8",
+        "Webhook attempts one process makes at once.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_WEBHOOK_POLL",
+        "1",
+        "Seconds between one process's looks for callbacks that became due.",
+    ),
     SettingDoc("BUILT_IN_FORGE_API_URL", "(unset)", "Base URL of the Forge ImageService."),
     SettingDoc("BUILT_IN_FORGE_API_KEY", "(unset)", "Bearer key of the Forge ImageService."),
     SettingDoc(
@@ -173,12 +282,28 @@ SETTINGS: tuple[SettingDoc, ...] = (
         "(unset)",
         "Base URL of an AUTOMATIC1111 / SD WebUI Forge server (the `sdwebui` provider).",
     ),
+    SettingDoc(
+        "IMAGEGEN_ENHANCE_URL",
+        "(unset: the local enhancer)",
+        "Base URL of an OpenAI-compatible chat-completions server for EnhancePrompt "
+        "(e.g. `https://api.openai.com/v1`); needs IMAGEGEN_ENHANCE_MODEL.",
+    ),
+    SettingDoc(
+        "IMAGEGEN_ENHANCE_API_KEY",
+        "(unset: no Authorization header)",
+        "Bearer key of the prompt enhancement model.",
+    ),
+    SettingDoc("IMAGEGEN_ENHANCE_MODEL", "(unset)", "Chat model that enhances prompts."),
+    SettingDoc(
+        "IMAGEGEN_ENHANCE_TIMEOUT", "30", "Seconds one call to the enhancement model may take."
+    ),
     SettingDoc("OPENAI_API_KEY", "(unset)", "OpenAI Images key."),
     SettingDoc("OPENAI_BASE_URL", "(unset)", "OpenAI-compatible base URL."),
     SettingDoc(
         "OTEL_*",
         "(no export)",
-        "Standard OpenTelemetry variables; OTLP export when an endpoint is set.",
+        "Standard OpenTelemetry variables; OTLP export when an endpoint is set, over gRPC "
+        "or `OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf`; no span is recorded otherwise.",
     ),
     SettingDoc("IMAGEGEN_ADDR", "127.0.0.1:50051", "CLI: server address."),
     SettingDoc("IMAGEGEN_TOKEN", "(minted from the data directory's key)", "CLI: bearer token."),
@@ -227,6 +352,58 @@ class ForgeSettings:
     api_key: str | None
 
 
+#: Moderators IMAGEGEN_MODERATION_CHAIN may name.
+MODERATORS = ("rules", "openai")
+
+
+@dataclass(frozen=True)
+class ModerationSettings:
+    """The moderator chain and its outside endpoint. `url` and `api_key` are the openai
+    moderator's own settings, or OPENAI_BASE_URL/OPENAI_API_KEY when the chain names
+    openai and neither of its own is set; they never configure the image provider."""
+
+    chain: tuple[str, ...]
+    policy_file: Path | None
+    rules_file: Path | None
+    url: str | None
+    api_key: str | None
+    timeout: timedelta
+    store_text: bool
+
+
+@dataclass(frozen=True)
+class McpSettings:
+    """The MCP face: its HTTP port (None: off) and how long job tools wait."""
+
+    port: int | None
+    default_wait: float
+    max_wait: float
+
+
+@dataclass(frozen=True)
+class EnhanceModelSettings:
+    """The prompt enhancement model; `url` unset means the local enhancer."""
+
+    url: str | None
+    api_key: str | None
+    model: str | None
+    timeout: timedelta
+
+
+@dataclass(frozen=True)
+class WebhookSettings:
+    """Signed webhooks: the key that encrypts users' secrets (None: the development key
+    in the data directory), a rotation's grace period, and how callbacks are sent."""
+
+    key: str | None
+    secret_grace: timedelta
+    timeout: timedelta
+    retry_delays: tuple[timedelta, ...]
+    max_attempts: int
+    concurrency: int
+    poll_interval: float
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service reads from its environment."""
@@ -235,6 +412,10 @@ class Settings:
     host: str
     grpc_port: int
     http_port: int
+    mcp: McpSettings
+    #: WaitGeneration's wait when a request names no timeout, and its ceiling
+    wait_default: timedelta
+    wait_max: timedelta
     public_url: str | None
     ready_file: Path | None
     database_url: str | None
@@ -267,6 +448,9 @@ class Settings:
     openai_api_key: str | None
     openai_base_url: str | None
     sdwebui_url: str | None
+    moderation: ModerationSettings
+    enhance: EnhanceModelSettings
+    webhooks: WebhookSettings
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -304,11 +488,40 @@ class Settings:
             raise ConfigError(
                 f"IMAGEGEN_USAGE_NOTICE must be at most {MAX_USAGE_NOTICE_CHARS} characters"
             )
+        mcp_port_text = reader.optional("IMAGEGEN_MCP_PORT")
+        max_wait = reader.number("IMAGEGEN_MCP_MAX_WAIT", 55.0)
+        default_wait = reader.number("IMAGEGEN_MCP_WAIT", min(30.0, max_wait))
+        if default_wait > max_wait:
+            raise ConfigError("IMAGEGEN_MCP_WAIT must not be above IMAGEGEN_MCP_MAX_WAIT")
+        mcp = McpSettings(
+            port=None if mcp_port_text is None else reader.port("IMAGEGEN_MCP_PORT", 0),
+            default_wait=default_wait,
+            max_wait=max_wait,
+        )
+        enhance = EnhanceModelSettings(
+            url=reader.optional("IMAGEGEN_ENHANCE_URL"),
+            api_key=reader.optional("IMAGEGEN_ENHANCE_API_KEY"),
+            model=reader.optional("IMAGEGEN_ENHANCE_MODEL"),
+            timeout=reader.seconds("IMAGEGEN_ENHANCE_TIMEOUT", 30),
+        )
+        if enhance.url and not enhance.model:
+            raise ConfigError("IMAGEGEN_ENHANCE_URL needs IMAGEGEN_ENHANCE_MODEL (the chat model)")
+        if enhance.timeout <= timedelta(0):
+            raise ConfigError("IMAGEGEN_ENHANCE_TIMEOUT must be more than 0 seconds")
+        wait_max = reader.seconds("IMAGEGEN_WAIT_MAX", 120)
+        wait_default = reader.seconds("IMAGEGEN_WAIT_DEFAULT", min(30.0, wait_max.total_seconds()))
+        if wait_default <= timedelta(0) or wait_default > wait_max:
+            raise ConfigError(
+                "IMAGEGEN_WAIT_DEFAULT must be above 0 and not above IMAGEGEN_WAIT_MAX"
+            )
         settings = cls(
             data_dir=data_dir,
             host=reader.text("IMAGEGEN_HOST", "127.0.0.1"),
             grpc_port=reader.port("IMAGEGEN_GRPC_PORT", 50051),
             http_port=reader.port("IMAGEGEN_HTTP_PORT", 8088),
+            mcp=mcp,
+            wait_default=wait_default,
+            wait_max=wait_max,
             public_url=reader.optional("IMAGEGEN_PUBLIC_URL"),
             ready_file=_path_or_none(reader.optional("IMAGEGEN_READY_FILE")),
             database_url=reader.optional("DATABASE_URL"),
@@ -364,6 +577,9 @@ class Settings:
             openai_api_key=reader.optional("OPENAI_API_KEY"),
             openai_base_url=reader.optional("OPENAI_BASE_URL"),
             sdwebui_url=reader.optional("IMAGEGEN_SDWEBUI_URL"),
+            moderation=_moderation_settings(reader),
+            enhance=enhance,
+            webhooks=_webhook_settings(reader),
         )
         return settings
 
@@ -376,6 +592,80 @@ class Settings:
         if self.default_provider:
             return self.default_provider
         return "forge" if self.forge_configured else "local"
+
+
+def _moderation_settings(reader: _Reader) -> ModerationSettings:
+    raw_chain = reader.text("IMAGEGEN_MODERATION_CHAIN", "rules").lower()
+    chain = tuple(m.strip() for m in raw_chain.split(",") if m.strip())
+    if chain == ("none",):
+        chain = ()
+    unknown = [m for m in chain if m not in MODERATORS]
+    if unknown or len(set(chain)) != len(chain):
+        raise ConfigError(
+            "IMAGEGEN_MODERATION_CHAIN must list distinct moderators from "
+            f"{', '.join(MODERATORS)} (or be none), not {raw_chain!r}"
+        )
+    url = reader.optional("IMAGEGEN_MODERATION_URL")
+    api_key = reader.optional("IMAGEGEN_MODERATION_API_KEY")
+    if "openai" in chain:
+        if url is None and api_key is None:
+            # The OpenAI settings stand in only as a pair, and only for a chain that
+            # asks for openai: the image provider's key never goes to another host.
+            url = reader.optional("OPENAI_BASE_URL")
+            api_key = reader.optional("OPENAI_API_KEY")
+        if url is None:
+            raise ConfigError(
+                "IMAGEGEN_MODERATION_CHAIN names openai but IMAGEGEN_MODERATION_URL is not "
+                "set (nor, with no moderation key either, OPENAI_BASE_URL)"
+            )
+    store_text = reader.text("IMAGEGEN_MODERATION_STORE_TEXT", "false").lower()
+    if store_text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ConfigError("IMAGEGEN_MODERATION_STORE_TEXT must be true or false")
+    timeout = reader.seconds("IMAGEGEN_MODERATION_TIMEOUT", 5)
+    if timeout <= timedelta(0):
+        raise ConfigError("IMAGEGEN_MODERATION_TIMEOUT must be above 0")
+    return ModerationSettings(
+        chain=chain,
+        policy_file=_path_or_none(reader.optional("IMAGEGEN_MODERATION_POLICY_FILE")),
+        rules_file=_path_or_none(reader.optional("IMAGEGEN_MODERATION_RULES_FILE")),
+        url=url,
+        api_key=api_key,
+        timeout=timeout,
+        store_text=store_text in ("true", "1", "yes"),
+    )
+
+
+def _webhook_settings(reader: _Reader) -> WebhookSettings:
+    key = reader.optional("IMAGEGEN_WEBHOOK_KEY")
+    if key is not None and len(key) < MIN_WEBHOOK_KEY_CHARS:
+        raise ConfigError(
+            f"IMAGEGEN_WEBHOOK_KEY must be at least {MIN_WEBHOOK_KEY_CHARS} characters"
+        )
+    raw_delays = reader.text("IMAGEGEN_WEBHOOK_RETRY_DELAYS", DEFAULT_WEBHOOK_RETRY_DELAYS)
+    try:
+        delays = tuple(float(d) for d in raw_delays.split(",") if d.strip())
+    except ValueError:
+        delays = ()
+    if not delays or any(not 0 < d <= 7 * 86400 for d in delays):
+        raise ConfigError(
+            "IMAGEGEN_WEBHOOK_RETRY_DELAYS must be comma-separated seconds, each above 0 and "
+            f"at most 604800, not {raw_delays!r}"
+        )
+    timeout = reader.seconds("IMAGEGEN_WEBHOOK_TIMEOUT", 10)
+    if not timedelta(0) < timeout <= timedelta(minutes=5):
+        raise ConfigError("IMAGEGEN_WEBHOOK_TIMEOUT must be above 0 and at most 300 seconds")
+    poll = reader.number("IMAGEGEN_WEBHOOK_POLL", 1.0)
+    if poll <= 0:
+        raise ConfigError("IMAGEGEN_WEBHOOK_POLL must be above 0")
+    return WebhookSettings(
+        key=key,
+        secret_grace=reader.seconds("IMAGEGEN_WEBHOOK_SECRET_GRACE", 86400),
+        timeout=timeout,
+        retry_delays=tuple(timedelta(seconds=d) for d in delays),
+        max_attempts=reader.integer("IMAGEGEN_WEBHOOK_MAX_ATTEMPTS", 11, minimum=1),
+        concurrency=reader.integer("IMAGEGEN_WEBHOOK_CONCURRENCY", 8, minimum=1),
+        poll_interval=poll,
+    )
 
 
 def _path_or_none(value: str | None) -> Path | None:

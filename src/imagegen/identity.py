@@ -12,13 +12,16 @@ key kept in the data directory, so `imagegen token` and `imagegen serve` agree o
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
 import secrets
 import stat
 import tempfile
-from collections.abc import Mapping, Sequence
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -45,6 +48,9 @@ MAX_USER_ID_CHARS = 255
 MAX_SUB_ACCOUNT_CHARS = 255
 #: Far above any real token of ours; refusing larger ones before parsing bounds the work.
 MAX_TOKEN_CHARS = 8192
+#: Verified tokens remembered (most recently used kept): about 0.3 KiB each, so the
+#: default bounds the cache near 3 MiB whatever callers send.
+DEFAULT_VERIFIED_CACHE_ENTRIES = 10_000
 
 DEV_KEY_FILE = "dev-jwt.key"
 _DEV_KEY_PATTERN = re.compile(r"[0-9a-f]{64}")
@@ -84,7 +90,15 @@ def _check_algorithms(algorithms: Sequence[str], key: str | bytes) -> tuple[str,
 
 
 class TokenVerifier:
-    """Verifies bearer JWTs with a fixed key and algorithm list and yields an Identity."""
+    """Verifies bearer JWTs with a fixed key and algorithm list and yields an Identity.
+
+    A caller sends the same token on every call, so a verified token's Identity is
+    remembered until the token's `exp` (without the leeway: from then on PyJWT decides
+    again), in a bounded LRU keyed by the token's SHA-256, so the tokens themselves are
+    not kept. Only verified tokens are remembered; a refused one is checked again each
+    time. The key and the checks are fixed for the verifier's life, so a remembered
+    answer stays the answer until `exp`.
+    """
 
     def __init__(
         self,
@@ -93,7 +107,12 @@ class TokenVerifier:
         issuer: str | None,
         audience: str | None,
         leeway: float = 5,
+        *,
+        cache_entries: int = DEFAULT_VERIFIED_CACHE_ENTRIES,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        if cache_entries < 0:
+            raise ValueError("cache_entries must be 0 (no cache) or more")
         self._algorithms = _check_algorithms(algorithms, key)
         if self._algorithms[0] not in _HMAC_ALGORITHMS:
             # Parse the public key now so a bad IMAGEGEN_JWT_KEY fails at start-up,
@@ -119,11 +138,20 @@ class TokenVerifier:
             # refuse every token that carries an `aud` claim.
             "verify_aud": audience is not None,
         }
+        self._cache_entries = cache_entries
+        self._clock = clock
+        #: sha256(token) -> (identity, the token's exp in epoch seconds).
+        self._verified: OrderedDict[bytes, tuple[Identity, int]] = OrderedDict()
 
     @property
     def algorithms(self) -> tuple[str, ...]:
         """The algorithms this verifier accepts, in configured order."""
         return self._algorithms
+
+    @property
+    def cached_tokens(self) -> int:
+        """How many verified tokens are remembered now."""
+        return len(self._verified)
 
     def verify(self, token: str) -> Identity:
         """Check the token's signature and claims; raises Unauthenticated saying what to fix."""
@@ -133,6 +161,26 @@ class TokenVerifier:
             raise Unauthenticated(f"empty bearer token: {_MINT_HINT}")
         if len(token) > MAX_TOKEN_CHARS:
             raise Unauthenticated(f"bearer token is longer than {MAX_TOKEN_CHARS} characters")
+        if not self._cache_entries:
+            return self._verify(token)[0]
+        # surrogatepass: any str hashes; PyJWT refuses a token that is not valid text.
+        digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+        remembered = self._verified.get(digest)
+        if remembered is not None:
+            identity, expires = remembered
+            if self._clock() < expires:
+                self._verified.move_to_end(digest)
+                return identity
+            del self._verified[digest]
+        identity, expires = self._verify(token)
+        if self._clock() < expires:
+            self._verified[digest] = (identity, expires)
+            if len(self._verified) > self._cache_entries:
+                self._verified.popitem(last=False)
+        return identity
+
+    def _verify(self, token: str) -> tuple[Identity, int]:
+        """The token's Identity and `exp` (epoch seconds), checked by PyJWT."""
         accepted = ", ".join(self._algorithms)
         try:
             header = jwt.get_unverified_header(token)
@@ -190,7 +238,8 @@ class TokenVerifier:
             # The remaining cases (malformed payload, non-string `sub`, bad `iat`) carry
             # PyJWT's own short description, which names a claim, never the token.
             raise Unauthenticated(f"token is invalid ({exc}): {_MINT_HINT}") from None
-        return _identity_from_claims(claims)
+        # PyJWT required `exp` and checked that it converts to an int.
+        return _identity_from_claims(claims), int(claims["exp"])
 
 
 def _storable(text: str) -> bool:

@@ -1,30 +1,33 @@
 """The composition root: reads settings, opens every resource in one exit stack,
 wires services and servicers, serves gRPC and HTTP, and shuts down in order.
 
-Shutdown on SIGTERM/SIGINT: health turns NOT_SERVING and new RPCs are refused
-(UNAVAILABLE) while running ones finish within IMAGEGEN_SHUTDOWN_GRACE; workers
-stop claiming, running jobs finish or go back to the queue; then everything closes
-in reverse order.
+Shutdown on SIGTERM/SIGINT: new RPCs are refused (UNAVAILABLE) and readiness (gRPC
+health and /readyz) turns NOT_SERVING while running RPCs finish within
+IMAGEGEN_SHUTDOWN_GRACE; workers stop claiming, running jobs finish or go back to the
+queue; then everything closes in reverse order. /healthz (liveness) stays 200.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import asyncpg
 import grpc
 import httpx
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from imagegen.api.generation import ImageGenerationServicer
+from imagegen.api.health import Readiness
 from imagegen.api.http import build_http_app, start_http_server
 from imagegen.api.interceptors import (
     AuthInterceptor,
@@ -33,32 +36,53 @@ from imagegen.api.interceptors import (
     InflightInterceptor,
 )
 from imagegen.api.library import ImageLibraryServicer
+from imagegen.api.memory import HeapTrimmer, LargeRequestInterceptor
+from imagegen.api.prompts import PromptAssistantServicer
 from imagegen.api.templates import PromptTemplateServicer
 from imagegen.api.usage import UsageServicer
-from imagegen.config import ConfigError, Settings
+from imagegen.api.webhooks import render_payload
+from imagegen.config import ConfigError, ModerationSettings, Settings
+from imagegen.domain.errors import Unauthenticated
+from imagegen.domain.moderation import ModerationPolicyTable
+from imagegen.domain.moderation_rules import RuleSet, readings
+from imagegen.domain.phrases import builtin_phrases
 from imagegen.domain.plans import PlanTable
 from imagegen.domain.pricing import PriceTable
+from imagegen.domain.webhooks import RetryPolicy
 from imagegen.embedded import start_embedded_postgres
 from imagegen.identity import TokenVerifier, resolve_jwt_key
 from imagegen.imaging import EncodeSettings
 from imagegen.jobs.runner import JobRunner
 from imagegen.jobs.signals import JobSignals, NotificationListener
+from imagegen.jobs.webhooks import WebhookWorker
 from imagegen.ports import bind_failure, ensure_ports_free
 from imagegen.providers.base import Provider
+from imagegen.providers.chat_enhancer import ChatEnhancer
 from imagegen.providers.fetch_guard import FetchLimits, GuardedFetcher
 from imagegen.providers.forge import ForgeProvider
 from imagegen.providers.local import LocalProvider
 from imagegen.providers.openai import OpenAIProvider
+from imagegen.providers.openai_moderation import OpenAIModerator
 from imagegen.providers.resilience import ResilientProvider
+from imagegen.providers.rules_moderation import RulesModerator
 from imagegen.providers.sdwebui import SDWebUIProvider
 from imagegen.repositories.db import BackendPids, connection_slots, open_pool
 from imagegen.repositories.images import LibraryQueries
 from imagegen.repositories.migrator import apply_migrations
+from imagegen.repositories.moderation import ModerationRepository
+from imagegen.repositories.prompts import PromptCandidates
 from imagegen.repositories.templates import TemplateRepository
 from imagegen.repositories.unit_of_work import PostgresDatabase
 from imagegen.repositories.usage import UsageQueries
+from imagegen.repositories.webhook_secrets import (
+    SecretBox,
+    WebhookSecretStore,
+    load_or_create_dev_key,
+)
 from imagegen.services.generations import (
+    GenerationPresenter,
     GenerationReads,
+    GenerationWaiter,
     GenerationWatch,
     JobPipeline,
     PipelineSettings,
@@ -66,11 +90,20 @@ from imagegen.services.generations import (
     SubmissionService,
     SubmissionSettings,
     UserSettingsService,
+    WaitSettings,
 )
 from imagegen.services.library import LibraryService, LibrarySettings
+from imagegen.services.moderation import EnhancementScreen, ModerationService, Moderator
+from imagegen.services.prompts import (
+    EnhancementSettings,
+    PromptEnhancement,
+    PromptSuggestions,
+)
 from imagegen.services.sources import SourceLimits, SourceResolver
 from imagegen.services.templates import TemplateService
 from imagegen.services.usage import UsageService
+from imagegen.services.webhooks.delivery import CallbackDelivery, DeliverySettings
+from imagegen.services.webhooks.secrets import WebhookSecrets
 from imagegen.storage.base import BlobStore
 from imagegen.storage.local import LocalBlobStore, load_or_create_signing_key
 from imagegen.storage.s3 import open_s3_store
@@ -80,11 +113,16 @@ from imagegen.v1 import (
     generation_pb2_grpc,
     library_pb2,
     library_pb2_grpc,
+    prompts_pb2,
+    prompts_pb2_grpc,
     templates_pb2,
     templates_pb2_grpc,
     usage_pb2,
     usage_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from imagegen.mcp.http import McpHttpServer
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +131,7 @@ SERVICE_NAMES = (
     library_pb2.DESCRIPTOR.services_by_name["ImageLibraryService"].full_name,
     templates_pb2.DESCRIPTOR.services_by_name["PromptTemplateService"].full_name,
     usage_pb2.DESCRIPTOR.services_by_name["UsageService"].full_name,
+    prompts_pb2.DESCRIPTOR.services_by_name["PromptAssistantService"].full_name,
 )
 
 
@@ -104,6 +143,7 @@ class RunningServer:
     http_port: int
     settings: Settings
     telemetry: Telemetry
+    mcp_port: int | None = None
 
 
 class Server:
@@ -155,7 +195,10 @@ class Server:
             # while it runs, so the worker count never decides how many connections we open.
             backend_pids = BackendPids()
             pool = await open_pool(
-                dsn, max_size=settings.db_pool_size, backend_pids=backend_pids
+                dsn,
+                max_size=settings.db_pool_size,
+                tracer=telemetry.tracer,
+                backend_pids=backend_pids,
             )
             stack.push_async_callback(pool.close)
             await check_connection_budget(pool, settings.db_pool_size)
@@ -208,8 +251,26 @@ class Server:
             await listener.start()
             stack.push_async_callback(listener.stop)
 
+            moderators = await _moderators(settings.moderation, http_client)
+            telemetry.moderation_metrics.moderators_configured([m.id for m in moderators])
+            moderation = ModerationService(
+                chain=moderators,
+                policies=ModerationPolicyTable.load(settings.moderation.policy_file),
+                repository=ModerationRepository(pool),
+                observer=telemetry.moderation_metrics,
+                store_text=settings.moderation.store_text,
+            )
+
             database = PostgresDatabase(pool)
             plans = PlanTable.load(settings.plans_file)
+            reads = GenerationReads(
+                db=database,
+                blobs=blobs,
+                signals=signals,
+                url_ttl=settings.url_ttl,
+                plans=plans,
+            )
+            webhook_secrets, deliveries = _webhooks(settings, pool, database, reads, stack)
             prices = PriceTable.load(settings.pricing_file)
             catalogue = ProviderCatalogue(
                 providers,
@@ -232,7 +293,10 @@ class Server:
                     max_pixels=settings.max_pixels,
                     request_id_ttl=settings.request_id_ttl,
                 ),
+                presenter=GenerationPresenter(db=database, blobs=blobs, url_ttl=settings.url_ttl),
                 tracer=telemetry.tracer,
+                moderation=moderation,
+                callbacks=deliveries,
             )
             pipeline = JobPipeline(
                 db=database,
@@ -249,6 +313,7 @@ class Server:
                     encode=_encode_settings(settings),
                 ),
                 tracer=telemetry.tracer,
+                moderation=moderation,
             )
             watch = GenerationWatch(
                 db=database,
@@ -277,10 +342,13 @@ class Server:
             handle.watch = watch
             inflight = InflightInterceptor()
             handle.inflight = inflight
-            max_message = settings.max_input_bytes + 1024 * 1024
+            max_message = receive_limit(settings.max_input_bytes)
+            trimmer = HeapTrimmer()
+            stack.push_async_callback(trimmer.aclose)
             server = grpc.aio.server(
                 interceptors=[
                     telemetry.grpc_server_interceptor(),
+                    LargeRequestInterceptor(trimmer),
                     DrainInterceptor(lambda: handle.draining),
                     inflight,
                     AuthInterceptor(verifier),
@@ -292,15 +360,27 @@ class Server:
                     ("grpc.so_reuseport", 0),
                 ],
             )
+            webhook_worker = WebhookWorker(
+                database.webhooks,
+                deliveries.deliver,
+                concurrency=settings.webhooks.concurrency,
+                # Past the attempt's own deadline, with room for recording it.
+                lease=settings.webhooks.timeout * 2 + timedelta(seconds=10),
+                poll_interval=settings.webhooks.poll_interval,
+            )
             generation_pb2_grpc.add_ImageGenerationServiceServicer_to_server(
                 ImageGenerationServicer(
                     submission=submission,
-                    reads=GenerationReads(
-                        db=database, blobs=blobs, signals=signals, url_ttl=settings.url_ttl
-                    ),
+                    reads=reads,
                     watch=watch,
                     user_settings=UserSettingsService(database.user_settings, catalogue),
                     url_ttl=settings.url_ttl,
+                    waiter=GenerationWaiter(
+                        reads=reads,
+                        watch=watch,
+                        settings=WaitSettings(settings.wait_default, settings.wait_max),
+                    ),
+                    webhook_secrets=webhook_secrets,
                 ),
                 server,
             )
@@ -323,7 +403,11 @@ class Server:
             )
             templates_pb2_grpc.add_PromptTemplateServiceServicer_to_server(
                 PromptTemplateServicer(
-                    TemplateService(TemplateRepository(pool), submission),
+                    TemplateService(
+                        TemplateRepository(pool),
+                        submission,
+                        request_id_ttl=settings.request_id_ttl,
+                    ),
                     url_ttl=settings.url_ttl,
                 ),
                 server,
@@ -336,8 +420,34 @@ class Server:
                 ),
                 server,
             )
+            enhance = settings.enhance
+            phrases = builtin_phrases()
+            prompts_pb2_grpc.add_PromptAssistantServiceServicer_to_server(
+                PromptAssistantServicer(
+                    PromptSuggestions(PromptCandidates(pool), phrases=phrases),
+                    PromptEnhancement(
+                        db=database,
+                        chat=ChatEnhancer(
+                            enhance.url,
+                            enhance.model or "",
+                            http_client,
+                            api_key=enhance.api_key,
+                            timeout=enhance.timeout.total_seconds(),
+                        )
+                        if enhance.url
+                        else None,
+                        phrases=phrases,
+                        # The moderation use case takes this seam's place once it exists.
+                        screen=EnhancementScreen(moderation),
+                        settings=EnhancementSettings(plans=plans, prices=prices),
+                    ),
+                ),
+                server,
+            )
             health_servicer = health.aio.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+            readiness = Readiness(health_servicer, ("", *SERVICE_NAMES))
+            handle.readiness = readiness
             reflection.enable_server_reflection(
                 (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
@@ -354,7 +464,11 @@ class Server:
                     "IMAGEGEN_GRPC_PORT", settings.host, settings.grpc_port, RuntimeError()
                 )
 
-            http_app = build_http_app(local_store=local_store, metrics_text=telemetry.metrics_text)
+            http_app = build_http_app(
+                local_store=local_store,
+                metrics_text=telemetry.metrics_text,
+                is_ready=lambda: readiness.ready,
+            )
             try:
                 http_runner, http_port = await start_http_server(
                     http_app, settings.host, settings.http_port
@@ -375,16 +489,19 @@ class Server:
             await runner.start()
             telemetry.generation_metrics.register_queue_observer(lambda: runner.queue_stats)
             handle.runner = runner
+            await webhook_worker.start()
+            handle.webhooks = webhook_worker
             await server.start()
-            for name in ("", *SERVICE_NAMES):
-                await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+            # Migrations, the listener, the workers and both servers are up.
+            await readiness.serving()
             handle.server = server
-            handle.health = health_servicer
-            self.running = RunningServer(grpc_port, http_port, settings, telemetry)
+            handle.mcp = await _start_mcp(settings, grpc_port, verifier, stack)
+            mcp_port = handle.mcp.port if handle.mcp is not None else None
+            self.running = RunningServer(grpc_port, http_port, settings, telemetry, mcp_port)
             line = (
                 f"imagegen listening grpc={settings.host}:{grpc_port} "
                 f"http={settings.host}:{http_port}"
-            )
+            ) + (f" mcp={settings.host}:{mcp_port}" if mcp_port is not None else "")
             print(line, flush=True)
             if settings.ready_file is not None:
                 settings.ready_file.write_text(line + "\n")
@@ -396,25 +513,38 @@ class Server:
                 # Normally done by _shutdown; this covers a failure while serving.
                 await server.stop(0)
                 await runner.stop(0)
+                await webhook_worker.stop(0)
 
     async def _shutdown(self, handle: _GrpcHandle) -> None:
         grace = self._settings.shutdown_grace.total_seconds()
         deadline = time.monotonic() + grace
         log.info("shutting down", extra={"event": "server.draining", "grace_s": grace})
+        assert handle.readiness is not None and handle.server is not None
         handle.draining = True
+        # /readyz and gRPC health say not ready from here on.
+        await handle.readiness.draining()
         if handle.watch is not None:
             handle.watch.begin_drain()
-        assert handle.health is not None and handle.server is not None
-        for name in ("", *SERVICE_NAMES):
-            await handle.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         assert handle.runner is not None
         runner_stop = asyncio.create_task(handle.runner.stop(max(deadline - time.monotonic(), 0)))
+        assert handle.webhooks is not None
+        webhooks_stop = asyncio.create_task(
+            handle.webhooks.stop(max(deadline - time.monotonic(), 0))
+        )
+        # MCP requests go through this process's gRPC port, so they drain before it stops.
+        mcp_stop = asyncio.create_task(
+            handle.mcp.stop(max(deadline - time.monotonic() - 1.0, 0.1))
+            if handle.mcp is not None
+            else asyncio.sleep(0)
+        )
         # While new calls are refused and health says NOT_SERVING, in-flight RPCs (a
         # GenerateImage waiting for its job) get the rest of the grace to finish.
         assert handle.inflight is not None
         await handle.inflight.wait_idle(deadline - time.monotonic())
+        await mcp_stop
         await handle.server.stop(max(min(deadline - time.monotonic(), 1.0), 0.1))
         await runner_stop
+        await webhooks_stop
         log.info("stopped", extra={"event": "server.stopped"})
 
 
@@ -422,10 +552,135 @@ class _GrpcHandle:
     def __init__(self) -> None:
         self.draining = False
         self.server: grpc.aio.Server | None = None
-        self.health: Any = None
+        self.readiness: Readiness | None = None
         self.runner: JobRunner | None = None
+        self.webhooks: WebhookWorker | None = None
         self.inflight: InflightInterceptor | None = None
         self.watch: GenerationWatch | None = None
+        self.mcp: McpHttpServer | None = None
+
+
+async def _start_mcp(
+    settings: Settings,
+    grpc_port: int,
+    verifier: TokenVerifier,
+    stack: contextlib.AsyncExitStack,
+) -> McpHttpServer | None:
+    """MCP over Streamable HTTP (IMAGEGEN_MCP_PORT), an adapter over this process's own
+    gRPC port on loopback: it goes through the same interceptors and use cases."""
+    if settings.mcp.port is None:
+        return None
+    from imagegen.mcp import McpHttpServer
+    from imagegen.mcp.backend import Backend
+    from imagegen.mcp.tools import McpOptions
+
+    def authenticate(token: str) -> bool:
+        try:
+            verifier.verify(token)
+        except Unauthenticated:
+            return False
+        return True
+
+    backend = Backend(f"{_url_host(settings.host)}:{grpc_port}")
+    stack.push_async_callback(backend.close)
+    mcp = McpHttpServer(
+        backend,
+        McpOptions(default_wait=settings.mcp.default_wait, max_wait=settings.mcp.max_wait),
+        host=settings.host,
+        port=settings.mcp.port,
+        authenticate=authenticate,
+        # A data: URI source is base64 (4/3 of the bytes) inside JSON.
+        max_body_bytes=settings.max_input_bytes * 4 // 3 + 1024 * 1024,
+    )
+    await mcp.start()
+    stack.push_async_callback(mcp.stop, 0.0)
+    return mcp
+
+
+def _webhooks(
+    settings: Settings,
+    pool: asyncpg.Pool,
+    database: PostgresDatabase,
+    reads: GenerationReads,
+    stack: contextlib.AsyncExitStack,
+) -> tuple[WebhookSecrets, CallbackDelivery]:
+    """Users' signing secrets (encrypted with IMAGEGEN_WEBHOOK_KEY), and callbacks sent
+    through a fetch guard of their own: its allowlist is the deployment's, its deadline
+    the attempt's, and it reads little of an answer."""
+    key = settings.webhooks.key
+    if key is None:
+        key = load_or_create_dev_key(settings.data_dir)
+        if settings.database_url is not None:
+            log.warning(
+                "IMAGEGEN_WEBHOOK_KEY is not set: webhook secrets are encrypted with a key "
+                "in this data directory; replicas sharing the database need the same "
+                "IMAGEGEN_WEBHOOK_KEY",
+                extra={"event": "server.webhook_key_unset"},
+            )
+    secrets = WebhookSecrets(
+        WebhookSecretStore(pool, SecretBox(key)),
+        grace=settings.webhooks.secret_grace,
+        request_id_ttl=settings.request_id_ttl,
+    )
+    allow_hosts = frozenset(settings.fetch_allow_hosts)
+    sender = GuardedFetcher(
+        FetchLimits(
+            max_bytes=WEBHOOK_ANSWER_BYTES,
+            timeout=settings.webhooks.timeout.total_seconds(),
+            max_redirects=0,
+            allow_hosts=allow_hosts,
+        )
+    )
+    stack.push_async_callback(sender.aclose)
+    deliveries = CallbackDelivery(
+        db=database,
+        reads=reads,
+        secrets=secrets,
+        sender=sender,
+        render=functools.partial(render_payload, url_ttl=settings.url_ttl),
+        settings=DeliverySettings(
+            retry=RetryPolicy(settings.webhooks.retry_delays, settings.webhooks.max_attempts),
+            allow_hosts=allow_hosts,
+        ),
+    )
+    return secrets, deliveries
+
+
+#: How much of a receiver's answer is read (only its status counts).
+WEBHOOK_ANSWER_BYTES = 64 * 1024
+
+
+async def _moderators(
+    settings: ModerationSettings, http_client: httpx.AsyncClient
+) -> list[Moderator]:
+    """The moderator chain in the configured order."""
+    chain: list[Moderator] = []
+    for moderator_id in settings.chain:
+        if moderator_id == "rules":
+            rules = await asyncio.to_thread(_load_rules, settings)
+            chain.append(RulesModerator(rules))
+        elif moderator_id == "openai":
+            assert settings.url is not None  # Settings.from_env refuses a chain without it
+            chain.append(
+                OpenAIModerator(
+                    settings.url, settings.api_key, http_client, timeout=settings.timeout
+                )
+            )
+    return chain
+
+
+def _load_rules(settings: ModerationSettings) -> RuleSet:
+    rules = RuleSet.load(settings.rules_file)
+    readings("warm up")  # loads the confusables table here, not in the first request
+    return rules
+
+
+def receive_limit(max_input_bytes: int) -> int:
+    """gRPC's receive limit for IMAGEGEN_MAX_INPUT_BYTES: room for a source just over the
+    limit written as a base64 `data:` URL (4/3 of its bytes) plus the rest of the
+    request, so such a source reaches our own check and is refused as IMG_007 with an
+    ErrorInfo; only a message far beyond it is refused by the transport."""
+    return max_input_bytes * 4 // 3 + 1024 * 1024
 
 
 async def check_connection_budget(pool: asyncpg.Pool, pool_size: int) -> None:

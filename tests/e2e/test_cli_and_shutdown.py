@@ -82,6 +82,11 @@ async def test_unconfigured_serve_then_cli_generate_writes_a_png(
         )
         assert token.returncode == 0
         assert token.stdout.strip().splitlines()[-1].count(".") == 2
+        server.terminate()
+        assert await server.wait_exit(60) == 0
+        # The CLI goes away once it has the terminal event, mid-stream: no ERROR for that
+        # ("Failed to detach context" before), nor anything else on a clean run.
+        assert server.log_problems() == []
     finally:
         server.terminate()
         await server.wait_exit(60)

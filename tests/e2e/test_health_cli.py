@@ -1,6 +1,7 @@
 """End to end: `imagegen health` (the image's HEALTHCHECK) against a served process,
-during its drain, and against nothing listening; `/healthz` (the Kubernetes liveness
-probe in deploy/kubernetes/) stays 200 while the drain waits for a running job."""
+during its drain, and against nothing listening; while the drain waits for a running
+job, `/healthz` (the Kubernetes liveness probe in deploy/kubernetes/) stays 200 and
+`/readyz` answers 503 like gRPC health, and the drain logs nothing alarming."""
 
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ async def test_health_is_zero_when_serving_and_one_for_an_unknown_service(
         server.kill()
 
 
-async def test_health_is_one_while_draining_and_healthz_stays_200(
+async def test_health_is_one_and_readyz_503_while_draining_and_healthz_stays_200(
     tmp_path: Path, database_url: str
 ) -> None:
     grace = 15.0
@@ -108,6 +109,9 @@ async def test_health_is_one_while_draining_and_healthz_stays_200(
 
             running = asyncio.create_task(generate())
             await asyncio.wait_for(started.wait(), timeout=30)
+            async with httpx.AsyncClient(trust_env=False) as http:
+                ready = await http.get(f"http://{server.http_address}/readyz", timeout=5)
+            assert ready.status_code == 200
             watch = health_pb2_grpc.HealthStub(channel).Watch(
                 health_pb2.HealthCheckRequest(service=""), timeout=30
             )
@@ -121,7 +125,10 @@ async def test_health_is_one_while_draining_and_healthz_stays_200(
             # The job still runs, so the drain is still waiting: liveness holds...
             async with httpx.AsyncClient(trust_env=False) as http:
                 live = await http.get(f"http://{server.http_address}/healthz", timeout=5)
+                ready = await http.get(f"http://{server.http_address}/readyz", timeout=5)
             assert live.status_code == 200
+            # ...readiness over HTTP says what gRPC health says...
+            assert ready.status_code == 503
             # ...while the HEALTHCHECK (readiness) says the server is going away.
             draining = await run_health(server.env, "--addr", server.grpc_address)
             assert draining.returncode == 1
@@ -131,6 +138,8 @@ async def test_health_is_one_while_draining_and_healthz_stays_200(
             await asyncio.wait_for(running, timeout=grace + 5)
             assert events[-1].type == E.GENERATION_EVENT_TYPE_COMPLETED
         assert await server.wait_exit(grace + 4) == 0, server.log_text()
+        # A clean drain: no ERROR line, no task left pending.
+        assert server.log_problems() == []
     finally:
         server.kill()
 

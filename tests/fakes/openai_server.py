@@ -3,8 +3,9 @@
 as {"error": {"message", "type", "param", "code"}}.
 
 Like the real API it refuses, with 400 invalid_value, a size gpt-image models do not
-take (1024x1024, 1024x1536, 1536x1024 or auto), an unknown model or output format, and a
-mask without an image. It answers at the asked size unless told another one.
+take (1024x1024, 1024x1536, 1536x1024 or auto), an unknown model or output format, a
+mask without an image, a mask that is not a PNG of the first image's dimensions or is
+over 4 MB. It answers at the asked size unless told another one.
 
 async with OpenAIFake.start() as fake:
     fake.url      # base URL including /v1, for OPENAI_BASE_URL
@@ -15,6 +16,7 @@ async with OpenAIFake.start() as fake:
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,12 +24,15 @@ from typing import Any
 
 import pybase64
 from aiohttp import BodyPartReader, web
+from PIL import Image
 
 from tests.fakes import Pauses, Seen, drop_connection, encoded_image, png_bytes, serve_on_loopback
 
 SIZES = {"1024x1024": (1024, 1024), "1024x1536": (1024, 1536), "1536x1024": (1536, 1024)}
 MODELS = ("gpt-image-1", "gpt-image-1-mini")
 FORMATS = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+#: The largest mask the edits endpoint takes.
+MAX_MASK_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
@@ -109,6 +114,27 @@ def _error(status: int, message: str, code: str | None, param: str | None = None
     return web.json_response(body, status=status)
 
 
+def _dimensions(data: bytes) -> tuple[str, tuple[int, int]]:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.format or "", image.size
+
+
+def _mask_problem(mask: bytes, image: bytes) -> str:
+    """Why the edits endpoint would refuse this mask for this image ("" if it takes it)."""
+    if len(mask) > MAX_MASK_BYTES:
+        return "Invalid mask: the mask must be less than 4MB."
+    try:
+        mask_format, mask_size = _dimensions(mask)
+        _, image_size = _dimensions(image)
+    except OSError:
+        return "Invalid mask: the mask must be a valid PNG image."
+    if mask_format != "PNG":
+        return "Invalid mask: the mask must be a valid PNG image."
+    if mask_size != image_size:
+        return "Invalid mask: the mask and the image must have the same dimensions."
+    return ""
+
+
 class OpenAIFake:
     """The fake server; see the module docstring."""
 
@@ -158,6 +184,10 @@ class OpenAIFake:
             return _error(400, "Invalid output_format.", "invalid_value", "output_format")
         if call.is_edit and not call.images:
             return _error(400, "Missing image.", "invalid_value", "image")
+        if call.mask is not None:
+            problem = _mask_problem(call.mask, call.images[0])
+            if problem:
+                return _error(400, problem, "invalid_value", "mask")
         if not call.prompt:
             return _error(400, "Missing prompt.", "invalid_value", "prompt")
         return None

@@ -1,13 +1,17 @@
 """A local HTTP server speaking the AUTOMATIC1111 / SD WebUI API: txt2img, img2img,
-per-task progress with live previews, the global interrupt, and the checkpoint list
-(sd-models, options). It runs one job at a time, like the real server, and can hold a
+per-task progress with live previews, the global interrupt, the checkpoint list
+(sd-models, options), the upscaler list and the extras endpoint that upscales
+(extra-single-image). It runs one job at a time, like the real server, and can hold a
 foreign client's job first.
 
 async with SDFake.start() as fake:
     fake.url      # for IMAGEGEN_SDWEBUI_URL
-    fake.calls    # every txt2img/img2img received: (path, JSON body); `wait_for(n)`
-    fake.script(SDReply(...))   # else: an image at the asked width x height
+    fake.calls    # every txt2img/img2img/extra-single-image received: (path, JSON
+                  # body); `wait_for(n)`
+    fake.script(SDReply(...))   # else: an image at the asked width x height (extras:
+                                # the received image's size times upscaling_resize)
     fake.checkpoints, fake.loaded   # what sd-models and options report
+    fake.upscalers                  # what /sdapi/v1/upscalers reports, by name
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import io
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,10 +27,13 @@ from typing import Any
 
 import pybase64
 from aiohttp import web
+from PIL import Image
 
 from tests.fakes import Pauses, Seen, drop_connection, png_bytes, serve_on_loopback
 
 CHECKPOINTS = ("sd_xl_base_1.0", "v1-5-pruned-emaonly", "dreamshaper_8")
+#: As A1111 lists them: "None" and its built-in resamples first, then model upscalers.
+UPSCALERS = ("None", "Lanczos", "Nearest", "ESRGAN_4x", "LDSR", "R-ESRGAN 4x+", "SwinIR_4x")
 
 
 @dataclass
@@ -61,6 +69,10 @@ class SDFake:
     checkpoints: tuple[str, ...] = CHECKPOINTS
     loaded: str = CHECKPOINTS[1]
     model_requests: int = 0
+    upscalers: tuple[str, ...] = UPSCALERS
+    upscaler_requests: int = 0
+    #: answer /sdapi/v1/upscalers with this HTTP status instead of the list
+    upscalers_status: int = 200
     pauses: Pauses = field(default_factory=Pauses)
     _script: list[SDReply] = field(default_factory=list)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -121,6 +133,59 @@ class SDFake:
             "sd_model_hash": self._title(model)[-11:-1],
         }
         return web.json_response({"images": [image], "parameters": body, "info": json.dumps(info)})
+
+    async def _extras(self, request: web.Request) -> web.Response:
+        """extra-single-image: upscale `image` by `upscaling_resize` with `upscaler_1`."""
+        body = await request.json()
+        await self.calls.record((request.path, body))
+        reply = self._script.pop(0) if self._script else SDReply()
+        if reply.delay:
+            await self.pauses.sleep(reply.delay)
+        if reply.drop:
+            return await drop_connection(request)
+        if reply.status != 200:
+            return web.json_response(
+                {"error": "HTTPException", "detail": reply.detail, "body": "", "errors": ""},
+                status=reply.status,
+                headers=reply.headers,
+            )
+        name = body.get("upscaler_1", "None")
+        if name not in self.upscalers:
+            # What A1111's postprocessing assertion turns into through its API.
+            return web.json_response(
+                {
+                    "error": "AssertionError",
+                    "detail": "",
+                    "body": "",
+                    "errors": f"could not find upscaler named {name}",
+                },
+                status=500,
+            )
+        with Image.open(io.BytesIO(pybase64.b64decode(body["image"]))) as received:
+            width, height = received.size
+        factor = float(body.get("upscaling_resize", 2))
+        size = reply.size or (round(width * factor), round(height * factor))
+        image = pybase64.b64encode(png_bytes(size[0], size[1], (40, 40, 200))).decode()
+        info = f"<p>Postprocess upscale by: {factor:g}, Postprocess upscaler: {name}</p>"
+        return web.json_response({"html_info": info, "image": image})
+
+    async def _upscalers(self, _request: web.Request) -> web.Response:
+        self.upscaler_requests += 1
+        if self.upscalers_status != 200:
+            return web.json_response({"detail": "scripted failure"}, status=self.upscalers_status)
+        resamplers = ("None", "Lanczos", "Nearest")
+        return web.json_response(
+            [
+                {
+                    "name": name,
+                    "model_name": None if name in resamplers else name.lower(),
+                    "model_path": None if name in resamplers else f"/models/{name}.pth",
+                    "model_url": None,
+                    "scale": 4,
+                }
+                for name in self.upscalers
+            ]
+        )
 
     async def _progress(self, request: web.Request) -> web.Response:
         body = await request.json()
@@ -191,6 +256,8 @@ class SDFake:
         app.router.add_post("/sdapi/v1/interrupt", fake._interrupt)
         app.router.add_get("/sdapi/v1/sd-models", fake._sd_models)
         app.router.add_get("/sdapi/v1/options", fake._options)
+        app.router.add_get("/sdapi/v1/upscalers", fake._upscalers)
+        app.router.add_post("/sdapi/v1/extra-single-image", fake._extras)
         async with serve_on_loopback(app) as url:
             fake.url = url
             try:

@@ -16,9 +16,10 @@ import grpc
 import pytest
 from imagegen.v1 import common_pb2, generation_pb2, generation_pb2_grpc, usage_pb2, usage_pb2_grpc
 
-from imagegen.domain.credits import plan_reservation
+from imagegen.domain.credits import Balance, balance_of, plan_reservation
 from imagegen.repositories.credits import CreditLedger
 from imagegen.repositories.db import open_pool
+from tests.fakes.forge_server import ForgeFake, Reply
 from tests.inprocess import serve_in_process
 from tests.integration.test_pipeline import CHANNEL_OPTIONS, generate, metadata, reason_of
 
@@ -95,7 +96,20 @@ async def test_fifty_concurrent_submits_with_credits_for_ten(tmp_path: Path, dat
 async def test_failed_and_cancelled_jobs_are_refunded_and_quotes_match(
     tmp_path: Path, database_url: str
 ) -> None:
-    async with serve_in_process(tmp_path, database_url, env=plans(tmp_path, 20)) as server:
+    async with (
+        ForgeFake.start() as forge,
+        serve_in_process(
+            tmp_path,
+            database_url,
+            env={
+                **plans(tmp_path, 20),
+                "BUILT_IN_FORGE_API_URL": forge.url,
+                "BUILT_IN_FORGE_API_KEY": "k",
+                "IMAGEGEN_DEFAULT_PROVIDER": "local",
+            },
+        ) as server,
+    ):
+        forge.default = Reply(status=400)  # every forge job fails, not retried
         port = server.grpc_port
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as ch:
             stub = generation_pb2_grpc.ImageGenerationServiceStub(ch)
@@ -108,11 +122,11 @@ async def test_failed_and_cancelled_jobs_are_refunded_and_quotes_match(
             assert err is None
             assert (await balance(port)).available_credits == 20 - quote.credits
 
-            # A failed job (forge has no credentials) gives its reservation back.
+            # A failed job (the provider rejects it) gives its reservation back.
             failed, _ = await generate(
                 port, common_pb2.GenerationSpec(prompt="x", provider="forge")
             )
-            assert failed[-1].error.code == "IMG_001"
+            assert failed[-1].error.code == "IMG_002"
             assert (await balance(port)).available_credits == 16
 
         conn = await asyncpg.connect(database_url)
@@ -165,11 +179,16 @@ async def test_monthly_allowance_resets_and_grants_do_not_expire(
     ledger = CreditLedger(pool)
     january = datetime(2026, 1, 15, tzinfo=UTC)
     february = datetime(2026, 2, 1, 0, 0, 1, tzinfo=UTC)
+
+    async def balance_at(now: datetime) -> Balance:
+        facts, held = await ledger.balance_facts("alice")
+        return balance_of(facts, held, 10, now)
+
     try:
         async with pool.acquire() as conn, conn.transaction():
-            await CreditLedger(conn).ensure_allowance("alice", 10, january)
-            await CreditLedger(conn).ensure_allowance("alice", 10, january)  # once per period
-        assert (await ledger.balance("alice", january)).available == 10
+            await CreditLedger(conn).open_period("alice", 10, january)
+            await CreditLedger(conn).open_period("alice", 10, january)  # once per period
+        assert (await balance_at(january)).available == 10
         assert await ledger.grant("alice", 5) == 15
         conn = await pool.acquire()
         try:
@@ -181,21 +200,31 @@ async def test_monthly_allowance_resets_and_grants_do_not_expire(
                     " '{}', 'local', 'completed')"
                 )
                 in_transaction = CreditLedger(conn)
-                facts = await in_transaction.facts("alice", january)
+                facts = await in_transaction.open_period("alice", 10, january)
                 await in_transaction.reserve(
                     "alice",
                     "00000000-0000-0000-0000-000000000001",
                     plan_reservation(facts, 3, january),
                 )
-                await in_transaction.settle("alice", "00000000-0000-0000-0000-000000000001", 3)
-            jan = await ledger.balance("alice", january)
+                await in_transaction.settle(
+                    "alice",
+                    "00000000-0000-0000-0000-000000000001",
+                    3,
+                    allowance=10,
+                    now=january,
+                )
+            jan = await balance_at(january)
             assert (jan.allowance_remaining, jan.purchased, jan.available) == (7, 5, 12)
+            # February, before anything is written: shown as the opening will make it.
+            shown = await balance_at(february)
+            assert (shown.allowance_remaining, shown.purchased, shown.available) == (10, 5, 15)
             async with conn.transaction():
-                await CreditLedger(conn).ensure_allowance("alice", 10, february)
+                await CreditLedger(conn).open_period("alice", 10, february)
         finally:
             await pool.release(conn)
-        feb = await ledger.balance("alice", february)
+        feb = await balance_at(february)
         assert (feb.allowance_remaining, feb.purchased, feb.available) == (10, 5, 15)
+        assert feb == shown
         assert feb.period_reset == datetime(2026, 3, 1, tzinfo=UTC)
     finally:
         await pool.close()

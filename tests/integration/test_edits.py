@@ -108,8 +108,12 @@ async def test_edits_from_bytes_data_url_and_the_library(tmp_path: Path, databas
                 )
             )
             assert (child.image.width, child.image.height) == (200, 200)
-            parents = await conn.fetch("SELECT parent_id FROM image_parents")
+            parents = await conn.fetch(
+                "SELECT parent_id FROM image_parents WHERE image_id = $1",
+                uuid.UUID(child.image.name.removeprefix("images/")),
+            )
             assert [str(p["parent_id"]) for p in parents] == [parent_name.removeprefix("images/")]
+            assert list(child.image.parents) == [parent_name]
             edits = await conn.fetch(
                 "SELECT is_edit FROM images WHERE id = $1",
                 uuid.UUID(child.image.name.removeprefix("images/")),

@@ -258,9 +258,10 @@ async def test_storage_quota_at_its_edge_and_freed_by_purge(
                 prompt="a quota probe", seed=7, size=common_pb2.ImageSize(width=256, height=256)
             ),
         )
-        assert events[-1].type == E.GENERATION_EVENT_TYPE_FAILED
-        assert events[-1].error.code == "IMG_008"
+        # At the quota: refused at submit, before a job exists.
+        assert events == []
         assert err is not None and err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert reason_of(err) == "IMG_008"
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as ch:
             stub = library_pb2_grpc.ImageLibraryServiceStub(ch)
             await stub.PurgeImage(L.PurgeImageRequest(name=first), metadata=metadata())

@@ -117,11 +117,13 @@ async def test_forge_without_credentials_is_img_001_and_sends_nothing(
         env = {"BUILT_IN_FORGE_API_URL": fake.url}  # no key
         async with serve_in_process(tmp_path, database_url, env=env) as server:
             events, err = await generate(server.grpc_port, forge_spec())
-    assert_failed_with(events, err, "IMG_001")
+    # Refused at submit (tests/integration/test_provider_not_configured.py has the rest).
+    assert events == []
     assert err is not None and err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert reason_of(err) == "IMG_001"
     assert fake.requests == []
-    usage = await fetch(database_url, "SELECT status, credits, error_code FROM usage_records")
-    assert [tuple(r) for r in usage] == [("failed", 0, "IMG_001")]
+    assert await fetch(database_url, "SELECT id FROM generations") == []
+    assert await fetch(database_url, "SELECT id FROM usage_records") == []
 
 
 @pytest.mark.parametrize(

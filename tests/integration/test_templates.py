@@ -152,3 +152,121 @@ async def test_shared_templates_permissions_and_generation(
                     T.GetPromptTemplateRequest(name=created.name), metadata=owner
                 )
             assert deleted.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def portrait(**changes: object) -> T.PromptTemplate:
+    values: dict[str, object] = {
+        "display_name": "Portrait",
+        "prompt": "a portrait of a {{animal}}",
+        "variables": [T.TemplateVariable(name="animal", required=True)],
+    }
+    values.update(changes)
+    return T.PromptTemplate(**values)  # type: ignore[arg-type]
+
+
+async def test_create_honours_its_request_id(
+    tmp_path: Path, database_url: str
+) -> None:
+    import asyncio
+
+    import asyncpg
+
+    owner, other = md("alice"), md("bob")
+    async with serve_in_process(tmp_path, database_url) as server:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{server.grpc_port}", options=CHANNEL_OPTIONS
+        ) as channel:
+            stub = templates_pb2_grpc.PromptTemplateServiceStub(channel)
+
+            async def create(
+                template: T.PromptTemplate, request_id: str, who: tuple[tuple[str, str], ...]
+            ) -> T.PromptTemplate:
+                reply = await stub.CreatePromptTemplate(
+                    T.CreatePromptTemplateRequest(template=template, request_id=request_id),
+                    metadata=who,
+                )
+                return reply.template
+
+            # Retries, even racing ones, get the template created first.
+            first, *retries = await asyncio.gather(
+                *(create(portrait(), "create-1", owner) for _ in range(4))
+            )
+            assert {t.name for t in retries} == {first.name}
+            # The same id with other parameters is IMG_009 and creates nothing.
+            with pytest.raises(grpc.aio.AioRpcError) as reused:
+                await create(portrait(display_name="Another"), "create-1", owner)
+            assert reused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert reason_of(reused.value) == "IMG_009"
+            # Request ids are per caller; no id always creates; a bad id is IMG_003.
+            assert (await create(portrait(), "create-1", other)).name != first.name
+            assert (await create(portrait(), "", owner)).name != first.name
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await create(portrait(), "not ok!", owner)
+            assert reason_of(bad.value) == "IMG_003"
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT owner_id FROM prompt_templates ORDER BY owner_id")
+    finally:
+        await conn.close()
+    assert [r["owner_id"] for r in rows] == ["alice", "alice", "bob"]
+
+
+async def test_a_generate_retried_with_one_request_id_counts_one_use(
+    tmp_path: Path, database_url: str
+) -> None:
+    owner = md("alice")
+    async with serve_in_process(tmp_path, database_url) as server:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{server.grpc_port}", options=CHANNEL_OPTIONS
+        ) as channel:
+            stub = templates_pb2_grpc.PromptTemplateServiceStub(channel)
+            template = (
+                await stub.CreatePromptTemplate(
+                    T.CreatePromptTemplateRequest(template=portrait()), metadata=owner
+                )
+            ).template
+            request = T.GenerateFromPromptTemplateRequest(
+                name=template.name,
+                variables={"animal": "fox"},
+                overrides=T.GenerationOverrides(size=common_pb2.ImageSize(width=256, height=256)),
+                request_id="generate-1",
+            )
+            jobs = {
+                (await stub.GenerateFromPromptTemplate(request, metadata=owner)).generation.name
+                for _ in range(3)
+            }
+            assert len(jobs) == 1
+            request.request_id = "generate-2"
+            await stub.GenerateFromPromptTemplate(request, metadata=owner)
+            after = await stub.GetPromptTemplate(
+                T.GetPromptTemplateRequest(name=template.name), metadata=owner
+            )
+            assert after.template.usage_count == 2, "one use per job made"
+
+
+async def test_a_create_request_id_is_forgotten_after_its_ttl(
+    tmp_path: Path, database_url: str
+) -> None:
+    import asyncpg
+
+    async with serve_in_process(
+        tmp_path, database_url, env={"IMAGEGEN_REQUEST_ID_TTL": "60"}
+    ) as server:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{server.grpc_port}", options=CHANNEL_OPTIONS
+        ) as channel:
+            stub = templates_pb2_grpc.PromptTemplateServiceStub(channel)
+            request = T.CreatePromptTemplateRequest(template=portrait(), request_id="old-id")
+            first = (await stub.CreatePromptTemplate(request, metadata=md("alice"))).template
+            conn = await asyncpg.connect(database_url)
+            try:
+                await conn.execute(
+                    "UPDATE prompt_templates SET created_at = now() - interval '61 seconds'"
+                )
+            finally:
+                await conn.close()
+            # Past the TTL the id is free again, even for other parameters.
+            request.template.display_name = "Another"
+            second = (await stub.CreatePromptTemplate(request, metadata=md("alice"))).template
+            assert second.name != first.name and second.display_name == "Another"

@@ -15,6 +15,7 @@ import grpc
 import pytest
 from imagegen.v1 import common_pb2, generation_pb2, usage_pb2, usage_pb2_grpc
 
+from tests.fakes.forge_server import ForgeFake, Reply
 from tests.inprocess import TEST_JWT_KEY, serve_in_process
 from tests.integration.test_pipeline import CHANNEL_OPTIONS, generate, metadata, reason_of
 
@@ -38,7 +39,20 @@ async def test_stats_lists_and_exports_agree_with_the_records(
         ' "edit_credits": 2, "provider_cents_per_image": {"local": 3}}'
     )
     env = {"IMAGEGEN_PRICING_FILE": str(pricing)}
-    async with serve_in_process(tmp_path, database_url, env=env) as server:
+    async with (
+        ForgeFake.start() as fake,
+        serve_in_process(
+            tmp_path,
+            database_url,
+            env={
+                **env,
+                "BUILT_IN_FORGE_API_URL": fake.url,
+                "BUILT_IN_FORGE_API_KEY": "k",
+                "IMAGEGEN_DEFAULT_PROVIDER": "local",
+            },
+        ) as server,
+    ):
+        fake.default = Reply(status=400)  # the forge job fails, not retried
         port = server.grpc_port
         small = common_pb2.ImageSize(width=256, height=256)
         for source in (common_pb2.GENERATION_SOURCE_WORKFLOW, common_pb2.GENERATION_SOURCE_AGENT):
@@ -47,7 +61,7 @@ async def test_stats_lists_and_exports_agree_with_the_records(
             )
             assert events[-1].type == E.GENERATION_EVENT_TYPE_COMPLETED
         failed, _ = await generate(port, common_pb2.GenerationSpec(prompt="x", provider="forge"))
-        assert failed[-1].error.code == "IMG_001"
+        assert failed[-1].error.code == "IMG_002"
 
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CHANNEL_OPTIONS) as ch:
             stub = usage_pb2_grpc.UsageServiceStub(ch)
@@ -58,7 +72,7 @@ async def test_stats_lists_and_exports_agree_with_the_records(
                 U.ListUsageRequest(statuses=[U.USAGE_STATUS_FAILED]), metadata=md
             )
             assert [(r.provider, r.error_code) for r in failures.usage_records] == [
-                ("forge", "IMG_001")
+                ("forge", "IMG_002")
             ]
             page = await stub.ListUsage(U.ListUsageRequest(page_size=2), metadata=md)
             rest = await stub.ListUsage(
@@ -113,7 +127,7 @@ async def test_stats_lists_and_exports_agree_with_the_records(
         assert history[0]["images"].startswith("images/")
         assert history[0]["image_urls"].startswith("http://127.0.0.1:")
         assert {r["provider"]: r["cost_cents"] for r in usage_rows} == {"local": "3", "forge": ""}
-        assert history[2]["error_code"] == "IMG_001"
+        assert history[2]["error_code"] == "IMG_002"
         assert [h["source"] for h in history] == ["workflow", "agent", "api"]
 
         # The CLI writes the same exports.

@@ -49,11 +49,13 @@ SECRET_SETTINGS = frozenset(
     {
         "DATABASE_URL",
         "IMAGEGEN_JWT_KEY",
+        "IMAGEGEN_WEBHOOK_KEY",
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
         "AWS_SESSION_TOKEN",
         "OPENAI_API_KEY",
         "BUILT_IN_FORGE_API_KEY",
+        "IMAGEGEN_MODERATION_API_KEY",
     }
 )
 
@@ -361,9 +363,11 @@ def test_the_pods_settings_parse_and_require_external_postgres_and_s3() -> None:
     assert settings.s3 is not None and settings.s3.bucket
     assert settings.jwt.key is not None
     assert settings.host == "0.0.0.0"
-    # DATABASE_URL and the JWT key are required keys: no embedded database, no per-pod key.
+    assert settings.webhooks.key is not None
+    # DATABASE_URL and the keys are required: no embedded database, no per-pod key.
+    required = ("DATABASE_URL", "IMAGEGEN_JWT_KEY", "IMAGEGEN_WEBHOOK_KEY", "AWS_SECRET_ACCESS_KEY")
     for entry in server_container()["env"]:
-        if entry["name"] in ("DATABASE_URL", "IMAGEGEN_JWT_KEY", "AWS_SECRET_ACCESS_KEY"):
+        if entry["name"] in required:
             assert not entry["valueFrom"]["secretKeyRef"].get("optional", False)
 
 
@@ -385,7 +389,11 @@ def test_the_deployment_is_replicated_locked_down_and_probed() -> None:
     assert mounts[str(settings.data_dir)] in empty_dirs and mounts["/tmp"] in empty_dirs
 
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": settings.grpc_port, "http": settings.http_port}
+    assert ports == {
+        "grpc": settings.grpc_port,
+        "http": settings.http_port,
+        "mcp": settings.mcp.port,
+    }
     # Readiness follows the health state that drains: the whole server's gRPC health.
     assert container["readinessProbe"]["grpc"] == {"port": settings.grpc_port, "service": ""}
     # Liveness must hold during a drain, when gRPC health is NOT_SERVING: /healthz stays 200
@@ -412,7 +420,11 @@ def test_services_budget_autoscaler_and_monitor_point_at_the_server_pods() -> No
     for service in of_kind("Service"):
         assert service["spec"]["selector"].items() <= pod_labels.items()
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= container_ports
-    assert {p["name"] for p in one("Service", "imagegen")["spec"]["ports"]} == {"grpc", "http"}
+    assert {p["name"] for p in one("Service", "imagegen")["spec"]["ports"]} == {
+        "grpc",
+        "http",
+        "mcp",
+    }
 
     budget = one("PodDisruptionBudget")
     assert budget["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()

@@ -62,6 +62,8 @@ def test_the_price_table_is_the_default_one() -> None:
     top = prices.tiers[-1]
     assert rows[-1][0] == f"larger: {top.credits} per started block of {top.max_pixels:,}"
     assert f"at least {prices.edit_credits} credits" in PLANS_AND_PRICES.read_text()
+    enhancement = f"A prompt enhancement (`EnhancePrompt`) costs {prices.enhance_credits} credits"
+    assert enhancement in " ".join(PLANS_AND_PRICES.read_text().split())
 
 
 #: Where the design reasons live is this repository; nothing may point outside it.

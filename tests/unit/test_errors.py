@@ -36,6 +36,7 @@ CASES: list[tuple[domain.ImageGenError, grpc.StatusCode, str]] = [
     (domain.ProviderFailed("boom", retryable=True), grpc.StatusCode.UNAVAILABLE, "IMG_002"),
     (domain.ProviderFailed("bad reply"), grpc.StatusCode.INTERNAL, "IMG_002"),
     (domain.InvalidRequest("prompt empty"), grpc.StatusCode.INVALID_ARGUMENT, "IMG_003"),
+    (domain.ImageDeleted("undelete it"), grpc.StatusCode.FAILED_PRECONDITION, "IMG_003"),
     (domain.StorageFailed("s3 down"), grpc.StatusCode.UNAVAILABLE, "IMG_004"),
     (
         domain.RateLimited("slow down", retry_after=timedelta(seconds=30)),
@@ -47,6 +48,16 @@ CASES: list[tuple[domain.ImageGenError, grpc.StatusCode, str]] = [
     (domain.StorageQuotaExceeded("full"), grpc.StatusCode.RESOURCE_EXHAUSTED, "IMG_008"),
     (domain.RequestIdReused("reused"), grpc.StatusCode.FAILED_PRECONDITION, "IMG_009"),
     (domain.ContentPolicyRefused("refused"), grpc.StatusCode.INVALID_ARGUMENT, "IMG_010"),
+    (
+        domain.ContentBlocked("blocked", categories=("sexual", "violence")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "IMG_011",
+    ),
+    (
+        domain.ModerationUnavailable("moderator down", retry_after=timedelta(seconds=30)),
+        grpc.StatusCode.UNAVAILABLE,
+        "IMG_012",
+    ),
     (domain.NotFound("no such image"), grpc.StatusCode.NOT_FOUND, "NOT_FOUND"),
     (domain.PermissionDenied("read only"), grpc.StatusCode.PERMISSION_DENIED, "PERMISSION_DENIED"),
     (domain.Unauthenticated("no token"), grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
@@ -158,6 +169,37 @@ def test_stream_limit_carries_retry_info() -> None:
     assert retry.retry_delay.ToTimedelta() == timedelta(seconds=5)
 
 
+def test_blocked_content_names_categories_and_has_no_retry_info() -> None:
+    found = details_of(rich_status(domain.ContentBlocked("no", categories=("hate",)))[2])
+    info = found["ErrorInfo"]
+    assert isinstance(info, error_details_pb2.ErrorInfo)
+    assert info.reason == "IMG_011" and dict(info.metadata) == {"categories": "hate"}
+    assert "RetryInfo" not in found
+
+
+def test_suspension_is_img_011_permission_denied_with_retry_info() -> None:
+    exc = domain.ContentBlocked(
+        "suspended", categories=("sexual",), retry_after=timedelta(hours=1, seconds=5)
+    )
+    code, _, status = rich_status(exc)
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    found = details_of(status)
+    info = found["ErrorInfo"]
+    assert isinstance(info, error_details_pb2.ErrorInfo) and info.reason == "IMG_011"
+    retry = found["RetryInfo"]
+    assert isinstance(retry, error_details_pb2.RetryInfo)
+    assert retry.retry_delay.ToTimedelta() == timedelta(hours=1, seconds=5)
+
+
+def test_moderation_unavailable_carries_retry_info() -> None:
+    exc = domain.ModerationUnavailable("down", retry_after=timedelta(seconds=12))
+    code, _, status = rich_status(exc)
+    assert code == grpc.StatusCode.UNAVAILABLE and exc.retryable
+    retry = details_of(status)["RetryInfo"]
+    assert isinstance(retry, error_details_pb2.RetryInfo)
+    assert retry.retry_delay.seconds == 12
+
+
 def test_other_errors_have_no_retry_info() -> None:
     assert "RetryInfo" not in details_of(rich_status(domain.NotFound("gone"))[2])
 
@@ -201,8 +243,19 @@ def test_unexpected_error_is_generic_and_logged(caplog: pytest.LogCaptureFixture
     )
 
 
+#: ImageDeleted refines IMG_003's status for a direct refusal; a stored IMG_003 (a job's
+#: failure) is rebuilt as the InvalidRequest it was.
+ROUND_TRIPS = [c for c in CASES if type(c[0]) is not domain.ImageDeleted]
+
+
+def test_a_stored_img_003_is_rebuilt_as_invalid_request() -> None:
+    rebuilt = error_from_code("IMG_003", "source purged", False)
+    assert type(rebuilt) is domain.InvalidRequest
+    assert rich_status(rebuilt)[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
 @pytest.mark.parametrize(
-    ("exc", "code", "reason"), CASES, ids=[c[2] + "-" + str(c[1]) for c in CASES]
+    ("exc", "code", "reason"), ROUND_TRIPS, ids=[c[2] + "-" + str(c[1]) for c in ROUND_TRIPS]
 )
 def test_error_from_code_round_trips(
     exc: domain.ImageGenError, code: grpc.StatusCode, reason: str

@@ -7,8 +7,9 @@ import hashlib
 import hmac
 import json
 import stat
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -298,3 +299,126 @@ def test_resolve_jwt_key_needs_a_key_for_public_key_algorithms(tmp_path: Path) -
     settings = JwtSettings(key=None, algorithms=("RS256",), issuer=None, audience=None)
     with pytest.raises(ConfigError, match="IMAGEGEN_JWT_KEY"):
         resolve_jwt_key(settings, tmp_path)
+
+
+# --- the cache of verified tokens ------------------------------------------------------
+
+
+class SharedClock:
+    """One clock for the verifier's cache and for PyJWT's own expiry check, so a test
+    can let time pass for both."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, now: float) -> None:
+        self.now = now
+        clock = self
+
+        class _Datetime(datetime):
+            @classmethod
+            def now(cls, tz: tzinfo | None = None) -> _Datetime:  # type: ignore[override]
+                return cls.fromtimestamp(clock.now, tz)
+
+        monkeypatch.setattr(jwt.api_jwt, "datetime", _Datetime)
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class DecodeCounter:
+    """Counts PyJWT decodes, i.e. verifications the cache did not answer."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        original = jwt.decode
+
+        def counting(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(jwt, "decode", counting)
+
+
+def test_a_verified_token_is_remembered_by_its_hash(monkeypatch: pytest.MonkeyPatch) -> None:
+    decodes = DecodeCounter(monkeypatch)
+    checked = verifier()
+    token = mint_token(KEY, user_id="alice", plan="pro")
+    for _ in range(5):
+        assert checked.verify(token) == Identity("alice", "", "pro")
+    assert decodes.calls == 1
+    assert checked.cached_tokens == 1
+    # Memory holds the token's digest, never the token.
+    assert list(checked._verified) == [hashlib.sha256(token.encode()).digest()]
+
+
+def test_an_expired_token_is_refused_even_if_it_was_remembered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    issued = datetime.now(UTC).replace(microsecond=0)
+    token = mint_token(KEY, user_id="alice", lifetime=timedelta(seconds=60), now=issued)
+    # Patched only now: PyJWT's encoder also looks at its `datetime`.
+    clock = SharedClock(monkeypatch, issued.timestamp())
+    decodes = DecodeCounter(monkeypatch)
+    checked = verifier(leeway=5, clock=clock)
+    assert checked.verify(token).user_id == "alice"
+    clock.now += 59
+    assert checked.verify(token).user_id == "alice"
+    assert decodes.calls == 1
+    # Past `exp` the entry is dropped and PyJWT decides again (the leeway still lets it
+    # pass, and nothing is remembered for a token already past its exp)...
+    clock.now += 2
+    assert checked.verify(token).user_id == "alice"
+    assert decodes.calls == 2 and checked.cached_tokens == 0
+    # ...until the leeway too has passed.
+    clock.now += 5
+    with pytest.raises(Unauthenticated, match="expired"):
+        checked.verify(token)
+
+
+def test_a_token_never_answers_for_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    checked = verifier()
+    alice = mint_token(KEY, user_id="alice", plan="pro")
+    bob = mint_token(KEY, user_id="bob", plan="free", sub_account="team")
+    assert checked.verify(alice) == Identity("alice", "", "pro")
+    assert checked.verify(bob) == Identity("bob", "team", "free")
+    assert checked.verify(alice) == Identity("alice", "", "pro")
+    # The remembered token's payload with another signature, or another payload under
+    # its signature, is a different token and is checked in full.
+    header, payload, signature = alice.split(".")
+    with pytest.raises(Unauthenticated, match="signature"):
+        checked.verify(f"{header}.{payload}.{signature[:-2]}AA")
+    forged = b64url(json.dumps({"sub": "bob", "exp": 4_000_000_000}).encode())
+    with pytest.raises(Unauthenticated):
+        checked.verify(f"{header}.{forged}.{signature}")
+    # Refusals are not remembered.
+    assert checked.cached_tokens == 2
+
+
+def test_the_cache_is_bounded_and_keeps_the_recently_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decodes = DecodeCounter(monkeypatch)
+    checked = verifier(cache_entries=3)
+    tokens = [mint_token(KEY, user_id=f"user-{n}") for n in range(10)]
+    for token in tokens[:3]:
+        checked.verify(token)
+    checked.verify(tokens[0])  # now the most recently used
+    for token in tokens[3:]:
+        checked.verify(token)
+        assert checked.cached_tokens <= 3
+    assert checked.cached_tokens == 3
+    calls = decodes.calls
+    for token in tokens[-3:]:
+        checked.verify(token)
+    assert decodes.calls == calls
+    assert checked.verify(tokens[0]).user_id == "user-0"
+    assert decodes.calls == calls + 1
+
+
+def test_a_cache_of_zero_entries_verifies_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    decodes = DecodeCounter(monkeypatch)
+    checked = verifier(cache_entries=0)
+    token = mint_token(KEY, user_id="alice")
+    for _ in range(3):
+        assert checked.verify(token).user_id == "alice"
+    assert decodes.calls == 3 and checked.cached_tokens == 0
+    with pytest.raises(ValueError):
+        verifier(cache_entries=-1)

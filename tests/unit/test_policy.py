@@ -8,24 +8,32 @@ import pytest
 
 from imagegen.domain.credits import (
     CreditFacts,
+    Held,
     Reservation,
+    balance_of,
     check_affordable,
     next_period,
+    open_period,
     period_start,
+    plan_refund,
     plan_reservation,
 )
 from imagegen.domain.errors import InsufficientCredits, RateLimited, StorageQuotaExceeded
 from imagegen.domain.limits import (
     CONCURRENT_RETRY_AFTER,
     MIN_RETRY_AFTER,
+    CountCaps,
     RequestCounts,
     check_request_limits,
     check_storage_quota,
+    check_storage_room,
+    counted_up_to,
     window_retry_after,
 )
 from imagegen.domain.plans import PlanLimits
 
 NOW = datetime(2026, 11, 25, 12, 0, 0, tzinfo=UTC)
+PERIOD = datetime(2026, 11, 1, tzinfo=UTC)
 
 
 def counts(
@@ -116,24 +124,25 @@ def test_periods_are_calendar_months_in_utc() -> None:
 
 
 def test_affordable_counts_an_allowance_not_granted_yet() -> None:
-    not_granted = CreditFacts(allowance_left=0, purchased_left=1, allowance_granted=False)
-    check_affordable(not_granted, 11, monthly_allowance=10, now=NOW)
+    not_granted = CreditFacts(allowance_left=0, purchased_left=1, allowance_period=None)
+    opened = open_period(not_granted, 10, NOW).after
+    check_affordable(opened, 11, now=NOW)
     with pytest.raises(InsufficientCredits) as caught:
-        check_affordable(not_granted, 12, monthly_allowance=10, now=NOW)
+        check_affordable(opened, 12, now=NOW)
     assert caught.value.metadata == {
         "required": "12",
         "reset_time": "2026-12-01T00:00:00+00:00",
     }
     assert "costs 12 credits and you have 11" in caught.value.message
-    granted = CreditFacts(allowance_left=3, purchased_left=0, allowance_granted=True)
-    check_affordable(granted, 3, monthly_allowance=10, now=NOW)
+    granted = CreditFacts(allowance_left=3, purchased_left=0, allowance_period=PERIOD)
+    check_affordable(open_period(granted, 10, NOW).after, 3, now=NOW)
     with pytest.raises(InsufficientCredits):
-        check_affordable(granted, 4, monthly_allowance=10, now=NOW)
+        check_affordable(open_period(granted, 10, NOW).after, 4, now=NOW)
 
 
 def test_a_negative_bucket_counts_as_empty() -> None:
     facts = CreditFacts(allowance_left=-5, purchased_left=2)
-    check_affordable(facts, 2, monthly_allowance=0, now=NOW)
+    check_affordable(facts, 2, now=NOW)
     with pytest.raises(InsufficientCredits) as caught:
         plan_reservation(facts, 3, NOW)
     assert "you have 2" in caught.value.message
@@ -148,3 +157,82 @@ def test_reservations_spend_the_allowance_first() -> None:
         plan_reservation(facts, 9, NOW)
     assert "costs 9 credits and you have 8" in caught.value.message
     assert plan_reservation(CreditFacts(0, 0), 0, NOW) == Reservation(0, 0)
+
+
+def test_counts_are_read_up_to_each_cap_and_not_at_all_when_unlimited() -> None:
+    assert counted_up_to(PlanLimits(10, 50, 1)) == CountCaps(hour=10, day=50, active=1)
+    assert counted_up_to(PlanLimits(None, None, None)) == CountCaps(hour=0, day=0, active=0)
+    # A count that stopped at the cap still refuses, and waits for the oldest it counted.
+    limits = PlanLimits(requests_per_hour=10, requests_per_day=None, concurrent=None)
+    with pytest.raises(RateLimited) as caught:
+        check_request_limits(counts(hour=10, oldest_in_hour=NOW - timedelta(minutes=59)), limits)
+    assert caught.value.retry_after == timedelta(minutes=1)
+
+
+def test_storage_room_refuses_a_user_at_or_over_the_quota_only() -> None:
+    check_storage_room(None, 10**12)
+    check_storage_room(1000, 999)
+    for used in (1000, 1001):
+        with pytest.raises(StorageQuotaExceeded) as caught:
+            check_storage_room(1000, used)
+        assert caught.value.code == "IMG_008"
+        assert caught.value.metadata == {"quota_bytes": "1000", "used_bytes": str(used)}
+
+
+def test_opening_a_period_expires_what_is_left_and_grants_once() -> None:
+    new_user = open_period(CreditFacts(0, 0, None), 50, NOW)
+    assert (new_user.expire, new_user.grant) == (None, 50)
+    assert new_user.after == CreditFacts(50, 0, PERIOD)
+    last_month = CreditFacts(7, 5, datetime(2026, 10, 1, tzinfo=UTC))
+    rollover = open_period(last_month, 50, NOW)
+    assert (rollover.period_start, rollover.expire, rollover.grant) == (PERIOD, -7, 50)
+    assert rollover.after == CreditFacts(50, 5, PERIOD)
+    # Opened already: nothing to add, the facts stay.
+    again = open_period(rollover.after, 50, NOW)
+    assert (again.expire, again.grant, again.after) == (None, None, rollover.after)
+    # A negative allowance (owed) is not expired: it is carried into the new period.
+    owed = open_period(CreditFacts(-2, 0, datetime(2026, 10, 1, tzinfo=UTC)), 50, NOW)
+    assert (owed.expire, owed.after.allowance_left) == (None, 48)
+
+
+def test_a_balance_matches_every_proto_comment() -> None:
+    # available = allowance_remaining + purchased - reserved (usage.proto, CreditBalance).
+    def check(facts: CreditFacts, held: Held, expected: tuple[int, int, int, int]) -> None:
+        balance = balance_of(facts, held, 50, NOW)
+        got = (
+            balance.available,
+            balance.allowance_remaining,
+            balance.purchased,
+            balance.reserved,
+        )
+        assert got == expected
+        assert balance.available == (
+            balance.allowance_remaining + balance.purchased - balance.reserved
+        )
+        assert (balance.period_start, balance.period_reset) == (PERIOD, next_period(PERIOD))
+
+    # A new user sees the month's allowance before their first submit.
+    check(CreditFacts(0, 0, None), Held(), (50, 50, 0, 0))
+    # During a reservation of 3 (2 from the allowance, 1 bought): the ledger is net of
+    # it; the buckets still count it, and it is reserved.
+    check(CreditFacts(0, 4, PERIOD), Held(allowance=2, purchased=1), (4, 2, 5, 3))
+    # After settlement (charged): nothing reserved.
+    check(CreditFacts(0, 4, PERIOD), Held(), (4, 0, 4, 0))
+    # After a rollover, not yet opened: last month's leftover is gone, this month's shown.
+    check(CreditFacts(9, 4, datetime(2026, 10, 1, tzinfo=UTC)), Held(), (54, 50, 4, 0))
+    # ...with a job holding credits reserved last month: they come back into this one.
+    check(
+        CreditFacts(9, 4, datetime(2026, 10, 1, tzinfo=UTC)),
+        Held(allowance=2),
+        (54, 52, 4, 2),
+    )
+
+
+def test_a_refund_returns_purchased_credits_first() -> None:
+    held = Held(allowance=3, purchased=2)
+    assert plan_refund(held, 0) == held
+    assert plan_refund(held, 1) == Held(allowance=2, purchased=2)
+    assert plan_refund(held, 3) == Held(allowance=0, purchased=2)
+    assert plan_refund(held, 4) == Held(allowance=0, purchased=1)
+    assert plan_refund(held, 5) == Held()
+    assert plan_refund(held, 9) == Held(), "never more than was held"

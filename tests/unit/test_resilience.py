@@ -301,6 +301,7 @@ class Exploding:
     id = "exploding"
     display_name = "Exploding"
     models = ("x",)
+    upscalers: tuple[str, ...] = ()
     configured = True
     capabilities = ProviderCapabilities()
 

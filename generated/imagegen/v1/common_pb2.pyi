@@ -47,7 +47,9 @@ class ImageFormat(_ImageFormat, metaclass=_ImageFormatEnumTypeWrapper):
     The reasons, and the gRPC status each comes with:
       IMG_001  provider credentials not configured            FAILED_PRECONDITION
       IMG_002  the provider failed                            UNAVAILABLE (retryable) or INTERNAL
-      IMG_003  invalid prompt or request (BadRequest names the field)  INVALID_ARGUMENT
+      IMG_003  invalid prompt or request (BadRequest names the field)  INVALID_ARGUMENT;
+               FAILED_PRECONDITION when the image it names is soft-deleted (undelete it
+               first; the ErrorInfo metadata `image` names it)
       IMG_004  storage upload or read failed                  UNAVAILABLE
       IMG_005  plan rate limit exceeded (with RetryInfo)      RESOURCE_EXHAUSTED
       IMG_006  insufficient credits                           FAILED_PRECONDITION

@@ -132,7 +132,9 @@ class ListImagesRequest(_message.Message):
     favorites_only: _builtins.bool
     """Only images marked as favourite; false for all."""
     kind: Global___ImageKind.ValueType
-    """Only originals, or only edits; unspecified for both."""
+    """Only images of this kind (originals, edits, uploads, or everything a provider
+    made); unspecified for all of them.
+    """
     show_deleted: _builtins.bool
     """Also list soft-deleted images (with delete_time set and no URL); false lists
     only images that are not deleted.

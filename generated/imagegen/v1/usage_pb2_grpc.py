@@ -29,8 +29,9 @@ class UsageServiceStub:
     """The caller's credits, usage history, statistics and exports.
 
     Every attempt of a generation job leaves one usage record, whether it
-    succeeded, failed or was cancelled, named `usage/{usage}`. Credits follow the
-    deployment's price table; a failed or cancelled attempt is charged 0 credits.
+    succeeded, failed or was cancelled, named `usage/{usage}`; so does every prompt
+    enhancement (kind USAGE_KIND_PROMPT_ENHANCEMENT, without a generation). Credits follow
+    the deployment's price table; a failed or cancelled attempt is charged 0 credits.
 
     Time ranges are half-open, [start, end); a range longer than 366 days is
     INVALID_ARGUMENT (IMG_003), and so is an end before its start.
@@ -73,8 +74,9 @@ class UsageServiceServicer:
     """The caller's credits, usage history, statistics and exports.
 
     Every attempt of a generation job leaves one usage record, whether it
-    succeeded, failed or was cancelled, named `usage/{usage}`. Credits follow the
-    deployment's price table; a failed or cancelled attempt is charged 0 credits.
+    succeeded, failed or was cancelled, named `usage/{usage}`; so does every prompt
+    enhancement (kind USAGE_KIND_PROMPT_ENHANCEMENT, without a generation). Credits follow
+    the deployment's price table; a failed or cancelled attempt is charged 0 credits.
 
     Time ranges are half-open, [start, end); a range longer than 366 days is
     INVALID_ARGUMENT (IMG_003), and so is an end before its start.
@@ -109,8 +111,9 @@ class UsageServiceServicer:
         """Streams the caller's usage records of a time range as CSV (RFC 4180, UTF-8,
         header row first), oldest first, in chunks of at most 1 MiB. Columns: name,
         generation, attempt, provider, model, source, status, image_count, credits,
-        cost_cents, error_code, error_message, request_time, complete_time (times in
-        RFC 3339, UTC). INVALID_ARGUMENT (IMG_003) for a bad filter or time range.
+        cost_cents, error_code, error_message, request_time, complete_time, kind (times
+        in RFC 3339, UTC; kind is `generation` or `prompt_enhancement`). INVALID_ARGUMENT
+        (IMG_003) for a bad filter or time range.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,8 +173,9 @@ class UsageService:
     """The caller's credits, usage history, statistics and exports.
 
     Every attempt of a generation job leaves one usage record, whether it
-    succeeded, failed or was cancelled, named `usage/{usage}`. Credits follow the
-    deployment's price table; a failed or cancelled attempt is charged 0 credits.
+    succeeded, failed or was cancelled, named `usage/{usage}`; so does every prompt
+    enhancement (kind USAGE_KIND_PROMPT_ENHANCEMENT, without a generation). Credits follow
+    the deployment's price table; a failed or cancelled attempt is charged 0 credits.
 
     Time ranges are half-open, [start, end); a range longer than 366 days is
     INVALID_ARGUMENT (IMG_003), and so is an end before its start.

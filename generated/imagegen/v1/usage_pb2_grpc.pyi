@@ -30,8 +30,9 @@ class UsageServiceStub:
     """The caller's credits, usage history, statistics and exports.
 
     Every attempt of a generation job leaves one usage record, whether it
-    succeeded, failed or was cancelled, named `usage/{usage}`. Credits follow the
-    deployment's price table; a failed or cancelled attempt is charged 0 credits.
+    succeeded, failed or was cancelled, named `usage/{usage}`; so does every prompt
+    enhancement (kind USAGE_KIND_PROMPT_ENHANCEMENT, without a generation). Credits follow
+    the deployment's price table; a failed or cancelled attempt is charged 0 credits.
 
     Time ranges are half-open, [start, end); a range longer than 366 days is
     INVALID_ARGUMENT (IMG_003), and so is an end before its start.
@@ -57,8 +58,9 @@ class UsageServiceStub:
     """Streams the caller's usage records of a time range as CSV (RFC 4180, UTF-8,
     header row first), oldest first, in chunks of at most 1 MiB. Columns: name,
     generation, attempt, provider, model, source, status, image_count, credits,
-    cost_cents, error_code, error_message, request_time, complete_time (times in
-    RFC 3339, UTC). INVALID_ARGUMENT (IMG_003) for a bad filter or time range.
+    cost_cents, error_code, error_message, request_time, complete_time, kind (times
+    in RFC 3339, UTC; kind is `generation` or `prompt_enhancement`). INVALID_ARGUMENT
+    (IMG_003) for a bad filter or time range.
     """
     ExportGenerations: _grpc.UnaryStreamMultiCallable[_usage_pb2.ExportGenerationsRequest, _usage_pb2.ExportGenerationsResponse]
     """Streams the caller's generation jobs submitted in a time range as CSV (RFC
@@ -76,8 +78,9 @@ class UsageServiceAsyncStub(UsageServiceStub):
     """The caller's credits, usage history, statistics and exports.
 
     Every attempt of a generation job leaves one usage record, whether it
-    succeeded, failed or was cancelled, named `usage/{usage}`. Credits follow the
-    deployment's price table; a failed or cancelled attempt is charged 0 credits.
+    succeeded, failed or was cancelled, named `usage/{usage}`; so does every prompt
+    enhancement (kind USAGE_KIND_PROMPT_ENHANCEMENT, without a generation). Credits follow
+    the deployment's price table; a failed or cancelled attempt is charged 0 credits.
 
     Time ranges are half-open, [start, end); a range longer than 366 days is
     INVALID_ARGUMENT (IMG_003), and so is an end before its start.
@@ -100,8 +103,9 @@ class UsageServiceAsyncStub(UsageServiceStub):
     """Streams the caller's usage records of a time range as CSV (RFC 4180, UTF-8,
     header row first), oldest first, in chunks of at most 1 MiB. Columns: name,
     generation, attempt, provider, model, source, status, image_count, credits,
-    cost_cents, error_code, error_message, request_time, complete_time (times in
-    RFC 3339, UTC). INVALID_ARGUMENT (IMG_003) for a bad filter or time range.
+    cost_cents, error_code, error_message, request_time, complete_time, kind (times
+    in RFC 3339, UTC; kind is `generation` or `prompt_enhancement`). INVALID_ARGUMENT
+    (IMG_003) for a bad filter or time range.
     """
     ExportGenerations: _aio.UnaryStreamMultiCallable[_usage_pb2.ExportGenerationsRequest, _usage_pb2.ExportGenerationsResponse]  # type: ignore[assignment]
     """Streams the caller's generation jobs submitted in a time range as CSV (RFC
@@ -118,8 +122,9 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
     """The caller's credits, usage history, statistics and exports.
 
     Every attempt of a generation job leaves one usage record, whether it
-    succeeded, failed or was cancelled, named `usage/{usage}`. Credits follow the
-    deployment's price table; a failed or cancelled attempt is charged 0 credits.
+    succeeded, failed or was cancelled, named `usage/{usage}`; so does every prompt
+    enhancement (kind USAGE_KIND_PROMPT_ENHANCEMENT, without a generation). Credits follow
+    the deployment's price table; a failed or cancelled attempt is charged 0 credits.
 
     Time ranges are half-open, [start, end); a range longer than 366 days is
     INVALID_ARGUMENT (IMG_003), and so is an end before its start.
@@ -164,8 +169,9 @@ class UsageServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams the caller's usage records of a time range as CSV (RFC 4180, UTF-8,
         header row first), oldest first, in chunks of at most 1 MiB. Columns: name,
         generation, attempt, provider, model, source, status, image_count, credits,
-        cost_cents, error_code, error_message, request_time, complete_time (times in
-        RFC 3339, UTC). INVALID_ARGUMENT (IMG_003) for a bad filter or time range.
+        cost_cents, error_code, error_message, request_time, complete_time, kind (times
+        in RFC 3339, UTC; kind is `generation` or `prompt_enhancement`). INVALID_ARGUMENT
+        (IMG_003) for a bad filter or time range.
         """
 
     @_abc_1.abstractmethod

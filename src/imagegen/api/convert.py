@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -12,6 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from imagegen.domain.errors import InvalidRequest
 from imagegen.domain.models import (
     DEFAULT_SIZE,
+    EditSource,
     EventType,
     Generation,
     GenerationEvent,
@@ -23,8 +25,10 @@ from imagegen.domain.models import (
     SourceRef,
     StoredImage,
     Style,
+    WebhookAttempt,
 )
 from imagegen.domain.validation import check_resource_name
+from imagegen.domain.webhooks import shown_callback_uri
 from imagegen.v1 import common_pb2, generation_pb2
 
 _STYLE_TO_PB = {
@@ -88,12 +92,21 @@ GENERATIONS_PREFIX = "generations/"
 IMAGES_PREFIX = "images/"
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def _timestamp(value: datetime | None) -> Timestamp | None:
+    """The Timestamp of an aware datetime (a naive one is UTC), as protobuf's
+    FromDatetime makes it at a third of its cost (three per image of a list page)."""
     if value is None:
         return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    since_epoch = value - _EPOCH
+    return Timestamp(
+        seconds=since_epoch.days * 86_400 + since_epoch.seconds,
+        nanos=since_epoch.microseconds * 1000,
+    )
 
 
 def generation_id_from_name(name: str) -> str:
@@ -162,6 +175,20 @@ def spec_from_proto(spec: common_pb2.GenerationSpec) -> GenerationSpec:
     )
 
 
+def _duration(value: timedelta) -> Duration:
+    duration = Duration()
+    duration.FromTimedelta(value)
+    return duration
+
+
+def _source_to_proto(source: EditSource) -> common_pb2.ImageSource:
+    """A stored job's source as the library image it is; a source stored before sources
+    were library images, by its signed URL (never by its bytes)."""
+    if source.image_id:
+        return common_pb2.ImageSource(image=IMAGES_PREFIX + source.image_id)
+    return common_pb2.ImageSource(uri=source.url)
+
+
 def spec_to_proto(spec: GenerationSpec) -> common_pb2.GenerationSpec:
     message = common_pb2.GenerationSpec(
         prompt=spec.prompt,
@@ -175,7 +202,10 @@ def spec_to_proto(spec: GenerationSpec) -> common_pb2.GenerationSpec:
         provider=spec.provider,
         model=spec.model,
         source=_SOURCE_TO_PB[spec.source],
+        sources=[_source_to_proto(s) for s in spec.sources],
     )
+    if spec.mask is not None:
+        message.mask.CopyFrom(_source_to_proto(spec.mask))
     if spec.seed is not None:
         message.seed = spec.seed
     return message
@@ -203,7 +233,13 @@ def image_to_proto(image: StoredImage, url_ttl: timedelta) -> common_pb2.Image:
         tags=list(image.tags),
         favorite=image.favorite,
         parents=[IMAGES_PREFIX + p for p in image.parent_ids],
+        upload=image.upload,
+        sub_account=image.sub_account,
+        edit=image.is_edit,
+        credits=image.credits,
     )
+    if image.generation_duration is not None:
+        message.generation_duration.CopyFrom(_duration(image.generation_duration))
     if image.seed is not None:
         message.seed = image.seed % 2**32
     created = _timestamp(image.created_at)
@@ -216,10 +252,7 @@ def image_to_proto(image: StoredImage, url_ttl: timedelta) -> common_pb2.Image:
     if deleted is not None:
         message.delete_time.CopyFrom(deleted)
     if image.url:
-        expire = Timestamp()
-        expire.GetCurrentTime()
-        expire.FromSeconds(expire.seconds + int(url_ttl.total_seconds()))
-        message.uri_expire_time.CopyFrom(expire)
+        message.uri_expire_time.seconds = int(time.time()) + int(url_ttl.total_seconds())
     return message
 
 
@@ -235,7 +268,13 @@ def generation_to_proto(generation: Generation, url_ttl: timedelta) -> generatio
         images=[image_to_proto(img, url_ttl) for img in generation.images],
         request_id=generation.request_id,
         last_sequence=generation.last_sequence,
+        sub_account=generation.sub_account,
+        edit=generation.spec.is_edit,
+        callback_uri=shown_callback_uri(generation.spec.callback_uri),
+        webhook_deliveries=[_webhook_attempt(a) for a in generation.webhook_deliveries],
     )
+    if generation.duration is not None:
+        message.duration.CopyFrom(_duration(generation.duration))
     if generation.error_code:
         message.error.CopyFrom(
             generation_pb2.GenerationError(
@@ -251,6 +290,18 @@ def generation_to_proto(generation: Generation, url_ttl: timedelta) -> generatio
         stamp = _timestamp(value)
         if stamp is not None:
             getattr(message, field).CopyFrom(stamp)
+    return message
+
+
+def _webhook_attempt(attempt: WebhookAttempt) -> generation_pb2.WebhookDelivery:
+    message = generation_pb2.WebhookDelivery(
+        webhook_id=attempt.webhook_id,
+        attempt=attempt.attempt,
+        http_status=attempt.http_status,
+        error=attempt.error,
+        delivered=attempt.delivered,
+    )
+    message.attempt_time.FromDatetime(attempt.attempt_time)
     return message
 
 
@@ -360,6 +411,17 @@ def style_from_proto(value: common_pb2.Style.ValueType) -> Style | None:
     if value not in _STYLE_FROM_PB:
         raise InvalidRequest(f"style {value} is not a known style", field="style")
     return _STYLE_FROM_PB[value]
+
+
+def source_from_proto(
+    value: common_pb2.GenerationSource.ValueType, *, field: str = "source"
+) -> GenerationSource:
+    """API for unspecified; IMG_003 for an unknown value."""
+    if value == common_pb2.GENERATION_SOURCE_UNSPECIFIED:
+        return GenerationSource.API
+    if value not in _SOURCE_FROM_PB:
+        raise InvalidRequest(f"source {value} is not a known source", field=field)
+    return _SOURCE_FROM_PB[value]
 
 
 def style_to_proto(style: str) -> common_pb2.Style.ValueType:

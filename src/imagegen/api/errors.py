@@ -4,6 +4,7 @@ Every refusal carries a `google.rpc.ErrorInfo` whose `reason` is the stable IMG 
 or, for code-less errors, the class name in UPPER_SNAKE, which must be one of
 `OTHER_REASONS` (the list in proto/imagegen/v1/common.proto); its `domain` is
 `imagegen.v1` and its `metadata` the error's specifics. Rate limits add `RetryInfo`;
+a moderation suspension and an unavailable moderator add `RetryInfo` too;
 invalid fields add `BadRequest.FieldViolation`.
 
 Anything that is not an `ImageGenError` is a bug: it is logged with its traceback and
@@ -52,6 +53,13 @@ def _fixed(code: grpc.StatusCode) -> _StatusFor:
     return lambda _exc: code
 
 
+def _by_suspension(exc: domain.ImageGenError) -> grpc.StatusCode:
+    # The same code, IMG_011, for a blocked text (fix the prompt) and for a caller
+    # suspended for repeated blocks (wait for the RetryInfo's delay): see common.proto.
+    suspended = isinstance(exc, domain.ContentBlocked) and exc.suspended
+    return grpc.StatusCode.PERMISSION_DENIED if suspended else grpc.StatusCode.INVALID_ARGUMENT
+
+
 def _by_retryable(exc: domain.ImageGenError) -> grpc.StatusCode:
     # A provider hiccup (timeout, 5xx, its own rate limit) is worth retrying; a reply we
     # cannot use is not, and UNAVAILABLE would invite clients to loop on it.
@@ -64,6 +72,7 @@ STATUS_TABLE: dict[type[domain.ImageGenError], _StatusFor] = {
     domain.ProviderNotConfigured: _fixed(grpc.StatusCode.FAILED_PRECONDITION),  # IMG_001
     domain.ProviderFailed: _by_retryable,  # IMG_002
     domain.InvalidRequest: _fixed(grpc.StatusCode.INVALID_ARGUMENT),  # IMG_003
+    domain.ImageDeleted: _fixed(grpc.StatusCode.FAILED_PRECONDITION),  # IMG_003
     domain.StorageFailed: _fixed(grpc.StatusCode.UNAVAILABLE),  # IMG_004
     domain.RateLimited: _fixed(grpc.StatusCode.RESOURCE_EXHAUSTED),  # IMG_005
     domain.InsufficientCredits: _fixed(grpc.StatusCode.FAILED_PRECONDITION),  # IMG_006
@@ -71,6 +80,8 @@ STATUS_TABLE: dict[type[domain.ImageGenError], _StatusFor] = {
     domain.StorageQuotaExceeded: _fixed(grpc.StatusCode.RESOURCE_EXHAUSTED),  # IMG_008
     domain.RequestIdReused: _fixed(grpc.StatusCode.FAILED_PRECONDITION),  # IMG_009
     domain.ContentPolicyRefused: _fixed(grpc.StatusCode.INVALID_ARGUMENT),  # IMG_010
+    domain.ContentBlocked: _by_suspension,  # IMG_011
+    domain.ModerationUnavailable: _fixed(grpc.StatusCode.UNAVAILABLE),  # IMG_012
     domain.NotFound: _fixed(grpc.StatusCode.NOT_FOUND),
     domain.PermissionDenied: _fixed(grpc.StatusCode.PERMISSION_DENIED),
     domain.Unauthenticated: _fixed(grpc.StatusCode.UNAUTHENTICATED),
@@ -96,9 +107,13 @@ def _upper_snake(name: str) -> str:
     return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).upper()
 
 
-#: ErrorInfo reason -> domain class, to rebuild an error stored by its code.
+#: ErrorInfo reason -> domain class, to rebuild an error stored by its code. A subclass
+#: that shares its base's code (ImageDeleted) only refines the status; the code rebuilds
+#: the base.
 _CLASS_BY_REASON: dict[str, type[domain.ImageGenError]] = {
-    cls.code or _upper_snake(cls.__name__): cls for cls in STATUS_TABLE
+    cls.code or _upper_snake(cls.__name__): cls
+    for cls in STATUS_TABLE
+    if not (cls.code and getattr(cls.__mro__[1], "code", "") == cls.code)
 }
 
 
@@ -204,6 +219,11 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
             error_reason(exc),
             current_request_id.get() or "-",
         )
+    # The status is built and the error logged: let go of the frames of its traceback
+    # (and of what it was chained to). The AbortError raised below keeps `exc` as its
+    # context for as long as gRPC keeps that, and those frames hold the request, up to a
+    # whole source image (bench/oversize_bench.py).
+    _drop_tracebacks(exc)
     # context.abort with the details in trailing metadata, not abort_with_status: the
     # OpenTelemetry interceptor records the right span status only this way.
     await context.abort(
@@ -211,6 +231,15 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
         message,
         trailing_metadata=((rpc_status.GRPC_DETAILS_METADATA_KEY, status.SerializeToString()),),
     )
+
+
+def _drop_tracebacks(exc: BaseException) -> None:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        current.__traceback__ = None
+        current = current.__cause__ or current.__context__
 
 
 def error_from_code(code: str, message: str, retryable: bool) -> domain.ImageGenError:
@@ -229,6 +258,8 @@ def error_from_code(code: str, message: str, retryable: bool) -> domain.ImageGen
         exc = domain.ProviderFailed(message, retryable=retryable)
     elif cls is domain.RateLimited:
         exc = domain.RateLimited(message, retry_after=DEFAULT_RETRY_AFTER)
+    elif cls is domain.ModerationUnavailable:
+        exc = domain.ModerationUnavailable(message, retry_after=DEFAULT_RETRY_AFTER)
     elif cls is not None:
         exc = cls(message)
     else:

@@ -7,6 +7,7 @@ gRPC status in one place.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -21,10 +22,12 @@ from imagegen.domain.models import EventType, Generation, Identity
 from imagegen.domain.providers import ProviderInfo
 from imagegen.services.generations import (
     GenerationReads,
+    GenerationWaiter,
     GenerationWatch,
     SubmissionService,
     UserSettingsService,
 )
+from imagegen.services.webhooks.secrets import WebhookSecrets, WebhookSecretView
 from imagegen.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 
@@ -39,20 +42,28 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         watch: GenerationWatch,
         user_settings: UserSettingsService,
         url_ttl: timedelta,
+        waiter: GenerationWaiter | None = None,
+        webhook_secrets: WebhookSecrets | None = None,
     ) -> None:
         self._submission = submission
         self._reads = reads
         self._watch = watch
+        self._waiter = waiter
+        self._webhook_secrets = webhook_secrets
         self._user_settings = user_settings
         self._url_ttl = url_ttl
 
     async def _submit(
-        self, caller: Identity, spec: common_pb2.GenerationSpec, request_id: str
+        self,
+        caller: Identity,
+        spec: common_pb2.GenerationSpec,
+        request_id: str,
+        callback_uri: str = "",
     ) -> Generation:
         parsed = convert.parse_spec(spec)
         return await self._submission.submit(
             caller,
-            parsed.spec,
+            dataclasses.replace(parsed.spec, callback_uri=callback_uri),
             request_id,
             source_refs=parsed.source_refs,
             mask_ref=parsed.mask_ref,
@@ -85,7 +96,9 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             generation_pb2.SubmitGenerationRequest, generation_pb2.SubmitGenerationResponse
         ],
     ) -> generation_pb2.SubmitGenerationResponse:
-        generation = await self._submit(identity(), request.spec, request.request_id)
+        generation = await self._submit(
+            identity(), request.spec, request.request_id, request.callback_uri
+        )
         return generation_pb2.SubmitGenerationResponse(
             generation=convert.generation_to_proto(generation, self._url_ttl)
         )
@@ -230,23 +243,66 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         providers = await self._user_settings.list_providers(identity())
         return generation_pb2.ListProvidersResponse(providers=[_provider(p) for p in providers])
 
+    async def WaitGeneration(
+        self,
+        request: generation_pb2.WaitGenerationRequest,
+        context: grpc.aio.ServicerContext[
+            generation_pb2.WaitGenerationRequest, generation_pb2.WaitGenerationResponse
+        ],
+    ) -> generation_pb2.WaitGenerationResponse:
+        caller = identity()
+        generation_id = convert.generation_id_from_name(request.name)
+        timeout = convert.optional_duration(request, "timeout")
+        if self._waiter is None:
+            raise NotImplementedError
+        generation = await self._waiter.wait(
+            caller, generation_id, timeout, deadline_left=context.time_remaining()
+        )
+        return generation_pb2.WaitGenerationResponse(
+            generation=convert.generation_to_proto(generation, self._url_ttl)
+        )
+
+    async def GetWebhookSecret(
+        self,
+        request: generation_pb2.GetWebhookSecretRequest,
+        context: grpc.aio.ServicerContext[
+            generation_pb2.GetWebhookSecretRequest, generation_pb2.GetWebhookSecretResponse
+        ],
+    ) -> generation_pb2.GetWebhookSecretResponse:
+        caller = identity()
+        if self._webhook_secrets is None:
+            raise NotImplementedError
+        secret = await self._webhook_secrets.get(caller)
+        return generation_pb2.GetWebhookSecretResponse(secret=_webhook_secret(secret))
+
+    async def RotateWebhookSecret(
+        self,
+        request: generation_pb2.RotateWebhookSecretRequest,
+        context: grpc.aio.ServicerContext[
+            generation_pb2.RotateWebhookSecretRequest, generation_pb2.RotateWebhookSecretResponse
+        ],
+    ) -> generation_pb2.RotateWebhookSecretResponse:
+        caller = identity()
+        if self._webhook_secrets is None:
+            raise NotImplementedError
+        secret = await self._webhook_secrets.rotate(caller, request.request_id)
+        return generation_pb2.RotateWebhookSecretResponse(secret=_webhook_secret(secret))
 
     # Added to the contract ahead of their use cases (issues 13 and 14); until those
     # land they answer UNIMPLEMENTED, as the generated base class would.
-    async def WaitGeneration(self, request: Any, context: Any) -> Any:
-        raise NotImplementedError
-
     async def BatchGenerate(self, request: Any, context: Any) -> Any:
         raise NotImplementedError
 
     async def UpscaleImage(self, request: Any, context: Any) -> Any:
         raise NotImplementedError
 
-    async def GetWebhookSecret(self, request: Any, context: Any) -> Any:
-        raise NotImplementedError
 
-    async def RotateWebhookSecret(self, request: Any, context: Any) -> Any:
-        raise NotImplementedError
+def _webhook_secret(view: WebhookSecretView) -> generation_pb2.WebhookSecret:
+    message = generation_pb2.WebhookSecret(secret=view.secret)
+    message.create_time.FromDatetime(view.created_at)
+    if view.previous_expire_time is not None:
+        message.previous_expire_time.FromDatetime(view.previous_expire_time)
+    return message
 
 
 def _provider(info: ProviderInfo) -> generation_pb2.ProviderInfo:
@@ -263,8 +319,11 @@ def _provider(info: ProviderInfo) -> generation_pb2.ProviderInfo:
             sizes=[common_pb2.ImageSize(width=s.width, height=s.height) for s in info.sizes],
             formats=[convert.format_to_proto(f) for f in info.formats],
             max_count=info.max_count,
+            outpaint=info.outpaint,
+            upscale=info.upscale,
         ),
         models=list(info.models),
+        upscalers=list(info.upscalers),
         styles=convert.all_styles_proto(),
         default=info.default,
     )

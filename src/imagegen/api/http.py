@@ -1,5 +1,6 @@
 """The HTTP side of a served process: signed blob URLs of the local store,
-`/metrics` in Prometheus format, and a liveness probe."""
+`/metrics` in Prometheus format, a liveness probe (`/healthz`) and a readiness probe
+(`/readyz`)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,18 @@ MetricsText = Callable[[], tuple[bytes, str]]
 
 
 def build_http_app(
-    *, local_store: SignedBlobFiles | None, metrics_text: MetricsText
+    *,
+    local_store: SignedBlobFiles | None,
+    metrics_text: MetricsText,
+    is_ready: Callable[[], bool] = lambda: True,
 ) -> web.Application:
-    """Routes: GET /blobs/{key} (local store only), GET /metrics, GET /healthz.
+    """Routes: GET /blobs/{key} (local store only), GET /metrics, GET /healthz, GET /readyz.
 
-    A blob URL whose expires or signature is missing or malformed is 400, one whose
-    signature is not ours or that has expired is 403, a key with no file is 404."""
+    `/healthz` is liveness: 200 while the process can finish its work, drains included.
+    `/readyz` is readiness: 200 while `is_ready()` (api/health.py's Readiness: up, and not
+    draining), 503 otherwise. A blob URL whose expires or signature is missing or
+    malformed is 400, one whose signature is not ours or that has expired is 403, a key
+    with no file is 404."""
     app = web.Application()
 
     async def metrics(_request: web.Request) -> web.Response:
@@ -30,10 +37,16 @@ def build_http_app(
         return response
 
     async def healthz(_request: web.Request) -> web.Response:
-        return web.Response(text="ok")
+        return web.Response(text="ok\n")
+
+    async def readyz(_request: web.Request) -> web.Response:
+        if is_ready():
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="not ready: starting or draining\n")
 
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
 
     if local_store is not None:
         store = local_store

@@ -20,6 +20,8 @@ _KINDS = {
     library_pb2.IMAGE_KIND_UNSPECIFIED: ImageKind.ALL,
     library_pb2.IMAGE_KIND_ORIGINAL: ImageKind.ORIGINAL,
     library_pb2.IMAGE_KIND_EDIT: ImageKind.EDIT,
+    library_pb2.IMAGE_KIND_UPLOAD: ImageKind.UPLOAD,
+    library_pb2.IMAGE_KIND_GENERATED: ImageKind.GENERATED,
 }
 
 Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]

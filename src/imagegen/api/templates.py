@@ -105,7 +105,9 @@ class PromptTemplateServicer(templates_pb2_grpc.PromptTemplateServiceServicer):
     async def CreatePromptTemplate(
         self, request: T.CreatePromptTemplateRequest, context: Ctx
     ) -> T.CreatePromptTemplateResponse:
-        created = await self._service.create(identity(), template_from_proto(request.template))
+        created = await self._service.create(
+            identity(), template_from_proto(request.template), request.request_id
+        )
         return T.CreatePromptTemplateResponse(template=template_to_proto(created))
 
     async def GetPromptTemplate(

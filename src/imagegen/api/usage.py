@@ -13,7 +13,7 @@ from imagegen.api import convert
 from imagegen.api.context import identity
 from imagegen.domain.errors import InvalidRequest
 from imagegen.domain.models import GenerationSource
-from imagegen.domain.usage import UsageRow, UsageTotalsRow
+from imagegen.domain.usage import UsageKind, UsageRow, UsageTotalsRow
 from imagegen.services.usage import UsageService
 from imagegen.v1 import common_pb2, usage_pb2, usage_pb2_grpc
 
@@ -25,6 +25,10 @@ _STATUS = {
     U.USAGE_STATUS_CANCELLED: "cancelled",
 }
 _STATUS_PB = {v: k for k, v in _STATUS.items()}
+_KIND_PB = {
+    UsageKind.GENERATION: U.USAGE_KIND_GENERATION,
+    UsageKind.PROMPT_ENHANCEMENT: U.USAGE_KIND_PROMPT_ENHANCEMENT,
+}
 _SOURCE_PB = {
     GenerationSource.API.value: common_pb2.GENERATION_SOURCE_API,
     GenerationSource.UI.value: common_pb2.GENERATION_SOURCE_UI,
@@ -63,6 +67,7 @@ def _record(r: UsageRow) -> usage_pb2.UsageRecord:
         error_message=r.error_message,
         request_time=_stamp(r.requested_at),
         complete_time=_stamp(r.completed_at),
+        kind=_KIND_PB[r.kind],
     )
     if r.cost_cents is not None:
         message.cost_cents = r.cost_cents

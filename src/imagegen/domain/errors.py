@@ -4,6 +4,7 @@
     ├── ProviderNotConfigured      IMG_001  provider credentials not configured
     ├── ProviderFailed             IMG_002  the provider failed (retryable or not)
     ├── InvalidRequest             IMG_003  invalid prompt or request (names the field)
+    │   └── ImageDeleted           IMG_003  the image named is soft-deleted (undelete it first)
     ├── StorageFailed              IMG_004  storing the image failed
     ├── RateLimited                IMG_005  a plan limit was hit (carries retry_after)
     ├── InsufficientCredits        IMG_006  not enough credits
@@ -11,6 +12,10 @@
     ├── StorageQuotaExceeded       IMG_008  the user's storage quota would be exceeded
     ├── RequestIdReused            IMG_009  request_id reused with other parameters
     ├── ContentPolicyRefused       IMG_010  refused by the provider's content policy
+    ├── ContentBlocked             IMG_011  blocked by our moderation (names the categories);
+    │                                       with retry_after while the user is suspended
+    ├── ModerationUnavailable      IMG_012  a moderator could not answer and the policy fails
+    │                                       closed (carries retry_after)
     ├── NotFound                   (no code) the resource does not exist for this caller
     ├── PermissionDenied           (no code) visible but not changeable by this caller
     ├── Unauthenticated            (no code) missing or bad credentials
@@ -78,6 +83,15 @@ class InvalidRequest(ImageGenError):
         self.field = field
 
 
+class ImageDeleted(InvalidRequest):
+    """The request names one of the caller's images that is soft-deleted, for a use that
+    needs it live (a URL, a download, a change, an edit source): a precondition of the
+    image's state rather than a malformed field, so FAILED_PRECONDITION with IMG_003."""
+
+    def __init__(self, message: str, *, field: str = "name", image: str = "") -> None:
+        super().__init__(message, field=field, metadata={"image": image} if image else None)
+
+
 class StorageFailed(ImageGenError):
     """The blob store could not be written or read."""
 
@@ -126,6 +140,51 @@ class ContentPolicyRefused(ImageGenError):
     """The provider refused the prompt or image on content-policy grounds."""
 
     code = "IMG_010"
+
+
+class ContentBlocked(ImageGenError):
+    """Our moderation blocked a text that would become a prompt. Names the categories,
+    never the matched words. With `retry_after` the caller is suspended for repeated
+    blocks until then (PERMISSION_DENIED instead of INVALID_ARGUMENT)."""
+
+    code = "IMG_011"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        categories: tuple[str, ...] = (),
+        retry_after: timedelta | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        merged = dict(metadata or {})
+        if categories:
+            merged.setdefault("categories", ",".join(categories))
+        super().__init__(message, metadata=merged)
+        self.categories = categories
+        self.retry_after = retry_after
+
+    @property
+    def suspended(self) -> bool:
+        return self.retry_after is not None
+
+
+class ModerationUnavailable(ImageGenError):
+    """A moderator could not answer (down, timed out, refused us) and the plan's policy
+    fails closed; trying again later may succeed."""
+
+    code = "IMG_012"
+    retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: timedelta | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+        self.retry_after = retry_after
 
 
 class NotFound(ImageGenError):

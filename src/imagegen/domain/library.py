@@ -21,8 +21,13 @@ class ImageKind(enum.StrEnum):
     """Which images a list shows by origin."""
 
     ALL = "all"
+    #: made from a prompt alone (not an edit, not an upload)
     ORIGINAL = "original"
     EDIT = "edit"
+    #: supplied by the caller as an edit source or mask
+    UPLOAD = "upload"
+    #: made by a provider: originals and edits
+    GENERATED = "generated"
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,11 @@ used); what they mean for a request is decided here, with the message and the Re
 delay a caller sees. Submit reads the facts and decides inside one transaction, under
 the user's advisory lock, so every replica decides on the same counts.
 
-Order, as the README states it: requests per hour, per day, then concurrent generations;
-credits come after (domain/credits.py).
+A count only has to tell "below the cap" from "at it", so it is read up to the cap and
+no further: its cost is bounded by the plan, never by the user's history.
+
+Order, as docs/plans-and-prices.md states it: requests per hour, per day, then
+concurrent generations; credits come after (domain/credits.py), the storage quota last.
 """
 
 from __future__ import annotations
@@ -27,19 +30,44 @@ CONCURRENT_RETRY_AFTER = timedelta(seconds=5)
 
 @dataclass(frozen=True)
 class RequestCounts:
-    """A user's accepted requests and active jobs, counted at `now` (the database's clock)."""
+    """A user's accepted requests and active jobs, counted at `now` (the database's clock)
+    up to the plan's caps (`counted_up_to`): past a cap the exact number does not matter."""
 
     now: datetime
-    #: requests accepted in the hour before `now`
+    #: requests accepted in the hour before `now`, the newest ones up to the hourly cap
     last_hour: int
-    #: requests accepted in the day before `now`
+    #: requests accepted in the day before `now`, the newest ones up to the daily cap
     last_day: int
-    #: jobs queued or running
+    #: jobs queued or running, up to the concurrent cap
     active: int
-    #: when the oldest request of the last hour was accepted (None if there was none)
+    #: when the oldest request counted in `last_hour` was accepted (None if none was):
+    #: once it leaves the window, one more request fits
     oldest_in_hour: datetime | None = None
-    #: when the oldest request of the last day was accepted (None if there was none)
+    #: when the oldest request counted in `last_day` was accepted (None if none was)
     oldest_in_day: datetime | None = None
+
+
+@dataclass(frozen=True)
+class CountCaps:
+    """How far a repository needs to count for `check_request_limits` to decide:
+    each plan cap, and 0 where the plan sets none (nothing to count)."""
+
+    hour: int
+    day: int
+    active: int
+
+
+def counted_up_to(limits: PlanLimits) -> CountCaps:
+    """The counts `check_request_limits` needs for `limits`: up to each cap."""
+
+    def cap(value: int | None) -> int:
+        return 0 if value is None else max(value, 0)
+
+    return CountCaps(
+        hour=cap(limits.requests_per_hour),
+        day=cap(limits.requests_per_day),
+        active=cap(limits.concurrent),
+    )
 
 
 def window_retry_after(oldest: datetime | None, window: timedelta, now: datetime) -> timedelta:
@@ -72,6 +100,20 @@ def check_request_limits(counts: RequestCounts, limits: PlanLimits) -> None:
             retry_after=CONCURRENT_RETRY_AFTER,
             metadata={"limit": "concurrent", "cap": str(limits.concurrent)},
         )
+
+
+def check_storage_room(quota_bytes: int | None, used_bytes: int) -> None:
+    """IMG_008 when a user is already at or over `quota_bytes` (None: no quota): no
+    image, however small, would fit. The read-only check at submit, before a job, a
+    rate-limit slot or a charge; the exact decision is `check_storage_quota` when the
+    image is recorded."""
+    if quota_bytes is None or used_bytes < quota_bytes:
+        return
+    raise StorageQuotaExceeded(
+        f"your storage quota of {quota_bytes} bytes is full ({used_bytes} used); purge "
+        "images to free space",
+        metadata={"quota_bytes": str(quota_bytes), "used_bytes": str(used_bytes)},
+    )
 
 
 def check_storage_quota(quota_bytes: int | None, used_bytes: int, size_bytes: int) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 
 class ImageFormat(enum.StrEnum):
@@ -131,10 +131,13 @@ class Identity:
 class SourceRef:
     """A source image as the caller named it, before it is fetched and checked."""
 
-    kind: str  # "uri" (https or data:), "bytes", or "image" (a library image id)
+    #: "uri" (https or data:), "bytes", "image" (a library image id), or "stored" (a
+    #: source a job stored before sources became library images, by its blob key)
+    kind: str
     uri: str = ""
     data: bytes = b""
     image_id: str = ""
+    storage_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -155,8 +158,11 @@ class EditSource:
     mime_type: str
     width: int
     height: int
-    #: the library image it came from, if any (it becomes the result's parent)
+    #: the library image it is (an upload or an image of the caller's library; it becomes
+    #: the result's parent); empty only for sources stored before uploads were kept
     image_id: str = ""
+    #: a signed URL of such an older source, for showing the job (never stored)
+    url: str = ""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -180,9 +186,87 @@ class EditSource:
         )
 
 
+class OutpaintAnchor(enum.StrEnum):
+    """Where the source sits on an outpaint canvas given by its target size."""
+
+    CENTER = "center"
+    TOP = "top"
+    BOTTOM = "bottom"
+    LEFT = "left"
+    RIGHT = "right"
+    TOP_LEFT = "top_left"
+    TOP_RIGHT = "top_right"
+    BOTTOM_LEFT = "bottom_left"
+    BOTTOM_RIGHT = "bottom_right"
+
+
+@dataclass(frozen=True)
+class OutpaintSpec:
+    """How to extend a source image, as the caller asked: pixels to add on each side,
+    or a target canvas size and where the source sits on it (never both). Checked by
+    domain/enlarge.py; the canvas follows from it and the source's size."""
+
+    left: int = 0
+    top: int = 0
+    right: int = 0
+    bottom: int = 0
+    #: the canvas size to reach; None when the sides are given
+    target: Size | None = None
+    #: where the source sits on `target`; None for the centre (only with `target`)
+    anchor: OutpaintAnchor | None = None
+
+    @property
+    def placement(self) -> OutpaintAnchor:
+        """The anchor in effect: the given one, else the centre."""
+        return self.anchor or OutpaintAnchor.CENTER
+
+    def to_json(self) -> dict[str, object]:
+        """Its stored (and fingerprinted) form; an unset anchor of a target is the centre."""
+        return {
+            "left": self.left,
+            "top": self.top,
+            "right": self.right,
+            "bottom": self.bottom,
+            "target": str(self.target) if self.target else "",
+            "anchor": self.placement.value if self.target else "",
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> OutpaintSpec:
+        target = str(data.get("target") or "")
+        width, _, height = target.partition("x")
+        anchor = str(data.get("anchor") or "")
+        return cls(
+            left=int(str(data.get("left", 0))),
+            top=int(str(data.get("top", 0))),
+            right=int(str(data.get("right", 0))),
+            bottom=int(str(data.get("bottom", 0))),
+            target=Size(int(width), int(height)) if target else None,
+            anchor=OutpaintAnchor(anchor) if anchor else None,
+        )
+
+
+@dataclass(frozen=True)
+class UpscaleSpec:
+    """How to enlarge a source image: by `factor` (2 or 4) with one of the provider's
+    upscalers (empty for its default). Checked by domain/enlarge.py."""
+
+    factor: int
+    upscaler: str = ""
+
+    def to_json(self) -> dict[str, object]:
+        """Its stored (and fingerprinted) form."""
+        return {"factor": self.factor, "upscaler": self.upscaler}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> UpscaleSpec:
+        return cls(factor=int(str(data["factor"])), upscaler=str(data.get("upscaler") or ""))
+
+
 @dataclass(frozen=True)
 class GenerationSpec:
-    """A validated text-to-image request: everything that decides the result."""
+    """A validated text-to-image request: everything that decides the result, and where
+    to tell when the job ends (`callback_uri`)."""
 
     prompt: str
     negative_prompt: str = ""
@@ -200,6 +284,12 @@ class GenerationSpec:
     mask: EditSource | None = None
     #: an edit whose caller gave no size keeps its first source's geometry
     size_from_source: bool = False
+    #: extend the first source outward (outpainting); None for any other request
+    outpaint: OutpaintSpec | None = None
+    #: enlarge the first source by a factor (upscaling); None for any other request
+    upscale: UpscaleSpec | None = None
+    #: URL POSTed to (a signed webhook) when the job ends; empty for none
+    callback_uri: str = ""
 
     @property
     def is_edit(self) -> bool:
@@ -207,8 +297,9 @@ class GenerationSpec:
 
     def fingerprint(self) -> dict[str, object]:
         """The parameters that make two requests "the same" for idempotency
-        (sources by content, wherever they came from). `model` is there only when set,
-        so a job stored before models could be chosen still matches its retry."""
+        (sources by content, wherever they came from). `model`, `outpaint` and `upscale`
+        are there only when set, so a job stored before they existed still matches its
+        retry."""
         fingerprint: dict[str, object] = {
             "sources": [s.sha256 for s in self.sources],
             "mask": self.mask.sha256 if self.mask else "",
@@ -225,6 +316,13 @@ class GenerationSpec:
         }
         if self.model:
             fingerprint["model"] = self.model
+        if self.outpaint is not None:
+            fingerprint["outpaint"] = self.outpaint.to_json()
+        if self.upscale is not None:
+            fingerprint["upscale"] = self.upscale.to_json()
+        if self.callback_uri:
+            # Only when set, as `model`: a retry naming another URL is another request.
+            fingerprint["callback_uri"] = self.callback_uri
         return fingerprint
 
 
@@ -258,6 +356,16 @@ class StoredImage:
     favorite: bool = False
     updated_at: datetime | None = None
     deleted_at: datetime | None = None
+    #: supplied by the caller as an edit source or mask, not made by a provider
+    upload: bool = False
+    #: the owner's sub-account when it was stored
+    sub_account: str = ""
+    #: credits charged for it (0 for an upload)
+    credits: int = 0
+    #: from its provider call's start to its storage; None for an upload (or not measured)
+    generation_duration: timedelta | None = None
+    #: SHA-256 of an upload's bytes, hex; empty for a generated image
+    sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -286,6 +394,30 @@ class Generation:
     trace_context: dict[str, str] = field(default_factory=dict)
     #: the owner's plan when the job was submitted (its limits apply to the job)
     plan: str = "free"
+    #: every attempt to deliver the job's webhook, oldest first
+    webhook_deliveries: tuple[WebhookAttempt, ...] = ()
+
+    @property
+    def duration(self) -> timedelta | None:
+        """How long it ran, from its first start to its end; None until it ended, and for
+        a job that never started."""
+        if self.started_at is None or self.completed_at is None:
+            return None
+        return max(self.completed_at - self.started_at, timedelta(0))
+
+
+@dataclass(frozen=True)
+class WebhookAttempt:
+    """One attempt to POST a callback; every attempt of one callback has its webhook_id."""
+
+    webhook_id: str
+    attempt: int
+    attempt_time: datetime
+    #: the receiver's HTTP status; 0 when no answer came
+    http_status: int
+    #: why it failed, for people; empty when delivered
+    error: str
+    delivered: bool
 
 
 @dataclass(frozen=True)

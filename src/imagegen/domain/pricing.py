@@ -19,12 +19,15 @@ class PriceTier:
 
 @dataclass(frozen=True)
 class PriceTable:
-    """Credits per image by pixel count, and the flat price of an edit."""
+    """Credits per image by pixel count, the flat price of an edit, and of a prompt
+    enhancement."""
 
     tiers: tuple[PriceTier, ...]
     edit_credits: int
     #: what one delivered image costs us at each provider, in cents (absent: unknown)
     provider_cents: dict[str, int] = field(default_factory=dict)
+    #: what one prompt enhancement (EnhancePrompt) costs
+    enhance_credits: int = 0
 
     @classmethod
     def default(cls) -> PriceTable:
@@ -36,6 +39,7 @@ class PriceTable:
                 PriceTier(1536 * 1536, 3),
             ),
             edit_credits=2,
+            enhance_credits=0,
         )
 
     @classmethod
@@ -47,9 +51,13 @@ class PriceTable:
         )
         if not tiers:
             raise ValueError("the price table needs at least one tier")
+        enhance_credits = int(data.get("enhance_credits", 0))
+        if enhance_credits < 0:
+            raise ValueError("enhance_credits must not be negative")
         return cls(
             tiers=tiers,
             edit_credits=int(data["edit_credits"]),
+            enhance_credits=enhance_credits,
             provider_cents={
                 str(k): int(v) for k, v in (data.get("provider_cents_per_image") or {}).items()
             },

@@ -26,11 +26,17 @@ class ProviderInfo:
     style: bool
     #: it sends previews while it works
     previews: bool
+    #: it can extend an image (outpainting)
+    outpaint: bool
+    #: it can enlarge an image (upscaling) with one of its `upscalers`
+    upscale: bool
     sizes: tuple[Size, ...]
     formats: tuple[ImageFormat, ...]
     #: images it makes per request at most
     max_count: int
     #: model names it offers; the first is its default
     models: tuple[str, ...]
+    #: upscaler names it offers; the first is its default (empty when it cannot upscale)
+    upscalers: tuple[str, ...]
     #: the caller's default provider (their stored choice, else the deployment's)
     default: bool

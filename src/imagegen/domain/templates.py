@@ -61,6 +61,28 @@ class PromptTemplate:
     extra: dict[str, str] = field(default_factory=dict)
 
 
+def template_fingerprint(template: PromptTemplate) -> dict[str, object]:
+    """The parameters that make two creates "the same" for a request_id (JSON-ready)."""
+    return {
+        "display_name": template.display_name,
+        "description": template.description,
+        "prompt": template.prompt,
+        "style": template.style,
+        "category": template.category,
+        "variables": [
+            {
+                "name": v.name,
+                "type": v.type.value,
+                "required": v.required,
+                "default_value": v.default_value,
+                "description": v.description,
+            }
+            for v in template.variables
+        ],
+        "shared": template.shared,
+    }
+
+
 def placeholders(prompt: str) -> list[str]:
     return [m.group(1) for m in PLACEHOLDER.finditer(prompt)]
 

@@ -1,9 +1,18 @@
-"""Usage records: what each attempt of a job cost and how it ended, as stored and reported."""
+"""Usage records: what each attempt of a job, or each prompt enhancement, cost and how it
+ended, as stored and reported."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from datetime import datetime
+
+
+class UsageKind(enum.StrEnum):
+    """What a usage record is for."""
+
+    GENERATION = "generation"
+    PROMPT_ENHANCEMENT = "prompt_enhancement"
 
 
 @dataclass(frozen=True)
@@ -11,6 +20,7 @@ class UsageRecord:
     """What one attempt cost and how it ended."""
 
     user_id: str
+    #: the job; "" for a record without one (a prompt enhancement)
     generation_id: str
     attempt: int
     provider: str
@@ -23,6 +33,7 @@ class UsageRecord:
     error_code: str = ""
     error_message: str = ""
     cost_cents: int | None = None
+    kind: UsageKind = UsageKind.GENERATION
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,7 @@ class UsageRow:
     error_message: str
     requested_at: datetime
     completed_at: datetime
+    kind: UsageKind = UsageKind.GENERATION
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 import uuid
@@ -26,6 +27,10 @@ from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from typing import Any
 
+from opentelemetry import context as otel_context
+from opentelemetry import propagate
+
+from imagegen.domain.models import Generation
 from imagegen.jobs.signals import CancelCollector, CancelFlag, JobSignals
 from imagegen.repositories.generations import ClaimedJob, GenerationRepository
 
@@ -178,7 +183,11 @@ class JobRunner:
         early.flag_for(generation_id, cancel, in_row=job.cancel_requested)
         if job.started is not None:
             self._signals.job_events(generation_id, (job.started,))
-        task = asyncio.create_task(self._run(job, cancel), name=f"imagegen-job-{generation_id}")
+        task = asyncio.create_task(
+            self._run(job, cancel),
+            name=f"imagegen-job-{generation_id}",
+            context=_job_context(job.generation),
+        )
         self._tasks[generation_id] = task
 
         def _done(_t: asyncio.Task[None]) -> None:
@@ -245,3 +254,12 @@ async def _any_set(events: tuple[asyncio.Event, ...], *, within: float) -> bool:
         for waiter in waiters:
             waiter.cancel()
     return bool(done)
+
+
+def _job_context(job: Generation) -> contextvars.Context:
+    """A copy of the current context in which the submitting request's trace is current,
+    so everything the job does (its log lines, its spans, its lease heartbeats) joins the
+    caller's trace. The token is never detached: the context dies with the job's task."""
+    context = contextvars.copy_context()
+    context.run(otel_context.attach, propagate.extract(job.trace_context))
+    return context

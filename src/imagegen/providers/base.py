@@ -7,8 +7,16 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Protocol
 
+from imagegen.domain.enlarge import OutpaintGeometry
 from imagegen.domain.errors import InvalidRequest, ProviderFailed
-from imagegen.domain.models import DEFAULT_SIZE, STANDARD_SIZES, ImageFormat, Size, Style
+from imagegen.domain.models import (
+    DEFAULT_SIZE,
+    STANDARD_SIZES,
+    ImageFormat,
+    Size,
+    Style,
+    UpscaleSpec,
+)
 
 #: Called by a provider as it works: percent 0-100 (never falling), a stage word,
 #: and an optional small encoded preview (PNG/JPEG/WebP bytes, <= 128 px a side).
@@ -28,6 +36,10 @@ class ProviderCapabilities:
     sizes: tuple[Size, ...] = STANDARD_SIZES
     formats: tuple[ImageFormat, ...] = tuple(ImageFormat)
     max_count: int = 4
+    #: it can extend an image (ProviderRequest.outpaint)
+    outpaint: bool = False
+    #: it can enlarge an image (ProviderRequest.upscale) with one of its `upscalers`
+    upscale: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,6 +70,12 @@ class ProviderRequest:
     mask: SourceImage | None = None
     #: for edits: the size the caller asked for (else the provider keeps the source's)
     resize_to: Size | None = None
+    #: extend the first source onto this canvas (outpainting); the result is the
+    #: canvas's size, whatever `size` and `resize_to` say
+    outpaint: OutpaintGeometry | None = None
+    #: enlarge the first source by `upscale.factor` with `upscale.upscaler` (empty:
+    #: the provider's default, its first); the prompt is not used
+    upscale: UpscaleSpec | None = None
     #: wall-clock budget left for this call, in seconds
     timeout: float = 120.0
 
@@ -71,6 +89,58 @@ class ProviderImage:
     model: str = ""
     seed: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+
+#: What `check()` is given for an outpaint before its source is fetched (as sources are
+#: empty placeholders then): providers decide on whether an outpaint is asked, never on
+#: its sizes, which domain/enlarge.py checks.
+PENDING_OUTPAINT = OutpaintGeometry(source=Size(0, 0), canvas=Size(0, 0), left=0, top=0)
+
+
+def check_enlargement(
+    provider: str,
+    capabilities: ProviderCapabilities,
+    upscalers: tuple[str, ...],
+    request: ProviderRequest,
+) -> None:
+    """IMG_003 when the request outpaints or upscales and the provider cannot (field
+    `provider`, metadata `capability`), or names an upscaler the provider does not offer
+    (field `upscale.upscaler`, metadata listing its upscalers). Empty means the
+    provider's default upscaler and always passes."""
+    for asked, capable, capability, verb in (
+        (request.outpaint is not None, capabilities.outpaint, "outpaint", "extend"),
+        (request.upscale is not None, capabilities.upscale, "upscale", "upscale"),
+    ):
+        if asked and not capable:
+            raise InvalidRequest(
+                f"provider {provider!r} cannot {verb} images; choose one that can "
+                "(ListProviders shows capabilities)",
+                field="provider",
+                metadata={"capability": capability},
+            )
+    upscaler = request.upscale.upscaler if request.upscale is not None else ""
+    if upscaler and upscaler not in upscalers:
+        shown = upscaler if len(upscaler) <= 80 else upscaler[:80] + "..."
+        offered = (
+            f"use one of {', '.join(upscalers)}, or leave it empty for its default "
+            f"({upscalers[0]})"
+            if upscalers
+            else "it offers none"
+        )
+        raise InvalidRequest(
+            f"upscaler {shown!r} is not offered by the {provider} provider; {offered}; "
+            "ListProviders shows each provider's upscalers",
+            field="upscale.upscaler",
+            metadata={"provider": provider, "upscalers": ",".join(upscalers)},
+        )
+
+
+def first_source(request: ProviderRequest, what: str) -> SourceImage:
+    """The source an outpaint or upscale works on (IMG_003 naming `sources` when there
+    is none; submit refuses that first). `what` names the request in the message."""
+    if not request.sources:
+        raise InvalidRequest(f"{what} needs a source image", field="sources")
+    return request.sources[0]
 
 
 def check_model(provider: str, models: tuple[str, ...], model: str) -> None:
@@ -133,6 +203,12 @@ class Provider(Protocol):
         ...
 
     @property
+    def upscalers(self) -> tuple[str, ...]:
+        """Upscaler names it offers; the first is the default. Empty when it cannot
+        upscale."""
+        ...
+
+    @property
     def configured(self) -> bool:
         """Whether it has what it needs (URL, credentials) to take a call; one that is
         not is listed nowhere and refused at submit."""
@@ -140,7 +216,9 @@ class Provider(Protocol):
 
     def check(self, request: ProviderRequest) -> None:
         """Refuse, before a job exists, what this provider will not be able to do
-        (InvalidRequest naming the reason). Sources may be empty placeholders here."""
+        (InvalidRequest naming the reason), including an outpaint or upscale it cannot
+        do (check_enlargement). Sources may be empty placeholders here, and an outpaint
+        PENDING_OUTPAINT."""
         ...
 
     async def generate(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:

@@ -1,5 +1,5 @@
 """The one guard for every server-side URL fetch (caller-given sources and URLs that
-providers return).
+providers return) and every webhook POST.
 
 Only http(s); the address is checked at connect time, on the address actually
 connected, so DNS rebinding and redirects cannot reach loopback, private, link-local,
@@ -7,6 +7,11 @@ CGNAT, unique-local or metadata addresses; every redirect is followed by hand an
 checked again; the body is capped while it streams, whatever Content-Length says; the
 whole fetch has a deadline. A configured allowlist of hosts (empty by default) lets
 trusted internal hosts through.
+
+A webhook POST (`post`) goes through the same connect-time check, follows no redirect
+(one is a failed attempt), reads at most `max_bytes` of the answer and never raises for
+the receiver's failures: it says what happened. `check_destination` refuses a URL up
+front (at submit) the way the connect step would.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +37,8 @@ _METADATA = {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00
 _NAT64_WELL_KNOWN = ipaddress.IPv6Network("64:ff9b::/96")
 _NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")
 _REDIRECTS = {301, 302, 303, 307, 308}
+#: What a field's URL is called in messages.
+_WHAT = {"sources": "source URL", "callback_uri": "callback URL"}
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,14 @@ def is_forbidden_address(ip: str) -> bool:
         if embedded is not None:
             return is_forbidden_address(str(embedded))
     return not address.is_global or address.is_multicast
+
+
+def is_allowlisted(host: str, allow_hosts: frozenset[str]) -> bool:
+    """Whether the allowlist names this host (by name, or by its literal address)."""
+    literal = literal_address(host)
+    return host.lower().strip("[]") in allow_hosts or (
+        literal is not None and literal in allow_hosts
+    )
 
 
 def literal_address(host: str) -> str | None:
@@ -132,9 +147,7 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
         addresses = [literal] if literal else await self._resolver(host, port)
         if not addresses:
             raise _Refused(f"{host} does not resolve")
-        allowed = host.lower().strip("[]") in self._limits.allow_hosts or (
-            literal is not None and literal in self._limits.allow_hosts
-        )
+        allowed = is_allowlisted(host, self._limits.allow_hosts)
         if not allowed and any(is_forbidden_address(a) for a in addresses):
             raise _Refused(f"{host} is a private, loopback, link-local or metadata address")
         # Every address is vetted already; try them in order so one dead address of a
@@ -187,8 +200,17 @@ class _GuardedTransport(httpx.AsyncHTTPTransport):
         )
 
 
+@dataclass(frozen=True)
+class PostReply:
+    """What a guarded POST came to: the receiver's HTTP status (0 when no answer came)
+    and, when it was not a 2xx answer, why, for people (never the URL's query string)."""
+
+    status: int
+    error: str = ""
+
+
 class GuardedFetcher:
-    """Fetches URLs under the guard; see the module docstring."""
+    """Fetches URLs (and POSTs webhooks) under the guard; see the module docstring."""
 
     def __init__(
         self,
@@ -198,9 +220,8 @@ class GuardedFetcher:
         connector: Connector | None = None,
     ) -> None:
         self._limits = limits
-        backend = _GuardedBackend(
-            limits, resolver or system_resolver, connector or direct_connector
-        )
+        self._resolver = resolver or system_resolver
+        backend = _GuardedBackend(limits, self._resolver, connector or direct_connector)
         # trust_env=False: no proxy from the environment could route around the guard.
         self._client = httpx.AsyncClient(
             transport=_GuardedTransport(backend),
@@ -269,17 +290,90 @@ class GuardedFetcher:
                 ) from None
         raise InvalidRequest(f"more than {self._limits.max_redirects} redirects", field="sources")
 
-    def _checked(self, url: str) -> httpx.URL:
+    async def check_destination(self, url: str, *, field: str) -> None:
+        """Refuse up front (IMG_003 naming `field`) a URL that the connect step would
+        refuse now: not http(s), with credentials, or whose host is (or resolves to) a
+        private, loopback, link-local or metadata address and is not allowlisted. Every
+        later request is checked again when it connects (a name may resolve elsewhere)."""
+        parsed = self._checked(url, field=field)
+        host = parsed.host
+        if is_allowlisted(host, self._limits.allow_hosts):
+            return
+        literal = literal_address(host)
+        if literal is not None:
+            addresses = [literal]
+        else:
+            port = parsed.port or (443 if parsed.scheme == "https" else 80)
+            try:
+                async with asyncio.timeout(self._limits.timeout):
+                    addresses = await self._resolver(host, port)
+            except (OSError, TimeoutError):
+                addresses = []
+            if not addresses:
+                raise InvalidRequest(f"{field}: {host} does not resolve", field=field)
+        if any(is_forbidden_address(a) for a in addresses):
+            raise InvalidRequest(
+                f"{field}: {host} is a private, loopback, link-local or metadata address "
+                "(a deployment may allow a host with IMAGEGEN_FETCH_ALLOW_HOSTS)",
+                field=field,
+            )
+
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> PostReply:
+        """POST `body` once, within the deadline; redirects are not followed, at most
+        `max_bytes` of the answer are read. Never raises for the receiver's failures."""
+        try:
+            current = self._checked(url, field="callback_uri")
+        except InvalidRequest as exc:
+            return PostReply(0, exc.message)
+        try:
+            async with asyncio.timeout(self._limits.timeout):
+                return await self._post(current, body, headers)
+        except TimeoutError:
+            return PostReply(0, f"no answer within {self._limits.timeout:g}s")
+
+    async def _post(self, url: httpx.URL, body: bytes, headers: Mapping[str, str]) -> PostReply:
+        try:
+            async with self._client.stream("POST", url, content=body, headers=headers) as reply:
+                await self._read_some(reply)
+                status = reply.status_code
+        except httpx.TimeoutException:
+            return PostReply(0, f"{_shown(url)} timed out")
+        except httpx.TransportError as exc:
+            refused = next(
+                (e for e in (exc, exc.__cause__, exc.__context__) if isinstance(e, _Refused)),
+                None,
+            )
+            if refused is not None:
+                return PostReply(0, f"refused to connect to {_shown(url)}: {refused}")
+            return PostReply(0, f"sending to {_shown(url)} failed ({type(exc).__name__})")
+        if 300 <= status < 400:
+            return PostReply(
+                status, f"answered HTTP {status} (a redirect): redirects are not followed"
+            )
+        if not 200 <= status < 300:
+            return PostReply(status, f"answered HTTP {status}")
+        return PostReply(status)
+
+    async def _read_some(self, reply: httpx.Response) -> None:
+        """Read the answer's body up to the cap, and no further: only its status counts,
+        and leaving the stream early closes the connection."""
+        read = 0
+        async for chunk in reply.aiter_raw():
+            read += len(chunk)
+            if read >= self._limits.max_bytes:
+                return
+
+    def _checked(self, url: str, *, field: str = "sources") -> httpx.URL:
         try:
             parsed = httpx.URL(url)
         except (httpx.InvalidURL, TypeError, ValueError):
-            raise InvalidRequest("the source URL is not a valid URL", field="sources") from None
+            raise InvalidRequest(f"the {_WHAT[field]} is not a valid URL", field=field) from None
         if parsed.scheme not in ("http", "https"):
-            raise InvalidRequest("only http and https URLs can be fetched", field="sources")
+            raise InvalidRequest("only http and https URLs can be fetched", field=field)
         if parsed.userinfo:
-            raise InvalidRequest("URLs with credentials are not fetched", field="sources")
+            raise InvalidRequest("URLs with credentials are not fetched", field=field)
         if not parsed.host:
-            raise InvalidRequest("the source URL has no host", field="sources")
+            raise InvalidRequest(f"the {_WHAT[field]} has no host", field=field)
         return parsed
 
     async def _read_capped(self, reply: httpx.Response) -> bytes:

@@ -37,6 +37,7 @@ from imagegen.providers.base import (
     ProviderImage,
     ProviderRequest,
     ProviderUnavailable,
+    check_enlargement,
     check_model,
 )
 from imagegen.providers.http_failures import raise_for_status, transport_errors
@@ -52,6 +53,9 @@ class ForgeProvider:
     id = "forge"
     display_name = "Forge ImageService"
     models = (MODEL,)
+    #: GenerateImage takes a prompt and images only: no mask and no size, so neither an
+    #: outpaint nor an upscale can be asked of it
+    upscalers: tuple[str, ...] = ()
     capabilities = ProviderCapabilities(
         edit=True,
         mask=False,
@@ -76,9 +80,10 @@ class ForgeProvider:
         return bool(self._base_url and self._api_key)
 
     def check(self, request: ProviderRequest) -> None:
-        """Everything the contract allows can be sent to Forge (edits take free text); its
-        one model is the only name accepted."""
+        """Everything the contract allows but outpainting and upscaling can be sent to
+        Forge (edits take free text); its one model is the only name accepted."""
         check_model(self.id, self.models, request.model)
+        check_enlargement(self.id, self.capabilities, self.upscalers, request)
 
     async def generate(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:
         """One call to GenerateImage. IMG_001 before any request when unconfigured."""

@@ -6,6 +6,14 @@ The same inputs give the same PNG bytes, each of the 13 style presets paints wit
 own technique, and it reports real progress with a preview after every stage.
 Rendering runs in a worker thread; the pauses between stages are async, so
 cancellation takes effect between stages.
+
+It also outpaints and upscales, deterministically and without any model:
+- an outpaint extends the source's edge pixels over the new area and blurs them
+  (providers/outpainting.py); the source's pixels are kept exactly, the prompt is
+  not used;
+- an upscale is a Lanczos resample with light unsharp-mask sharpening. It adds no
+  detail, so its one upscaler is named for what it is, `lanczos`, and the image
+  reports it as its model.
 """
 
 from __future__ import annotations
@@ -20,18 +28,24 @@ from collections.abc import Callable
 
 from PIL import Image, ImageChops, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
-from imagegen.domain.models import STANDARD_SIZES, ImageFormat, Size, Style
+from imagegen.domain.enlarge import OutpaintGeometry
+from imagegen.domain.models import STANDARD_SIZES, ImageFormat, Size, Style, UpscaleSpec
 from imagegen.imaging import make_preview
+from imagegen.providers import outpainting
 from imagegen.providers.base import (
     ProgressCallback,
     ProviderCapabilities,
     ProviderImage,
     ProviderRequest,
+    check_enlargement,
     check_model,
+    first_source,
 )
 from imagegen.providers.local_edits import apply_operations, parse_instruction
 
 MODEL = "local-pillow-1"
+#: The one upscaler: a resample, named as one (it is not AI upscaling).
+UPSCALER = "lanczos"
 RGB = tuple[int, int, int]
 
 #: Base palettes per style (plus a prompt-derived hue shift).
@@ -59,6 +73,7 @@ class LocalProvider:
     id = "local"
     display_name = "Built-in renderer"
     models = (MODEL,)
+    upscalers = (UPSCALER,)
     #: built in: always ready
     configured = True
     capabilities = ProviderCapabilities(
@@ -71,20 +86,29 @@ class LocalProvider:
         sizes=STANDARD_SIZES,
         formats=tuple(ImageFormat),
         max_count=4,
+        outpaint=True,
+        upscale=True,
     )
 
     def __init__(self, step_delay: float = 0.05) -> None:
         self._step_delay = step_delay
 
     def check(self, request: ProviderRequest) -> None:
-        """Edits must use instructions this renderer understands, and the model must be
-        its own (IMG_003 otherwise)."""
+        """Edits must use instructions this renderer understands, and the model and
+        upscaler must be its own (IMG_003 otherwise). An outpaint's or upscale's prompt
+        is not read."""
         check_model(self.id, self.models, request.model)
-        if request.sources:
+        check_enlargement(self.id, self.capabilities, self.upscalers, request)
+        if request.sources and request.outpaint is None and request.upscale is None:
             parse_instruction(request.prompt)
 
     async def generate(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:
-        """Paint in four stages, or apply an edit's operations, with progress and previews."""
+        """Paint in four stages, or apply an edit's operations, outpaint or upscale, with
+        progress and previews."""
+        if request.outpaint is not None:
+            return await self._outpaint(request, request.outpaint, progress)
+        if request.upscale is not None:
+            return await self._upscale(request, request.upscale, progress)
         if request.sources:
             return await self._edit(request, progress)
         painter = _Painter(request)
@@ -104,6 +128,51 @@ class LocalProvider:
         await progress(100, "rendered", None)
         return ProviderImage(data=data, mime_type="image/png", model=MODEL, seed=request.seed)
 
+    async def _outpaint(
+        self, request: ProviderRequest, geometry: OutpaintGeometry, progress: ProgressCallback
+    ) -> ProviderImage:
+        source = first_source(request, "an outpaint")
+        image = await asyncio.to_thread(outpainting.decode_source, source.data, geometry)
+        await progress(0, "outpainting", None)
+        stages: list[tuple[str, Callable[[Image.Image], Image.Image]]] = [
+            ("extending", lambda current: outpainting.edge_extended(current, geometry)),
+            ("blending", lambda current: outpainting.soften(current, geometry)),
+        ]
+        image = await self._stages(image, stages, progress)
+        data = await asyncio.to_thread(_encode_png, image, None)
+        await progress(100, "outpainted", None)
+        return ProviderImage(data=data, mime_type="image/png", model=MODEL, seed=request.seed)
+
+    async def _upscale(
+        self, request: ProviderRequest, upscale: UpscaleSpec, progress: ProgressCallback
+    ) -> ProviderImage:
+        source = first_source(request, "an upscale")
+        image = await asyncio.to_thread(_decode, source.data)
+        await progress(0, "upscaling", None)
+        stages: list[tuple[str, Callable[[Image.Image], Image.Image]]] = [
+            ("resampling", lambda current: _resample(current, upscale.factor)),
+            ("sharpening", lambda current: _sharpen(current, upscale.factor)),
+        ]
+        image = await self._stages(image, stages, progress)
+        data = await asyncio.to_thread(_encode_png, image, None)
+        await progress(100, "upscaled", None)
+        return ProviderImage(data=data, mime_type="image/png", model=UPSCALER)
+
+    async def _stages(
+        self,
+        image: Image.Image,
+        stages: list[tuple[str, Callable[[Image.Image], Image.Image]]],
+        progress: ProgressCallback,
+    ) -> Image.Image:
+        """Run each stage in a worker thread with a preview after it; cancellation takes
+        effect between stages."""
+        for number, (stage, step) in enumerate(stages, start=1):
+            image = await asyncio.to_thread(step, image)
+            preview = await asyncio.to_thread(make_preview, image)
+            await progress(number * 90 // len(stages), stage, preview)
+            if self._step_delay > 0:
+                await asyncio.sleep(self._step_delay)
+        return image
 
     async def _edit(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:
         operations = parse_instruction(request.prompt)
@@ -126,6 +195,16 @@ def _decode(data: bytes) -> Image.Image:
     with Image.open(io.BytesIO(data)) as opened:
         opened.load()
         return opened.convert("RGB")
+
+
+def _resample(image: Image.Image, factor: int) -> Image.Image:
+    return image.resize((image.width * factor, image.height * factor), Image.Resampling.LANCZOS)
+
+
+def _sharpen(image: Image.Image, factor: int) -> Image.Image:
+    # Light: enough to take the softness of the resample off edges at the new scale,
+    # not enough to ring; the threshold leaves flat areas alone.
+    return image.filter(ImageFilter.UnsharpMask(radius=factor / 2, percent=60, threshold=2))
 
 
 def _encode_png(image: Image.Image, size: Size | None) -> bytes:

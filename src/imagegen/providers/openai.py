@@ -20,6 +20,18 @@ What goes out, field by field:
                     is the contract's own mask convention
 The API takes no seed (capabilities.seed is false).
 
+An outpaint is an edit of one image, the padded canvas: the source, opaque, on a
+transparent canvas, and as `mask` a PNG of the same size that is transparent over the
+new area and opaque over the source (the canvas's own alpha; sent apart because the
+API takes a mask of at most 4 MB, which a photo's canvas can pass). gpt-image answers
+only at its native sizes, so the canvas is first widened, centred, to the aspect ratio
+of the native size nearest its shape (the extra border is more new area) and, when
+larger than that size, scaled down to it; `size` is that native size. The pipeline
+fits the reply to the outpaint's canvas by its cover-then-centre-crop rule, which
+undoes exactly that widening, so the source lands where the geometry puts it (within
+a pixel of rounding; gpt-image redraws the whole picture, so the source is kept
+closely, not bit for bit). The API cannot upscale.
+
 Both OPENAI_API_KEY and OPENAI_BASE_URL must be set (no default points at a public
 host); for OpenAI itself the base URL is https://api.openai.com/v1.
 """
@@ -34,17 +46,23 @@ from typing import Any
 
 import httpx
 import pybase64
+from PIL import Image
 
+from imagegen.domain.enlarge import OutpaintGeometry
 from imagegen.domain.errors import ImageTooLarge, ProviderNotConfigured
 from imagegen.domain.models import STANDARD_SIZES, ImageFormat, Size
 from imagegen.imaging import ImageDecodeError, make_preview_from_bytes
+from imagegen.providers import outpainting
 from imagegen.providers.base import (
     ProgressCallback,
     ProviderCapabilities,
     ProviderImage,
     ProviderRequest,
     ProviderUnavailable,
+    SourceImage,
+    check_enlargement,
     check_model,
+    first_source,
 )
 from imagegen.providers.http_failures import status_failure, transport_errors
 from imagegen.providers.prompting import fold_prompt
@@ -55,6 +73,8 @@ MODEL = MODELS[0]
 #: the sizes gpt-image models generate
 NATIVE_SIZES = (Size(1024, 1024), Size(1024, 1536), Size(1536, 1024))
 PARTIAL_IMAGES = 2
+#: A multipart file: (form field, (file name, bytes, MIME type)).
+_File = tuple[str, tuple[str, bytes, str]]
 _POLICY_CODES = {"content_policy_violation", "moderation_blocked"}
 
 
@@ -64,6 +84,8 @@ class OpenAIProvider:
     id = "openai"
     display_name = "OpenAI Images"
     models = MODELS
+    #: the Images API has no upscaling
+    upscalers: tuple[str, ...] = ()
     capabilities = ProviderCapabilities(
         edit=True,
         mask=True,
@@ -75,6 +97,7 @@ class OpenAIProvider:
         sizes=STANDARD_SIZES,
         formats=tuple(ImageFormat),
         max_count=4,
+        outpaint=True,
     )
 
     def __init__(
@@ -92,6 +115,7 @@ class OpenAIProvider:
         """The model must be a gpt-image model (IMG_003 naming them); sizes are checked by
         the capabilities and everything else is free text."""
         check_model(self.id, self.models, request.model)
+        check_enlargement(self.id, self.capabilities, self.upscalers, request)
 
     async def generate(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:
         """One image; partial images arrive as progress previews."""
@@ -101,7 +125,8 @@ class OpenAIProvider:
                 "set both or choose another provider"
             )
         prompt = fold_prompt(request.prompt, request.negative_prompt, request.style)
-        size = native_size(request.resize_to or request.size)
+        asked = request.outpaint.canvas if request.outpaint else request.resize_to or request.size
+        size = native_size(asked)
         model = request.model or MODEL
         fields: dict[str, str] = {
             "model": model,
@@ -114,17 +139,20 @@ class OpenAIProvider:
         }
         headers = {"Authorization": f"Bearer {self._api_key}"}
         await progress(0, "requesting", None)
+        files: list[_File] = []
+        if request.outpaint is not None:
+            source = first_source(request, "an outpaint")
+            files = await asyncio.to_thread(_outpaint_files, source, request.outpaint, size)
+        elif request.sources:
+            files = [
+                ("image[]", (f"source-{i}.{_ext(s.mime_type)}", s.data, s.mime_type))
+                for i, s in enumerate(request.sources)
+            ]
+            if request.mask is not None:
+                files.append(("mask", ("mask.png", request.mask.data, request.mask.mime_type)))
         with transport_errors(provider=self.id, timeout=request.timeout):
             async with asyncio.timeout(request.timeout):
-                if request.sources:
-                    files: list[tuple[str, tuple[str, bytes, str]]] = [
-                        ("image[]", (f"source-{i}.{_ext(s.mime_type)}", s.data, s.mime_type))
-                        for i, s in enumerate(request.sources)
-                    ]
-                    if request.mask is not None:
-                        files.append(
-                            ("mask", ("mask.png", request.mask.data, request.mask.mime_type))
-                        )
+                if files:
                     call = self._client.stream(
                         "POST",
                         f"{self._base_url}/images/edits",
@@ -179,6 +207,24 @@ class OpenAIProvider:
             raise ProviderUnavailable("the openai stream ended without an image", retryable=True)
         await progress(90, "received", None)
         return ProviderImage(data=final, mime_type=mime_type, model=model)
+
+
+def _outpaint_files(
+    source: SourceImage, geometry: OutpaintGeometry, size: Size
+) -> list[_File]:
+    """The padded canvas and its mask, at the shape of `size` (see the module
+    docstring). Runs in a worker thread."""
+    image = outpainting.decode_source(source.data, geometry)
+    sent = outpainting.widened(geometry, size)
+    if sent.canvas.width > size.width:
+        sent = outpainting.scaled_to(sent, size)
+        image = image.resize((sent.source.width, sent.source.height), Image.Resampling.LANCZOS)
+    canvas = outpainting.png(outpainting.transparent_canvas(image, sent))
+    mask = outpainting.png(outpainting.keep_mask(sent))
+    return [
+        ("image[]", ("canvas.png", canvas, "image/png")),
+        ("mask", ("mask.png", mask, "image/png")),
+    ]
 
 
 def native_size(size: Size) -> Size:

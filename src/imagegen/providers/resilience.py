@@ -211,6 +211,10 @@ class ResilientProvider:
         return self._inner.models
 
     @property
+    def upscalers(self) -> tuple[str, ...]:
+        return self._inner.upscalers
+
+    @property
     def configured(self) -> bool:
         return self._inner.configured
 

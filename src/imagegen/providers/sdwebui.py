@@ -7,8 +7,11 @@
     POST /internal/progress {id_task, live_preview: true}
       -> {active, queued, completed, progress (0-1), live_preview ("data:image/...")}
     POST /sdapi/v1/interrupt      (stops whatever job that server is running)
+    POST /sdapi/v1/extra-single-image  {image: b64, resize_mode: 0, upscaling_resize,
+                                        upscaler_1, ...} -> {image: "<b64 png>", html_info}
     GET  /sdapi/v1/sd-models      -> [{title, model_name, hash, filename, ...}]
     GET  /sdapi/v1/options        -> {sd_model_checkpoint: "<title>", ...}
+    GET  /sdapi/v1/upscalers      -> [{name, model_name, model_path, model_url, scale}]
 
 What goes out, field by field: `width`/`height` the asked size (for an edit without one,
 the source's), `seed` the job's seed (the seed the server reports back is recorded),
@@ -20,6 +23,20 @@ transparent pixels mark the area to change) with `inpainting_fill` 1 (start from
 original), `inpaint_full_res` false (the whole picture), `mask_blur` 4 and
 `inpainting_mask_invert` 0. Replies are PNG; the pipeline converts and fits them.
 
+An outpaint is an img2img inpaint of the padded canvas: `init_images` is the source on
+its canvas with the new area pre-filled by stretching the source's edges
+(providers/outpainting.py), `mask` is white over the new area and black over the
+source, `width`/`height` are the canvas's, `inpainting_fill` 1 (start from that fill,
+so sampling continues the source's colours), `denoising_strength` 0.9 (the new area
+is invented, not retouched), `mask_blur` 4 (the seam blends over a few pixels of the
+source's edge), `inpaint_full_res` false.
+
+An upscale is `extra-single-image` with `resize_mode` 0, `upscaling_resize` the factor
+and `upscaler_1` the upscaler (empty: the provider's default), nothing else (no face
+restoration, no second upscaler). That endpoint takes no task id, so progress is only
+its start and end and a cancel drops the call without the server-wide interrupt. The
+image reports the upscaler as its model.
+
 Each call carries our own task id, so progress is read for our job only. The interrupt
 is global to the server: it is sent on cancel only while our task is the active one.
 
@@ -30,6 +47,12 @@ list is older than `models_max_age` (or, when the server could not list them,
 `models_retry` after that try), never at submit. A chosen model goes out as
 `override_settings.sd_model_checkpoint` (restored afterwards by the server). Until the
 list is learned the provider offers only `sdwebui`, its loaded checkpoint.
+
+Upscalers are the server's `/sdapi/v1/upscalers` by name, learned at the same times.
+"None" (no upscaling) is left out, and the plain resamples (Lanczos, Nearest) are put
+last, so the default, the first, is one of the server's model upscalers when it has
+any. Until the list is learned the provider offers Lanczos and Nearest, which every
+A1111 server has.
 """
 
 from __future__ import annotations
@@ -49,16 +72,21 @@ import httpx
 import pybase64
 from PIL import Image
 
+from imagegen.domain.enlarge import OutpaintGeometry
 from imagegen.domain.errors import ImageTooLarge, ProviderFailed, ProviderNotConfigured
-from imagegen.domain.models import STANDARD_SIZES, ImageFormat
+from imagegen.domain.models import STANDARD_SIZES, ImageFormat, UpscaleSpec
 from imagegen.imaging import ImageDecodeError, make_preview_from_bytes
+from imagegen.providers import outpainting
 from imagegen.providers.base import (
     ProgressCallback,
     ProviderCapabilities,
     ProviderImage,
     ProviderRequest,
     ProviderUnavailable,
+    SourceImage,
+    check_enlargement,
     check_model,
+    first_source,
 )
 from imagegen.providers.http_failures import raise_for_status, transport_errors, transport_failure
 from imagegen.providers.prompting import fold_prompt
@@ -66,6 +94,10 @@ from imagegen.providers.prompting import fold_prompt
 log = logging.getLogger(__name__)
 MODEL = "sdwebui"
 DEFAULT_STEPS = 20
+#: Upscalers every A1111 server has: plain resamples, offered last.
+RESAMPLERS = ("Lanczos", "Nearest")
+#: A1111's name for "no upscaler"; never offered.
+_NO_UPSCALER = "None"
 
 
 class SDWebUIProvider:
@@ -83,6 +115,8 @@ class SDWebUIProvider:
         sizes=STANDARD_SIZES,
         formats=tuple(ImageFormat),
         max_count=4,
+        outpaint=True,
+        upscale=True,
     )
 
     def __init__(
@@ -106,6 +140,7 @@ class SDWebUIProvider:
         self._models_retry = models_retry
         self._clock = clock
         self._models: tuple[str, ...] = (MODEL,)
+        self._upscalers: tuple[str, ...] = RESAMPLERS
         #: when the list should be asked for again (None: never asked)
         self._models_due_at: float | None = None
 
@@ -114,20 +149,69 @@ class SDWebUIProvider:
         return bool(self._base_url)
 
     @property
+    def upscalers(self) -> tuple[str, ...]:
+        """The server's upscalers (model upscalers first) as last learned; Lanczos and
+        Nearest before that."""
+        return self._upscalers
+
+    @property
     def models(self) -> tuple[str, ...]:
         """The server's checkpoints (loaded first) as last learned; `sdwebui` before that."""
         return self._models
 
     def check(self, request: ProviderRequest) -> None:
-        """Everything the contract allows maps onto txt2img or img2img; a model must be
-        one of the server's checkpoints (IMG_003 naming them)."""
+        """Everything the contract allows maps onto txt2img, img2img or the extras
+        endpoint; a model must be one of the server's checkpoints and an upscaler one of
+        its upscalers (IMG_003 naming them)."""
         check_model(self.id, self.models, request.model)
+        check_enlargement(self.id, self.capabilities, self.upscalers, request)
 
     async def refresh_models(self) -> tuple[str, ...]:
-        """Learn the server's checkpoints; keeps the last list when the server cannot say
-        (never raises). Bounded by `models_timeout`."""
+        """Learn the server's checkpoints and upscalers; keeps the last lists when the
+        server cannot say (never raises). Each bounded by `models_timeout`. Returns the
+        models."""
         if not self.configured:
             return self._models
+        # Side by side, so an unreachable server delays the start by one timeout, not two.
+        async with asyncio.TaskGroup() as group:
+            models = group.create_task(self._learn_models())
+            upscalers = group.create_task(self._learn_upscalers())
+        learned = models.result() and upscalers.result()
+        self._models_due_at = self._clock() + (
+            self._models_max_age if learned else self._models_retry
+        )
+        return self._models
+
+    async def _get_json(self, path: str) -> Any:
+        with transport_errors(provider=self.id, timeout=self._models_timeout):
+            async with asyncio.timeout(self._models_timeout):
+                reply = await self._client.get(
+                    f"{self._base_url}{path}", timeout=self._models_timeout
+                )
+        raise_for_status(reply, provider=self.id)
+        return reply.json()
+
+    async def _learn_upscalers(self) -> bool:
+        """Whether the server listed at least one upscaler (then they replace the last)."""
+        try:
+            listed = await self._get_json("/sdapi/v1/upscalers")
+        except (ProviderFailed, ValueError) as exc:
+            log.warning("could not learn the sdwebui server's upscalers: %s", exc)
+            return False
+        names = [
+            str(item["name"])
+            for item in (listed if isinstance(listed, list) else ())
+            if isinstance(item, dict) and item.get("name") and item["name"] != _NO_UPSCALER
+        ]
+        if not names:
+            return False
+        # Stable: the server's order, with the plain resamples moved behind its models.
+        names.sort(key=lambda name: name in RESAMPLERS)
+        self._upscalers = tuple(dict.fromkeys(names))
+        return True
+
+    async def _learn_models(self) -> bool:
+        """Whether the server listed at least one checkpoint (then they replace the last)."""
         try:
             with transport_errors(provider=self.id, timeout=self._models_timeout):
                 async with asyncio.timeout(self._models_timeout):
@@ -143,8 +227,7 @@ class SDWebUIProvider:
             loaded = options.json().get("sd_model_checkpoint", "")
         except (ProviderFailed, ValueError, AttributeError) as exc:
             log.warning("could not learn the sdwebui server's models: %s", exc)
-            self._models_due_at = self._clock() + self._models_retry
-            return self._models
+            return False
         names: list[str] = []
         first = ""
         for checkpoint in checkpoints if isinstance(checkpoints, list) else ():
@@ -159,17 +242,17 @@ class SDWebUIProvider:
                 names.remove(first)
                 names.insert(0, first)
             self._models = tuple(dict.fromkeys(names))
-        self._models_due_at = self._clock() + (
-            self._models_max_age if names else self._models_retry
-        )
-        return self._models
+        return bool(names)
 
     async def generate(self, request: ProviderRequest, progress: ProgressCallback) -> ProviderImage:
-        """txt2img, or img2img for edits, with progress read from the server while it runs."""
+        """txt2img, or img2img for edits and outpaints, with progress read from the
+        server while it runs; an upscale through the extras endpoint."""
         if not self.configured:
             raise ProviderNotConfigured(
                 "the sdwebui provider has no server: set IMAGEGEN_SDWEBUI_URL"
             )
+        if request.upscale is not None:
+            return await self._upscale(request, request.upscale, progress)
         task_id = f"task(imagegen-{uuid.uuid4().hex})"
         size = request.resize_to or request.size
         body: dict[str, Any] = {
@@ -187,7 +270,11 @@ class SDWebUIProvider:
             body["override_settings"] = {"sd_model_checkpoint": request.model}
             body["override_settings_restore_afterwards"] = True
         path = "/sdapi/v1/txt2img"
-        if request.sources:
+        if request.outpaint is not None:
+            path = "/sdapi/v1/img2img"
+            source = first_source(request, "an outpaint")
+            body.update(await asyncio.to_thread(_outpaint_fields, source, request.outpaint))
+        elif request.sources:
             path = "/sdapi/v1/img2img"
             body["init_images"] = [pybase64.b64encode(s.data).decode() for s in request.sources]
             body["denoising_strength"] = 0.6
@@ -234,6 +321,35 @@ class SDWebUIProvider:
             model=str(info.get("sd_model_name") or request.model or self.models[0]),
             seed=_int_or(info.get("seed"), request.seed),
         )
+
+    async def _upscale(
+        self, request: ProviderRequest, upscale: UpscaleSpec, progress: ProgressCallback
+    ) -> ProviderImage:
+        source = first_source(request, "an upscale")
+        upscaler = upscale.upscaler or self.upscalers[0]
+        body: dict[str, Any] = {
+            "image": pybase64.b64encode(source.data).decode(),
+            "resize_mode": 0,
+            "upscaling_resize": upscale.factor,
+            "upscaler_1": upscaler,
+            "upscaler_2": _NO_UPSCALER,
+            "extras_upscaler_2_visibility": 0,
+            "gfpgan_visibility": 0,
+            "codeformer_visibility": 0,
+            "upscale_first": False,
+            "show_extras_results": True,
+        }
+        await progress(0, "upscaling", None)
+        try:
+            async with asyncio.timeout(request.timeout):
+                reply = await self._post("/sdapi/v1/extra-single-image", body, request.timeout)
+        except TimeoutError as exc:
+            raise transport_failure(exc, provider=self.id, timeout=request.timeout) from exc
+        image = _b64_image(reply.get("image"))
+        await progress(90, "received", None)
+        if self._models_stale():
+            await self.refresh_models()
+        return ProviderImage(data=image, mime_type="image/png", model=upscaler)
 
     def _models_stale(self) -> bool:
         return self._models_due_at is None or self._clock() >= self._models_due_at
@@ -293,10 +409,37 @@ def _first_image(reply: dict[str, Any]) -> bytes:
     images = reply.get("images")
     if not isinstance(images, list) or not images:
         raise ProviderUnavailable("the sdwebui server answered without an image")
+    return _b64_image(images[0])
+
+
+def _b64_image(value: object) -> bytes:
+    """An image of a reply: base64, possibly as a data: URL."""
+    if not isinstance(value, str) or not value:
+        raise ProviderUnavailable("the sdwebui server answered without an image")
     try:
-        return pybase64.b64decode(str(images[0]).split(",", 1)[-1], validate=True)
+        return pybase64.b64decode(value.split(",", 1)[-1], validate=True)
     except (binascii.Error, ValueError) as exc:
         raise ProviderUnavailable("the sdwebui server sent an image that is not base64") from exc
+
+
+def _outpaint_fields(source: SourceImage, geometry: OutpaintGeometry) -> dict[str, Any]:
+    """The img2img fields of an outpaint (see the module docstring). Runs in a worker
+    thread."""
+    image = outpainting.decode_source(source.data, geometry)
+    canvas = outpainting.filled(image, geometry)
+    mask = outpainting.repaint_mask(geometry)
+    return {
+        "init_images": [pybase64.b64encode(outpainting.png(canvas)).decode()],
+        "mask": pybase64.b64encode(outpainting.png(mask)).decode(),
+        "width": geometry.canvas.width,
+        "height": geometry.canvas.height,
+        "resize_mode": 0,
+        "mask_blur": 4,
+        "inpainting_fill": 1,
+        "inpaint_full_res": False,
+        "inpainting_mask_invert": 0,
+        "denoising_strength": 0.9,
+    }
 
 
 def _error_detail(reply: httpx.Response) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from imagegen.domain.limits import RequestCounts
+from imagegen.domain.limits import CountCaps, RequestCounts
 from imagegen.domain.models import (
     EditSource,
     EventType,
@@ -144,6 +144,7 @@ def spec_from_json(data: dict[str, Any]) -> GenerationSpec:
         sources=tuple(EditSource.from_json(s) for s in data.get("sources") or ()),
         mask=EditSource.from_json(data["mask"]) if data.get("mask") else None,
         size_from_source=bool(data.get("size_from_source", False)),
+        callback_uri=str(data.get("callback_uri") or ""),
     )
 
 
@@ -236,30 +237,37 @@ class GenerationRepository:
             )
         )
 
-    async def request_counts(self, user_id: str) -> RequestCounts:
-        """Requests accepted in the last hour and day (with the oldest of each window),
-        and jobs queued or running, counted at the database's now()."""
+    async def request_counts(self, user_id: str, caps: CountCaps) -> RequestCounts:
+        """Requests accepted in the last hour and day (with the oldest of those counted),
+        and jobs queued or running, at the database's now(); each counted newest first
+        up to its cap in `caps`, so the index scans stop there whatever the history."""
         row = await self._db.fetchrow(
             """
-            SELECT now() AS now,
-                   count(*) FILTER (WHERE created_at > now() - interval '1 hour') AS hour,
-                   count(*) FILTER (WHERE created_at > now() - interval '1 day') AS day,
-                   count(*) FILTER (WHERE state IN ('queued', 'running')) AS running,
-                   min(created_at) FILTER (WHERE created_at > now() - interval '1 hour')
-                       AS oldest_in_hour,
-                   min(created_at) FILTER (WHERE created_at > now() - interval '1 day')
-                       AS oldest_in_day
-              FROM generations
-             WHERE user_id = $1
-               AND (created_at > now() - interval '1 day' OR state IN ('queued', 'running'))
+            SELECT now() AS now, in_hour.n AS hour, in_hour.oldest AS oldest_in_hour,
+                   in_day.n AS day, in_day.oldest AS oldest_in_day, active_jobs.n AS active
+              FROM (SELECT count(*) AS n, min(created_at) AS oldest
+                      FROM (SELECT created_at FROM generations
+                             WHERE user_id = $1 AND created_at > now() - interval '1 hour'
+                             ORDER BY created_at DESC LIMIT $2) w) in_hour,
+                   (SELECT count(*) AS n, min(created_at) AS oldest
+                      FROM (SELECT created_at FROM generations
+                             WHERE user_id = $1 AND created_at > now() - interval '1 day'
+                             ORDER BY created_at DESC LIMIT $3) w) in_day,
+                   (SELECT count(*) AS n
+                      FROM (SELECT 1 FROM generations
+                             WHERE user_id = $1 AND state IN ('queued', 'running')
+                             LIMIT $4) w) active_jobs
             """,
             user_id,
+            caps.hour,
+            caps.day,
+            caps.active,
         )
         return RequestCounts(
             now=row["now"],
             last_hour=row["hour"],
             last_day=row["day"],
-            active=row["running"],
+            active=row["active"],
             oldest_in_hour=row["oldest_in_hour"],
             oldest_in_day=row["oldest_in_day"],
         )
@@ -343,7 +351,8 @@ class GenerationRepository:
         worker's lease ran out; other workers skip the rows being claimed. In the same
         statement: each job's STARTED event (unless it is past `max_attempts`, which
         the worker fails at once) with its NOTIFY, the batch indexes an earlier attempt
-        stored, and when the next lease of another worker runs out."""
+        stored (soft-deleted images too: they were delivered; never the uploads it was
+        given), and when the next lease of another worker runs out."""
         rows = await self._db.fetch(
             """
             WITH picked AS (
@@ -383,7 +392,7 @@ class GenerationRepository:
                    s.created_at AS started_event_at,
                    (SELECT coalesce(array_agg(i.batch_index), '{}'::int[])
                       FROM images i
-                     WHERE i.generation_id = c.id AND i.deleted_at IS NULL) AS stored_indexes,
+                     WHERE i.generation_id = c.id AND NOT i.upload) AS stored_indexes,
                    CASE WHEN s.sequence IS NOT NULL THEN pg_notify($5, c.id::text) END
               FROM next_expiry
               LEFT JOIN claimed c ON true
@@ -525,13 +534,14 @@ class GenerationRepository:
     ) -> FinishedJob | None:
         """Move a running job to a terminal state and append its terminal event, in one
         statement (inside the caller's unit of work). Its credits are the price of the
-        images it stored; the event's payload gains their count as `images`. None if
+        images it made (soft-deleted ones too: they were delivered; not its uploads); the
+        event's payload gains their count as `images`. None if
         this worker no longer holds the job or it already ended."""
         row = await self._db.fetchrow(
             """
             WITH counted AS (
                 SELECT count(*)::int AS images FROM images
-                 WHERE generation_id = $1 AND deleted_at IS NULL
+                 WHERE generation_id = $1 AND NOT upload
             ), ended AS (
                 UPDATE generations g
                    SET state = $2, model = $3, credits = $4 * counted.images,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
@@ -21,7 +22,16 @@ def parse_id(value: str) -> uuid.UUID | None:
         return None
 
 
+#: The select list of an image with its parents (in source order), in one statement.
+_WITH_PARENTS = """
+    i.*, array(SELECT p.parent_id FROM image_parents p
+                WHERE p.image_id = i.id ORDER BY p.position) AS parent_ids
+"""
+
+
 def _image_from_row(row: asyncpg.Record) -> StoredImage:
+    keys = row.keys()
+    parents = tuple(str(p) for p in row["parent_ids"]) if "parent_ids" in keys else ()
     return StoredImage(
         id=str(row["id"]),
         user_id=row["user_id"],
@@ -47,6 +57,12 @@ def _image_from_row(row: asyncpg.Record) -> StoredImage:
         favorite=row["favorite"],
         updated_at=row["updated_at"],
         deleted_at=row["deleted_at"],
+        parent_ids=parents,
+        upload=row["upload"],
+        sub_account=row["sub_account"],
+        credits=row["credits"],
+        generation_duration=row["generation_duration"],
+        sha256=row["sha256"] or "",
     )
 
 
@@ -65,15 +81,17 @@ class ImageRepository:
         seed: int | None = None,
     ) -> StoredImage | None:
         """Add the row of an image whose blob is already stored (in a unit of work).
-        None when the job already has an image at that batch index (another attempt
-        stored it first)."""
+        None when the job already has a result at that batch index (another attempt
+        stored it first); an upload never conflicts."""
         row = await self._db.fetchrow(
             """
             INSERT INTO images (id, user_id, generation_id, batch_index, storage_key, mime_type,
                                 width, height, size_bytes, provider, model, prompt,
-                                negative_prompt, style, seed, is_edit)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
-            ON CONFLICT (generation_id, batch_index) DO NOTHING
+                                negative_prompt, style, seed, is_edit, upload, sub_account,
+                                credits, generation_duration, sha256)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                    $17, $18, $19, $20, $21)
+            ON CONFLICT (generation_id, batch_index) WHERE NOT upload DO NOTHING
             RETURNING *
             """,
             uuid.UUID(image.id),
@@ -92,6 +110,11 @@ class ImageRepository:
             style,
             seed,
             image.is_edit,
+            image.upload,
+            image.sub_account,
+            image.credits,
+            image.generation_duration,
+            image.sha256 or None,
         )
         if row is None:
             return None
@@ -107,45 +130,87 @@ class ImageRepository:
         return dataclasses.replace(stored, parent_ids=image.parent_ids)
 
     async def for_generation(self, generation_id: str) -> list[StoredImage]:
-        """A job's images in batch order."""
+        """The images a job made, in batch order: soft-deleted ones too (they were
+        delivered and charged, and a retried attempt must not make them again), never the
+        uploads it was given."""
         gid = parse_id(generation_id)
         if gid is None:
             return []
         rows = await self._db.fetch(
-            "SELECT * FROM images WHERE generation_id = $1 AND deleted_at IS NULL "
-            "ORDER BY batch_index",
+            "SELECT * FROM images WHERE generation_id = $1 AND NOT upload ORDER BY batch_index",
             gid,
         )
         return [_image_from_row(r) for r in rows]
 
+    async def for_generations(
+        self, user_id: str, generation_ids: list[str]
+    ) -> dict[str, list[StoredImage]]:
+        """The images each of the owner's jobs made (soft-deleted ones too, no uploads),
+        in batch order and with their parents, by job id: one statement for a whole page."""
+        if not generation_ids:
+            return {}
+        rows = await self._db.fetch(
+            f"""
+            SELECT {_WITH_PARENTS}
+              FROM images i
+             WHERE i.generation_id = ANY($1::uuid[]) AND NOT i.upload AND i.user_id = $2
+             ORDER BY i.generation_id, i.batch_index
+            """,  # noqa: S608 - _WITH_PARENTS is a fixed fragment
+            [uuid.UUID(g) for g in generation_ids],
+            user_id,
+        )
+        found: dict[str, list[StoredImage]] = {}
+        for row in rows:
+            image = _image_from_row(row)
+            found.setdefault(image.generation_id, []).append(image)
+        return found
+
+    async def find_upload(self, user_id: str, sha256: str) -> StoredImage | None:
+        """The owner's live (not soft-deleted) upload of this content, if any; the
+        oldest when there are several."""
+        row = await self._db.fetchrow(
+            "SELECT * FROM images WHERE user_id = $1 AND sha256 = $2 AND upload "
+            "AND deleted_at IS NULL ORDER BY created_at, id LIMIT 1",
+            user_id,
+            sha256,
+        )
+        return None if row is None else _image_from_row(row)
+
     async def get(self, user_id: str, image_id: str) -> StoredImage | None:
-        """The owner's image, or None (also for another user's or a malformed id)."""
+        """The owner's image with its parents, or None (also for another user's or a
+        malformed id)."""
         iid = parse_id(image_id)
         if iid is None:
             return None
         row = await self._db.fetchrow(
-            "SELECT * FROM images WHERE id = $1 AND user_id = $2", iid, user_id
+            f"SELECT {_WITH_PARENTS} FROM images i WHERE i.id = $1 AND i.user_id = $2",  # noqa: S608 - fixed
+            iid,
+            user_id,
         )
         return None if row is None else _image_from_row(row)
 
     async def storage_used(self, user_id: str) -> int:
-        """Bytes of the user's stored images (soft-deleted ones too, until purged)."""
+        """Bytes of the user's stored images (soft-deleted ones too, until purged): the
+        counter a trigger keeps with every image row's insert and delete
+        (migrations/0003_counters.sql), one row however many images there are."""
         value = await self._db.fetchval(
-            "SELECT coalesce(sum(size_bytes), 0) FROM images WHERE user_id = $1", user_id
+            "SELECT used_bytes FROM storage_usage WHERE user_id = $1", user_id
+        )
+        return int(value or 0)
+
+    async def lock_storage_used(self, user_id: str) -> int:
+        """`storage_used`, with the user's counter row locked until the transaction ends
+        (inside a unit of work): the quota is decided against it and the image row
+        inserted before any other transaction can store an image of this user."""
+        value = await self._db.fetchval(
+            """
+            INSERT INTO storage_usage AS s (user_id) VALUES ($1)
+            ON CONFLICT (user_id) DO UPDATE SET user_id = s.user_id
+            RETURNING used_bytes
+            """,
+            user_id,
         )
         return int(value)
-
-    async def parents_for(self, image_ids: list[str]) -> dict[str, tuple[str, ...]]:
-        """Parents of several images in one round trip."""
-        rows = await self._db.fetch(
-            "SELECT image_id, parent_id FROM image_parents WHERE image_id = ANY($1::uuid[]) "
-            "ORDER BY image_id, position",
-            [uuid.UUID(i) for i in image_ids],
-        )
-        found: dict[str, list[str]] = {}
-        for row in rows:
-            found.setdefault(str(row["image_id"]), []).append(str(row["parent_id"]))
-        return {key: tuple(value) for key, value in found.items()}
 
     async def parents_of(self, image_id: str) -> tuple[str, ...]:
         """The images an edit was made from, in source order."""
@@ -158,29 +223,106 @@ class ImageRepository:
         return tuple(str(r["parent_id"]) for r in rows)
 
     async def get_by_id(self, image_id: str) -> StoredImage | None:
-        """An image by id for internal use (workers), never for callers."""
+        """An image by id, with its parents, for internal use (workers, a job's own
+        events), never for callers."""
         iid = parse_id(image_id)
         if iid is None:
             return None
-        row = await self._db.fetchrow("SELECT * FROM images WHERE id = $1", iid)
+        row = await self._db.fetchrow(
+            f"SELECT {_WITH_PARENTS} FROM images i WHERE i.id = $1",  # noqa: S608 - fixed
+            iid,
+        )
         return None if row is None else _image_from_row(row)
 
 
-#: The library's page query; a module constant so the benchmark can EXPLAIN the real thing.
-LIST_IMAGES_SQL = """
-SELECT * FROM images
+#: The ListImages `kind` filter ($7), on the columns of `images`.
+_KIND_FILTER = """CASE $7 WHEN 'all' THEN true WHEN 'original' THEN NOT is_edit AND NOT upload
+               WHEN 'edit' THEN is_edit WHEN 'upload' THEN upload WHEN 'generated' THEN NOT upload
+       END"""
+
+#: The library's page query, each image with its parents; a module constant so the
+#: benchmark can EXPLAIN the real thing. It walks images_user_created_idx newest first
+#: and stops after a page: right when nothing or a common word filters the rows, but for
+#: a word few images contain it would read the user's whole history
+#: (LIST_IMAGES_TEXT_SQL is used then).
+LIST_IMAGES_SQL = f"""
+SELECT {_WITH_PARENTS} FROM images i
  WHERE user_id = $1
    AND (cardinality($2::text[]) = 0 OR tags @> $2::text[])
    AND ($3 = '' OR search @@ plainto_tsquery('english', $3))
    AND (NOT $4 OR favorite)
    AND ($5::timestamptz IS NULL OR created_at >= $5)
    AND ($6::timestamptz IS NULL OR created_at < $6)
-   AND ($7 = 'all' OR is_edit = ($7 = 'edit'))
+   AND {_KIND_FILTER}
    AND ($8 OR deleted_at IS NULL)
    AND ($9::timestamptz IS NULL OR (created_at, id) < ($9, $10::uuid))
  ORDER BY created_at DESC, id DESC
  LIMIT $11
+"""  # noqa: S608 - _WITH_PARENTS is a fixed fragment
+
+#: How many of the user's newest images (after the page cursor) a word search reads
+#: in date order before it asks the full-text index for the older ones.
+TEXT_WALK_ROWS = 1000
+
+# Every filter of a page but the word and the cursor, on the columns of `images`.
+_PAGE_FILTERS = f"""
+       user_id = $1
+   AND (cardinality($2::text[]) = 0 OR tags @> $2::text[])
+   AND (NOT $4 OR favorite)
+   AND ($5::timestamptz IS NULL OR created_at >= $5)
+   AND ($6::timestamptz IS NULL OR created_at < $6)
+   AND {_KIND_FILTER}
+   AND ($8 OR deleted_at IS NULL)
 """
+_AFTER_CURSOR = "($9::timestamptz IS NULL OR (created_at, id) < ($9, $10::uuid))"
+
+#: A page of the images whose text matches a word (parameters as LIST_IMAGES_SQL's).
+#: The planner cannot know how many images a word matches (a word that no image holds
+#: is estimated like any uncommon one), so the statement does not ask it to choose:
+#: 1. `recent_hits` walks the user's newest TEXT_WALK_ROWS images in date order and
+#:    keeps the matching ones, stopping at a full page: a common word ends here after
+#:    a few dozen rows.
+#: 2. Only when that found less than a page (a rare word) does the second branch run
+#:    (its one-time filter), driven by the full-text GIN index (`matches`, a
+#:    materialized CTE, so it is planned on the word alone): the matching images older
+#:    than the walked window. Its cost follows how many images hold the word, never
+#:    the length of the history.
+LIST_IMAGES_TEXT_SQL = f"""
+WITH recent_hits AS MATERIALIZED (
+    SELECT * FROM (
+        SELECT * FROM images
+         WHERE {_PAGE_FILTERS} AND {_AFTER_CURSOR}
+         ORDER BY created_at DESC, id DESC
+         LIMIT {TEXT_WALK_ROWS}) recent
+     WHERE search @@ plainto_tsquery('english', $3)
+     ORDER BY created_at DESC, id DESC
+     LIMIT $11
+), matches AS MATERIALIZED (
+    SELECT * FROM images WHERE user_id = $1 AND search @@ plainto_tsquery('english', $3)
+), page AS (
+    SELECT * FROM recent_hits
+    UNION ALL
+    (SELECT * FROM matches
+      WHERE (SELECT count(*) FROM recent_hits) < $11
+        AND {_PAGE_FILTERS}
+        AND (created_at, id) < (
+            SELECT created_at, id FROM images
+             WHERE {_PAGE_FILTERS} AND {_AFTER_CURSOR}
+             ORDER BY created_at DESC, id DESC
+             OFFSET {TEXT_WALK_ROWS - 1} LIMIT 1)
+      ORDER BY created_at DESC, id DESC
+      LIMIT $11)
+    ORDER BY created_at DESC, id DESC
+    LIMIT $11
+)
+SELECT {_WITH_PARENTS} FROM page i
+ ORDER BY i.created_at DESC, i.id DESC
+"""  # noqa: S608 - built from this module's constants only; every value is a parameter
+
+
+def page_statement(text: str) -> str:
+    """The page query for a ListImages request whose word filter is `text`."""
+    return LIST_IMAGES_TEXT_SQL if text else LIST_IMAGES_SQL
 
 
 class LibraryQueries:
@@ -194,7 +336,7 @@ class LibraryQueries:
     ) -> list[StoredImage]:
         """The owner's images, newest first, strictly after `after`."""
         rows = await self._pool.fetch(
-            LIST_IMAGES_SQL,
+            page_statement(query.text),
             user_id,
             list(query.tags),
             query.text,
@@ -212,7 +354,8 @@ class LibraryQueries:
     async def update_metadata(
         self, user_id: str, image_id: str, update: MetadataUpdate
     ) -> StoredImage | None:
-        """Change only the named fields; None if the caller has no such image."""
+        """Change only the named fields of a live image; None (nothing changed) if the
+        caller has no such image or it is soft-deleted."""
         iid = parse_id(image_id)
         if iid is None:
             return None
@@ -224,7 +367,7 @@ class LibraryQueries:
                 tags = CASE WHEN $7 THEN $8::text[] ELSE tags END,
                 favorite = CASE WHEN $9 THEN $10 ELSE favorite END,
                 updated_at = now()
-             WHERE id = $1 AND user_id = $2
+             WHERE id = $1 AND user_id = $2 AND deleted_at IS NULL
             RETURNING *
             """,
             iid,
@@ -259,15 +402,27 @@ class LibraryQueries:
         )
         return None if row is None else _image_from_row(row)
 
-    async def delete_row(self, user_id: str, image_id: str) -> StoredImage | None:
-        """Remove the row for good (its edit links go with it); returns what it was."""
+    async def purge(
+        self,
+        user_id: str,
+        image_id: str,
+        remove_blob: Callable[[StoredImage], Awaitable[None]],
+    ) -> StoredImage | None:
+        """Remove the row for good (its edit links go with it) and, before that commits,
+        call `remove_blob` with what it was: if that raises, the row stays. None if the
+        caller has no such image."""
         iid = parse_id(image_id)
         if iid is None:
             return None
-        row = await self._pool.fetchrow(
-            "DELETE FROM images WHERE id = $1 AND user_id = $2 RETURNING *", iid, user_id
-        )
-        return None if row is None else _image_from_row(row)
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "DELETE FROM images WHERE id = $1 AND user_id = $2 RETURNING *", iid, user_id
+            )
+            if row is None:
+                return None
+            image = _image_from_row(row)
+            await remove_blob(image)
+        return image
 
     async def lineage(
         self, user_id: str, image_id: str, max_depth: int, limit: int

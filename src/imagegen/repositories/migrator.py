@@ -55,15 +55,20 @@ class Migration:
 
 
 def migrations_dir() -> Path:
-    """The migrations shipped with this code: the wheel's `imagegen/_migrations`, else
-    the checkout's `migrations/`. MigrationError if neither exists."""
+    """The migrations shipped with this code: the checkout's `migrations/` when this module
+    runs from a checkout (`src/imagegen/...`), else the wheel's `imagegen/_migrations`.
+    MigrationError if neither exists.
+
+    The checkout comes first because an editable install also copies the migrations into
+    site-packages when it is made, and that copy misses every migration added since."""
+    source_root = Path(__file__).resolve().parents[2]
+    checkout = source_root.parent / "migrations"
+    if source_root.name == "src" and checkout.is_dir():
+        return checkout
     packaged = Path(str(resources.files("imagegen").joinpath("_migrations")))
     if packaged.is_dir():
         return packaged
-    checkout = Path(__file__).resolve().parents[3] / "migrations"
-    if checkout.is_dir():
-        return checkout
-    raise MigrationError(f"no migrations directory: neither {packaged} nor {checkout} exists")
+    raise MigrationError(f"no migrations directory: neither {checkout} nor {packaged} exists")
 
 
 def load_migrations(directory: Path) -> list[Migration]:

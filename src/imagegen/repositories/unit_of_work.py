@@ -22,6 +22,7 @@ from imagegen.repositories.generations import GenerationRepository
 from imagegen.repositories.images import ImageRepository
 from imagegen.repositories.usage import UsageRepository
 from imagegen.repositories.user_settings import UserSettingsRepository
+from imagegen.repositories.webhooks import WebhookOutbox
 
 
 class PostgresUnitOfWork:
@@ -46,6 +47,7 @@ class PostgresUnitOfWork:
         self._images = ImageRepository(conn)
         self._credits = CreditLedger(conn)
         self._usage = UsageRepository(conn)
+        self._webhooks = WebhookOutbox(conn)
         return self
 
     async def __aexit__(
@@ -90,6 +92,11 @@ class PostgresUnitOfWork:
         """Usage records, on this unit of work's connection."""
         return self._usage
 
+    @property
+    def webhooks(self) -> WebhookOutbox:
+        """The webhook outbox, on this unit of work's connection."""
+        return self._webhooks
+
 
 class PostgresDatabase:
     """The generation use cases' way into PostgreSQL: repositories on the pool for single
@@ -108,6 +115,7 @@ class PostgresDatabase:
         self._images = ImageRepository(pool)
         self._credits = CreditLedger(pool)
         self._user_settings = UserSettingsRepository(pool)
+        self._webhooks = WebhookOutbox(pool)
 
     def unit_of_work(self) -> PostgresUnitOfWork:
         """A new unit of work; enter it with `async with`."""
@@ -132,3 +140,8 @@ class PostgresDatabase:
     def user_settings(self) -> UserSettingsRepository:
         """Users' stored settings, on the pool."""
         return self._user_settings
+
+    @property
+    def webhooks(self) -> WebhookOutbox:
+        """The webhook outbox, on the pool."""
+        return self._webhooks

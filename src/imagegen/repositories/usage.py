@@ -1,4 +1,5 @@
-"""Usage records: one per attempt of a job (SQL lives here only)."""
+"""Usage records: one per attempt of a job, and one per prompt enhancement (SQL lives
+here only)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from datetime import datetime
 import asyncpg
 
 from imagegen.domain.errors import InvalidRequest
-from imagegen.domain.usage import UsageRecord, UsageRow, UsageTotalsRow
+from imagegen.domain.usage import UsageKind, UsageRecord, UsageRow, UsageTotalsRow
 from imagegen.repositories.db import Executor
 
 
@@ -20,18 +21,18 @@ class UsageRepository:
 
     async def insert(self, record: UsageRecord) -> None:
         """Record an attempt (in the job's finishing unit of work); a repeated attempt
-        is ignored."""
+        of a job is ignored. A record without a job (an enhancement) is always added."""
         await self._db.execute(
             """
             INSERT INTO usage_records (id, user_id, generation_id, attempt, provider, model,
                                        source, status, image_count, credits, cost_cents,
-                                       error_code, error_message, requested_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                                       error_code, error_message, requested_at, kind)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
             ON CONFLICT (generation_id, attempt) DO NOTHING
             """,
             uuid.uuid4(),
             record.user_id,
-            uuid.UUID(record.generation_id),
+            uuid.UUID(record.generation_id) if record.generation_id else None,
             record.attempt,
             record.provider,
             record.model,
@@ -43,6 +44,7 @@ class UsageRepository:
             record.error_code,
             record.error_message[:1000],
             record.requested_at,
+            record.kind.value,
         )
 
     async def for_generation(self, user_id: str, generation_id: str) -> list[UsageRecord]:
@@ -68,6 +70,7 @@ class UsageRepository:
                 error_code=r["error_code"],
                 error_message=r["error_message"],
                 cost_cents=r["cost_cents"],
+                kind=UsageKind(r["kind"]),
             )
             for r in rows
         ]
@@ -89,6 +92,7 @@ def _usage_row(r: asyncpg.Record) -> UsageRow:
         error_message=r["error_message"],
         requested_at=r["requested_at"],
         completed_at=r["completed_at"],
+        kind=UsageKind(r["kind"]),
     )
 
 
@@ -101,7 +105,7 @@ _TOTALS = """
     coalesce(sum(credits), 0) AS credits,
     coalesce(sum(cost_cents), 0) AS cost_cents,
     coalesce(avg(extract(epoch FROM completed_at - requested_at))
-             FILTER (WHERE status = 'succeeded'), 0) AS average_seconds
+             FILTER (WHERE status = 'succeeded' AND kind = 'generation'), 0) AS average_seconds
 """
 
 

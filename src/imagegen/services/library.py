@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 
 from imagegen import imaging
 from imagegen.domain import paging
-from imagegen.domain.errors import InvalidRequest, NotFound
+from imagegen.domain.errors import ImageDeleted, InvalidRequest, NotFound
 from imagegen.domain.library import ImageQuery, MetadataUpdate, check_query, check_update
 from imagegen.domain.models import Identity, ImageFormat, StoredImage
 from imagegen.repositories.images import ImageRepository, LibraryQueries
@@ -78,6 +79,17 @@ class LibraryService:
             raise NotFound(f"image {image_id!r} not found")
         return image
 
+    async def _live(self, identity: Identity, image_id: str) -> StoredImage:
+        """The caller's image if it is not soft-deleted; ImageDeleted
+        (FAILED_PRECONDITION) if it is."""
+        image = await self._owned(identity, image_id)
+        if image.deleted:
+            raise ImageDeleted(
+                f"image images/{image.id} is deleted; undelete it first",
+                image=f"images/{image.id}",
+            )
+        return image
+
     async def with_url(
         self, image: StoredImage, parents: tuple[str, ...] | None = None
     ) -> StoredImage:
@@ -89,8 +101,12 @@ class LibraryService:
             url = await self._blobs.signed_url(image.storage_key, self._settings.url_ttl)
         return dataclasses.replace(image, url=url, parent_ids=parents)
 
+    async def _signed(self, image: StoredImage) -> StoredImage:
+        """The image (read with its parents) with a fresh signed URL, unless deleted."""
+        return await self.with_url(image, image.parent_ids)
+
     async def get(self, identity: Identity, image_id: str) -> StoredImage:
-        return await self.with_url(await self._owned(identity, image_id))
+        return await self._signed(await self._owned(identity, image_id))
 
     async def list_images(
         self, identity: Identity, query: ImageQuery, *, page_size: int, page_token: str
@@ -109,16 +125,19 @@ class LibraryService:
             next_token = paging.encode_cursor(
                 paging.Cursor(last.created_at, last.id), query.scope()
             )
-        parents = await self._images.parents_for([image.id for image in page])
-        return [await self.with_url(i, parents.get(i.id, ())) for i in page], next_token
+        return [await self._signed(i) for i in page], next_token
 
     async def update(
         self, identity: Identity, image_id: str, update: MetadataUpdate
     ) -> StoredImage:
+        """Change the named metadata fields of a live image; a soft-deleted one is
+        ImageDeleted (undelete it first) and stays as it is."""
         checked = check_update(update)
         image = await self._queries.update_metadata(identity.user_id, image_id, checked)
         if image is None:
-            raise NotFound(f"image {image_id!r} not found")
+            # Nothing changed: either there is no such image, or it is soft-deleted.
+            await self._live(identity, image_id)
+            raise NotFound(f"image {image_id!r} not found")  # purged meanwhile
         return await self.with_url(image)
 
     async def set_deleted(self, identity: Identity, image_id: str, deleted: bool) -> StoredImage:
@@ -128,35 +147,39 @@ class LibraryService:
         return await self.with_url(image)
 
     async def purge(self, identity: Identity, image_id: str) -> None:
-        """Remove the row, then the blob: a failure after the row is gone leaves an
-        orphan blob (logged), never a row without its blob."""
-        image = await self._queries.delete_row(identity.user_id, image_id)
+        """Remove the blob while the row's removal waits uncommitted: when the blob
+        cannot be removed (StorageFailed) the row's removal is rolled back and the image
+        is kept, as PurgeImage promises. Only a commit failing after the blob is gone
+        leaves a row without its blob."""
+        image = await self._queries.purge(identity.user_id, image_id, self._remove_blob)
         if image is None:
             raise NotFound(f"image {image_id!r} not found")
-        try:
-            await self._blobs.delete(image.storage_key)
-        except Exception:
-            log.exception("purged image %s left its blob %s", image.id, image.storage_key)
-            raise
+
+    async def _remove_blob(self, image: StoredImage) -> None:
+        await self._blobs.delete(image.storage_key)
 
     async def url(
         self, identity: Identity, image_id: str, ttl: timedelta | None
     ) -> tuple[str, timedelta, str]:
-        """A fresh signed URL, valid for `ttl` (capped at the configured lifetime)."""
-        image = await self._owned(identity, image_id)
-        if image.deleted:
-            raise NotFound(f"image {image_id!r} is deleted; undelete it first")
-        lifetime = self._settings.url_ttl if ttl is None else min(ttl, self._settings.url_ttl)
-        if lifetime < timedelta(seconds=1):
-            raise InvalidRequest("ttl must be at least one second", field="ttl")
+        """A fresh signed URL of a live image and how long it works: `ttl` in whole
+        seconds (a fraction rounds up), the configured lifetime when `ttl` is unset, zero
+        or longer. IMG_003 for a negative `ttl`; ImageDeleted for a soft-deleted image."""
+        if ttl is not None and ttl < timedelta(0):
+            raise InvalidRequest(
+                "ttl must not be negative (0 or unset for the maximum)", field="ttl"
+            )
+        image = await self._live(identity, image_id)
+        lifetime = self._settings.url_ttl
+        if ttl is not None and ttl > timedelta(0):
+            lifetime = min(timedelta(seconds=math.ceil(ttl.total_seconds())), lifetime)
         return await self._blobs.signed_url(image.storage_key, lifetime), lifetime, image.mime_type
 
     async def download(
         self, identity: Identity, image_id: str, target: ImageFormat | None
     ) -> Download:
         """The image's bytes; in another format when asked (one decode and one encode,
-        in a thread)."""
-        image = await self._owned(identity, image_id)
+        in a thread). ImageDeleted for a soft-deleted image."""
+        image = await self._live(identity, image_id)
         data = await self._blobs.get(image.storage_key)
         mime_type = image.mime_type
         if target is not None and target.mime_type != image.mime_type:

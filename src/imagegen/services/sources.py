@@ -1,24 +1,36 @@
-"""Turning the source images a caller names (URL, data: URL, bytes, library id) into
-checked, stored edit sources, before a job exists."""
+"""Turning the source images and mask a caller names (URL, data: URL, bytes, library
+image) into checked edit sources, before a job exists.
+
+Every source ends up as one of the caller's library images. A library image is used in
+place. Anything else (bytes, a data: URL, a fetched URL) is checked and kept as an
+upload (`Image.upload`): its blob is stored here, and its row is inserted together with
+the job (submission.py), so it belongs to the job it was supplied to, counts toward the
+owner's storage quota and becomes the edit's parent (a mask is kept the same way but is
+not a parent). The same content uploaded again by the same owner reuses their live
+upload of it (found by SHA-256) instead of storing a second copy; two submits racing
+with new content may each keep one.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import hashlib
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
 from imagegen import imaging
 from imagegen.domain.data_url import decode_data_url
-from imagegen.domain.errors import ImageTooLarge, InvalidRequest, NotFound
-from imagegen.domain.models import EditSource, FetchedBody, Identity, SourceRef
+from imagegen.domain.errors import ImageDeleted, ImageTooLarge, InvalidRequest, NotFound
+from imagegen.domain.models import EditSource, FetchedBody, Identity, SourceRef, StoredImage
 from imagegen.repositories.images import ImageRepository
 from imagegen.storage.base import BlobStore
 from imagegen.storage.keys import source_key
 
 MAX_SOURCES = 4
+IMAGES_PREFIX = "images/"
 
 
 class SourceFetcher(Protocol):
@@ -35,8 +47,31 @@ class SourceLimits:
     max_pixels: int
 
 
+@dataclass(frozen=True)
+class ResolvedSources:
+    """An edit's checked sources and mask, each a library image, and the uploads among
+    them that are new: their blobs are stored, their rows are still to be inserted (with
+    the job, in its unit of work)."""
+
+    sources: tuple[EditSource, ...]
+    mask: EditSource | None
+    new_uploads: tuple[StoredImage, ...]
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Which job the uploads are supplied to, and by whom."""
+
+    identity: Identity
+    generation_id: str
+    prompt: str
+    #: a rerun: a library source that is gone is the stored job's problem, not the caller's
+    rerun: bool
+
+
 class SourceResolver:
-    """Fetches, checks and stores edit sources; library images are used in place."""
+    """Fetches, checks and stores edit sources as uploads; library images are used in
+    place."""
 
     def __init__(
         self,
@@ -51,38 +86,121 @@ class SourceResolver:
         self._fetcher = fetcher
 
     async def resolve(
-        self, identity: Identity, refs: tuple[SourceRef, ...]
-    ) -> tuple[EditSource, ...]:
-        """Every source checked and stored; on any refusal nothing stays stored."""
-        if len(refs) > MAX_SOURCES:
+        self,
+        identity: Identity,
+        source_refs: tuple[SourceRef, ...],
+        mask_ref: SourceRef | None = None,
+        *,
+        generation_id: str,
+        prompt: str,
+        rerun: bool = False,
+    ) -> ResolvedSources:
+        """Every source (at most four) and the mask checked, each as a library image;
+        new uploads are stored for job `generation_id` (whose prompt they carry). On any
+        refusal nothing stays stored. A rerun's purged library source is IMG_003 naming it."""
+        if len(source_refs) > MAX_SOURCES:
             raise InvalidRequest(f"at most {MAX_SOURCES} source images", field="sources")
+        target = _Target(identity, generation_id, prompt, rerun)
+        uploads: list[StoredImage] = []
+        #: uploads of this request by content, so one content given twice is kept once
+        by_digest: dict[str, EditSource] = {}
         resolved: list[EditSource] = []
         try:
-            for ref in refs:
-                resolved.append(await self._resolve_one(identity, ref))
+            for position, ref in enumerate((*source_refs, *((mask_ref,) if mask_ref else ()))):
+                field = "mask" if position == len(source_refs) else "sources"
+                resolved.append(
+                    await self._resolve_one(target, ref, position, field, uploads, by_digest)
+                )
         except BaseException:
-            await self.discard(tuple(resolved))
+            await self.discard(ResolvedSources((), None, tuple(uploads)))
             raise
-        return tuple(resolved)
+        if mask_ref is not None:
+            return ResolvedSources(tuple(resolved[:-1]), resolved[-1], tuple(uploads))
+        return ResolvedSources(tuple(resolved), None, tuple(uploads))
 
-    async def discard(self, sources: tuple[EditSource, ...]) -> None:
-        """Remove the blobs this resolver stored (never a library image's)."""
-        for source in sources:
-            if not source.image_id:
-                with contextlib.suppress(Exception):
-                    await self._blobs.delete(source.storage_key)
+    async def discard(self, resolved: ResolvedSources) -> None:
+        """Remove the blobs of the new uploads (never a library image's)."""
+        for upload in resolved.new_uploads:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._blobs.delete(upload.storage_key))
 
-    async def _resolve_one(self, identity: Identity, ref: SourceRef) -> EditSource:
+    async def _resolve_one(
+        self,
+        target: _Target,
+        ref: SourceRef,
+        position: int,
+        field: str,
+        uploads: list[StoredImage],
+        by_digest: dict[str, EditSource],
+    ) -> EditSource:
         if ref.kind == "image":
-            return await self._library_source(identity, ref.image_id)
-        data = await self._bytes_of(ref)
-        info = await self._inspect(data)
+            return await self._library_source(target, ref.image_id, field)
+        data = await self._bytes_of(ref, position, field)
+        info = await self._inspect(data, field)
         digest = hashlib.sha256(data).hexdigest()
-        key = source_key(identity.user_id, info.format.extension, datetime.now(UTC))
-        await self._blobs.put(key, data, info.mime_type)
-        return EditSource(digest, key, info.mime_type, info.width, info.height)
+        if digest in by_digest:
+            return by_digest[digest]
+        existing = await self._images.find_upload(target.identity.user_id, digest)
+        if existing is not None:
+            source = EditSource(
+                digest,
+                existing.storage_key,
+                existing.mime_type,
+                existing.width,
+                existing.height,
+                image_id=existing.id,
+            )
+        else:
+            upload = await self._store_upload(target, data, info, digest, position)
+            uploads.append(upload)
+            source = EditSource(
+                digest, upload.storage_key, upload.mime_type, info.width, info.height, upload.id
+            )
+        by_digest[digest] = source
+        return source
 
-    async def _bytes_of(self, ref: SourceRef) -> bytes:
+    async def _store_upload(
+        self,
+        target: _Target,
+        data: bytes,
+        info: imaging.ImageInfo,
+        digest: str,
+        position: int,
+    ) -> StoredImage:
+        """Put the blob of a new upload; its row is inserted with the job."""
+        now = datetime.now(UTC)
+        key = source_key(target.identity.user_id, info.format.extension, now)
+        await self._blobs.put(key, data, info.mime_type)
+        return StoredImage(
+            id=str(uuid.uuid4()),
+            user_id=target.identity.user_id,
+            generation_id=target.generation_id,
+            storage_key=key,
+            mime_type=info.mime_type,
+            width=info.width,
+            height=info.height,
+            size_bytes=len(data),
+            provider="",
+            model="",
+            prompt=target.prompt,
+            created_at=now,
+            index=position,
+            upload=True,
+            sub_account=target.identity.sub_account,
+            sha256=digest,
+        )
+
+    async def _bytes_of(self, ref: SourceRef, position: int, field: str) -> bytes:
+        if ref.kind == "stored":
+            # A source a job stored before uploads were library images (a rerun of it).
+            try:
+                return await self._blobs.get(ref.storage_key)
+            except NotFound:
+                raise InvalidRequest(
+                    f"source {position + 1} of the job is no longer stored; it cannot be "
+                    "rerun, submit the edit again with its source",
+                    field=field,
+                ) from None
         if ref.kind == "bytes":
             if len(ref.data) > self._limits.max_bytes:
                 raise ImageTooLarge(
@@ -94,11 +212,11 @@ class SourceResolver:
         if ref.uri.lower().startswith("data:"):
             return decode_data_url(ref.uri, max_bytes=self._limits.max_bytes)
         if self._fetcher is None:
-            raise InvalidRequest("source URLs are not enabled on this server", field="sources")
+            raise InvalidRequest("source URLs are not enabled on this server", field=field)
         fetched = await self._fetcher.fetch(ref.uri)
         return fetched.data
 
-    async def _inspect(self, data: bytes) -> imaging.ImageInfo:
+    async def _inspect(self, data: bytes, field: str) -> imaging.ImageInfo:
         try:
             return await asyncio.to_thread(
                 imaging.inspect_image,
@@ -108,16 +226,34 @@ class SourceResolver:
             )
         except imaging.ImageDecodeError as exc:
             raise InvalidRequest(
-                f"a source is not a PNG, JPEG or WebP image ({exc})", field="sources"
+                f"a source is not a PNG, JPEG or WebP image ({exc})", field=field
             ) from exc
 
-    async def _library_source(self, identity: Identity, image_id: str) -> EditSource:
-        image = await self._images.get(identity.user_id, image_id)
-        if image is None or image.deleted:
-            raise NotFound(f"image {image_id!r} not found")
-        data = await self._blobs.get(image.storage_key)
+    async def _library_source(self, target: _Target, image_id: str, field: str) -> EditSource:
+        name = IMAGES_PREFIX + image_id
+        image = await self._images.get(target.identity.user_id, image_id)
+        if image is None:
+            if target.rerun:
+                raise InvalidRequest(
+                    f"source image {name} of the job was purged; it cannot be rerun",
+                    field=field,
+                    metadata={"image": name},
+                )
+            raise NotFound(f"image {name!r} not found")
+        if image.deleted:
+            raise ImageDeleted(
+                f"source image {name} is deleted; undelete it first", field=field, image=name
+            )
+        digest = image.sha256
+        if not digest:
+            try:
+                digest = hashlib.sha256(await self._blobs.get(image.storage_key)).hexdigest()
+            except NotFound:
+                raise InvalidRequest(
+                    f"source image {name} is no longer stored", field=field
+                ) from None
         return EditSource(
-            hashlib.sha256(data).hexdigest(),
+            digest,
             image.storage_key,
             image.mime_type,
             image.width,

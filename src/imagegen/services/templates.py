@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
+from datetime import timedelta
 
 from imagegen.domain import paging
-from imagegen.domain.errors import InvalidRequest, NotFound, PermissionDenied
+from imagegen.domain.errors import InvalidRequest, NotFound, PermissionDenied, RequestIdReused
 from imagegen.domain.models import Generation, GenerationSpec, Identity, SourceRef, Style
-from imagegen.domain.templates import PromptTemplate, check_category, check_template, render
+from imagegen.domain.moderation import Purpose
+from imagegen.domain.templates import (
+    PromptTemplate,
+    check_category,
+    check_template,
+    render,
+    template_fingerprint,
+)
+from imagegen.domain.validation import check_request_id
 from imagegen.repositories.templates import TemplateRepository
 from imagegen.services.generations import SubmissionService
 
@@ -18,11 +27,24 @@ EDITABLE = ("display_name", "description", "prompt", "style", "category", "varia
 class TemplateService:
     """Templates a caller owns, or sees through their sub-account."""
 
-    def __init__(self, templates: TemplateRepository, submission: SubmissionService) -> None:
+    def __init__(
+        self,
+        templates: TemplateRepository,
+        submission: SubmissionService,
+        *,
+        request_id_ttl: timedelta,
+    ) -> None:
         self._templates = templates
         self._submission = submission
+        #: how long a create's request_id is remembered (as a submit's)
+        self._request_id_ttl = request_id_ttl
 
-    async def create(self, identity: Identity, template: PromptTemplate) -> PromptTemplate:
+    async def create(
+        self, identity: Identity, template: PromptTemplate, request_id: str = ""
+    ) -> PromptTemplate:
+        """A new template owned by the caller. A retry with the same request_id and the
+        same template gets the template made first; other parameters are IMG_009."""
+        check_request_id(request_id)
         if template.shared and not identity.sub_account:
             raise InvalidRequest(
                 "only a member of a sub-account can share a template", field="visibility"
@@ -34,7 +56,17 @@ class TemplateService:
             sub_account=identity.sub_account,
             usage_count=0,
         )
-        return await self._templates.create(check_template(owned))
+        checked = check_template(owned)
+        created, past_fingerprint = await self._templates.create(
+            checked, request_id=request_id, remembered_for=self._request_id_ttl
+        )
+        if past_fingerprint is not None and past_fingerprint != template_fingerprint(checked):
+            raise RequestIdReused(
+                f"request_id {request_id!r} was used for a different template; use a new "
+                "request_id for new parameters",
+                metadata={"request_id": request_id},
+            )
+        return created
 
     async def get(self, identity: Identity, template_id: str) -> PromptTemplate:
         template = await self._templates.get_visible(
@@ -130,7 +162,8 @@ class TemplateService:
         size_given: bool = True,
     ) -> Generation:
         """Submit a generation from the rendered template (its style unless overridden);
-        the template's usage count goes up once the generation is submitted."""
+        the template's usage count goes up once for each job this creates (a retry with
+        the same request_id gets its job back without counting again)."""
         template = await self.get(identity, template_id)
         prompt, _ = render(template, values)
         style = (
@@ -139,13 +172,17 @@ class TemplateService:
             else (Style(template.style) if template.style else None)
         )
         spec = dataclasses.replace(overrides, prompt=prompt, style=style)
-        generation = await self._submission.submit(
+        # The rendered prompt is moderated inside submit, like any prompt, and recorded
+        # as a template's.
+        submitted = await self._submission.submit_job(
             identity,
             spec,
             request_id,
             source_refs=source_refs,
             mask_ref=mask_ref,
             size_given=size_given,
+            moderation_purpose=Purpose.TEMPLATE,
         )
-        await self._templates.count_use(template.id)
-        return generation
+        if submitted.created:
+            await self._templates.count_use(template.id)
+        return submitted.generation

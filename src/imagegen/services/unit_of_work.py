@@ -16,6 +16,7 @@ from imagegen.repositories.generations import GenerationRepository
 from imagegen.repositories.images import ImageRepository
 from imagegen.repositories.usage import UsageRepository
 from imagegen.repositories.user_settings import UserSettingsRepository
+from imagegen.repositories.webhooks import WebhookOutbox
 
 
 class UnitOfWork(Protocol):
@@ -54,6 +55,11 @@ class UnitOfWork(Protocol):
         """Usage records."""
         ...
 
+    @property
+    def webhooks(self) -> WebhookOutbox:
+        """Callbacks to deliver, written with the end of their job."""
+        ...
+
 
 class Database(Protocol):
     """Repositories for single statements, and units of work for everything larger."""
@@ -85,4 +91,9 @@ class Database(Protocol):
     @property
     def user_settings(self) -> UserSettingsRepository:
         """Users' stored settings."""
+        ...
+
+    @property
+    def webhooks(self) -> WebhookOutbox:
+        """Callbacks to deliver and their attempts."""
         ...

@@ -12,7 +12,7 @@ from functools import cache
 from zoneinfo import available_timezones
 
 from imagegen.domain import paging
-from imagegen.domain.credits import Balance
+from imagegen.domain.credits import Balance, balance_of
 from imagegen.domain.errors import InvalidRequest
 from imagegen.domain.models import Identity
 from imagegen.domain.plans import PlanTable
@@ -42,6 +42,8 @@ USAGE_COLUMNS = (
     "error_message",
     "request_time",
     "complete_time",
+    # Added with prompt enhancements; last, so that readers by position keep working.
+    "kind",
 )
 GENERATION_COLUMNS = (
     "name",
@@ -136,12 +138,14 @@ class UsageService:
 
     async def balance(self, identity: Identity) -> CreditBalance:
         """The caller's balance by bucket, what their running jobs hold, and the monthly
-        allowance of their plan."""
-        balance = await self._ledger.balance(identity.user_id, datetime.now(UTC))
+        allowance of their plan. Nothing is written: a period not opened yet (a new
+        user's first, or a new month's) is shown as its opening will make it."""
+        monthly_allowance = self._plans.limits_for(identity.plan).monthly_credits
+        facts, held = await self._ledger.balance_facts(identity.user_id)
         return CreditBalance(
-            balance=balance,
+            balance=balance_of(facts, held, monthly_allowance, datetime.now(UTC)),
             plan=identity.plan,
-            monthly_allowance=self._plans.limits_for(identity.plan).monthly_credits,
+            monthly_allowance=monthly_allowance,
         )
 
     async def list_usage(
@@ -228,6 +232,7 @@ class UsageService:
                         r.error_message,
                         _time(r.requested_at),
                         _time(r.completed_at),
+                        r.kind.value,
                     ]
                 if len(batch) < EXPORT_BATCH:
                     return

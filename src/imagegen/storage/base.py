@@ -9,6 +9,11 @@ from typing import Protocol
 class BlobStore(Protocol):
     """Stores encoded images by key. Failures raise imagegen.domain.errors.StorageFailed."""
 
+    @property
+    def bucket(self) -> str:
+        """Where the blobs live, as spans report it: the S3 bucket, or `local`."""
+        ...
+
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         """Write (or overwrite) a blob with its Content-Type and a long Cache-Control."""
         ...

@@ -57,6 +57,12 @@ class LocalBlobStore:
         self._key = signing_key
         self._clock = clock
 
+    @property
+    def bucket(self) -> str:
+        """`local` (for spans): files have no bucket, and the data directory's path would
+        tell a trace reader nothing."""
+        return "local"
+
     def _path(self, key: str) -> Path:
         parts = key.split("/")
         if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):

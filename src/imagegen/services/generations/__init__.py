@@ -10,7 +10,9 @@
                  terminal event with settlement and usage record (one unit of work).
 - watch.py       WatchGeneration / GenerateImage's stream: the job's event log from any
                  sequence number, woken by LISTEN/NOTIFY, until the terminal event.
-- reads.py       GetGeneration, ListGenerations, CancelGeneration.
+- reads.py       GetGeneration, ListGenerations, CancelGeneration, each with the job's
+                 images and full spec (GenerationPresenter, also for a retried submit).
+- wait.py        WaitGeneration: a unary wait for the terminal event, through the watch.
 - user_settings.py  a user's default provider, and ListProviders (catalogue.py holds
                  the providers, the deployment's default and the fallback chain).
 
@@ -25,18 +27,22 @@ from imagegen.services.generations.pipeline import (
     JobPipeline,
     PipelineSettings,
 )
-from imagegen.services.generations.reads import GenerationReads
+from imagegen.services.generations.reads import GenerationPresenter, GenerationReads
 from imagegen.services.generations.submission import (
     Quote,
     SubmissionService,
     SubmissionSettings,
+    Submitted,
 )
 from imagegen.services.generations.user_settings import UserSettingsService
+from imagegen.services.generations.wait import GenerationWaiter, WaitSettings
 from imagegen.services.generations.watch import GenerationWatch
 
 __all__ = [
     "GenerationObserver",
+    "GenerationPresenter",
     "GenerationReads",
+    "GenerationWaiter",
     "GenerationWatch",
     "JobPipeline",
     "PipelineSettings",
@@ -44,5 +50,7 @@ __all__ = [
     "Quote",
     "SubmissionService",
     "SubmissionSettings",
+    "Submitted",
     "UserSettingsService",
+    "WaitSettings",
 ]

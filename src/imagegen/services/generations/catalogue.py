@@ -51,17 +51,32 @@ class ProviderCatalogue:
         """Ids of the providers that can take a call, sorted."""
         return sorted(p for p, v in self._providers.items() if v.configured)
 
-    def call_order(self, spec: GenerationSpec, primary: Provider) -> list[Provider]:
-        """The primary, then each fallback that is configured and can do this job."""
+    def call_order(
+        self,
+        spec: GenerationSpec,
+        primary: Provider,
+        *,
+        edit: bool | None = None,
+        has_mask: bool | None = None,
+    ) -> list[Provider]:
+        """The primary, then each fallback that is configured and can do this job.
+        `edit` and `has_mask` stand in for the spec's sources and mask before they are
+        fetched (at submit); by default they are read from the spec."""
+        edit = spec.is_edit if edit is None else edit
+        has_mask = spec.mask is not None if has_mask is None else has_mask
         order = [primary]
         for provider_id in self._fallback_providers:
             candidate = self._providers.get(provider_id)
             if candidate is None or candidate in order or not candidate.configured:
                 continue
             caps = candidate.capabilities
-            if spec.is_edit and not caps.edit:
+            if edit and not caps.edit:
                 continue
-            if spec.mask is not None and not caps.mask:
+            if has_mask and not caps.mask:
+                continue
+            if spec.outpaint is not None and not caps.outpaint:
+                continue
+            if spec.upscale is not None and not caps.upscale:
                 continue
             if spec.count > caps.max_count or spec.output_format not in caps.formats:
                 continue
@@ -70,7 +85,9 @@ class ProviderCatalogue:
                     ProviderRequest(
                         prompt=spec.prompt,
                         model=spec.model,
-                        sources=(SourceImage(b"", "", 0, 0),) if spec.is_edit else (),
+                        sources=(SourceImage(b"", "", 0, 0),) if edit else (),
+                        # Only the upscaler's name is checked: a fallback must offer it.
+                        upscale=spec.upscale,
                     )
                 )
             except InvalidRequest:
@@ -96,10 +113,13 @@ class ProviderCatalogue:
                     seed=caps.seed,
                     style=caps.style,
                     previews=caps.previews,
+                    outpaint=caps.outpaint,
+                    upscale=caps.upscale,
                     sizes=tuple(caps.sizes),
                     formats=tuple(caps.formats),
                     max_count=caps.max_count,
                     models=tuple(provider.models),
+                    upscalers=tuple(provider.upscalers),
                     default=provider_id == default_provider,
                 )
             )

@@ -7,13 +7,18 @@ its lease), from STARTED to the terminal event.
 2. For each image of the batch: the provider call, with PROGRESS events (and previews)
    as it works, abandoned as soon as the owner cancels; on a failure another provider
    may not share, the next one of the fallback chain takes over.
+   Before each call, a user already at their storage quota ends the job IMG_008
+   (a read-only check: no provider call is made for an image that cannot be kept).
 3. The reply's bytes are checked and converted to the asked format, in a thread.
-4. The storage quota is decided (domain/limits.py), the blob is put, and its image row
-   with its IMAGE_READY and PROGRESS "stored" events is recorded in one unit of work
-   (the blob is deleted again if that fails).
+4. The blob is put, then one unit of work locks the user's storage counter, decides the
+   quota (domain/limits.py) and records the image row and its IMAGE_READY event, so two
+   jobs of one user never pass the quota together; if the quota refuses it or the
+   record fails, the blob is deleted again. Its PROGRESS "stored" event is recorded
+   with it.
 5. The end, in one unit of work: the job's terminal state with its terminal event
    (COMPLETED, FAILED with its IMG code, or CANCELLED), the settlement of its credit
-   reservation (images delivered are charged, the rest refunded) and its usage record.
+   reservation (images delivered are charged, the rest refunded), its usage record and
+   its webhook, if it named one.
 
 Every event is appended to the job's log and, once committed, handed to this process's
 watchers in memory (jobs/signals.py); other replicas' watchers hear of it by NOTIFY.
@@ -44,11 +49,12 @@ from imagegen.domain.errors import (
     ImageGenError,
     ImageTooLarge,
     InvalidRequest,
+    NotFound,
     ProviderFailed,
     ProviderNotConfigured,
     StorageFailed,
 )
-from imagegen.domain.limits import check_storage_quota
+from imagegen.domain.limits import check_storage_quota, check_storage_room
 from imagegen.domain.models import (
     EditSource,
     EventType,
@@ -71,7 +77,9 @@ from imagegen.providers.base import (
 )
 from imagegen.repositories.generations import ClaimedJob, NewEvent
 from imagegen.services.generations.catalogue import ProviderCatalogue
+from imagegen.services.moderation import ModerationService
 from imagegen.services.unit_of_work import Database
+from imagegen.services.webhooks.outbox import queue_job_webhook
 from imagegen.storage.base import BlobStore
 from imagegen.storage.keys import blob_key
 
@@ -123,9 +131,12 @@ class JobPipeline:
         observer: GenerationObserver,
         settings: PipelineSettings,
         tracer: trace.Tracer | None = None,
+        moderation: ModerationService | None = None,
     ) -> None:
         self._db = db
         self._blobs = blobs
+        #: told of failed jobs (abuse signals, provider content-policy verdicts); None: off
+        self._moderation = moderation
         self._catalogue = catalogue
         self._signals = signals
         self._observer = observer
@@ -251,12 +262,15 @@ class JobPipeline:
         base_seed = job.spec.seed if job.spec.seed is not None else _seed_from(job.id)
         deadline = time.monotonic() + self._settings.provider_timeout.total_seconds()
         sources = tuple([await self._load_source(s) for s in job.spec.sources])
-        mask = await self._load_source(job.spec.mask) if job.spec.mask else None
+        mask = await self._load_source(job.spec.mask, "mask") if job.spec.mask else None
+        quota = self._settings.plans.limits_for(job.plan).storage_bytes
         for index in range(count):
             if index in existing:
                 # Stored by an earlier attempt of this job: never make or charge it twice.
                 continue
             await self._checkpoint(job.id, run.cancel)
+            if quota is not None:
+                check_storage_room(quota, await self._db.images.storage_used(job.user_id))
             request = ProviderRequest(
                 prompt=job.spec.prompt,
                 negative_prompt=job.spec.negative_prompt,
@@ -270,6 +284,7 @@ class JobPipeline:
                 resize_to=None if job.spec.size_from_source else job.spec.size,
                 timeout=max(deadline - time.monotonic(), 0.1),
             )
+            call_started = time.monotonic()
             reply, serving = await self._call_with_fallback(
                 job, provider, request, progress.reporter(index), run.cancel
             )
@@ -282,12 +297,27 @@ class JobPipeline:
                 await self._db.generations.set_provider(job.id, serving.id)
             model = reply.model or model or (provider.models[0] if provider.models else "")
             await self._checkpoint(job.id, run.cancel)
-            with self._tracer.start_as_current_span("image.process"):
+            with self._tracer.start_as_current_span(
+                "image.process",
+                attributes={
+                    "imagegen.image.input.size": len(reply.data),
+                    "imagegen.image.requested_format": job.spec.output_format.value,
+                },
+            ) as process_span:
                 encoded, info = await asyncio.to_thread(
                     self._process_reply,
                     reply.data,
                     job.spec.output_format,
                     None if job.spec.size_from_source else job.spec.size,
+                )
+                process_span.set_attributes(
+                    {
+                        "imagegen.image.size": len(encoded),
+                        "imagegen.image.format": info.format.value,
+                        "imagegen.image.mime_type": info.mime_type,
+                        "imagegen.image.width": info.width,
+                        "imagegen.image.height": info.height,
+                    }
                 )
             await self._store(
                 job,
@@ -297,6 +327,7 @@ class JobPipeline:
                 model=model,
                 reported_seed=reply.seed,
                 used_seed=request.seed,
+                call_started=call_started,
                 waiting_progress=last_progress,
                 stored_progress=progress.stored(index),
             )
@@ -358,6 +389,8 @@ class JobPipeline:
                         {call, woken}, return_when=asyncio.FIRST_COMPLETED
                     )
                 finally:
+                    # Also when a drain cancels the job here: a waiter left pending
+                    # is destroyed pending ("Task was destroyed but it is pending!").
                     woken.cancel()
                 if call in done:
                     return call.result()
@@ -405,18 +438,26 @@ class JobPipeline:
         model: str,
         reported_seed: int | None,
         used_seed: int,
+        call_started: float,
         waiting_progress: list[NewEvent],
         stored_progress: NewEvent,
     ) -> None:
-        """Quota, blob, then row and events (the progress still waiting, IMAGE_READY and
-        `stored_progress`) in one unit of work; no blob stays without its row."""
-        quota = self._settings.plans.limits_for(job.plan).storage_bytes
-        if quota is not None:
-            used = await self._db.images.storage_used(job.user_id)
-            check_storage_quota(quota, used, len(encoded))
+        """Blob, then quota, row and events (the progress still waiting, IMAGE_READY and
+        `stored_progress`) in one unit of work; no blob stays without its row, and no row
+        without its blob. `call_started` is when the image's provider call began
+        (time.monotonic())."""
         image_id = str(uuid.uuid4())
         key = blob_key(job.user_id, image_id, info.format.extension, datetime.now(UTC))
-        with self._tracer.start_as_current_span("storage.put"):
+        with self._tracer.start_as_current_span(
+            "storage.put",
+            attributes={
+                "imagegen.blob.size": len(encoded),
+                "imagegen.blob.mime_type": info.mime_type,
+                "imagegen.blob.bucket": self._blobs.bucket,
+                # The folder only: the rest of the key names the user and the image.
+                "imagegen.blob.key_prefix": key.split("/", 1)[0],
+            },
+        ):
             await self._blobs.put(key, encoded, info.mime_type)
         image = StoredImage(
             id=image_id,
@@ -434,6 +475,9 @@ class JobPipeline:
             index=index,
             is_edit=job.spec.is_edit,
             parent_ids=tuple(s.image_id for s in job.spec.sources if s.image_id),
+            sub_account=job.sub_account,
+            credits=self._image_price(job),
+            generation_duration=timedelta(seconds=time.monotonic() - call_started),
         )
         try:
             recorded = await self._record_image(
@@ -441,12 +485,14 @@ class JobPipeline:
                 waiting_progress,
                 NewEvent(EventType.IMAGE_READY, {"image_id": image_id, "image_index": index}),
                 stored_progress,
+                quota=self._settings.plans.limits_for(job.plan).storage_bytes,
                 negative_prompt=job.spec.negative_prompt,
                 style=job.spec.style.value if job.spec.style else "",
                 seed=reported_seed if reported_seed is not None else used_seed,
             )
         except BaseException:
-            # No blob without its row: undo the upload, whatever stopped the insert.
+            # No blob without its row: undo the upload, whatever stopped the insert
+            # (the quota included).
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._blobs.delete(key))
             raise
@@ -461,16 +507,23 @@ class JobPipeline:
         event: NewEvent,
         progress: NewEvent,
         *,
+        quota: int | None,
         negative_prompt: str,
         style: str,
         seed: int | None,
     ) -> StoredImage | None:
-        """Insert the row of a stored blob and announce it (after the PROGRESS events
-        `waiting`, its IMAGE_READY event, then `progress`), atomically. None when
+        """Decide the storage quota, insert the row of a stored blob and announce it (after
+        the PROGRESS events `waiting`, its IMAGE_READY event, then `progress`),
+        atomically: the user's storage counter stays locked from the decision to the
+        commit, so concurrent jobs of one user decide one after the other. None when
         another attempt of the job already stored this batch index. Raises
-        StorageFailed when the database cannot record it."""
+        StorageQuotaExceeded (IMG_008) past `quota` (None: no quota), StorageFailed when
+        the database cannot record it."""
         try:
             async with self._db.unit_of_work() as uow:
+                if quota is not None:
+                    used = await uow.images.lock_storage_used(image.user_id)
+                    check_storage_quota(quota, used, image.size_bytes)
                 stored = await uow.images.insert(
                     image, negative_prompt=negative_prompt, style=style, seed=seed
                 )
@@ -509,8 +562,8 @@ class JobPipeline:
         error: ImageGenError | None = None,
     ) -> None:
         """End a job exactly once, in one unit of work: its terminal state and event, the
-        settlement of its reservation and its usage record. Nothing changes when the job
-        had already ended or another worker holds it."""
+        settlement of its reservation, its usage record and its webhook. Nothing changes
+        when the job had already ended or another worker holds it."""
         try:
             async with self._db.unit_of_work() as uow:
                 # Images stored are delivered and charged, even in a failed or cancelled
@@ -526,7 +579,13 @@ class JobPipeline:
                     worker_id=worker_id,
                 )
                 if ended is not None:
-                    await uow.credits.settle(job.user_id, job.id, ended.credits)
+                    await uow.credits.settle(
+                        job.user_id,
+                        job.id,
+                        ended.credits,
+                        allowance=self._settings.plans.limits_for(job.plan).monthly_credits,
+                        now=datetime.now(UTC),
+                    )
                     await uow.usage.insert(
                         self._usage(
                             job,
@@ -538,6 +597,7 @@ class JobPipeline:
                             error=error,
                         )
                     )
+                    await queue_job_webhook(uow, job, state)
                     await uow.commit()
         except BaseException:
             # Committed or not, this process's watchers read the log to find out.
@@ -550,6 +610,10 @@ class JobPipeline:
         self._signals.job_events(job.id, (ended.event,))
         if state is GenerationState.COMPLETED:
             self._observer.credits_charged(job.provider, ended.credits)
+        if error is not None and self._moderation is not None:
+            # Abuse signals: the user's failed generations, and a provider's own
+            # content-policy refusal (IMG_010) as a moderation decision.
+            await self._moderation.generation_failed(job, error)
 
     def _usage(
         self,
@@ -583,8 +647,18 @@ class JobPipeline:
     def _image_price(self, job: Generation) -> int:
         return self._settings.prices.generation_credits(job.spec.size, 1, edit=job.spec.is_edit)
 
-    async def _load_source(self, source: EditSource) -> SourceImage:
-        data = await self._blobs.get(source.storage_key)
+    async def _load_source(self, source: EditSource, field: str = "sources") -> SourceImage:
+        """A source's bytes; IMG_003 naming the source (never its storage key) when it
+        was purged after the job was submitted."""
+        try:
+            data = await self._blobs.get(source.storage_key)
+        except NotFound:
+            name = f"images/{source.image_id}" if source.image_id else "a source image"
+            raise InvalidRequest(
+                f"{name} of this edit was purged before the job ran; submit the edit again "
+                "with a source that exists",
+                field=field,
+            ) from None
         return SourceImage(data, source.mime_type, source.width, source.height)
 
     async def _checkpoint(self, generation_id: str, cancel: CancelFlag) -> None:

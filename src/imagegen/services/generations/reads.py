@@ -1,39 +1,106 @@
-"""A caller's jobs: get one (with fresh image URLs), list them, cancel one."""
+"""A caller's jobs: get one, list them, cancel one; each answered as the same resource,
+with the images the job stored (fresh URLs; none for a soft-deleted image; a purged one
+is gone) and its full spec.
+
+A read is at most three statements whatever the page size: the job rows, the images of
+all of them, and the webhook attempts of those that named a callback (GenerationPresenter).
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from imagegen.domain import paging
 from imagegen.domain.errors import InvalidRequest, NotFound
-from imagegen.domain.models import Generation, GenerationState, Identity, StoredImage
+from imagegen.domain.models import (
+    EditSource,
+    Generation,
+    GenerationState,
+    Identity,
+    StoredImage,
+)
+from imagegen.domain.plans import PlanTable
 from imagegen.jobs.signals import JobSignals
 from imagegen.services.unit_of_work import Database
+from imagegen.services.webhooks.outbox import queue_job_webhook
 from imagegen.storage.base import BlobStore
+
+
+class GenerationPresenter:
+    """Completes jobs as callers see them: their stored images, with fresh URLs, in one
+    statement for any number of jobs, and signed URLs for sources stored before sources
+    were kept as library images."""
+
+    def __init__(self, *, db: Database, blobs: BlobStore, url_ttl: timedelta) -> None:
+        self._db = db
+        self._blobs = blobs
+        self._url_ttl = url_ttl
+
+    async def present(self, user_id: str, generation: Generation) -> Generation:
+        """One of the owner's jobs with its images."""
+        return (await self.present_all(user_id, [generation]))[0]
+
+    async def present_all(self, user_id: str, generations: list[Generation]) -> list[Generation]:
+        """The owner's jobs with their images and webhook attempts, in the order given."""
+        images = await self._db.images.for_generations(user_id, [g.id for g in generations])
+        called = [g.id for g in generations if g.spec.callback_uri]
+        attempts = await self._db.webhooks.attempts_for(called) if called else {}
+        return [
+            dataclasses.replace(
+                generation,
+                webhook_deliveries=attempts.get(generation.id, ()),
+                images=tuple(
+                    [await self.with_url(image) for image in images.get(generation.id, [])]
+                ),
+                spec=dataclasses.replace(
+                    generation.spec,
+                    sources=tuple([await self._shown(s) for s in generation.spec.sources]),
+                    mask=await self._shown(generation.spec.mask) if generation.spec.mask else None,
+                ),
+            )
+            for generation in generations
+        ]
+
+    async def with_url(self, image: StoredImage) -> StoredImage:
+        """The image with a fresh signed URL, or with none while it is soft-deleted."""
+        if image.deleted:
+            return dataclasses.replace(image, url="")
+        return await with_signed_url(self._blobs, image, self._url_ttl)
+
+    async def _shown(self, source: EditSource) -> EditSource:
+        # A library image is shown by its name; an older source has only its blob.
+        if source.image_id:
+            return source
+        return dataclasses.replace(
+            source, url=await self._blobs.signed_url(source.storage_key, self._url_ttl)
+        )
 
 
 class GenerationReads:
     """Get, list and cancel the caller's jobs; anyone else's are NotFound."""
 
     def __init__(
-        self, *, db: Database, blobs: BlobStore, signals: JobSignals, url_ttl: timedelta
+        self,
+        *,
+        db: Database,
+        blobs: BlobStore,
+        signals: JobSignals,
+        url_ttl: timedelta,
+        plans: PlanTable,
     ) -> None:
         self._db = db
+        self._plans = plans
         self._blobs = blobs
         self._signals = signals
-        self._url_ttl = url_ttl
+        self._presenter = GenerationPresenter(db=db, blobs=blobs, url_ttl=url_ttl)
 
     async def get(self, identity: Identity, generation_id: str) -> Generation:
         """The caller's job with its images (fresh URLs); NotFound for anyone else's."""
         generation = await self._db.generations.get(identity.user_id, generation_id)
         if generation is None:
             raise NotFound(f"generation {generation_id!r} not found")
-        images = await self._db.images.for_generation(generation.id)
-        with_urls = tuple(
-            [await with_signed_url(self._blobs, img, self._url_ttl) for img in images]
-        )
-        return dataclasses.replace(generation, images=with_urls)
+        return await self._presenter.present(identity.user_id, generation)
 
     async def list_generations(
         self,
@@ -45,7 +112,8 @@ class GenerationReads:
         page_size: int = 0,
         page_token: str = "",
     ) -> tuple[list[Generation], str]:
-        """A page of the caller's jobs, newest first, and the next page's token."""
+        """A page of the caller's jobs, newest first, each with its images, and the next
+        page's token."""
         size = paging.page_size(page_size)
         if created_from and created_before and created_from >= created_before:
             raise InvalidRequest(
@@ -68,7 +136,7 @@ class GenerationReads:
             page = page[:size]
             last = page[-1]
             next_token = paging.encode_cursor(paging.Cursor(last.created_at, last.id), scope)
-        return page, next_token
+        return await self._presenter.present_all(identity.user_id, page), next_token
 
     async def cancel(self, identity: Identity, generation_id: str) -> Generation:
         """Cancel the caller's job: a queued one at once (CANCELLED, its whole reservation
@@ -80,15 +148,22 @@ class GenerationReads:
                 raise NotFound(f"generation {generation_id!r} not found")
             if generation.state is GenerationState.QUEUED:
                 generation = await uow.generations.cancel_queued(generation.id)
+                await queue_job_webhook(uow, generation, GenerationState.CANCELLED)
                 # Nothing was delivered: the whole reservation goes back.
-                await uow.credits.settle(identity.user_id, generation.id, 0)
+                await uow.credits.settle(
+                    identity.user_id,
+                    generation.id,
+                    0,
+                    allowance=self._plans.limits_for(generation.plan).monthly_credits,
+                    now=datetime.now(UTC),
+                )
             elif generation.state is GenerationState.RUNNING:
                 generation = await uow.generations.request_cancel(generation.id)
             await uow.generations.notify_changed(generation.id)
             await uow.commit()
         self._signals.job_changed(generation.id)
         self._signals.cancel_requested(generation.id)
-        return generation
+        return await self._presenter.present(identity.user_id, generation)
 
 
 async def with_signed_url(blobs: BlobStore, image: StoredImage, ttl: timedelta) -> StoredImage:

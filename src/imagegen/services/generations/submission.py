@@ -3,13 +3,18 @@
 A submit, top to bottom:
 1. The provider: the one the request names, else the caller's stored default, else the
    deployment's; it is recorded on the job.
-2. Validation of every field, and of what the provider can do (IMG_003).
-3. For an edit, a read-only precheck of the plan limits and credits (nothing is fetched
-   for a request that would be refused), then the sources are fetched, checked and stored.
+2. Validation of every field, and of what the provider can do (IMG_003); a provider
+   that is not configured here, with no configured fallback for the request, is IMG_001;
+   a callback_uri is vetted as the fetch guard would connect to it.
+3. For an edit, a read-only precheck of the plan limits, credits and storage quota
+   (nothing is fetched for a request that would be refused), then the sources are
+   fetched, checked and their blobs stored as the caller's uploads (services/sources.py).
 4. One unit of work under the user's advisory lock: a retry with the same request_id
-   gets its earlier job back; otherwise the plan limits (IMG_005) and the credits
-   (IMG_006) are decided by domain/limits.py and domain/credits.py, the job is inserted
-   QUEUED, its price reserved, its QUEUED event appended and workers notified.
+   gets its earlier job back; otherwise the plan limits (IMG_005), the credits (IMG_006)
+   and the storage quota (IMG_008: a user already at it, or uploads that would pass it)
+   are decided by domain/limits.py and domain/credits.py, the job is inserted QUEUED
+   with the rows of its new uploads, its price reserved, its QUEUED event appended and
+   workers notified.
 The job then waits for a worker (jobs/runner.py), which runs it through pipeline.py.
 """
 
@@ -20,12 +25,18 @@ import logging
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from opentelemetry import propagate, trace
 
-from imagegen.domain.credits import check_affordable, plan_reservation
-from imagegen.domain.errors import InvalidRequest, NotFound, RequestIdReused
-from imagegen.domain.limits import check_request_limits
+from imagegen.domain.credits import check_affordable, open_period, plan_reservation
+from imagegen.domain.errors import InvalidRequest, NotFound, ProviderNotConfigured, RequestIdReused
+from imagegen.domain.limits import (
+    check_request_limits,
+    check_storage_quota,
+    check_storage_room,
+    counted_up_to,
+)
 from imagegen.domain.models import (
     EditSource,
     Generation,
@@ -33,7 +44,9 @@ from imagegen.domain.models import (
     Identity,
     Size,
     SourceRef,
+    StoredImage,
 )
+from imagegen.domain.moderation import Purpose
 from imagegen.domain.plans import PlanLimits, PlanTable
 from imagegen.domain.pricing import PriceTable
 from imagegen.domain.validation import (
@@ -50,7 +63,9 @@ from imagegen.jobs.signals import JobSignals
 from imagegen.providers.base import Provider, ProviderRequest, SourceImage
 from imagegen.repositories.generations import NewGeneration
 from imagegen.services.generations.catalogue import ProviderCatalogue
-from imagegen.services.sources import SourceResolver
+from imagegen.services.generations.reads import GenerationPresenter
+from imagegen.services.moderation import ModerationService, spec_texts
+from imagegen.services.sources import ResolvedSources, SourceResolver
 from imagegen.services.unit_of_work import Database
 
 log = logging.getLogger(__name__)
@@ -70,11 +85,28 @@ class SubmissionSettings:
 
 
 @dataclass(frozen=True)
+class Submitted:
+    """A submit's job, and whether this submit created it (False: a retry with the same
+    request_id got the job an earlier submit made)."""
+
+    generation: Generation
+    created: bool
+
+
+@dataclass(frozen=True)
 class Quote:
     """What a request would cost, and which provider would serve it."""
 
     credits: int
     provider: str
+
+
+class CallbackChecker(Protocol):
+    """Vets a job's callback URL before the job exists (services/webhooks/delivery.py)."""
+
+    async def check_callback(self, uri: str) -> None:
+        """IMG_003 on callback_uri for a URL the service would not call."""
+        ...
 
 
 class SubmissionService:
@@ -88,13 +120,22 @@ class SubmissionService:
         catalogue: ProviderCatalogue,
         signals: JobSignals,
         settings: SubmissionSettings,
+        presenter: GenerationPresenter | None = None,
         tracer: trace.Tracer | None = None,
+        moderation: ModerationService | None = None,
+        callbacks: CallbackChecker | None = None,
     ) -> None:
         self._db = db
+        #: None: texts are not moderated
+        self._moderation = moderation
+        #: None: a request naming a callback_uri is refused
+        self._callbacks = callbacks
         self._sources = sources
         self._catalogue = catalogue
         self._signals = signals
         self._settings = settings
+        #: adds the stored images (with fresh URLs) to a job a retry gets back
+        self._presenter = presenter
         self._tracer = tracer or trace.get_tracer(__name__)
 
     async def submit(
@@ -106,9 +147,36 @@ class SubmissionService:
         source_refs: tuple[SourceRef, ...] = (),
         mask_ref: SourceRef | None = None,
         size_given: bool = True,
+        moderation_purpose: Purpose | None = None,
     ) -> Generation:
-        """Validate, fetch and store any sources, and queue a job; the same request_id
-        returns the same job."""
+        """Validate, moderate, fetch and store any sources, and queue a job; the same
+        request_id returns the same job. `moderation_purpose` says where the prompt came
+        from when it is not the caller's own text (a rendered template)."""
+        submitted = await self.submit_job(
+            identity,
+            spec,
+            request_id,
+            source_refs=source_refs,
+            mask_ref=mask_ref,
+            size_given=size_given,
+            moderation_purpose=moderation_purpose,
+        )
+        return submitted.generation
+
+    async def submit_job(
+        self,
+        identity: Identity,
+        spec: GenerationSpec,
+        request_id: str = "",
+        *,
+        source_refs: tuple[SourceRef, ...] = (),
+        mask_ref: SourceRef | None = None,
+        size_given: bool = True,
+        rerun: bool = False,
+        moderation_purpose: Purpose | None = None,
+    ) -> Submitted:
+        """As `submit`, and whether this call created the job (a retry with the same
+        request_id did not). `rerun`: the sources are those of a stored job."""
         edit = bool(source_refs) or spec.is_edit
         if not spec.provider:
             # The caller's stored choice, else the deployment's default; recorded on the job.
@@ -124,19 +192,36 @@ class SubmissionService:
             )
         if mask_ref is not None and not source_refs:
             raise InvalidRequest("a mask needs a source image to apply to", field="mask")
+        if spec.callback_uri:
+            if self._callbacks is None:
+                raise InvalidRequest("callbacks are not enabled here", field="callback_uri")
+            await self._callbacks.check_callback(spec.callback_uri)
+        if self._moderation is not None:
+            # After validation, before limits, credits, source fetches or any job row: a
+            # blocked text costs nothing and counts against no limit (IMG_011/IMG_012).
+            await self._moderation.check(
+                identity,
+                spec_texts(spec),
+                moderation_purpose or (Purpose.EDIT if edit else Purpose.GENERATE),
+            )
         limits = self._settings.plans.limits_for(identity.plan)
-        stored: tuple[EditSource, ...] = ()
+        generation_id = str(uuid.uuid4())
+        stored = ResolvedSources((), None, ())
         if source_refs:
             # Limits and credits come before any work; fetching sources is work, so a
             # request that would be refused is refused first.
             await self._precheck(identity.user_id, request_id, limits, self._price(spec, edit=True))
             stored = await self._sources.resolve(
-                identity, (*source_refs, *((mask_ref,) if mask_ref else ()))
+                identity,
+                source_refs,
+                mask_ref,
+                generation_id=generation_id,
+                prompt=spec.prompt,
+                rerun=rerun,
             )
-            sources, mask = (stored[:-1], stored[-1]) if mask_ref else (stored, None)
-            spec = dataclasses.replace(spec, sources=sources, mask=mask)
+            spec = dataclasses.replace(spec, sources=stored.sources, mask=stored.mask)
             if not size_given:
-                first = sources[0]
+                first = stored.sources[0]
                 spec = dataclasses.replace(
                     spec,
                     size=_fit(Size(first.width, first.height), self._settings.max_pixels),
@@ -144,7 +229,7 @@ class SubmissionService:
                 )
         provider_id = spec.provider or self._catalogue.default_provider
         job = NewGeneration(
-            id=str(uuid.uuid4()),
+            id=generation_id,
             user_id=identity.user_id,
             sub_account=identity.sub_account,
             request_id=request_id,
@@ -154,14 +239,16 @@ class SubmissionService:
             extra_spec={"trace_context": _current_trace_context(), "plan": identity.plan},
         )
         try:
-            generation, created = await self._create(job, limits)
+            generation, created = await self._create(job, limits, stored.new_uploads)
         except BaseException:
             await self._sources.discard(stored)
             raise
         if not created:
-            # The earlier job with this request_id has its own copies of the sources.
+            # The earlier job with this request_id has its own uploads of the sources.
             await self._sources.discard(stored)
-            return generation
+            if self._presenter is not None:
+                generation = await self._presenter.present(identity.user_id, generation)
+            return Submitted(generation, created=False)
         self._signals.job_queued()
         self._signals.job_changed(generation.id)
         log.info(
@@ -177,16 +264,30 @@ class SubmissionService:
                 "source": spec.source.value,
             },
         )
-        return generation
+        return Submitted(generation, created=True)
 
     async def rerun(
         self, identity: Identity, generation_id: str, request_id: str = ""
     ) -> Generation:
-        """A new job with the settings of one of the caller's jobs."""
+        """A new job with the settings of one of the caller's jobs; an edit runs again on
+        the same library images (IMG_003 naming one that was purged since), and a size
+        the edit took from its source is taken from it again, not checked as asked."""
         original = await self._db.generations.get(identity.user_id, generation_id)
         if original is None:
             raise NotFound(f"generation {generation_id!r} not found")
-        return await self.submit(identity, original.spec, request_id)
+        spec = original.spec
+        source_refs = tuple(_ref_of(s) for s in spec.sources)
+        mask_ref = _ref_of(spec.mask) if spec.mask else None
+        submitted = await self.submit_job(
+            identity,
+            dataclasses.replace(spec, sources=(), mask=None, size_from_source=False),
+            request_id,
+            source_refs=source_refs,
+            mask_ref=mask_ref,
+            size_given=not spec.size_from_source,
+            rerun=True,
+        )
+        return submitted.generation
 
     def quote(
         self,
@@ -211,7 +312,9 @@ class SubmissionService:
         size_given: bool = True,
     ) -> Provider:
         """Check every field against its limit and the provider's capabilities; raises
-        InvalidRequest naming the field. Returns the provider that would serve it."""
+        InvalidRequest naming the field, or ProviderNotConfigured when the provider has
+        no credentials here and no configured fallback can take the request. Returns the
+        provider that would serve it first."""
         check_prompt(spec.prompt)
         check_negative_prompt(spec.negative_prompt)
         if size_given:
@@ -253,6 +356,16 @@ class SubmissionService:
                 mask=placeholder if has_mask else None,
             )
         )
+        if (
+            not provider.configured
+            and not self._catalogue.call_order(spec, provider, edit=edit, has_mask=has_mask)[1:]
+        ):
+            raise ProviderNotConfigured(
+                f"provider {provider_id!r} is not configured on this deployment and no "
+                "configured fallback can take this request; choose one that ListProviders "
+                "shows",
+                metadata={"provider": provider_id},
+            )
         return provider
 
     def _price(self, spec: GenerationSpec, *, edit: bool = False) -> int:
@@ -264,23 +377,29 @@ class SubmissionService:
     async def _precheck(
         self, user_id: str, request_id: str, limits: PlanLimits, credits: int
     ) -> None:
-        """The plan-limit and credit decisions of `_create`, read-only and without the
-        lock: lets expensive work before a submit (fetching source URLs) be skipped for a
-        request that would be refused anyway. `_create` still decides."""
+        """The plan-limit, credit and storage decisions of `_create`, read-only and
+        without the lock: lets expensive work before a submit (fetching source URLs) be
+        skipped for a request that would be refused anyway. `_create` still decides."""
         now = datetime.now(UTC)
-        # One connection for the three reads; nothing is written, so nothing is committed.
+        # One connection for the reads; nothing is written, so nothing is committed.
         async with self._db.unit_of_work() as uow:
             if request_id and await uow.generations.request_id_taken(user_id, request_id):
                 return  # a retry: `_create` answers with the job it already made
-            check_request_limits(await uow.generations.request_counts(user_id), limits)
-            facts = await uow.credits.facts(user_id, now)
-            check_affordable(facts, credits, limits.monthly_credits, now)
+            counts = await uow.generations.request_counts(user_id, counted_up_to(limits))
+            check_request_limits(counts, limits)
+            facts = await uow.credits.facts(user_id)
+            check_affordable(open_period(facts, limits.monthly_credits, now).after, credits, now)
+            if limits.storage_bytes is not None:
+                check_storage_room(limits.storage_bytes, await uow.images.storage_used(user_id))
 
-    async def _create(self, job: NewGeneration, limits: PlanLimits) -> tuple[Generation, bool]:
-        """Store a queued job with its QUEUED event and its credit reservation, within the
-        user's plan limits; an existing job for the same request_id is returned instead
-        (created=False), or IMG_009 if its parameters differ. One transaction under the
-        user's advisory lock, so every replica counts the same limits and balance."""
+    async def _create(
+        self, job: NewGeneration, limits: PlanLimits, uploads: tuple[StoredImage, ...]
+    ) -> tuple[Generation, bool]:
+        """Store a queued job with the rows of its new uploads, its QUEUED event and its
+        credit reservation, within the user's plan limits; an existing job for the same
+        request_id is returned instead (created=False), or IMG_009 if its parameters
+        differ. One transaction under the user's advisory lock, so every replica counts
+        the same limits and balance."""
         async with self._db.unit_of_work() as uow:
             await uow.generations.lock_user(job.user_id)
             if job.request_id:
@@ -296,17 +415,38 @@ class SubmissionService:
                         )
                     await uow.commit()  # keeps the forgetting of expired request ids
                     return past.generation, False
-            check_request_limits(await uow.generations.request_counts(job.user_id), limits)
+            counts = await uow.generations.request_counts(job.user_id, counted_up_to(limits))
+            check_request_limits(counts, limits)
             now = datetime.now(UTC)
-            await uow.credits.ensure_allowance(job.user_id, limits.monthly_credits, now)
+            facts = await uow.credits.open_period(job.user_id, limits.monthly_credits, now)
+            reservation = plan_reservation(facts, job.credits, now)
+            if limits.storage_bytes is not None:
+                # A user at the quota gets no job; the exact decision for each image is
+                # made when it is recorded (pipeline.py). New uploads are stored here, so
+                # they are decided here, against the locked counter as images are.
+                if uploads:
+                    used = await uow.images.lock_storage_used(job.user_id)
+                    check_storage_quota(
+                        limits.storage_bytes, used, sum(u.size_bytes for u in uploads)
+                    )
+                else:
+                    used = await uow.images.storage_used(job.user_id)
+                check_storage_room(limits.storage_bytes, used)
             generation = await uow.generations.insert(job)
-            reservation = plan_reservation(
-                await uow.credits.facts(job.user_id, now), job.credits, now
-            )
+            for upload in uploads:
+                await uow.images.insert(upload)
             await uow.credits.reserve(job.user_id, job.id, reservation)
             await uow.generations.announce_queued(job.id)
             await uow.commit()
             return generation, True
+
+
+def _ref_of(source: EditSource) -> SourceRef:
+    """How a rerun names a stored job's source again: as the library image it is, or by
+    its blob for a source stored before sources were kept as library images."""
+    if source.image_id:
+        return SourceRef("image", image_id=source.image_id)
+    return SourceRef("stored", storage_key=source.storage_key)
 
 
 def _fit(size: Size, max_pixels: int) -> Size:

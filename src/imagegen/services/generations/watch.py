@@ -128,12 +128,14 @@ class GenerationWatch:
                     range(last + 1, last + 1 + len(fresh))
                 ):
                     stale = True  # some were appended without reaching this feed
+                read_nothing = False
                 if (must_read or stale) and not finished:
                     page = await self._db.generations.read_log(generation.id, last)
                     events = page.events
                     # A full page may have more behind it.
                     must_read = page.full
                     finished = not events and page.state.terminal
+                    read_nothing = not events
                 else:
                     events = fresh
                 for event in events:
@@ -145,6 +147,12 @@ class GenerationWatch:
                     # Watched from past the terminal event: nothing more will come.
                     return
                 if self._draining and not self._runs_here(generation.id):
+                    # The job may have ended here while the events above were being
+                    # sent (its last events are stored before it leaves `runs_here`):
+                    # only a read that finds nothing new sends the watcher elsewhere.
+                    if not read_nothing:
+                        must_read = True
+                        continue
                     raise ShuttingDown(
                         "this replica is shutting down; watch again with after_sequence="
                         f"{last} and another replica will follow the job",
@@ -154,7 +162,8 @@ class GenerationWatch:
                     await feed.changed.wait()
 
     async def _with_image(self, event: GenerationEvent) -> GenerationEvent:
-        """An IMAGE_READY event with its image and a fresh URL; others as they are."""
+        """An IMAGE_READY event with its image as it now stands: a fresh URL, or none
+        once it is soft-deleted, and no image at all once it is purged. Others as they are."""
         if event.type is not EventType.IMAGE_READY:
             return event
         image = event.image
@@ -162,6 +171,8 @@ class GenerationWatch:
             image = await self._db.images.get_by_id(event.extra.get("image_id", ""))
             if image is None:
                 return event
+        if image.deleted:
+            return dataclasses.replace(event, image=image)
         return dataclasses.replace(
             event, image=await with_signed_url(self._blobs, image, self._url_ttl)
         )

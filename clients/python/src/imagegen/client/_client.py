@@ -11,7 +11,13 @@ from typing import Any
 
 import grpc
 
-from imagegen.v1 import common_pb2, generation_pb2, generation_pb2_grpc
+from imagegen.v1 import (
+    common_pb2,
+    generation_pb2,
+    generation_pb2_grpc,
+    prompts_pb2,
+    prompts_pb2_grpc,
+)
 
 #: gRPC channel options for every client channel: never route through a proxy.
 CHANNEL_OPTIONS = (("grpc.enable_http_proxy", 0),)
@@ -55,6 +61,53 @@ class GenerationResult:
 
 ProgressHandler = Callable[[generation_pb2.GenerationEvent], None]
 
+#: A style preset by name ("cinematic", "digital_art"; "" for none) or by its enum value.
+StyleArg = str | int
+
+_SUGGESTION_SOURCES = {
+    prompts_pb2.SUGGESTION_SOURCE_HISTORY: "history",
+    prompts_pb2.SUGGESTION_SOURCE_TEMPLATE: "template",
+    prompts_pb2.SUGGESTION_SOURCE_PHRASE: "phrase",
+}
+
+
+@dataclass(frozen=True)
+class PromptSuggestion:
+    """One completion of a caller's text, from `suggest_prompts`."""
+
+    text: str
+    #: "history" (one of the caller's own prompts), "template" or "phrase" (built in)
+    source: str
+    #: for a template suggestion, the template, `templates/{id}`; else ""
+    template: str
+    #: higher is better; comparable only within one answer
+    score: float
+
+
+@dataclass(frozen=True)
+class EnhancedPrompt:
+    """A richer prompt and a proposed negative prompt, from `enhance_prompt`."""
+
+    prompt: str
+    negative_prompt: str
+    #: "local" for the built-in enhancer, else the deployment's chat model
+    enhancer: str
+    #: credits charged for it
+    credits: int
+
+
+def _enum_value(value: str | int, enum: Any, prefix: str, what: str) -> int:
+    """An enum value from its lowercase name without the prefix, or as given."""
+    if isinstance(value, int):
+        return value
+    if not value:
+        return 0
+    try:
+        return int(enum.Value(prefix + value.upper()))
+    except ValueError:
+        names = ", ".join(n.removeprefix(prefix).lower() for n in enum.keys()[1:])
+        raise ValueError(f"{what} {value!r} is not known; use one of {names}") from None
+
 
 class ImageGenClient:
     """Async client for agents and workflows.
@@ -87,6 +140,11 @@ class ImageGenClient:
     def _open(self, index: int) -> grpc.aio.Channel:
         self._current = index % len(self._addresses)
         return grpc.aio.insecure_channel(self._addresses[self._current], options=CHANNEL_OPTIONS)
+
+    @property
+    def prompts(self) -> Any:
+        """The raw PromptAssistantService stub on the current channel."""
+        return prompts_pb2_grpc.PromptAssistantServiceStub(self._channel)
 
     @property
     def generations(self) -> Any:
@@ -190,6 +248,67 @@ class ImageGenClient:
                 raise TimeoutError(f"{generation} did not finish before the deadline")
             await self._next_replica(attempt)
             attempt += 1
+
+    async def suggest_prompts(
+        self, text: str, *, style: StyleArg = "", limit: int = 0
+    ) -> list[PromptSuggestion]:
+        """Ranked completions of `text` (best first, at most `limit`; 0 for 10) from the
+        caller's own prompts, the templates they can see and built-in phrases. A read:
+        after UNAVAILABLE it is asked again on the next address, within the client's
+        timeout. Raises ValueError for an unknown style name, grpc.aio.AioRpcError
+        (IMG_003) for a text over 4000 characters or a limit outside 0 to 50."""
+        request = prompts_pb2.SuggestPromptsRequest(
+            text=text,
+            style=_enum_value(style, common_pb2.Style, "STYLE_", "style"),  # type: ignore[arg-type]
+            limit=limit,
+        )
+        deadline = time.monotonic() + self._timeout
+        attempt = 0
+        while True:
+            try:
+                reply = await self.prompts.SuggestPrompts(
+                    request, metadata=self._metadata, timeout=_left(deadline)
+                )
+                break
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in _RETRYABLE or _left(deadline) <= 0:
+                    raise
+                await self._next_replica(attempt)
+                attempt += 1
+        return [
+            PromptSuggestion(
+                text=s.text,
+                source=_SUGGESTION_SOURCES.get(s.source, "unspecified"),
+                template=s.template,
+                score=s.score,
+            )
+            for s in reply.suggestions
+        ]
+
+    async def enhance_prompt(
+        self, prompt: str, *, style: StyleArg = "", source: str | int = ""
+    ) -> EnhancedPrompt:
+        """A richer version of `prompt` for `style`, and a negative prompt, from the
+        deployment's chat model or its local enhancer; `source` ("api", "ui", "workflow",
+        "agent") is recorded with its usage. Asked once (it may be charged): errors are
+        grpc.aio.AioRpcError, IMG_003 for an empty or over-long prompt, IMG_002
+        (UNAVAILABLE) when the chat model fails, IMG_011 when moderation blocks it."""
+        request = prompts_pb2.EnhancePromptRequest(
+            prompt=prompt,
+            style=_enum_value(style, common_pb2.Style, "STYLE_", "style"),  # type: ignore[arg-type]
+            source=_enum_value(  # type: ignore[arg-type]
+                source, common_pb2.GenerationSource, "GENERATION_SOURCE_", "source"
+            ),
+        )
+        reply = await self.prompts.EnhancePrompt(
+            request, metadata=self._metadata, timeout=self._timeout
+        )
+        return EnhancedPrompt(
+            prompt=reply.prompt,
+            negative_prompt=reply.negative_prompt,
+            enhancer=reply.enhancer,
+            credits=reply.credits,
+        )
 
     async def generate(
         self,
