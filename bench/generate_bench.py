@@ -36,6 +36,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -454,6 +455,7 @@ async def main() -> None:
     await embedded.stop()
     fakes.terminate()
     fakes.wait(timeout=30)
+    shutil.rmtree(tmp, ignore_errors=True)
     load_after = os.getloadavg()
 
     print(

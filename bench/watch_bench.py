@@ -28,6 +28,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -289,6 +290,7 @@ async def main() -> None:
     await admin.close()
     await embedded.stop()
     await forge.cleanup()
+    shutil.rmtree(tmp, ignore_errors=True)
     load_after = os.getloadavg()
 
     print(
