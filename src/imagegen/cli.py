@@ -254,6 +254,11 @@ def _serve(settings: Settings) -> int:
         # Taken between the check above and the bind; what had started is stopped.
         print(f"imagegen: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:
+        # A setting that only the database can judge (the pool size against its
+        # max_connections); what had started is stopped.
+        print(f"imagegen: configuration error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -176,11 +176,19 @@ SETTINGS: tuple[SettingDoc, ...] = (
         "CPU effort (0-6) of WebP encoding; higher is smaller and slower.",
     ),
     SettingDoc("IMAGEGEN_WORKERS", "4", "Jobs one process runs at once."),
+    SettingDoc(
+        "IMAGEGEN_DB_POOL_SIZE",
+        "16",
+        "Most PostgreSQL connections one process opens (plus one for LISTEN); workers and "
+        "RPCs share them. A process that would exceed the server's `max_connections` "
+        "refuses to start.",
+    ),
     SettingDoc("IMAGEGEN_LEASE", "30", "Seconds a worker's claim on a job lasts without renewal."),
     SettingDoc("IMAGEGEN_MAX_ATTEMPTS", "3", "Times a job is started before it is failed."),
     SettingDoc("IMAGEGEN_PRICING_FILE", "(built-in table)", "JSON price table in credits."),
     SettingDoc("IMAGEGEN_PLANS_FILE", "(built-in table)",
-               "JSON plan limits: requests per hour and day, concurrent generations."),
+               "JSON plan limits: requests per hour and day, concurrent generations, "
+               "open streams."),
     SettingDoc("IMAGEGEN_REQUEST_ID_TTL", "86400", "Seconds a request_id is remembered."),
     SettingDoc("IMAGEGEN_PROVIDER_TIMEOUT", "120", "Seconds one provider call may take."),
     SettingDoc(
@@ -427,6 +435,7 @@ class Settings:
     webp_quality: int
     webp_effort: int
     workers: int
+    db_pool_size: int
     lease: timedelta
     max_attempts: int
     pricing_file: Path | None
@@ -552,6 +561,7 @@ class Settings:
             webp_quality=reader.integer("IMAGEGEN_WEBP_QUALITY", 90, minimum=1, maximum=100),
             webp_effort=reader.integer("IMAGEGEN_WEBP_EFFORT", 4, minimum=0, maximum=6),
             workers=reader.integer("IMAGEGEN_WORKERS", 4, minimum=1),
+            db_pool_size=reader.integer("IMAGEGEN_DB_POOL_SIZE", 16, minimum=2),
             lease=reader.seconds("IMAGEGEN_LEASE", 30),
             max_attempts=reader.integer("IMAGEGEN_MAX_ATTEMPTS", 3, minimum=1),
             pricing_file=_path_or_none(reader.optional("IMAGEGEN_PRICING_FILE")),

@@ -41,7 +41,7 @@ from imagegen.api.prompts import PromptAssistantServicer
 from imagegen.api.templates import PromptTemplateServicer
 from imagegen.api.usage import UsageServicer
 from imagegen.api.webhooks import render_payload
-from imagegen.config import ModerationSettings, Settings
+from imagegen.config import ConfigError, ModerationSettings, Settings
 from imagegen.domain.errors import Unauthenticated
 from imagegen.domain.moderation import ModerationPolicyTable
 from imagegen.domain.moderation_rules import RuleSet, readings
@@ -66,7 +66,7 @@ from imagegen.providers.openai_moderation import OpenAIModerator
 from imagegen.providers.resilience import ResilientProvider
 from imagegen.providers.rules_moderation import RulesModerator
 from imagegen.providers.sdwebui import SDWebUIProvider
-from imagegen.repositories.db import open_pool
+from imagegen.repositories.db import BackendPids, connection_slots, open_pool
 from imagegen.repositories.images import LibraryQueries
 from imagegen.repositories.migrator import apply_migrations
 from imagegen.repositories.moderation import ModerationRepository
@@ -191,10 +191,17 @@ class Server:
                 stack.push_async_callback(embedded.stop)
                 dsn = embedded.dsn
             await apply_migrations(dsn)
+            # Workers and RPCs share one bounded pool: a statement holds a connection only
+            # while it runs, so the worker count never decides how many connections we open.
+            backend_pids = BackendPids()
             pool = await open_pool(
-                dsn, max_size=max(10, settings.workers * 3), tracer=telemetry.tracer
+                dsn,
+                max_size=settings.db_pool_size,
+                tracer=telemetry.tracer,
+                backend_pids=backend_pids,
             )
             stack.push_async_callback(pool.close)
+            await check_connection_budget(pool, settings.db_pool_size)
 
             local_store: LocalBlobStore | None = None
             blobs: BlobStore
@@ -240,7 +247,7 @@ class Server:
             stack.push_async_callback(fetcher.aclose)
 
             signals = JobSignals()
-            listener = NotificationListener(dsn, signals)
+            listener = NotificationListener(dsn, signals, own_pids=backend_pids)
             await listener.start()
             stack.push_async_callback(listener.stop)
 
@@ -312,6 +319,7 @@ class Server:
                 db=database,
                 blobs=blobs,
                 signals=signals,
+                plans=plans,
                 runs_here=pipeline.runs_here,
                 url_ttl=settings.url_ttl,
             )
@@ -321,6 +329,7 @@ class Server:
                 signals,
                 workers=settings.workers,
                 lease=settings.lease,
+                max_attempts=settings.max_attempts,
             )
 
             verifier = TokenVerifier(
@@ -672,6 +681,19 @@ def receive_limit(max_input_bytes: int) -> int:
     request, so such a source reaches our own check and is refused as IMG_007 with an
     ErrorInfo; only a message far beyond it is refused by the transport."""
     return max_input_bytes * 4 // 3 + 1024 * 1024
+
+
+async def check_connection_budget(pool: asyncpg.Pool, pool_size: int) -> None:
+    """Refuse to start a process whose pool (and listener connection) alone could take
+    more connections than the database lets ordinary roles open."""
+    max_connections, usable = await connection_slots(pool)
+    if pool_size + 1 > usable:
+        raise ConfigError(
+            f"IMAGEGEN_DB_POOL_SIZE={pool_size} plus the listener connection exceeds the "
+            f"{usable} connections the database allows (max_connections={max_connections} "
+            "less its reserved slots); lower IMAGEGEN_DB_POOL_SIZE (workers share the pool, "
+            "so IMAGEGEN_WORKERS does not need more connections) or raise max_connections"
+        )
 
 
 def public_url_notice(host: str, public_url: str | None, http_port: int) -> str | None:

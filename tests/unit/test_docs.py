@@ -30,8 +30,15 @@ def number(cell: str) -> int | None:
 
 def test_the_plan_table_is_the_default_one() -> None:
     documented = {
-        name: (number(hour), number(day), number(concurrent), number(stored), number(credits))
-        for name, hour, day, concurrent, stored, credits in table_rows("Plans")
+        name: (
+            number(hour),
+            number(day),
+            number(concurrent),
+            number(stored),
+            number(credits),
+            number(streams),
+        )
+        for name, hour, day, concurrent, stored, credits, streams in table_rows("Plans")
     }
     expected = {
         name: (
@@ -40,6 +47,7 @@ def test_the_plan_table_is_the_default_one() -> None:
             limits.concurrent,
             None if limits.storage_bytes is None else limits.storage_bytes // MB,
             limits.monthly_credits,
+            limits.max_streams,
         )
         for name, limits in PlanTable.default().plans.items()
     }

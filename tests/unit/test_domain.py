@@ -125,10 +125,17 @@ def test_plan_table_defaults_and_file() -> None:
     from imagegen.domain.plans import PlanLimits, PlanTable
 
     table = PlanTable.default()
-    assert table.limits_for("free") == PlanLimits(10, 50, 1, 500_000_000, monthly_credits=50)
+    assert table.limits_for("free") == PlanLimits(
+        10, 50, 1, 500_000_000, monthly_credits=50, max_streams=10
+    )
     assert table.limits_for("enterprise").concurrent == 10
     assert table.limits_for("unknown-plan") == table.limits_for("free")
     custom = PlanTable.from_json(
         '{"plans": {"free": {"requests_per_hour": 3, "requests_per_day": null, "concurrent": 2}}}'
     )
+    # A plans file that names no max_streams leaves streams uncapped, as any missing cap.
     assert custom.limits_for("free") == PlanLimits(3, None, 2)
+    streams = PlanTable.from_json('{"plans": {"pro": {"max_streams": 7}}}')
+    assert streams.limits_for("pro").max_streams == 7
+    # No plan configured for an unknown one: the most restrictive, no streams at all.
+    assert streams.limits_for("unknown-plan").max_streams == 0

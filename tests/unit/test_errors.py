@@ -63,6 +63,7 @@ CASES: list[tuple[domain.ImageGenError, grpc.StatusCode, str]] = [
     (domain.Unauthenticated("no token"), grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"),
     (domain.Cancelled("cancelled"), grpc.StatusCode.CANCELLED, "CANCELLED"),
     (domain.ShuttingDown("draining"), grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN"),
+    (domain.StreamLimit("too many"), grpc.StatusCode.RESOURCE_EXHAUSTED, "STREAM_LIMIT"),
 ]
 
 
@@ -160,6 +161,12 @@ def test_retryable_provider_failure_with_retry_after_carries_retry_info() -> Non
     retry = details_of(rich_status(exc)[2])["RetryInfo"]
     assert isinstance(retry, error_details_pb2.RetryInfo)
     assert retry.retry_delay.seconds == 5
+
+
+def test_stream_limit_carries_retry_info() -> None:
+    retry = details_of(rich_status(domain.StreamLimit("10 open"))[2])["RetryInfo"]
+    assert isinstance(retry, error_details_pb2.RetryInfo)
+    assert retry.retry_delay.ToTimedelta() == timedelta(seconds=5)
 
 
 def test_blocked_content_names_categories_and_has_no_retry_info() -> None:

@@ -140,7 +140,8 @@ class ImageGenerationServiceServicer:
         Refusals before a job exists come as a non-OK status at once, and leave no job,
         no charge and no rate-limit slot behind: INVALID_ARGUMENT (IMG_003, IMG_007),
         RESOURCE_EXHAUSTED (IMG_005; IMG_008 when the caller's storage is already full;
-        STREAM_LIMIT when the caller has their plan's maximum of open streams),
+        STREAM_LIMIT, with RetryInfo, when the caller already has their plan's maximum
+        of open streams on the replica that answers, counted as for WatchGeneration),
         FAILED_PRECONDITION (IMG_001 when the chosen provider is not configured here and
         no fallback can serve it, IMG_006, IMG_009), UNAUTHENTICATED.
         A job that fails sends its FAILED event and then ends with that error's status.
@@ -166,6 +167,9 @@ class ImageGenerationServiceServicer:
         when this replica shuts down: watch again, from the last sequence seen.
         RESOURCE_EXHAUSTED (STREAM_LIMIT, with RetryInfo) when the caller already has
         their plan's maximum of open streams (GenerateImage and WatchGeneration count).
+        Each replica counts the streams open on it (no shared count to keep or clean up
+        after a replica dies), so behind R replicas a caller may hold up to R times the
+        plan's `max_streams`. An open stream whose job is quiet costs the database nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -46,7 +46,8 @@ class ImageGenerationServiceStub:
     Refusals before a job exists come as a non-OK status at once, and leave no job,
     no charge and no rate-limit slot behind: INVALID_ARGUMENT (IMG_003, IMG_007),
     RESOURCE_EXHAUSTED (IMG_005; IMG_008 when the caller's storage is already full;
-    STREAM_LIMIT when the caller has their plan's maximum of open streams),
+    STREAM_LIMIT, with RetryInfo, when the caller already has their plan's maximum
+    of open streams on the replica that answers, counted as for WatchGeneration),
     FAILED_PRECONDITION (IMG_001 when the chosen provider is not configured here and
     no fallback can serve it, IMG_006, IMG_009), UNAUTHENTICATED.
     A job that fails sends its FAILED event and then ends with that error's status.
@@ -64,6 +65,9 @@ class ImageGenerationServiceStub:
     when this replica shuts down: watch again, from the last sequence seen.
     RESOURCE_EXHAUSTED (STREAM_LIMIT, with RetryInfo) when the caller already has
     their plan's maximum of open streams (GenerateImage and WatchGeneration count).
+    Each replica counts the streams open on it (no shared count to keep or clean up
+    after a replica dies), so behind R replicas a caller may hold up to R times the
+    plan's `max_streams`. An open stream whose job is quiet costs the database nothing.
     """
     GetGeneration: _grpc.UnaryUnaryMultiCallable[_generation_pb2.GetGenerationRequest, _generation_pb2.GetGenerationResponse]
     """Returns one of the caller's jobs. NOT_FOUND if it is not the caller's."""
@@ -154,7 +158,8 @@ class ImageGenerationServiceAsyncStub(ImageGenerationServiceStub):
     Refusals before a job exists come as a non-OK status at once, and leave no job,
     no charge and no rate-limit slot behind: INVALID_ARGUMENT (IMG_003, IMG_007),
     RESOURCE_EXHAUSTED (IMG_005; IMG_008 when the caller's storage is already full;
-    STREAM_LIMIT when the caller has their plan's maximum of open streams),
+    STREAM_LIMIT, with RetryInfo, when the caller already has their plan's maximum
+    of open streams on the replica that answers, counted as for WatchGeneration),
     FAILED_PRECONDITION (IMG_001 when the chosen provider is not configured here and
     no fallback can serve it, IMG_006, IMG_009), UNAUTHENTICATED.
     A job that fails sends its FAILED event and then ends with that error's status.
@@ -172,6 +177,9 @@ class ImageGenerationServiceAsyncStub(ImageGenerationServiceStub):
     when this replica shuts down: watch again, from the last sequence seen.
     RESOURCE_EXHAUSTED (STREAM_LIMIT, with RetryInfo) when the caller already has
     their plan's maximum of open streams (GenerateImage and WatchGeneration count).
+    Each replica counts the streams open on it (no shared count to keep or clean up
+    after a replica dies), so behind R replicas a caller may hold up to R times the
+    plan's `max_streams`. An open stream whose job is quiet costs the database nothing.
     """
     GetGeneration: _aio.UnaryUnaryMultiCallable[_generation_pb2.GetGenerationRequest, _generation_pb2.GetGenerationResponse]  # type: ignore[assignment]
     """Returns one of the caller's jobs. NOT_FOUND if it is not the caller's."""
@@ -265,7 +273,8 @@ class ImageGenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         Refusals before a job exists come as a non-OK status at once, and leave no job,
         no charge and no rate-limit slot behind: INVALID_ARGUMENT (IMG_003, IMG_007),
         RESOURCE_EXHAUSTED (IMG_005; IMG_008 when the caller's storage is already full;
-        STREAM_LIMIT when the caller has their plan's maximum of open streams),
+        STREAM_LIMIT, with RetryInfo, when the caller already has their plan's maximum
+        of open streams on the replica that answers, counted as for WatchGeneration),
         FAILED_PRECONDITION (IMG_001 when the chosen provider is not configured here and
         no fallback can serve it, IMG_006, IMG_009), UNAUTHENTICATED.
         A job that fails sends its FAILED event and then ends with that error's status.
@@ -295,6 +304,9 @@ class ImageGenerationServiceServicer(metaclass=_abc_1.ABCMeta):
         when this replica shuts down: watch again, from the last sequence seen.
         RESOURCE_EXHAUSTED (STREAM_LIMIT, with RetryInfo) when the caller already has
         their plan's maximum of open streams (GenerateImage and WatchGeneration count).
+        Each replica counts the streams open on it (no shared count to keep or clean up
+        after a replica dies), so behind R replicas a caller may hold up to R times the
+        plan's `max_streams`. An open stream whose job is quiet costs the database nothing.
         """
 
     @_abc_1.abstractmethod

@@ -87,6 +87,7 @@ STATUS_TABLE: dict[type[domain.ImageGenError], _StatusFor] = {
     domain.Unauthenticated: _fixed(grpc.StatusCode.UNAUTHENTICATED),
     domain.Cancelled: _fixed(grpc.StatusCode.CANCELLED),
     domain.ShuttingDown: _fixed(grpc.StatusCode.UNAVAILABLE),
+    domain.StreamLimit: _fixed(grpc.StatusCode.RESOURCE_EXHAUSTED),
 }
 
 

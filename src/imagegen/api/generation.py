@@ -79,14 +79,16 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         ],
     ) -> AsyncIterator[generation_pb2.GenerateImageResponse]:
         caller = identity()
-        generation = await self._submit(caller, request.spec, request.request_id)
-        async for event in self._watch.watch(caller, generation.id):
-            yield generation_pb2.GenerateImageResponse(
-                event=convert.event_to_proto(event, self._url_ttl)
-            )
-            if event.type is EventType.FAILED:
-                # The caller that waits learns of the failure as a status too.
-                raise error_from_code(event.error_code, event.error_message, event.retryable)
+        # The stream's slot is taken before the submit: a refused stream leaves no job.
+        with self._watch.stream_slot(caller):
+            generation = await self._submit(caller, request.spec, request.request_id)
+            async for event in self._watch.follow(generation):
+                yield generation_pb2.GenerateImageResponse(
+                    event=convert.event_to_proto(event, self._url_ttl)
+                )
+                if event.type is EventType.FAILED:
+                    # The caller that waits learns of the failure as a status too.
+                    raise error_from_code(event.error_code, event.error_message, event.retryable)
 
     async def SubmitGeneration(
         self,
@@ -111,10 +113,11 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
     ) -> AsyncIterator[generation_pb2.WatchGenerationResponse]:
         caller = identity()
         generation_id = convert.generation_id_from_name(request.name)
-        async for event in self._watch.watch(caller, generation_id, request.after_sequence):
-            yield generation_pb2.WatchGenerationResponse(
-                event=convert.event_to_proto(event, self._url_ttl)
-            )
+        with self._watch.stream_slot(caller):
+            async for event in self._watch.watch(caller, generation_id, request.after_sequence):
+                yield generation_pb2.WatchGenerationResponse(
+                    event=convert.event_to_proto(event, self._url_ttl)
+                )
 
     async def GetGeneration(
         self,

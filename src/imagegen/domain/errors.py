@@ -19,7 +19,9 @@
     ├── NotFound                   (no code) the resource does not exist for this caller
     ├── PermissionDenied           (no code) visible but not changeable by this caller
     ├── Unauthenticated            (no code) missing or bad credentials
-    └── Cancelled                  (no code) the job was cancelled
+    ├── Cancelled                  (no code) the job was cancelled
+    ├── ShuttingDown               (no code) this replica is draining
+    └── StreamLimit                (no code) the plan's maximum of open streams is reached
 
 Adapters translate foreign errors (httpx, botocore, asyncpg) into these; `api/`
 translates these into gRPC status in one table.
@@ -205,3 +207,21 @@ class ShuttingDown(ImageGenError):
     """This replica is draining; the caller should retry on another one."""
 
     retryable = True
+
+
+class StreamLimit(ImageGenError):
+    """The caller already has their plan's maximum of open streams (GenerateImage and
+    WatchGeneration); one ending frees a slot (carries retry_after: streams end when
+    their jobs do, for most jobs seconds away)."""
+
+    retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: timedelta = timedelta(seconds=5),
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+        self.retry_after = retry_after

@@ -20,6 +20,8 @@ class PlanLimits:
     storage_bytes: int | None = None
     #: credits granted at the start of each monthly period; unused ones expire
     monthly_credits: int = 0
+    #: GenerateImage and WatchGeneration streams open at once, counted per replica
+    max_streams: int | None = None
 
 
 @dataclass(frozen=True)
@@ -33,10 +35,14 @@ class PlanTable:
         # The table in docs/plans-and-prices.md (tests/unit/test_docs.py keeps them equal).
         return cls(
             {
-                "free": PlanLimits(10, 50, 1, 500 * MB, monthly_credits=50),
-                "basic": PlanLimits(50, 500, 2, 5_000 * MB, monthly_credits=500),
-                "pro": PlanLimits(200, 2000, 5, 50_000 * MB, monthly_credits=2000),
-                "enterprise": PlanLimits(None, None, 10, None, monthly_credits=20000),
+                "free": PlanLimits(10, 50, 1, 500 * MB, monthly_credits=50, max_streams=10),
+                "basic": PlanLimits(50, 500, 2, 5_000 * MB, monthly_credits=500, max_streams=20),
+                "pro": PlanLimits(
+                    200, 2000, 5, 50_000 * MB, monthly_credits=2000, max_streams=50
+                ),
+                "enterprise": PlanLimits(
+                    None, None, 10, None, monthly_credits=20000, max_streams=200
+                ),
             }
         )
 
@@ -55,6 +61,7 @@ class PlanTable:
                     cap(limits.get("concurrent")),
                     cap(limits.get("storage_bytes")),
                     int(limits.get("monthly_credits", 0)),
+                    cap(limits.get("max_streams")),
                 )
                 for name, limits in data["plans"].items()
             }
@@ -68,4 +75,4 @@ class PlanTable:
         """The plan's limits; an unknown plan gets the most restrictive configured one."""
         if plan in self.plans:
             return self.plans[plan]
-        return self.plans.get("free") or PlanLimits(0, 0, 0)
+        return self.plans.get("free") or PlanLimits(0, 0, 0, max_streams=0)

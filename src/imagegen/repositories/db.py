@@ -6,8 +6,9 @@ round trip, named after its query summary (`SELECT generations`, `INSERT images`
 `BEGIN`), with `db.system.name`, `db.query.text` (the parameterised SQL as written,
 never the values), `db.query.summary`, and `db.operation.name` / `db.collection.name`
 when the query names only one operation / one table. A query makes a span only as
-part of a trace that records (a job, an RPC): background polling (the claim loop,
-lease heartbeats, queue statistics) and the pool's reset on release make none.
+part of a trace that records (a job, an RPC): background work (the claim loop, lease
+heartbeats, queue statistics) makes none. The pool does not reset connections on
+release (`_keep_session`).
 
 OpenTelemetry's asyncpg instrumentation was used before; it has no hook for span
 names or attributes (it names spans after the first word: `SELECT`, `WITH`,
@@ -18,7 +19,6 @@ starts a one-span trace for every idle poll, hence this small wrapper.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import json
 import re
@@ -29,14 +29,33 @@ from typing import Any, TypeAlias
 import asyncpg
 from opentelemetry import trace
 
-#: Set while the pool resets a released connection: those statements are not traced.
-_untraced: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "imagegen_db_untraced", default=False
-)
-
 #: Where a repository sends its statements: the pool (each statement on its own, committed
 #: at once) or the connection of a unit of work (inside its transaction).
 Executor: TypeAlias = asyncpg.Pool | asyncpg.Connection
+
+
+class BackendPids:
+    """The server process ids of a pool's open connections.
+
+    A NOTIFY carries the pid of the backend that sent it; the notification listener
+    (jobs/signals.py) ignores those sent by this process's own connections, whose
+    changes were already signalled in memory. A pid leaves the set when its connection
+    closes, before PostgreSQL can give it to another client's backend."""
+
+    def __init__(self) -> None:
+        self._pids: set[int] = set()
+
+    def __contains__(self, pid: object) -> bool:
+        return pid in self._pids
+
+    def __len__(self) -> int:
+        return len(self._pids)
+
+    def track(self, conn: asyncpg.Connection) -> None:
+        """Remember `conn`'s backend pid until the connection closes (or is lost)."""
+        pid = conn.get_server_pid()
+        self._pids.add(pid)
+        conn.add_termination_listener(lambda _conn: self._pids.discard(pid))
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -44,13 +63,16 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
-async def _reset_connection(conn: asyncpg.Connection) -> None:
-    # What asyncpg's default reset runs (the pool has already ended any transaction),
-    # kept out of traces: it is bookkeeping of the pool, not work of the caller.
-    query = conn.get_reset_query()
-    if query:
-        with _no_tracing():
-            await conn.execute(query)
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset on release: nothing.
+
+    asyncpg's default reset sends `pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    RESET ALL` on every release (a round trip, four statements). Our pooled connections
+    never hold session state for it to clear: advisory locks are transaction-scoped
+    (`pg_advisory_xact_lock`, released at COMMIT or ROLLBACK), no cursor outlives its
+    transaction, nothing LISTENs on a pooled connection (the listener has its own
+    connection) and no statement changes a session setting (`SET` without `LOCAL`).
+    asyncpg still rolls back a transaction left open before it calls this."""
 
 
 async def open_pool(
@@ -59,22 +81,41 @@ async def open_pool(
     min_size: int = 1,
     max_size: int = 10,
     tracer: trace.Tracer | None = None,
+    backend_pids: BackendPids | None = None,
     **kwargs: Any,
 ) -> asyncpg.Pool:
-    """A pool whose connections speak jsonb as Python objects; the caller closes it.
-    With a tracer, its queries are spans of the traces they run in (module docstring)."""
+    """A pool whose connections speak jsonb as Python objects and are not reset on
+    release; the caller closes it. With a tracer, its queries are spans of the traces
+    they run in (module docstring); with `backend_pids`, their pids are tracked there."""
     if tracer is not None:
         kwargs.setdefault("connection_class", _traced_connection_class(tracer))
+
+    async def init(conn: asyncpg.Connection) -> None:
+        await _init_connection(conn)
+        if backend_pids is not None:
+            backend_pids.track(conn)
+
     pool: asyncpg.Pool = await asyncpg.create_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
-        init=_init_connection,
-        reset=_reset_connection,
+        init=init,
+        reset=_keep_session,
         command_timeout=30,
         **kwargs,
     )
     return pool
+
+
+async def connection_slots(pool: asyncpg.Pool) -> tuple[int, int]:
+    """The server's `max_connections`, and how many of them ordinary roles may use
+    (less the slots reserved for superusers and for `pg_use_reserved_connections`)."""
+    row = await pool.fetchrow(
+        "SELECT current_setting('max_connections')::int AS max, "
+        "current_setting('superuser_reserved_connections')::int "
+        "+ coalesce(current_setting('reserved_connections', true)::int, 0) AS reserved"
+    )
+    return int(row["max"]), int(row["max"]) - int(row["reserved"])
 
 
 @contextlib.asynccontextmanager
@@ -87,15 +128,6 @@ async def transaction(db: Executor) -> AsyncIterator[asyncpg.Connection]:
     else:
         async with db.transaction():
             yield db
-
-
-@contextlib.contextmanager
-def _no_tracing() -> Iterator[None]:
-    token = _untraced.set(True)
-    try:
-        yield
-    finally:
-        _untraced.reset(token)
 
 
 # --- spans ----------------------------------------------------------------------------------
@@ -162,7 +194,7 @@ class TracedConnection(asyncpg.Connection):  # type: ignore[misc]  # asyncpg is 
     def _start_span(self, query: str, *, batch: bool = False) -> trace.Span | None:
         # Only inside a trace that records: an unrecorded parent makes an unrecorded
         # child anyway, and a query outside any trace would start a trace of its own.
-        if _untraced.get() or not trace.get_current_span().is_recording():
+        if not trace.get_current_span().is_recording():
             return None
         summary = summarize_sql(query)
         attributes: dict[str, str] = {

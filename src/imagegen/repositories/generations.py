@@ -9,6 +9,7 @@ services/ and domain/, never here.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -33,6 +34,10 @@ from imagegen.domain.models import (
 from imagegen.domain.paging import Cursor
 from imagegen.repositories.db import Executor
 from imagegen.repositories.images import parse_id
+
+# A process ignores the NOTIFYs its own pool's connections send (jobs/signals.py): code
+# that commits a statement sending one must also signal JobSignals in memory once the
+# commit returned, or this process's own watchers and workers will not hear of it.
 
 #: NOTIFY channel that carries a generation id whenever its log grows.
 EVENTS_CHANNEL = "imagegen_generation_events"
@@ -72,6 +77,49 @@ class NewEvent:
     type: EventType
     payload: dict[str, Any]
     preview: bytes | None = None
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job a worker just claimed, with what the claim learned about it."""
+
+    generation: Generation
+    #: the STARTED event the claim appended (None for a job past its attempts)
+    started: GenerationEvent | None
+    #: batch indexes an earlier attempt already stored
+    stored_indexes: frozenset[int]
+    #: whether the owner had cancelled it before the claim
+    cancel_requested: bool
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What one claim took, and when the first lease of another worker runs out (None
+    when no job runs elsewhere)."""
+
+    jobs: tuple[ClaimedJob, ...]
+    next_lease_expiry: timedelta | None
+
+
+@dataclass(frozen=True)
+class FinishedJob:
+    """A job just moved to its terminal state: its terminal event, how many images it
+    stored and the credits they cost."""
+
+    event: GenerationEvent
+    image_count: int
+    credits: int
+
+
+@dataclass(frozen=True)
+class LogPage:
+    """Events read from a job's log, and the job's state in the same snapshot."""
+
+    events: list[GenerationEvent]
+    state: GenerationState
+    last_sequence: int
+    #: the read stopped at its limit: more events may follow
+    full: bool
 
 
 def spec_to_json(spec: GenerationSpec) -> dict[str, Any]:
@@ -263,15 +311,22 @@ class GenerationRepository:
 
     async def announce_queued(self, generation_id: str) -> None:
         """The QUEUED event (sequence 1) of a new job, and the notifications that wake
-        watchers and workers on every replica once the transaction commits."""
-        gid = uuid.UUID(generation_id)
+        watchers and workers on every replica once the transaction commits; one
+        statement."""
         await self._db.execute(
-            "INSERT INTO generation_events (generation_id, sequence, event_type, payload) "
-            "VALUES ($1, 1, 'queued', '{}'::jsonb)",
-            gid,
+            """
+            WITH queued AS (
+                INSERT INTO generation_events (generation_id, sequence, event_type, payload)
+                VALUES ($1, 1, 'queued', '{}'::jsonb)
+                RETURNING generation_id
+            )
+            SELECT pg_notify($2, $4), pg_notify($3, $4) FROM queued
+            """,
+            uuid.UUID(generation_id),
+            EVENTS_CHANNEL,
+            QUEUE_CHANNEL,
+            generation_id,
         )
-        await self._db.execute("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, str(gid))
-        await self._db.execute("SELECT pg_notify($1, $2)", QUEUE_CHANNEL, str(gid))
 
     # --- reads and worker steps ---------------------------------------------------------
 
@@ -293,32 +348,91 @@ class GenerationRepository:
         row = await self._db.fetchrow("SELECT * FROM generations WHERE id = $1", gid)
         return None if row is None else _generation_from_row(row)
 
-    async def claim(self, worker_id: str, lease: timedelta, limit: int) -> list[Generation]:
+    async def claim(
+        self, worker_id: str, lease: timedelta, limit: int, *, max_attempts: int
+    ) -> Claim:
         """Take up to `limit` queued jobs (oldest first) for this worker, or jobs whose
-        worker's lease ran out; other workers skip the rows being claimed."""
+        worker's lease ran out; other workers skip the rows being claimed. In the same
+        statement: each job's STARTED event (unless it is past `max_attempts`, which
+        the worker fails at once) with its NOTIFY, the batch indexes an earlier attempt
+        stored (soft-deleted images too: they were delivered; never the uploads it was
+        given), and when the next lease of another worker runs out."""
         rows = await self._db.fetch(
             """
-            UPDATE generations g
-               SET state = 'running',
-                   attempts = g.attempts + 1,
-                   lease_owner = $1,
-                   lease_expires_at = now() + $2::interval,
-                   started_at = coalesce(g.started_at, now()),
-                   updated_at = now()
-             WHERE g.id IN (
-                   SELECT id FROM generations
-                    WHERE state = 'queued'
-                       OR (state = 'running' AND lease_expires_at < now())
-                    ORDER BY created_at
-                    FOR UPDATE SKIP LOCKED
-                    LIMIT $3)
-            RETURNING g.*
+            WITH picked AS (
+                SELECT id FROM generations
+                 WHERE state = 'queued' OR (state = 'running' AND lease_expires_at < now())
+                 ORDER BY created_at
+                 FOR UPDATE SKIP LOCKED
+                 LIMIT $3
+            ), claimed AS (
+                UPDATE generations g
+                   SET state = 'running',
+                       attempts = g.attempts + 1,
+                       lease_owner = $1,
+                       lease_expires_at = now() + $2::interval,
+                       started_at = coalesce(g.started_at, now()),
+                       updated_at = now(),
+                       last_sequence = g.last_sequence
+                           + CASE WHEN g.attempts + 1 <= $4 THEN 1 ELSE 0 END
+                  FROM picked
+                 WHERE g.id = picked.id
+                RETURNING g.*
+            ), started AS (
+                INSERT INTO generation_events (generation_id, sequence, event_type, payload)
+                SELECT id, last_sequence, 'started', jsonb_build_object('attempt', attempts)
+                  FROM claimed
+                 WHERE attempts <= $4
+                RETURNING generation_id, sequence, payload, created_at
+            ), next_expiry AS (
+                SELECT extract(epoch FROM min(lease_expires_at) - now())::float8 AS seconds
+                  FROM generations
+                 WHERE state = 'running' AND lease_owner IS DISTINCT FROM $1
+            )
+            SELECT next_expiry.seconds AS next_expiry_seconds,
+                   c.*,
+                   s.sequence AS started_sequence,
+                   s.payload AS started_payload,
+                   s.created_at AS started_event_at,
+                   (SELECT coalesce(array_agg(i.batch_index), '{}'::int[])
+                      FROM images i
+                     WHERE i.generation_id = c.id AND NOT i.upload) AS stored_indexes,
+                   CASE WHEN s.sequence IS NOT NULL THEN pg_notify($5, c.id::text) END
+              FROM next_expiry
+              LEFT JOIN claimed c ON true
+              LEFT JOIN started s ON s.generation_id = c.id
             """,
             worker_id,
             lease,
             limit,
+            max_attempts,
+            EVENTS_CHANNEL,
         )
-        return [_generation_from_row(r) for r in rows]
+        jobs = []
+        for row in rows:
+            if row["id"] is None:
+                continue
+            started = None
+            if row["started_sequence"] is not None:
+                started = GenerationEvent(
+                    generation_id=str(row["id"]),
+                    sequence=row["started_sequence"],
+                    type=EventType.STARTED,
+                    created_at=row["started_event_at"],
+                )
+            jobs.append(
+                ClaimedJob(
+                    generation=_generation_from_row(row),
+                    started=started,
+                    stored_indexes=frozenset(row["stored_indexes"] or ()),
+                    cancel_requested=bool(row["cancel_requested"]),
+                )
+            )
+        seconds = rows[0]["next_expiry_seconds"] if rows else None
+        return Claim(
+            jobs=tuple(jobs),
+            next_lease_expiry=None if seconds is None else timedelta(seconds=seconds),
+        )
 
     async def renew_lease(self, generation_id: str, worker_id: str, lease: timedelta) -> bool:
         """Extend this worker's lease; False if the job is no longer ours."""
@@ -332,15 +446,18 @@ class GenerationRepository:
         return bool(status == "UPDATE 1")
 
     async def release(self, generation_id: str, worker_id: str) -> bool:
-        """Hand a running job back to the queue (shutdown); its attempt is not counted."""
-        status = await self._db.execute(
+        """Hand a running job back to the queue (shutdown); its attempt is not counted.
+        Workers on every replica are notified, as for a new job."""
+        row = await self._db.fetchrow(
             "UPDATE generations SET state = 'queued', lease_owner = NULL, lease_expires_at = NULL, "
             "attempts = greatest(attempts - 1, 0), updated_at = now() "
-            "WHERE id = $1 AND lease_owner = $2 AND state = 'running'",
+            "WHERE id = $1 AND lease_owner = $2 AND state = 'running' "
+            "RETURNING pg_notify($3, id::text)",
             uuid.UUID(generation_id),
             worker_id,
+            QUEUE_CHANNEL,
         )
-        return bool(status == "UPDATE 1")
+        return row is not None
 
     async def set_provider(self, generation_id: str, provider: str) -> None:
         """Record that a fallback provider serves the job."""
@@ -366,32 +483,46 @@ class GenerationRepository:
         return bool(value)
 
     async def append_event(self, generation_id: str, event: NewEvent) -> GenerationEvent:
-        """Append one event with the next sequence number and signal watchers on every
-        replica, in one statement (one round trip): the job row's lock keeps the numbers
-        gap-free, and the notification is sent only if the append commits."""
-        row = await self._db.fetchrow(
+        """Append one event (see `append_events`)."""
+        (appended,) = await self.append_events(generation_id, (event,))
+        return appended
+
+    async def append_events(
+        self, generation_id: str, events: Sequence[NewEvent]
+    ) -> list[GenerationEvent]:
+        """Append events with the next sequence numbers, in order, and signal watchers on
+        every replica, in one statement (one round trip): the job row's lock keeps the
+        numbers gap-free, and the notification is sent only if the append commits."""
+        rows = await self._db.fetch(
             """
             WITH next AS (
-                UPDATE generations SET last_sequence = last_sequence + 1, updated_at = now()
-                 WHERE id = $1 RETURNING last_sequence
+                UPDATE generations
+                   SET last_sequence = last_sequence + cardinality($2::text[]),
+                       updated_at = now()
+                 WHERE id = $1
+                RETURNING last_sequence - cardinality($2::text[]) AS base
             ), appended AS (
                 INSERT INTO generation_events (generation_id, sequence, event_type, payload,
                                                preview)
-                SELECT $1, last_sequence, $2, $3, $4 FROM next
+                SELECT $1, next.base + e.ord, e.event_type, $3::jsonb -> (e.ord::int - 1),
+                       e.preview
+                  FROM next,
+                       unnest($2::text[], $4::bytea[]) WITH ORDINALITY
+                           AS e(event_type, preview, ord)
                 RETURNING *
             )
-            SELECT appended.*, pg_notify($5, $6) FROM appended
+            SELECT appended.*, pg_notify($5, $6) FROM appended ORDER BY sequence
             """,
             uuid.UUID(generation_id),
-            event.type.value,
-            event.payload,
-            event.preview,
+            [event.type.value for event in events],
+            [event.payload for event in events],
+            [event.preview for event in events],
             EVENTS_CHANNEL,
             generation_id,
         )
-        if row is None:
+        if not rows:
             raise LookupError(f"generation {generation_id} does not exist")
-        return _event_from_row(row)
+        return [_event_from_row(row) for row in rows]
 
     async def finish(
         self,
@@ -399,44 +530,92 @@ class GenerationRepository:
         *,
         state: GenerationState,
         model: str,
-        credits: int,
+        credits_per_image: int,
+        terminal: NewEvent,
         error_code: str = "",
         error_message: str = "",
         worker_id: str | None = None,
-    ) -> bool:
-        """Move a running job to a terminal state (inside the caller's unit of work).
-        False if this worker no longer holds it or it already ended."""
-        status = await self._db.execute(
+    ) -> FinishedJob | None:
+        """Move a running job to a terminal state and append its terminal event, in one
+        statement (inside the caller's unit of work). Its credits are the price of the
+        images it made (soft-deleted ones too: they were delivered; not its uploads); the
+        event's payload gains their count as `images`. None if
+        this worker no longer holds the job or it already ended."""
+        row = await self._db.fetchrow(
             """
-            UPDATE generations
-               SET state = $2, model = $3, credits = $4, error_code = $5, error_message = $6,
-                   lease_owner = NULL, lease_expires_at = NULL,
-                   completed_at = now(), updated_at = now()
-             WHERE id = $1 AND state IN ('queued', 'running')
-               AND ($7::text IS NULL OR lease_owner = $7 OR state = 'queued')
+            WITH counted AS (
+                SELECT count(*)::int AS images FROM images
+                 WHERE generation_id = $1 AND NOT upload
+            ), ended AS (
+                UPDATE generations g
+                   SET state = $2, model = $3, credits = $4 * counted.images,
+                       error_code = $5, error_message = $6,
+                       lease_owner = NULL, lease_expires_at = NULL,
+                       completed_at = now(), updated_at = now(),
+                       last_sequence = g.last_sequence + 1
+                  FROM counted
+                 WHERE g.id = $1 AND g.state IN ('queued', 'running')
+                   AND ($7::text IS NULL OR g.lease_owner = $7 OR g.state = 'queued')
+                RETURNING g.last_sequence, g.credits, counted.images
+            ), appended AS (
+                INSERT INTO generation_events (generation_id, sequence, event_type, payload)
+                SELECT $1, ended.last_sequence, $8,
+                       $9::jsonb || jsonb_build_object('images', ended.images)
+                  FROM ended
+                RETURNING *
+            )
+            SELECT appended.*, ended.images AS image_count, ended.credits AS job_credits,
+                   pg_notify($10, $11)
+              FROM appended, ended
             """,
             uuid.UUID(generation_id),
             state.value,
             model,
-            credits,
+            credits_per_image,
             error_code,
             error_message,
             worker_id,
+            terminal.type.value,
+            terminal.payload,
+            EVENTS_CHANNEL,
+            generation_id,
         )
-        return bool(status == "UPDATE 1")
+        if row is None:
+            return None
+        return FinishedJob(
+            event=_event_from_row(row), image_count=row["image_count"], credits=row["job_credits"]
+        )
 
-    async def events_after(
+    async def read_log(
         self, generation_id: str, after_sequence: int, limit: int = 500
-    ) -> list[GenerationEvent]:
-        """Stored events with a sequence above `after_sequence`, in order."""
+    ) -> LogPage:
+        """Stored events with a sequence above `after_sequence`, in order (at most
+        `limit`), with the job's state and last sequence read in the same snapshot.
+        LookupError for a job that does not exist."""
         rows = await self._db.fetch(
-            "SELECT * FROM generation_events WHERE generation_id = $1 AND sequence > $2 "
-            "ORDER BY sequence LIMIT $3",
+            """
+            SELECT g.state AS job_state, g.last_sequence AS job_last_sequence, e.*
+              FROM generations g
+              LEFT JOIN LATERAL (
+                    SELECT * FROM generation_events
+                     WHERE generation_id = g.id AND sequence > $2
+                     ORDER BY sequence
+                     LIMIT $3) e ON true
+             WHERE g.id = $1
+             ORDER BY e.sequence
+            """,
             uuid.UUID(generation_id),
             after_sequence,
             limit,
         )
-        return [_event_from_row(r) for r in rows]
+        if not rows:
+            raise LookupError(f"generation {generation_id} does not exist")
+        return LogPage(
+            events=[_event_from_row(r) for r in rows if r["sequence"] is not None],
+            state=GenerationState(rows[0]["job_state"]),
+            last_sequence=rows[0]["job_last_sequence"],
+            full=len(rows) >= limit,
+        )
 
     async def list_for_user(
         self,

@@ -1,8 +1,9 @@
 """The pipeline a worker runs for one claimed job (jobs/runner.py claims it and holds
 its lease), from STARTED to the terminal event.
 
-1. STARTED. Images an earlier attempt already stored are skipped (never made or
-   charged twice); the sources of an edit are read from the blob store.
+1. STARTED (appended by the claim itself). Images an earlier attempt already stored
+   are skipped (never made or charged twice); the sources of an edit are read from the
+   blob store.
 2. For each image of the batch: the provider call, with PROGRESS events (and previews)
    as it works, abandoned as soon as the owner cancels; on a failure another provider
    may not share, the next one of the fallback chain takes over.
@@ -13,11 +14,20 @@ its lease), from STARTED to the terminal event.
 4. The blob is put, then one unit of work locks the user's storage counter, decides the
    quota (domain/limits.py) and records the image row and its IMAGE_READY event, so two
    jobs of one user never pass the quota together; if the quota refuses it or the
-   record fails, the blob is deleted again. A PROGRESS "stored" event follows.
-5. The end, in one unit of work: the job's terminal state, the settlement of its credit
+   record fails, the blob is deleted again. Its PROGRESS "stored" event is recorded
+   with it.
+5. The end, in one unit of work: the job's terminal state with its terminal event
+   (COMPLETED, FAILED with its IMG code, or CANCELLED), the settlement of its credit
    reservation (images delivered are charged, the rest refunded), its usage record and
-   its terminal event: COMPLETED, FAILED (with its IMG code) or CANCELLED.
-Watchers (watch.py) read those events from the job's log.
+   its webhook, if it named one.
+
+Every event is appended to the job's log and, once committed, handed to this process's
+watchers in memory (jobs/signals.py); other replicas' watchers hear of it by NOTIFY.
+A cancel arrives on the job's CancelFlag (its own NOTIFY channel), so the steps check
+it without a round trip. PROGRESS events are written in batches: each waits up to
+PROGRESS_WINDOW, a newer percent replaces a waiting one (previews are all kept), and
+those still waiting when the provider returns join the image's statement (no gap in
+sequence numbers; IMAGE_READY and the terminal events are never dropped).
 """
 
 from __future__ import annotations
@@ -28,7 +38,6 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -52,7 +61,6 @@ from imagegen.domain.models import (
     EditSource,
     EventType,
     Generation,
-    GenerationEvent,
     GenerationState,
     ImageFormat,
     Size,
@@ -61,7 +69,7 @@ from imagegen.domain.models import (
 from imagegen.domain.plans import PlanTable
 from imagegen.domain.pricing import PriceTable
 from imagegen.domain.usage import UsageRecord
-from imagegen.jobs.signals import JobSignals
+from imagegen.jobs.signals import CancelFlag, JobSignals
 from imagegen.providers.base import (
     ProgressCallback,
     Provider,
@@ -69,7 +77,7 @@ from imagegen.providers.base import (
     ProviderRequest,
     SourceImage,
 )
-from imagegen.repositories.generations import NewEvent
+from imagegen.repositories.generations import ClaimedJob, NewEvent
 from imagegen.services.generations.catalogue import ProviderCatalogue
 from imagegen.services.moderation import ModerationService
 from imagegen.services.unit_of_work import Database
@@ -78,6 +86,10 @@ from imagegen.storage.base import BlobStore
 from imagegen.storage.keys import blob_key
 
 log = logging.getLogger(__name__)
+
+#: Seconds a PROGRESS event waits before it is appended, so that the events of a chatty
+#: provider (and the last one before an image is stored) share a statement.
+PROGRESS_WINDOW = 0.1
 
 
 class GenerationObserver(Protocol):
@@ -104,8 +116,6 @@ class PipelineSettings:
     provider_timeout: timedelta
     #: times a job is started before it is failed
     max_attempts: int
-    #: seconds between looks at the cancel flag during a provider call (a signal is sooner)
-    cancel_poll_interval: float = 1.0
     #: how images that must be re-encoded are encoded
     encode: imaging.EncodeSettings = field(default_factory=imaging.EncodeSettings)
 
@@ -141,18 +151,22 @@ class JobPipeline:
         """Whether this process is executing the job right now."""
         return generation_id in self._executing
 
-    async def execute(self, job: Generation, worker_id: str) -> None:
+    async def execute(self, claimed: ClaimedJob, worker_id: str, cancel: CancelFlag) -> None:
         """Run one claimed job to its terminal state. Shutdown cancellation propagates
         (the runner hands the job back); every other failure ends the job FAILED."""
+        job = claimed.generation
         self._executing.add(job.id)
         try:
-            await self._execute(job, worker_id)
+            await self._execute(_Run(claimed, cancel, self._event_writer(job.id)), worker_id)
         finally:
             self._executing.discard(job.id)
-            self._signals.job_changed(job.id)
 
-    async def _execute(self, job: Generation, worker_id: str) -> None:
+    def _event_writer(self, generation_id: str) -> _EventWriter:
+        return _EventWriter(generation_id, self._db, self._signals)
+
+    async def _execute(self, run: _Run, worker_id: str) -> None:
         """The job's span, its outcome (which terminal state), and its metrics."""
+        job = run.job
         started = time.monotonic()
         requested_at = job.created_at
         provider = self._catalogue.get(job.provider)
@@ -179,7 +193,11 @@ class JobPipeline:
                         )
                     if provider is None:
                         raise InvalidRequest(f"provider {job.provider!r} is not configured")
-                    model, job = await self._make_images(job, provider)
+                    try:
+                        model, job = await self._make_images(job, provider, run)
+                    finally:
+                        # No PROGRESS event may follow the terminal one.
+                        await run.events.close()
                 except Cancelled:
                     outcome, code = "cancelled", ""
                     await self._finish(
@@ -234,14 +252,15 @@ class JobPipeline:
 
     # --- making the images ----------------------------------------------------------------
 
-    async def _make_images(self, job: Generation, provider: Provider) -> tuple[str, Generation]:
+    async def _make_images(
+        self, job: Generation, provider: Provider, run: _Run
+    ) -> tuple[str, Generation]:
         """Make and store every image; returns the model and the job as served (its
         provider changes when a fallback took over)."""
-        await self._event(job.id, NewEvent(EventType.STARTED, {"attempt": job.attempts}))
-        existing = {img.index for img in await self._db.images.for_generation(job.id)}
+        existing = run.claimed.stored_indexes
         model = job.model
         count = job.spec.count
-        progress = _BatchProgress(job.id, count, self._event)
+        progress = _BatchProgress(count, run.events)
         base_seed = job.spec.seed if job.spec.seed is not None else _seed_from(job.id)
         deadline = time.monotonic() + self._settings.provider_timeout.total_seconds()
         sources = tuple([await self._load_source(s) for s in job.spec.sources])
@@ -252,7 +271,7 @@ class JobPipeline:
             if index in existing:
                 # Stored by an earlier attempt of this job: never make or charge it twice.
                 continue
-            await self._checkpoint(job.id)
+            await self._checkpoint(job.id, run.cancel)
             if quota is not None:
                 check_storage_room(quota, await self._db.images.storage_used(job.user_id))
             request = ProviderRequest(
@@ -274,14 +293,17 @@ class JobPipeline:
             )
             call_started = time.monotonic()
             reply, serving = await self._call_with_fallback(
-                job, provider, request, progress.reporter(index)
+                job, provider, request, progress.reporter(index), run.cancel
             )
+            # The provider's last PROGRESS events wait for the image's statement: stored
+            # moments later, it makes them stale anyway.
+            last_progress = await run.events.take()
             if serving is not provider:
                 provider = serving
                 job = dataclasses.replace(job, provider=serving.id, model="")
                 await self._db.generations.set_provider(job.id, serving.id)
             model = reply.model or model or (provider.models[0] if provider.models else "")
-            await self._checkpoint(job.id)
+            await self._checkpoint(job.id, run.cancel)
             with self._tracer.start_as_current_span(
                 "image.process",
                 attributes={
@@ -314,8 +336,9 @@ class JobPipeline:
                 # A seed the provider has no way to take was not the one it made it with.
                 used_seed=request.seed if provider.capabilities.seed else None,
                 call_started=call_started,
+                waiting_progress=last_progress,
+                stored_progress=progress.stored(index),
             )
-            await progress.stored(index)
         return model, job
 
     async def _call_with_fallback(
@@ -324,6 +347,7 @@ class JobPipeline:
         primary: Provider,
         request: ProviderRequest,
         on_progress: ProgressCallback,
+        cancel: CancelFlag,
     ) -> tuple[ProviderImage, Provider]:
         """Call the primary provider; on a failure that another provider may not share
         (unavailable, breaker open, not configured), move down the fallback chain."""
@@ -333,7 +357,9 @@ class JobPipeline:
                 with self._tracer.start_as_current_span(
                     "generation.provider_call", attributes={"imagegen.provider": provider.id}
                 ):
-                    reply = await self._call_provider(job.id, provider, request, on_progress)
+                    reply = await self._call_provider(
+                        job.id, provider, request, on_progress, cancel
+                    )
                 return reply, provider
             except (ProviderFailed, ProviderNotConfigured) as exc:
                 last = position == len(order) - 1
@@ -358,28 +384,26 @@ class JobPipeline:
         provider: Provider,
         request: ProviderRequest,
         on_progress: ProgressCallback,
+        cancel: CancelFlag,
     ) -> ProviderImage:
-        """The provider call, abandoned as soon as the job's owner cancels it."""
+        """The provider call, abandoned as soon as the job's owner cancels it (this
+        replica's cancel, or another's through its NOTIFY; no polling)."""
         call = asyncio.create_task(provider.generate(request, on_progress))
         try:
-            # Woken by a cancel (this replica's or another's, via NOTIFY), else polled.
-            with self._signals.watch_cancel(generation_id) as changed:
-                while True:
-                    woken = asyncio.create_task(changed.wait())
-                    try:
-                        done, _ = await asyncio.wait(
-                            {call, woken},
-                            timeout=self._settings.cancel_poll_interval,
-                            return_when=asyncio.FIRST_COMPLETED,
-                        )
-                    finally:
-                        # Also when a drain cancels the job here: a waiter left pending
-                        # is destroyed pending ("Task was destroyed but it is pending!").
-                        woken.cancel()
-                    if call in done:
-                        return call.result()
-                    changed.clear()
-                    await self._checkpoint(generation_id)
+            while True:
+                woken = asyncio.create_task(cancel.changed.wait())
+                try:
+                    done, _ = await asyncio.wait(
+                        {call, woken}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    # Also when a drain cancels the job here: a waiter left pending
+                    # is destroyed pending ("Task was destroyed but it is pending!").
+                    woken.cancel()
+                if call in done:
+                    return call.result()
+                cancel.changed.clear()
+                await self._checkpoint(generation_id, cancel)
         finally:
             if not call.done():
                 call.cancel()
@@ -423,10 +447,13 @@ class JobPipeline:
         reported_seed: int | None,
         used_seed: int | None,
         call_started: float,
+        waiting_progress: list[NewEvent],
+        stored_progress: NewEvent,
     ) -> None:
-        """Blob, then quota, row and IMAGE_READY event in one unit of work; no blob stays
-        without its row, and no row without its blob. `call_started` is when the image's
-        provider call began (time.monotonic())."""
+        """Blob, then quota, row and events (the progress still waiting, IMAGE_READY and
+        `stored_progress`) in one unit of work; no blob stays without its row, and no row
+        without its blob. `call_started` is when the image's provider call began
+        (time.monotonic())."""
         image_id = str(uuid.uuid4())
         key = blob_key(job.user_id, image_id, info.format.extension, datetime.now(UTC))
         with self._tracer.start_as_current_span(
@@ -463,7 +490,9 @@ class JobPipeline:
         try:
             recorded = await self._record_image(
                 image,
+                waiting_progress,
                 NewEvent(EventType.IMAGE_READY, {"image_id": image_id, "image_index": index}),
+                stored_progress,
                 quota=self._settings.plans.limits_for(job.plan).storage_bytes,
                 negative_prompt=job.spec.negative_prompt,
                 style=job.spec.style.value if job.spec.style else "",
@@ -478,19 +507,21 @@ class JobPipeline:
         if recorded is None:
             # An earlier attempt of this job stored this image first; keep only that one.
             await self._blobs.delete(key)
-        self._signals.job_changed(job.id)
 
     async def _record_image(
         self,
         image: StoredImage,
+        waiting: list[NewEvent],
         event: NewEvent,
+        progress: NewEvent,
         *,
         quota: int | None,
         negative_prompt: str,
         style: str,
         seed: int | None,
     ) -> StoredImage | None:
-        """Decide the storage quota, insert the row of a stored blob and announce it,
+        """Decide the storage quota, insert the row of a stored blob and announce it (after
+        the PROGRESS events `waiting`, its IMAGE_READY event, then `progress`),
         atomically: the user's storage counter stays locked from the decision to the
         commit, so concurrent jobs of one user decide one after the other. None when
         another attempt of the job already stored this batch index. Raises
@@ -506,13 +537,25 @@ class JobPipeline:
                 )
                 if stored is None:
                     return None
-                await uow.generations.append_event(image.generation_id, event)
+                appended = await uow.generations.append_events(
+                    image.generation_id, (*waiting, event, progress)
+                )
                 await uow.commit()
-                return stored
         except self._db.failures as exc:
+            # Committed or not, this process's watchers read the log to find out.
+            self._signals.job_changed(image.generation_id)
             raise StorageFailed(
                 "the image was made but recording it failed; submit the request again"
             ) from exc
+        # The watchers here get the image with its event, without reading it back.
+        self._signals.job_events(
+            image.generation_id,
+            [
+                dataclasses.replace(e, image=stored) if e.type is EventType.IMAGE_READY else e
+                for e in appended
+            ],
+        )
+        return stored
 
     # --- the end of a job -----------------------------------------------------------------
 
@@ -526,53 +569,59 @@ class JobPipeline:
         model: str,
         error: ImageGenError | None = None,
     ) -> None:
-        """End a job exactly once, in one unit of work: its terminal state, the settlement
-        of its reservation, its usage record and its terminal event. Nothing changes when
-        the job had already ended or another worker holds it."""
-        images = await self._db.images.for_generation(job.id)
-        # Images stored are delivered and charged, even in a failed or cancelled batch;
-        # the rest of the reservation is refunded.
-        credits = self._image_price(job) * len(images)
-        usage = self._usage(
-            job,
-            _USAGE_STATUS[state],
-            model=model,
-            image_count=len(images),
-            credits=credits,
-            requested_at=requested_at,
-            error=error,
-        )
-        async with self._db.unit_of_work() as uow:
-            ended = await uow.generations.finish(
-                job.id,
-                state=state,
-                model=model,
-                credits=credits,
-                error_code=error.code if error else "",
-                error_message=error.message if error else "",
-                worker_id=worker_id,
-            )
-            if ended:
-                await uow.credits.settle(
-                    job.user_id,
+        """End a job exactly once, in one unit of work: its terminal state and event, the
+        settlement of its reservation, its usage record and its webhook. Nothing changes
+        when the job had already ended or another worker holds it."""
+        try:
+            async with self._db.unit_of_work() as uow:
+                # Images stored are delivered and charged, even in a failed or cancelled
+                # batch; the rest of the reservation is refunded.
+                ended = await uow.generations.finish(
                     job.id,
-                    credits,
-                    allowance=self._settings.plans.limits_for(job.plan).monthly_credits,
-                    now=datetime.now(UTC),
+                    state=state,
+                    model=model,
+                    credits_per_image=self._image_price(job),
+                    terminal=_terminal_event(state, error),
+                    error_code=error.code if error else "",
+                    error_message=error.message if error else "",
+                    worker_id=worker_id,
                 )
-                await uow.usage.insert(usage)
-                await uow.generations.append_event(
-                    job.id, _terminal_event(state, len(images), error)
-                )
-                await queue_job_webhook(uow, job, state)
-                await uow.commit()
-        if ended and state is GenerationState.COMPLETED:
-            self._observer.credits_charged(job.provider, credits)
-        if ended and error is not None and self._moderation is not None:
+                if ended is not None:
+                    await uow.credits.settle(
+                        job.user_id,
+                        job.id,
+                        ended.credits,
+                        allowance=self._settings.plans.limits_for(job.plan).monthly_credits,
+                        now=datetime.now(UTC),
+                    )
+                    await uow.usage.insert(
+                        self._usage(
+                            job,
+                            _USAGE_STATUS[state],
+                            model=model,
+                            image_count=ended.image_count,
+                            credits=ended.credits,
+                            requested_at=requested_at,
+                            error=error,
+                        )
+                    )
+                    await queue_job_webhook(uow, job, state)
+                    await uow.commit()
+        except BaseException:
+            # Committed or not, this process's watchers read the log to find out.
+            self._signals.job_changed(job.id)
+            raise
+        if ended is None:
+            # Another worker holds it or it had ended: whatever its log says, watchers read.
+            self._signals.job_changed(job.id)
+            return
+        self._signals.job_events(job.id, (ended.event,))
+        if state is GenerationState.COMPLETED:
+            self._observer.credits_charged(job.provider, ended.credits)
+        if error is not None and self._moderation is not None:
             # Abuse signals: the user's failed generations, and a provider's own
             # content-policy refusal (IMG_010) as a moderation decision.
             await self._moderation.generation_failed(job, error)
-        self._signals.job_changed(job.id)
 
     def _usage(
         self,
@@ -632,15 +681,104 @@ class JobPipeline:
             ) from None
         return SourceImage(data, source.mime_type, source.width, source.height)
 
-    async def _checkpoint(self, generation_id: str) -> None:
-        """Cancelled if the owner asked for it; called between the steps of a job."""
-        if await self._db.generations.is_cancel_requested(generation_id):
+    async def _checkpoint(self, generation_id: str, cancel: CancelFlag) -> None:
+        """Cancelled if the owner asked for it; called between the steps of a job. The
+        flag answers without a round trip, unless a lost listener connection may have
+        hidden a cancel: then the database does, once."""
+        if cancel.uncertain and not cancel.requested:
+            cancel.uncertain = False
+            if await self._db.generations.is_cancel_requested(generation_id):
+                cancel.request()
+        if cancel.requested:
             raise Cancelled("the generation was cancelled")
 
-    async def _event(self, generation_id: str, event: NewEvent) -> GenerationEvent:
-        appended = await self._db.generations.append_event(generation_id, event)
-        self._signals.job_changed(generation_id)
-        return appended
+
+@dataclass
+class _Run:
+    """One execution of a claimed job: what the claim said, its cancel flag and the
+    writer of its events."""
+
+    claimed: ClaimedJob
+    cancel: CancelFlag
+    events: _EventWriter
+
+    @property
+    def job(self) -> Generation:
+        return self.claimed.generation
+
+
+class _EventWriter:
+    """Appends a running job's PROGRESS events in order, few statements for many events.
+
+    A PROGRESS event waits up to PROGRESS_WINDOW before it is appended, and while one
+    append is in flight the next ones wait: meanwhile a newer percent replaces a waiting
+    percent-only event (events with a preview are kept, each). Whatever waits when the
+    provider call returns goes into the statement of the image it made (`take`);
+    whatever waits at the end is dropped (no PROGRESS after the terminal event). Every
+    append is handed to this process's watchers once committed."""
+
+    def __init__(self, generation_id: str, db: Database, signals: JobSignals) -> None:
+        self._generation_id = generation_id
+        self._db = db
+        self._signals = signals
+        self._pending: list[NewEvent] = []
+        self._writer: asyncio.Task[None] | None = None
+        #: the writer is waiting out the window (and may be stopped without loss)
+        self._waiting = False
+        #: `take` waits for the append in flight: the writer stops after it
+        self._stopping = False
+        #: how many PROGRESS events were replaced by a newer one
+        self.coalesced = 0
+
+    async def progress(self, event: NewEvent) -> None:
+        """Queue a PROGRESS event; returns at once."""
+        if self._pending and self._pending[-1].preview is None:
+            self._pending[-1] = event
+            self.coalesced += 1
+        else:
+            self._pending.append(event)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(
+                self._write(), name=f"imagegen-progress-{self._generation_id}"
+            )
+
+    async def take(self) -> list[NewEvent]:
+        """Stop writing and return what waits, to be appended with the next event (the
+        append in flight, if any, finishes first: the log stays in order)."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            if self._waiting:
+                writer.cancel()
+            self._stopping = True
+            try:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writer
+            finally:
+                self._stopping = False
+        pending, self._pending = self._pending, []
+        return pending
+
+    async def close(self) -> None:
+        """Drop what waits and let the append in flight finish (the job is ending)."""
+        with contextlib.suppress(Exception):
+            await self.take()
+
+    async def _write(self) -> None:
+        while self._pending and not self._stopping:
+            self._waiting = True
+            try:
+                await asyncio.sleep(PROGRESS_WINDOW)
+            finally:
+                self._waiting = False
+            events, self._pending = self._pending, []
+            try:
+                appended = await self._db.generations.append_events(self._generation_id, events)
+            except Exception:
+                # Progress is advice: a lost one is not worth failing the job for.
+                log.warning("appending progress of %s failed", self._generation_id, exc_info=True)
+                self._signals.job_changed(self._generation_id)
+                continue
+            self._signals.job_events(self._generation_id, appended)
 
 
 class _BatchProgress:
@@ -648,15 +786,9 @@ class _BatchProgress:
     the provider's own percent fills nine tenths of that share and storing the image
     completes it. It never falls, and only COMPLETED says 100."""
 
-    def __init__(
-        self,
-        generation_id: str,
-        count: int,
-        emit: Callable[[str, NewEvent], Awaitable[GenerationEvent]],
-    ) -> None:
-        self._generation_id = generation_id
+    def __init__(self, count: int, events: _EventWriter) -> None:
         self._count = count
-        self._emit = emit
+        self._events = events
         self.percent = 0
 
     def reporter(self, index: int) -> ProgressCallback:
@@ -676,21 +808,17 @@ class _BatchProgress:
             }
             if preview:
                 payload["preview_mime_type"] = imaging.sniff_mime(preview)
-            await self._emit(
-                self._generation_id, NewEvent(EventType.PROGRESS, payload, preview or None)
-            )
+            await self._events.progress(NewEvent(EventType.PROGRESS, payload, preview or None))
 
         return on_progress
 
-    async def stored(self, index: int) -> None:
-        """Image `index` is stored: its share is complete."""
+    def stored(self, index: int) -> NewEvent:
+        """Image `index` is stored: its share is complete. The PROGRESS event to append
+        with its IMAGE_READY."""
         self.percent = max(self.percent, min(99, (index + 1) * 100 // self._count))
-        await self._emit(
-            self._generation_id,
-            NewEvent(
-                EventType.PROGRESS,
-                {"percent": self.percent, "stage": "stored", "image_index": index},
-            ),
+        return NewEvent(
+            EventType.PROGRESS,
+            {"percent": self.percent, "stage": "stored", "image_index": index},
         )
 
 
@@ -702,12 +830,10 @@ _USAGE_STATUS = {
 }
 
 
-def _terminal_event(
-    state: GenerationState, image_count: int, error: ImageGenError | None
-) -> NewEvent:
-    """COMPLETED with its image count, FAILED with its IMG code, or CANCELLED."""
+def _terminal_event(state: GenerationState, error: ImageGenError | None) -> NewEvent:
+    """COMPLETED, FAILED with its IMG code, or CANCELLED (the log adds the image count)."""
     if state is GenerationState.COMPLETED:
-        return NewEvent(EventType.COMPLETED, {"percent": 100, "images": image_count})
+        return NewEvent(EventType.COMPLETED, {"percent": 100})
     if state is GenerationState.FAILED:
         assert error is not None, "a FAILED job has an error"
         return NewEvent(
