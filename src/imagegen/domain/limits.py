@@ -78,14 +78,22 @@ def window_retry_after(oldest: datetime | None, window: timedelta, now: datetime
     return max(oldest + window - now, MIN_RETRY_AFTER)
 
 
+def _windows(
+    counts: RequestCounts, limits: PlanLimits
+) -> tuple[tuple[int, int | None, datetime | None, timedelta, str], ...]:
+    """(count, cap, oldest counted, window, name) of the hour's and the day's windows,
+    in the order they are checked."""
+    return (
+        (counts.last_hour, limits.requests_per_hour, counts.oldest_in_hour, HOUR, "hour"),
+        (counts.last_day, limits.requests_per_day, counts.oldest_in_day, DAY, "day"),
+    )
+
+
 def check_request_limits(counts: RequestCounts, limits: PlanLimits) -> None:
     """IMG_005 (RateLimited, with its retry delay) when one more request would pass the
     plan's requests per hour or per day, or its concurrent generations; None caps are
     unlimited."""
-    for count, cap, oldest, window, name in (
-        (counts.last_hour, limits.requests_per_hour, counts.oldest_in_hour, HOUR, "hour"),
-        (counts.last_day, limits.requests_per_day, counts.oldest_in_day, DAY, "day"),
-    ):
+    for count, cap, oldest, window, name in _windows(counts, limits):
         if cap is not None and count >= cap:
             wait = window_retry_after(oldest, window, counts.now)
             raise RateLimited(
