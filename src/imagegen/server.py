@@ -633,6 +633,7 @@ def _webhooks(
             retry=RetryPolicy(settings.webhooks.retry_delays, settings.webhooks.max_attempts),
             allow_hosts=allow_hosts,
         ),
+        batch_jobs=reads.batch_jobs,
     )
     return secrets, deliveries
 

@@ -121,6 +121,7 @@ def _generation_from_row(row: asyncpg.Record) -> Generation:
         last_sequence=row["last_sequence"],
         trace_context=dict(row["spec"].get("trace_context") or {}),
         plan=str(row["spec"].get("plan") or "free"),
+        batch_id=str(row["batch_id"]) if row["batch_id"] else "",
     )
 
 
@@ -291,7 +292,16 @@ class GenerationRepository:
 
     async def claim(self, worker_id: str, lease: timedelta, limit: int) -> list[Generation]:
         """Take up to `limit` queued jobs (oldest first) for this worker, or jobs whose
-        worker's lease ran out; other workers skip the rows being claimed."""
+        worker's lease ran out; other workers skip the rows being claimed.
+
+        A batch job (max_concurrent set) starts only while its owner runs fewer jobs than
+        that. The exact decision is the claim gate of migrations/0011_batches.sql (a
+        trigger that leaves the row queued), made under the owner's lock so replicas
+        claiming at once cannot both pass. The count below picks only the batch jobs the
+        gate should let through, the owner's oldest queued ones up to the free places
+        (jobs running, or batch jobs queued before it, come first): so the batch starts
+        in its order, and jobs the gate would leave queued take no places of this claim
+        from other jobs."""
         rows = await self._db.fetch(
             """
             UPDATE generations g
@@ -302,8 +312,16 @@ class GenerationRepository:
                    started_at = coalesce(g.started_at, now()),
                    updated_at = now()
              WHERE g.id IN (
-                   SELECT id FROM generations
-                    WHERE state = 'queued'
+                   SELECT id FROM generations q
+                    WHERE (state = 'queued'
+                           AND (max_concurrent IS NULL
+                                OR max_concurrent > (
+                                   SELECT count(*) FROM generations ahead
+                                    WHERE ahead.user_id = q.user_id
+                                      AND (ahead.state = 'running'
+                                           OR (ahead.state = 'queued'
+                                               AND ahead.max_concurrent IS NOT NULL
+                                               AND ahead.created_at < q.created_at)))))
                        OR (state = 'running' AND lease_expires_at < now())
                     ORDER BY created_at
                     FOR UPDATE SKIP LOCKED
@@ -443,8 +461,13 @@ class GenerationRepository:
         created_before: datetime | None,
         after: Cursor | None,
         limit: int,
+        batch_id: str = "",
     ) -> list[Generation]:
-        """The owner's jobs, newest first, strictly after `after`."""
+        """The owner's jobs, newest first, strictly after `after`; only the jobs of
+        `batch_id` when one is given (found by generations_batch_idx)."""
+        batch = parse_id(batch_id) if batch_id else None
+        if batch_id and batch is None:
+            return []
         rows = await self._db.fetch(
             """
             SELECT * FROM generations
@@ -453,6 +476,7 @@ class GenerationRepository:
                AND ($3::timestamptz IS NULL OR created_at >= $3)
                AND ($4::timestamptz IS NULL OR created_at < $4)
                AND ($5::timestamptz IS NULL OR (created_at, id) < ($5, $6::uuid))
+               AND ($8::uuid IS NULL OR batch_id = $8)
              ORDER BY created_at DESC, id DESC
              LIMIT $7
             """,
@@ -463,6 +487,21 @@ class GenerationRepository:
             after.created_at if after else None,
             uuid.UUID(after.id) if after else None,
             limit,
+            batch,
+        )
+        return [_generation_from_row(r) for r in rows]
+
+    async def batch_jobs(self, user_id: str, batch_id: str) -> list[Generation]:
+        """The jobs of one of the owner's batches, in the order they were submitted;
+        empty for anyone else's batch or a malformed id."""
+        batch = parse_id(batch_id)
+        if batch is None:
+            return []
+        rows = await self._db.fetch(
+            "SELECT * FROM generations WHERE batch_id = $1 AND user_id = $2 "
+            "ORDER BY batch_index",
+            batch,
+            user_id,
         )
         return [_generation_from_row(r) for r in rows]
 
