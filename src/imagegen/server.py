@@ -80,6 +80,7 @@ from imagegen.repositories.webhook_secrets import (
     load_or_create_dev_key,
 )
 from imagegen.services.generations import (
+    BatchService,
     GenerationPresenter,
     GenerationReads,
     GenerationWaiter,
@@ -270,6 +271,13 @@ class Server:
                 default_provider=settings.effective_default_provider,
                 fallback_providers=settings.fallback_providers,
             )
+            submission_settings = SubmissionSettings(
+                plans=plans,
+                prices=prices,
+                max_pixels=settings.max_pixels,
+                request_id_ttl=settings.request_id_ttl,
+            )
+            presenter = GenerationPresenter(db=database, blobs=blobs, url_ttl=settings.url_ttl)
             submission = SubmissionService(
                 db=database,
                 sources=SourceResolver(
@@ -280,16 +288,23 @@ class Server:
                 ),
                 catalogue=catalogue,
                 signals=signals,
-                settings=SubmissionSettings(
-                    plans=plans,
-                    prices=prices,
-                    max_pixels=settings.max_pixels,
-                    request_id_ttl=settings.request_id_ttl,
-                ),
-                presenter=GenerationPresenter(db=database, blobs=blobs, url_ttl=settings.url_ttl),
+                settings=submission_settings,
+                presenter=presenter,
                 tracer=telemetry.tracer,
                 moderation=moderation,
                 callbacks=deliveries,
+            )
+            batches = BatchService(
+                db=database,
+                submission=submission,
+                catalogue=catalogue,
+                signals=signals,
+                settings=submission_settings,
+                max_specs=settings.max_batch,
+                presenter=presenter,
+                moderation=moderation,
+                callbacks=deliveries,
+                tracer=telemetry.tracer,
             )
             pipeline = JobPipeline(
                 db=database,
@@ -372,6 +387,7 @@ class Server:
                         settings=WaitSettings(settings.wait_default, settings.wait_max),
                     ),
                     webhook_secrets=webhook_secrets,
+                    batches=batches,
                 ),
                 server,
             )

@@ -110,6 +110,34 @@ def check_request_limits(counts: RequestCounts, limits: PlanLimits) -> None:
         )
 
 
+def check_batch_request_limits(counts: RequestCounts, limits: PlanLimits, jobs: int) -> None:
+    """IMG_005 unless both the hour's and the day's windows have room for all `jobs` of
+    a batch (each counts as a request). The concurrent cap does not refuse a batch: its
+    jobs wait queued until the plan's concurrency lets them start. The RetryInfo delay
+    is when the oldest request counted leaves the window: the earliest moment anything
+    more fits (a large batch may need longer). A batch larger than the cap itself never
+    fits: the message says to split it."""
+    for count, cap, oldest, window, name in _windows(counts, limits):
+        if cap is None or count + jobs <= cap:
+            continue
+        metadata = {"limit": f"requests_per_{name}", "cap": str(cap), "requested": str(jobs)}
+        if jobs > cap:
+            raise RateLimited(
+                f"this batch of {jobs} jobs is more than your plan's {cap} requests per "
+                f"{name}; split it into batches of at most {cap}",
+                retry_after=window,
+                metadata=metadata,
+            )
+        wait = window_retry_after(oldest, window, counts.now)
+        raise RateLimited(
+            f"your plan allows {cap} requests per {name} and {cap - min(count, cap)} are "
+            f"left, fewer than this batch's {jobs} jobs; try again in at least "
+            f"{wait.total_seconds():.0f}s",
+            retry_after=wait,
+            metadata=metadata,
+        )
+
+
 def check_storage_room(quota_bytes: int | None, used_bytes: int) -> None:
     """IMG_008 when a user is already at or over `quota_bytes` (None: no quota): no
     image, however small, would fit. The read-only check at submit, before a job, a
