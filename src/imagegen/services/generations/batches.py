@@ -155,8 +155,7 @@ class BatchService:
             job_count=len(jobs),
         )
         limits = self._settings.plans.limits_for(identity.plan)
-        batch_id, created = await self._create(batch, jobs, limits)
-        generations = await self._db.generations.batch_jobs(identity.user_id, batch_id)
+        batch_id, generations, created = await self._create(batch, jobs, limits)
         if created:
             self._signals.job_queued()
             for generation in generations:
@@ -209,11 +208,12 @@ class BatchService:
 
     async def _create(
         self, batch: NewBatch, jobs: list[NewGeneration], limits: PlanLimits
-    ) -> tuple[str, bool]:
+    ) -> tuple[str, list[Generation], bool]:
         """Store the batch and all of its jobs, within the user's plan limits, or nothing;
-        an existing batch for the same request_id is returned instead (created=False),
-        or IMG_009 if its parameters differ. One transaction under the user's advisory
-        lock."""
+        returns the batch's id and jobs as stored (queued: read before the commit, so no
+        worker has started one yet). An existing batch for the same request_id is
+        returned instead (created=False, its jobs as they stand), or IMG_009 if its
+        parameters differ. One transaction under the user's advisory lock."""
         user_id = batch.user_id
         ttl = self._settings.request_id_ttl
         async with self._db.unit_of_work() as uow:
@@ -225,8 +225,9 @@ class BatchService:
                 if past is not None:
                     if past.fingerprint != batch.fingerprint:
                         raise _reused(batch.request_id, "a different batch")
+                    generations = await uow.generations.batch_jobs(user_id, past.id)
                     await uow.commit()  # keeps the forgetting of expired request ids
-                    return past.id, False
+                    return past.id, generations, False
                 # Request ids are the caller's, whichever RPC used one first.
                 single = await uow.generations.find_request(
                     user_id, batch.request_id, remembered_for=ttl
@@ -249,8 +250,9 @@ class BatchService:
             for job, reservation in zip(jobs, reservations, strict=True):
                 await uow.credits.reserve(user_id, job.id, reservation)
                 await uow.generations.announce_queued(job.id)
+            generations = await uow.generations.batch_jobs(user_id, batch.id)
             await uow.commit()
-            return batch.id, True
+            return batch.id, generations, True
 
 
 def _reused(request_id: str, what: str) -> RequestIdReused:
