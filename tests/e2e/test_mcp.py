@@ -148,6 +148,7 @@ async def test_http_client_lists_validated_tools_and_generates(served: ServedPro
             "generate_from_template",
             "quote_generation",
             "get_credit_balance",
+            "batch_generate",
         }
         progress: list[float] = []
 
@@ -182,6 +183,24 @@ async def test_http_client_lists_validated_tools_and_generates(served: ServedPro
             ("get_generation", {"name": out["name"]}),
         ):
             check_result(await session.call_tool(name, arguments), schemas[name])
+
+        prompts = [
+            {"prompt": "a paper kite", "size": "256x256"},
+            {"prompt": "a sailing boat", "size": "256x256", "count": 2},
+        ]
+        batch = check_result(
+            await session.call_tool("batch_generate", {"prompts": prompts}),
+            schemas["batch_generate"],
+        )
+        assert batch["batch"].startswith("batches/")
+        assert [g["state"] for g in batch["generations"]] == ["queued", "queued"]
+        last = check_result(
+            await session.call_tool(
+                "get_generation", {"name": batch["generations"][1]["name"], "wait_seconds": 30}
+            ),
+            schemas["get_generation"],
+        )
+        assert last["state"] == "completed" and len(last["images"]) == 2
 
 
 async def test_http_refuses_missing_and_wrong_tokens(served: ServedProcess) -> None:
