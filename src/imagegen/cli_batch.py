@@ -280,7 +280,7 @@ def _labels(specs: list[common_pb2.GenerationSpec]) -> list[str]:
     labels = []
     for number, spec in enumerate(specs, start=1):
         prompt = " ".join(spec.prompt.split())
-        shown = prompt if len(prompt) <= 28 else prompt[:27] + "…"
+        shown = prompt if len(prompt) <= 28 else prompt[:25] + "..."
         labels.append(f"{number:>{width}}/{len(specs)} {shown:<28}")
     return labels
 

@@ -143,6 +143,30 @@ def _event_from_row(row: asyncpg.Record) -> GenerationEvent:
     )
 
 
+#: ListGenerations' page of a user's jobs, newest first, with its filters.
+_LIST_SQL = """
+SELECT * FROM generations
+ WHERE user_id = $1
+   AND (cardinality($2::text[]) = 0 OR state = ANY($2::text[]))
+   AND ($3::timestamptz IS NULL OR created_at >= $3)
+   AND ($4::timestamptz IS NULL OR created_at < $4)
+   AND ($5::timestamptz IS NULL OR (created_at, id) < ($5, $6::uuid))
+ ORDER BY created_at DESC, id DESC
+ LIMIT $7
+"""
+#: The same page within one batch ($8).
+_LIST_BATCH_SQL = """
+SELECT * FROM generations
+ WHERE batch_id = $8 AND user_id = $1
+   AND (cardinality($2::text[]) = 0 OR state = ANY($2::text[]))
+   AND ($3::timestamptz IS NULL OR created_at >= $3)
+   AND ($4::timestamptz IS NULL OR created_at < $4)
+   AND ($5::timestamptz IS NULL OR (created_at, id) < ($5, $6::uuid))
+ ORDER BY created_at DESC, id DESC
+ LIMIT $7
+"""
+
+
 class GenerationRepository:
     """Jobs, their leases and their append-only, gap-free event logs."""
 
@@ -464,22 +488,8 @@ class GenerationRepository:
         batch_id: str = "",
     ) -> list[Generation]:
         """The owner's jobs, newest first, strictly after `after`; only the jobs of
-        `batch_id` when one is given (found by generations_batch_idx)."""
-        batch = parse_id(batch_id) if batch_id else None
-        if batch_id and batch is None:
-            return []
-        rows = await self._db.fetch(
-            """
-            SELECT * FROM generations
-             WHERE user_id = $1
-               AND (cardinality($2::text[]) = 0 OR state = ANY($2::text[]))
-               AND ($3::timestamptz IS NULL OR created_at >= $3)
-               AND ($4::timestamptz IS NULL OR created_at < $4)
-               AND ($5::timestamptz IS NULL OR (created_at, id) < ($5, $6::uuid))
-               AND ($8::uuid IS NULL OR batch_id = $8)
-             ORDER BY created_at DESC, id DESC
-             LIMIT $7
-            """,
+        `batch_id` when one is given (none for a malformed id)."""
+        arguments: list[Any] = [
             user_id,
             [s.value for s in states],
             created_from,
@@ -487,8 +497,17 @@ class GenerationRepository:
             after.created_at if after else None,
             uuid.UUID(after.id) if after else None,
             limit,
-            batch,
-        )
+        ]
+        sql = _LIST_SQL
+        if batch_id:
+            batch = parse_id(batch_id)
+            if batch is None:
+                return []
+            # Its own statement, so that its plan reads the batch's rows by
+            # generations_batch_idx rather than the user's whole history.
+            sql = _LIST_BATCH_SQL
+            arguments.append(batch)
+        rows = await self._db.fetch(sql, *arguments)
         return [_generation_from_row(r) for r in rows]
 
     async def batch_jobs(self, user_id: str, batch_id: str) -> list[Generation]:
