@@ -368,6 +368,10 @@ async def test_invalid_specs_are_refused_naming_their_index(
             err = await refused(batch(stub, specs))
             reason, info, fields = error_details(err)
             assert (reason, info["field"], info.get("limit", "")) == ("IMG_003", "specs", limit)
+        # The texts of all specs are moderated together; a block names the first spec.
+        err = await refused(batch(stub, [spec("fine"), spec("fine"), spec("a p0rn poster")]))
+        reason, info, _ = error_details(err)
+        assert (reason, info["index"], info["fields"]) == ("IMG_011", "2", "specs[2].prompt")
         err = await refused(batch(stub, [spec("fine")], request_id="not a valid id"))
         assert error_details(err)[1]["field"] == "request_id"
         err = await refused(batch(stub, [spec("fine")], callback_uri="ftp://example.test/"))

@@ -3,9 +3,10 @@
 A batch, top to bottom:
 1. Its size (1 to IMAGEGEN_MAX_BATCH specs), then every spec validated as
    SubmitGeneration's would be (provider chosen the same way), a refusal naming the
-   spec's index (domain/batches.py); the callback URL vetted; every spec's texts
-   moderated. Edits are refused (IMG_003 on `specs[i].sources`): a batch is prompts;
-   SubmitGeneration takes edits one by one.
+   spec's index (domain/batches.py); the callback URL vetted; the texts of all specs
+   moderated in one check (a block names the first blocked spec's index). Edits are
+   refused (IMG_003 on `specs[i].sources`): a batch is prompts; SubmitGeneration takes
+   edits one by one.
 2. One unit of work under the user's advisory lock (the one submits take, so every
    replica decides on the same counts): a retry with the same request_id gets the same
    batch and jobs back (IMG_009 if its parameters differ, or if the id named a single
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ from opentelemetry import propagate, trace
 
 from imagegen.domain.batches import about_spec, batch_fingerprint, check_batch_size
 from imagegen.domain.credits import plan_reservations
-from imagegen.domain.errors import InvalidRequest, RequestIdReused
+from imagegen.domain.errors import ContentBlocked, InvalidRequest, RequestIdReused
 from imagegen.domain.limits import check_batch_request_limits, check_storage_room, counted_up_to
 from imagegen.domain.models import Generation, GenerationSpec, Identity
 from imagegen.domain.moderation import Purpose
@@ -54,6 +56,9 @@ from imagegen.services.moderation import ModerationService, spec_texts
 from imagegen.services.unit_of_work import Database
 
 log = logging.getLogger(__name__)
+
+#: A text's field in the batch's moderation check, `specs[3].prompt`: its spec's index.
+_SPEC_FIELD = re.compile(r"specs\[(\d+)\]\.")
 
 
 @dataclass(frozen=True)
@@ -127,10 +132,7 @@ class BatchService:
                 raise InvalidRequest("callbacks are not enabled here", field="callback_uri")
             await self._callbacks.check_callback(callback_uri)
         if self._moderation is not None:
-            # After validation, before limits, credits or any row, as a single submit.
-            for index, spec in enumerate(specs):
-                with about_spec(index):
-                    await self._moderation.check(identity, spec_texts(spec), Purpose.GENERATE)
+            await self._moderate(identity, specs)
         trace_context = _current_trace_context()
         jobs = [
             NewGeneration(
@@ -205,6 +207,24 @@ class BatchService:
                     self._submission.validate(spec)
                 specs.append(spec)
         return specs
+
+    async def _moderate(self, identity: Identity, specs: list[GenerationSpec]) -> None:
+        """Every spec's texts in one moderation check (one chain call and one recorded
+        decision for the batch, as for one request), after validation and before limits,
+        credits or any row, as a single submit; a block names the first blocked spec."""
+        assert self._moderation is not None
+        texts = {
+            f"specs[{index}].{name}": text
+            for index, spec in enumerate(specs)
+            for name, text in spec_texts(spec).items()
+        }
+        try:
+            await self._moderation.check(identity, texts, Purpose.GENERATE)
+        except ContentBlocked as exc:
+            blocked = _SPEC_FIELD.match(exc.metadata.get("fields", ""))
+            if blocked is not None:
+                exc.metadata.setdefault("index", blocked.group(1))
+            raise
 
     async def _create(
         self, batch: NewBatch, jobs: list[NewGeneration], limits: PlanLimits
