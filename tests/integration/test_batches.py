@@ -293,6 +293,20 @@ async def test_a_batch_over_the_hourly_or_daily_limit_is_refused_whole(
         assert (await rows(database_url))[:2] == (5, 1)
 
 
+async def test_a_batch_over_the_daily_limit_is_refused_whole(
+    tmp_path: Path, database_url: str
+) -> None:
+    env = {"IMAGEGEN_PLANS_FILE": plans_file(tmp_path, requests_per_day=4)}
+    async with served(tmp_path, database_url, env) as stub:
+        await batch(stub, [spec("one"), spec("two")])
+        err = await refused(batch(stub, [spec(f"b{i}") for i in range(3)]))
+        reason, info, _ = error_details(err)
+        assert (reason, info["limit"], info["cap"]) == ("IMG_005", "requests_per_day", "4")
+        assert (await rows(database_url))[:2] == (2, 1)
+        await batch(stub, [spec("three"), spec("four")])
+    assert (await rows(database_url))[:2] == (4, 2)
+
+
 async def test_a_batch_runs_at_most_the_plans_concurrency_at_a_time(
     tmp_path: Path, database_url: str
 ) -> None:
