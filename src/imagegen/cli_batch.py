@@ -7,8 +7,9 @@ with a header row (a `prompt` column); its extension says which (`.jsonl`/`.ndjs
 (`WIDTHxHEIGHT`), `count`, `format`, `seed` and `provider`; what a row leaves out comes
 from the command's options. Blank lines (and JSON lines starting with `#`) are skipped.
 
-On a terminal the bars are redrawn in place; otherwise (a pipe, a log) each job prints a
-plain line when it starts, reaches a new stage and ends.
+On a terminal the bars are redrawn in place; otherwise (a pipe, a log, or more jobs than
+the terminal has lines) each job prints a plain line when it starts, reaches a new stage
+and ends.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import Mapping
@@ -219,8 +221,12 @@ class ProgressBoard:
 
     @classmethod
     def for_jobs(cls, labels: list[str], out: TextIO) -> ProgressBoard:
+        """A board for these jobs, drawn at once: in place on a terminal tall enough to
+        hold every line (the cursor cannot move back above the screen's top), else as
+        plain lines."""
         isatty = getattr(out, "isatty", None)
-        board = cls(out=out, interactive=bool(isatty and isatty()))
+        fits = len(labels) < shutil.get_terminal_size().lines
+        board = cls(out=out, interactive=bool(isatty and isatty()) and fits)
         board.lines = [_Line(label) for label in labels]
         board.draw()
         return board
