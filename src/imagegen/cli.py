@@ -1,6 +1,6 @@
-"""`imagegen`: serve, migrate, check health, mint a token, generate, outpaint, upscale, get
-help with prompts, review moderation, read a webhook secret, or serve MCP from the command
-line."""
+"""`imagegen`: serve, migrate, check health, mint a token, generate (one prompt, or a
+file of them as a batch), outpaint, upscale, get help with prompts, review moderation,
+read a webhook secret, or serve MCP from the command line."""
 
 from __future__ import annotations
 
@@ -121,9 +121,11 @@ def _parser() -> argparse.ArgumentParser:
     grant.add_argument("--amount", type=int, required=True)
     grant.add_argument("--note", default="granted by an administrator")
 
+    from imagegen.cli_batch import add_parser as add_batch_parser
     from imagegen.cli_moderation import add_parser as add_moderation_parser
     from imagegen.cli_webhook import add_parser as add_webhook_parser
 
+    add_batch_parser(sub)
     add_moderation_parser(sub)
     add_webhook_parser(sub)
 
@@ -172,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
 
         enlarge = run_outpaint if args.command == "outpaint" else run_upscale
         return asyncio.run(enlarge(settings, args))
+    if args.command == "batch":
+        from imagegen.cli_batch import run_batch
+
+        return asyncio.run(run_batch(settings, args))
     if args.command in ("suggest", "enhance"):
         from imagegen.cli_prompts import run_enhance, run_suggest
 

@@ -18,6 +18,9 @@ MIN_WEBHOOK_KEY_CHARS = 32
 #: 5 s, 30 s, 2 min, 10 min, 30 min, 1 h, 2 h, 4 h, 8 h, 8 h: 23.7 hours in all.
 DEFAULT_WEBHOOK_RETRY_DELAYS = "5,30,120,600,1800,3600,7200,14400,28800,28800"
 MAX_USAGE_NOTICE_CHARS = 2000
+#: The largest IMAGEGEN_MAX_BATCH: a batch is accepted in one transaction, under its
+#: user's lock.
+MAX_BATCH = 1000
 #: What images say about themselves when a deployment sets no IMAGEGEN_USAGE_NOTICE.
 DEFAULT_USAGE_NOTICE = (
     "This image was generated or edited with AI (imagegen). It may resemble existing "
@@ -190,6 +193,12 @@ SETTINGS: tuple[SettingDoc, ...] = (
                "JSON plan limits: requests per hour and day, concurrent generations, "
                "open streams."),
     SettingDoc("IMAGEGEN_REQUEST_ID_TTL", "86400", "Seconds a request_id is remembered."),
+    SettingDoc(
+        "IMAGEGEN_MAX_BATCH",
+        "50",
+        f"Most specs one BatchGenerate request may hold (at most {MAX_BATCH}: a batch is "
+        "accepted in one transaction).",
+    ),
     SettingDoc("IMAGEGEN_PROVIDER_TIMEOUT", "120", "Seconds one provider call may take."),
     SettingDoc(
         "IMAGEGEN_LOCAL_STEP_DELAY",
@@ -441,6 +450,8 @@ class Settings:
     pricing_file: Path | None
     plans_file: Path | None
     request_id_ttl: timedelta
+    #: most specs in one BatchGenerate request
+    max_batch: int
     provider_timeout: timedelta
     local_step_delay: float
     log_level: str
@@ -567,6 +578,7 @@ class Settings:
             pricing_file=_path_or_none(reader.optional("IMAGEGEN_PRICING_FILE")),
             plans_file=_path_or_none(reader.optional("IMAGEGEN_PLANS_FILE")),
             request_id_ttl=reader.seconds("IMAGEGEN_REQUEST_ID_TTL", 86400),
+            max_batch=reader.integer("IMAGEGEN_MAX_BATCH", 50, minimum=1, maximum=MAX_BATCH),
             provider_timeout=reader.seconds("IMAGEGEN_PROVIDER_TIMEOUT", 120),
             local_step_delay=reader.number("IMAGEGEN_LOCAL_STEP_DELAY", 0.05),
             log_level=reader.text("IMAGEGEN_LOG_LEVEL", "INFO").upper(),

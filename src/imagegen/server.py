@@ -80,6 +80,7 @@ from imagegen.repositories.webhook_secrets import (
     load_or_create_dev_key,
 )
 from imagegen.services.generations import (
+    BatchService,
     GenerationPresenter,
     GenerationReads,
     GenerationWaiter,
@@ -277,6 +278,13 @@ class Server:
                 default_provider=settings.effective_default_provider,
                 fallback_providers=settings.fallback_providers,
             )
+            submission_settings = SubmissionSettings(
+                plans=plans,
+                prices=prices,
+                max_pixels=settings.max_pixels,
+                request_id_ttl=settings.request_id_ttl,
+            )
+            presenter = GenerationPresenter(db=database, blobs=blobs, url_ttl=settings.url_ttl)
             submission = SubmissionService(
                 db=database,
                 sources=SourceResolver(
@@ -287,16 +295,23 @@ class Server:
                 ),
                 catalogue=catalogue,
                 signals=signals,
-                settings=SubmissionSettings(
-                    plans=plans,
-                    prices=prices,
-                    max_pixels=settings.max_pixels,
-                    request_id_ttl=settings.request_id_ttl,
-                ),
-                presenter=GenerationPresenter(db=database, blobs=blobs, url_ttl=settings.url_ttl),
+                settings=submission_settings,
+                presenter=presenter,
                 tracer=telemetry.tracer,
                 moderation=moderation,
                 callbacks=deliveries,
+            )
+            batches = BatchService(
+                db=database,
+                submission=submission,
+                catalogue=catalogue,
+                signals=signals,
+                settings=submission_settings,
+                max_specs=settings.max_batch,
+                presenter=presenter,
+                moderation=moderation,
+                callbacks=deliveries,
+                tracer=telemetry.tracer,
             )
             pipeline = JobPipeline(
                 db=database,
@@ -381,6 +396,7 @@ class Server:
                         settings=WaitSettings(settings.wait_default, settings.wait_max),
                     ),
                     webhook_secrets=webhook_secrets,
+                    batches=batches,
                 ),
                 server,
             )
@@ -642,6 +658,7 @@ def _webhooks(
             retry=RetryPolicy(settings.webhooks.retry_delays, settings.webhooks.max_attempts),
             allow_hosts=allow_hosts,
         ),
+        batch_jobs=reads.batch_jobs,
     )
     return secrets, deliveries
 

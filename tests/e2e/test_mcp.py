@@ -152,6 +152,7 @@ async def test_http_client_lists_validated_tools_and_generates(served: ServedPro
             "upscale_image",
             "suggest_prompts",
             "enhance_prompt",
+            "batch_generate",
         }
         progress: list[float] = []
 
@@ -186,6 +187,24 @@ async def test_http_client_lists_validated_tools_and_generates(served: ServedPro
             ("get_generation", {"name": out["name"]}),
         ):
             check_result(await session.call_tool(name, arguments), schemas[name])
+
+        prompts = [
+            {"prompt": "a paper kite", "size": "256x256"},
+            {"prompt": "a sailing boat", "size": "256x256", "count": 2},
+        ]
+        batch = check_result(
+            await session.call_tool("batch_generate", {"prompts": prompts}),
+            schemas["batch_generate"],
+        )
+        assert batch["batch"].startswith("batches/")
+        assert [g["state"] for g in batch["generations"]] == ["queued", "queued"]
+        last = check_result(
+            await session.call_tool(
+                "get_generation", {"name": batch["generations"][1]["name"], "wait_seconds": 30}
+            ),
+            schemas["get_generation"],
+        )
+        assert last["state"] == "completed" and len(last["images"]) == 2
 
 
 async def test_outpaint_upscale_and_prompt_tools_over_the_sdk_client(

@@ -25,7 +25,7 @@ def test_openai_definitions_are_valid_and_match_the_mcp_ones() -> None:
     openai = openai_tool_definitions()
     mcp = mcp_tool_definitions()
     assert [t["function"]["name"] for t in openai] == [t["name"] for t in mcp]
-    assert len({t["name"] for t in mcp}) == len(TOOLS) == 13
+    assert len({t["name"] for t in mcp}) == len(TOOLS) == 14
     for function, tool in zip(openai, mcp, strict=True):
         assert function["type"] == "function"
         Draft202012Validator.check_schema(function["function"]["parameters"])
@@ -85,6 +85,15 @@ def test_parameter_schemas_accept_good_and_refuse_bad_arguments() -> None:
     enhance = Draft202012Validator(by_name["enhance_prompt"])
     assert enhance.is_valid({"prompt": "a fox", "style": "cinematic"})
     assert not enhance.is_valid({"prompt": ""}) and not enhance.is_valid({"style": "anime"})
+    batch = Draft202012Validator(by_name["batch_generate"])
+    assert batch.is_valid({"prompts": [{"prompt": "a cat"}, {"prompt": "a dog", "count": 2}]})
+    for bad in (
+        {"prompts": []},
+        {"prompts": [{"prompt": ""}]},
+        {"prompts": [{"prompt": "a cat", "sources": ["images/abc"]}]},
+        {"prompts": [{"prompt": "a cat"}], "request_id": "has space"},
+    ):
+        assert not batch.is_valid(bad), bad
 
 
 @pytest.mark.parametrize("form", ["openai", "mcp"])

@@ -10,6 +10,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from imagegen.domain.batches import BATCHES_PREFIX
 from imagegen.domain.errors import InvalidRequest
 from imagegen.domain.models import (
     DEFAULT_SIZE,
@@ -123,6 +124,12 @@ def _timestamp(value: datetime | None) -> Timestamp | None:
         seconds=since_epoch.days * 86_400 + since_epoch.seconds,
         nanos=since_epoch.microseconds * 1000,
     )
+
+
+def batch_id_from_name(name: str, field: str = "batch") -> str:
+    """`batches/{id}` -> id; a bare id is accepted too; IMG_003 naming `field` for
+    anything else."""
+    return check_resource_name(name, "batches", field=field)
 
 
 def generation_id_from_name(name: str) -> str:
@@ -333,6 +340,7 @@ def generation_to_proto(generation: Generation, url_ttl: timedelta) -> generatio
         sub_account=generation.sub_account,
         edit=generation.spec.is_edit,
         callback_uri=shown_callback_uri(generation.spec.callback_uri),
+        batch=BATCHES_PREFIX + generation.batch_id if generation.batch_id else "",
         webhook_deliveries=[_webhook_attempt(a) for a in generation.webhook_deliveries],
     )
     if generation.duration is not None:

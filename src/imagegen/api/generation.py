@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
 
 import grpc
 
 from imagegen.api import convert
 from imagegen.api.context import identity
 from imagegen.api.errors import error_from_code
+from imagegen.domain.batches import BATCHES_PREFIX, about_spec
 from imagegen.domain.errors import InvalidRequest
 from imagegen.domain.models import EventType, Generation, Identity
 from imagegen.domain.providers import ProviderInfo
@@ -28,6 +28,7 @@ from imagegen.services.generations import (
     SubmissionService,
     UserSettingsService,
 )
+from imagegen.services.generations.batches import BatchItem, BatchService
 from imagegen.services.webhooks.secrets import WebhookSecrets, WebhookSecretView
 from imagegen.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
@@ -45,8 +46,10 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         url_ttl: timedelta,
         waiter: GenerationWaiter | None = None,
         webhook_secrets: WebhookSecrets | None = None,
+        batches: BatchService | None = None,
     ) -> None:
         self._submission = submission
+        self._batches = batches
         self._reads = reads
         self._watch = watch
         self._waiter = waiter
@@ -148,6 +151,7 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             created_before=convert.optional_time(request, "create_time_end"),
             page_size=request.page_size,
             page_token=request.page_token,
+            batch_id=convert.batch_id_from_name(request.batch) if request.batch else "",
         )
         return generation_pb2.ListGenerationsResponse(
             generations=[convert.generation_to_proto(g, self._url_ttl) for g in page],
@@ -289,10 +293,36 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         secret = await self._webhook_secrets.rotate(caller, request.request_id)
         return generation_pb2.RotateWebhookSecretResponse(secret=_webhook_secret(secret))
 
-    # Added to the contract ahead of their use cases (issues 13 and 14); until those
-    # land they answer UNIMPLEMENTED, as the generated base class would.
-    async def BatchGenerate(self, request: Any, context: Any) -> Any:
-        raise NotImplementedError
+    async def BatchGenerate(
+        self,
+        request: generation_pb2.BatchGenerateRequest,
+        context: grpc.aio.ServicerContext[
+            generation_pb2.BatchGenerateRequest, generation_pb2.BatchGenerateResponse
+        ],
+    ) -> generation_pb2.BatchGenerateResponse:
+        caller = identity()
+        if self._batches is None:
+            raise NotImplementedError
+        self._batches.check_size(len(request.specs))
+        items = []
+        for index, message in enumerate(request.specs):
+            with about_spec(index):
+                parsed = convert.parse_spec(message)
+            items.append(
+                BatchItem(
+                    parsed.spec,
+                    names_sources=bool(parsed.source_refs) or parsed.mask_ref is not None,
+                )
+            )
+        submitted = await self._batches.submit(
+            caller, items, request.request_id, request.callback_uri
+        )
+        return generation_pb2.BatchGenerateResponse(
+            batch=BATCHES_PREFIX + submitted.batch_id,
+            generations=[
+                convert.generation_to_proto(g, self._url_ttl) for g in submitted.generations
+            ],
+        )
 
     async def UpscaleImage(
         self,

@@ -156,6 +156,23 @@ def plan_reservation(facts: CreditFacts, credits: int, now: datetime) -> Reserva
     return Reservation(from_allowance=from_allowance, from_purchased=from_purchased)
 
 
+def plan_reservations(facts: CreditFacts, prices: list[int], now: datetime) -> list[Reservation]:
+    """Hold the prices of several jobs decided together (a batch), one reservation per
+    job in order: IMG_006 naming their total if the two buckets together fall short, so
+    either every job is paid for or none is. Each job takes from the allowance while it
+    lasts, then from purchased credits, as one job would."""
+    plan_reservation(facts, sum(prices), now)
+    allowance_left = max(facts.allowance_left, 0)
+    reservations = []
+    for price in prices:
+        from_allowance = min(allowance_left, price)
+        allowance_left -= from_allowance
+        reservations.append(
+            Reservation(from_allowance=from_allowance, from_purchased=price - from_allowance)
+        )
+    return reservations
+
+
 def plan_refund(held: Held, charged: int) -> Held:
     """What a finished job's settlement gives back: all it held less `charged`,
     purchased credits first (they never expire)."""

@@ -78,14 +78,22 @@ def window_retry_after(oldest: datetime | None, window: timedelta, now: datetime
     return max(oldest + window - now, MIN_RETRY_AFTER)
 
 
+def _windows(
+    counts: RequestCounts, limits: PlanLimits
+) -> tuple[tuple[int, int | None, datetime | None, timedelta, str], ...]:
+    """(count, cap, oldest counted, window, name) of the hour's and the day's windows,
+    in the order they are checked."""
+    return (
+        (counts.last_hour, limits.requests_per_hour, counts.oldest_in_hour, HOUR, "hour"),
+        (counts.last_day, limits.requests_per_day, counts.oldest_in_day, DAY, "day"),
+    )
+
+
 def check_request_limits(counts: RequestCounts, limits: PlanLimits) -> None:
     """IMG_005 (RateLimited, with its retry delay) when one more request would pass the
     plan's requests per hour or per day, or its concurrent generations; None caps are
     unlimited."""
-    for count, cap, oldest, window, name in (
-        (counts.last_hour, limits.requests_per_hour, counts.oldest_in_hour, HOUR, "hour"),
-        (counts.last_day, limits.requests_per_day, counts.oldest_in_day, DAY, "day"),
-    ):
+    for count, cap, oldest, window, name in _windows(counts, limits):
         if cap is not None and count >= cap:
             wait = window_retry_after(oldest, window, counts.now)
             raise RateLimited(
@@ -99,6 +107,34 @@ def check_request_limits(counts: RequestCounts, limits: PlanLimits) -> None:
             f"your plan allows {limits.concurrent} generation(s) at a time; wait for one to finish",
             retry_after=CONCURRENT_RETRY_AFTER,
             metadata={"limit": "concurrent", "cap": str(limits.concurrent)},
+        )
+
+
+def check_batch_request_limits(counts: RequestCounts, limits: PlanLimits, jobs: int) -> None:
+    """IMG_005 unless both the hour's and the day's windows have room for all `jobs` of
+    a batch (each counts as a request). The concurrent cap does not refuse a batch: its
+    jobs wait queued until the plan's concurrency lets them start. The RetryInfo delay
+    is when the oldest request counted leaves the window: the earliest moment anything
+    more fits (a large batch may need longer). A batch larger than the cap itself never
+    fits: the message says to split it."""
+    for count, cap, oldest, window, name in _windows(counts, limits):
+        if cap is None or count + jobs <= cap:
+            continue
+        metadata = {"limit": f"requests_per_{name}", "cap": str(cap), "requested": str(jobs)}
+        if jobs > cap:
+            raise RateLimited(
+                f"this batch of {jobs} jobs is more than your plan's {cap} requests per "
+                f"{name}; split it into batches of at most {cap}",
+                retry_after=window,
+                metadata=metadata,
+            )
+        wait = window_retry_after(oldest, window, counts.now)
+        raise RateLimited(
+            f"your plan allows {cap} requests per {name} and {cap - min(count, cap)} are "
+            f"left, fewer than this batch's {jobs} jobs; try again in at least "
+            f"{wait.total_seconds():.0f}s",
+            retry_after=wait,
+            metadata=metadata,
         )
 
 

@@ -396,6 +396,8 @@ class Generation:
     plan: str = "free"
     #: every attempt to deliver the job's webhook, oldest first
     webhook_deliveries: tuple[WebhookAttempt, ...] = ()
+    #: the batch it was submitted in (BatchGenerate); empty for a single job
+    batch_id: str = ""
 
     @property
     def duration(self) -> timedelta | None:

@@ -166,6 +166,27 @@ class EditImageArguments(_RenderOptions):
     request_id: RequestId = None
 
 
+class BatchPromptArguments(_RenderOptions):
+    """One job of batch_generate."""
+
+    prompt: str = Field(min_length=1, max_length=4000, description="What to draw.")
+    size: Size = "1024x1024"
+
+
+class BatchGenerateArguments(_Arguments):
+    """Arguments of batch_generate."""
+
+    prompts: list[BatchPromptArguments] = Field(
+        min_length=1,
+        max_length=1000,
+        description=(
+            "The jobs to make, one per item, in order: at most the server's batch size "
+            "(IMAGEGEN_MAX_BATCH, 50 by default). All are accepted or none is."
+        ),
+    )
+    request_id: RequestId = None
+
+
 class GetGenerationArguments(_Arguments):
     """Arguments of get_generation."""
 
@@ -369,6 +390,14 @@ class GenerationOut(_Output):
     next_step: str = Field(description="What to do next, e.g. how to resume waiting.")
 
 
+class BatchOut(_Output):
+    """A batch of jobs as accepted."""
+
+    batch: str = Field(description="The batch, batches/{id}.")
+    generations: list[GenerationOut] = Field(description="Its jobs, in the order of prompts.")
+    next_step: str = Field(description="How to follow the jobs.")
+
+
 class ListedImageOut(_Output):
     """One library image, as listed."""
 
@@ -554,6 +583,19 @@ TOOLS: tuple[ToolDefinition, ...] = (
         arguments=UpscaleImageArguments,
         output=GenerationOut,
         makes_job=True,
+        read_only=False,
+    ),
+    ToolDefinition(
+        name="batch_generate",
+        title="Generate a batch of images",
+        description=(
+            "Queue one job per prompt in one call, all accepted or none (each counts toward "
+            "your plan's request limits and costs what a single job of its size costs). The "
+            "jobs run at most your plan's concurrency at a time; the answer comes at once "
+            "with every job's name: follow each with get_generation(name, wait_seconds)."
+        ),
+        arguments=BatchGenerateArguments,
+        output=BatchOut,
         read_only=False,
     ),
     ToolDefinition(

@@ -288,6 +288,8 @@ class ToolRunner:
         backend = self.backend
         if isinstance(arguments, d.GetGenerationArguments):
             return await self.follow(arguments.name, self.wait_for(arguments.wait_seconds), call)
+        if isinstance(arguments, d.BatchGenerateArguments):
+            return await self._batch(arguments, call)
         if isinstance(arguments, d.CancelGenerationArguments):
             request = generation_pb2.CancelGenerationRequest(
                 name=arguments.name, request_id=arguments.request_id or call.derived_request_id
@@ -422,6 +424,51 @@ class ToolRunner:
                 }
             )
         raise AssertionError(f"no runner for tool {tool.name}")  # pragma: no cover
+
+    async def _batch(
+        self, arguments: d.BatchGenerateArguments, call: CallContext
+    ) -> CallToolResult:
+        """Submit every prompt as one batch and answer at once with the queued jobs."""
+        request_id = arguments.request_id or call.derived_request_id
+        specs = []
+        for item in arguments.prompts:
+            spec = common_pb2.GenerationSpec(
+                prompt=item.prompt,
+                negative_prompt=item.negative_prompt,
+                style=_style(item.style),
+                size=_size(item.size),
+                count=item.count,
+                format=_FORMATS[item.format],
+                provider=item.provider,
+                model=item.model,
+                source=common_pb2.GENERATION_SOURCE_AGENT,
+            )
+            if item.seed is not None:
+                spec.seed = item.seed
+            specs.append(spec)
+        try:
+            reply = await self.backend.unary(
+                self.backend.generations.BatchGenerate,
+                generation_pb2.BatchGenerateRequest(specs=specs, request_id=request_id),
+                call.token,
+            )
+        except ToolFailure as failure:
+            # A retry must reuse the request id, or it could make a second batch.
+            return error_result(failure, request_id=request_id)
+        return structured_result(
+            {
+                "batch": reply.batch,
+                "generations": [
+                    generation_output(g, 0, max_wait=self.options.max_wait)
+                    for g in reply.generations
+                ],
+                "next_step": (
+                    "The jobs are queued and run at most your plan's concurrency at a time: "
+                    "call get_generation with each name and wait_seconds up to "
+                    f"{self.options.max_wait:g} to wait for it."
+                ),
+            }
+        )
 
     async def submit(
         self, tool: d.ToolDefinition, arguments: BaseModel, call: CallContext

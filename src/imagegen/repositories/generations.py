@@ -173,6 +173,7 @@ def _generation_from_row(row: asyncpg.Record) -> Generation:
         last_sequence=row["last_sequence"],
         trace_context=dict(row["spec"].get("trace_context") or {}),
         plan=str(row["spec"].get("plan") or "free"),
+        batch_id=str(row["batch_id"]) if row["batch_id"] else "",
     )
 
 
@@ -192,6 +193,30 @@ def _event_from_row(row: asyncpg.Record) -> GenerationEvent:
         retryable=bool(payload.get("retryable", False)),
         extra={k: str(v) for k, v in payload.items() if k in ("image_id", "image_index")},
     )
+
+
+#: ListGenerations' page of a user's jobs, newest first, with its filters.
+_LIST_SQL = """
+SELECT * FROM generations
+ WHERE user_id = $1
+   AND (cardinality($2::text[]) = 0 OR state = ANY($2::text[]))
+   AND ($3::timestamptz IS NULL OR created_at >= $3)
+   AND ($4::timestamptz IS NULL OR created_at < $4)
+   AND ($5::timestamptz IS NULL OR (created_at, id) < ($5, $6::uuid))
+ ORDER BY created_at DESC, id DESC
+ LIMIT $7
+"""
+#: The same page within one batch ($8).
+_LIST_BATCH_SQL = """
+SELECT * FROM generations
+ WHERE batch_id = $8 AND user_id = $1
+   AND (cardinality($2::text[]) = 0 OR state = ANY($2::text[]))
+   AND ($3::timestamptz IS NULL OR created_at >= $3)
+   AND ($4::timestamptz IS NULL OR created_at < $4)
+   AND ($5::timestamptz IS NULL OR (created_at, id) < ($5, $6::uuid))
+ ORDER BY created_at DESC, id DESC
+ LIMIT $7
+"""
 
 
 class GenerationRepository:
@@ -356,12 +381,30 @@ class GenerationRepository:
         statement: each job's STARTED event (unless it is past `max_attempts`, which
         the worker fails at once) with its NOTIFY, the batch indexes an earlier attempt
         stored (soft-deleted images too: they were delivered; never the uploads it was
-        given), and when the next lease of another worker runs out."""
+        given), and when the next lease of another worker runs out.
+
+        A batch job (max_concurrent set) starts only while its owner runs fewer jobs than
+        that. The exact decision is the claim gate of migrations/0011_batches.sql (a
+        trigger that leaves the row queued), made under the owner's lock so replicas
+        claiming at once cannot both pass. The count below picks only the batch jobs the
+        gate should let through, the owner's oldest queued ones up to the free places
+        (jobs running, or batch jobs queued before it, come first): so the batch starts
+        in its order, and jobs the gate would leave queued take no places of this claim
+        from other jobs."""
         rows = await self._db.fetch(
             """
             WITH picked AS (
-                SELECT id FROM generations
-                 WHERE state = 'queued' OR (state = 'running' AND lease_expires_at < now())
+                SELECT id FROM generations q
+                 WHERE (state = 'queued'
+                        AND (max_concurrent IS NULL
+                             OR max_concurrent > (
+                                SELECT count(*) FROM generations ahead
+                                 WHERE ahead.user_id = q.user_id
+                                   AND (ahead.state = 'running'
+                                        OR (ahead.state = 'queued'
+                                            AND ahead.max_concurrent IS NOT NULL
+                                            AND ahead.created_at < q.created_at)))))
+                    OR (state = 'running' AND lease_expires_at < now())
                  ORDER BY created_at
                  FOR UPDATE SKIP LOCKED
                  LIMIT $3
@@ -626,19 +669,11 @@ class GenerationRepository:
         created_before: datetime | None,
         after: Cursor | None,
         limit: int,
+        batch_id: str = "",
     ) -> list[Generation]:
-        """The owner's jobs, newest first, strictly after `after`."""
-        rows = await self._db.fetch(
-            """
-            SELECT * FROM generations
-             WHERE user_id = $1
-               AND (cardinality($2::text[]) = 0 OR state = ANY($2::text[]))
-               AND ($3::timestamptz IS NULL OR created_at >= $3)
-               AND ($4::timestamptz IS NULL OR created_at < $4)
-               AND ($5::timestamptz IS NULL OR (created_at, id) < ($5, $6::uuid))
-             ORDER BY created_at DESC, id DESC
-             LIMIT $7
-            """,
+        """The owner's jobs, newest first, strictly after `after`; only the jobs of
+        `batch_id` when one is given (none for a malformed id)."""
+        arguments: list[Any] = [
             user_id,
             [s.value for s in states],
             created_from,
@@ -646,6 +681,30 @@ class GenerationRepository:
             after.created_at if after else None,
             uuid.UUID(after.id) if after else None,
             limit,
+        ]
+        sql = _LIST_SQL
+        if batch_id:
+            batch = parse_id(batch_id)
+            if batch is None:
+                return []
+            # Its own statement, so that its plan reads the batch's rows by
+            # generations_batch_idx rather than the user's whole history.
+            sql = _LIST_BATCH_SQL
+            arguments.append(batch)
+        rows = await self._db.fetch(sql, *arguments)
+        return [_generation_from_row(r) for r in rows]
+
+    async def batch_jobs(self, user_id: str, batch_id: str) -> list[Generation]:
+        """The jobs of one of the owner's batches, in the order they were submitted;
+        empty for anyone else's batch or a malformed id."""
+        batch = parse_id(batch_id)
+        if batch is None:
+            return []
+        rows = await self._db.fetch(
+            "SELECT * FROM generations WHERE batch_id = $1 AND user_id = $2 "
+            "ORDER BY batch_index",
+            batch,
+            user_id,
         )
         return [_generation_from_row(r) for r in rows]
 

@@ -17,6 +17,7 @@ from types import TracebackType
 
 import asyncpg
 
+from imagegen.repositories.batches import BatchRepository
 from imagegen.repositories.credits import CreditLedger
 from imagegen.repositories.generations import GenerationRepository
 from imagegen.repositories.images import ImageRepository
@@ -48,6 +49,7 @@ class PostgresUnitOfWork:
         self._credits = CreditLedger(conn)
         self._usage = UsageRepository(conn)
         self._webhooks = WebhookOutbox(conn)
+        self._batches = BatchRepository(conn)
         return self
 
     async def __aexit__(
@@ -96,6 +98,11 @@ class PostgresUnitOfWork:
     def webhooks(self) -> WebhookOutbox:
         """The webhook outbox, on this unit of work's connection."""
         return self._webhooks
+
+    @property
+    def batches(self) -> BatchRepository:
+        """Batches of jobs, on this unit of work's connection."""
+        return self._batches
 
 
 class PostgresDatabase:

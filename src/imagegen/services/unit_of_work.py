@@ -11,6 +11,7 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Protocol, Self
 
+from imagegen.repositories.batches import BatchRepository
 from imagegen.repositories.credits import CreditLedger
 from imagegen.repositories.generations import GenerationRepository
 from imagegen.repositories.images import ImageRepository
@@ -58,6 +59,11 @@ class UnitOfWork(Protocol):
     @property
     def webhooks(self) -> WebhookOutbox:
         """Callbacks to deliver, written with the end of their job."""
+        ...
+
+    @property
+    def batches(self) -> BatchRepository:
+        """Batches of jobs submitted together, counted down as their jobs end."""
         ...
 
 

@@ -14,6 +14,8 @@
 - reads.py       GetGeneration, ListGenerations, CancelGeneration, each with the job's
                  images and full spec (GenerationPresenter, also for a retried submit).
 - wait.py        WaitGeneration: a unary wait for the terminal event, through the watch.
+- batches.py     BatchGenerate: many specs, each its own job, accepted or refused whole
+                 (one unit of work); the jobs start within the plan's concurrency.
 - user_settings.py  a user's default provider, and ListProviders (catalogue.py holds
                  the providers, the deployment's default and the fallback chain).
 
@@ -22,6 +24,7 @@ repositories/, reached through the Database and UnitOfWork ports of
 services/unit_of_work.py.
 """
 
+from imagegen.services.generations.batches import BatchItem, BatchService, SubmittedBatch
 from imagegen.services.generations.catalogue import ProviderCatalogue
 from imagegen.services.generations.pipeline import (
     GenerationObserver,
@@ -40,6 +43,8 @@ from imagegen.services.generations.wait import GenerationWaiter, WaitSettings
 from imagegen.services.generations.watch import GenerationWatch
 
 __all__ = [
+    "BatchItem",
+    "BatchService",
     "GenerationObserver",
     "GenerationPresenter",
     "GenerationReads",
@@ -52,6 +57,7 @@ __all__ = [
     "SubmissionService",
     "SubmissionSettings",
     "Submitted",
+    "SubmittedBatch",
     "UserSettingsService",
     "WaitSettings",
 ]

@@ -111,9 +111,11 @@ class GenerationReads:
         created_before: datetime | None = None,
         page_size: int = 0,
         page_token: str = "",
+        batch_id: str = "",
     ) -> tuple[list[Generation], str]:
         """A page of the caller's jobs, newest first, each with its images, and the next
-        page's token."""
+        page's token; only those of `batch_id` when one is given (none for anyone else's
+        batch)."""
         size = paging.page_size(page_size)
         if created_from and created_before and created_from >= created_before:
             raise InvalidRequest(
@@ -121,6 +123,7 @@ class GenerationReads:
             )
         scope = "|".join(
             [",".join(sorted(s.value for s in states)), str(created_from), str(created_before)]
+            + ([batch_id] if batch_id else [])
         )
         cursor = paging.decode_cursor(page_token, scope)
         page = await self._db.generations.list_for_user(
@@ -130,6 +133,7 @@ class GenerationReads:
             created_before=created_before,
             after=cursor,
             limit=size + 1,
+            batch_id=batch_id,
         )
         next_token = ""
         if len(page) > size:
@@ -137,6 +141,12 @@ class GenerationReads:
             last = page[-1]
             next_token = paging.encode_cursor(paging.Cursor(last.created_at, last.id), scope)
         return await self._presenter.present_all(identity.user_id, page), next_token
+
+    async def batch_jobs(self, identity: Identity, batch_id: str) -> list[Generation]:
+        """Every job of one of the caller's batches, in request order, each as `get`
+        shows it; empty for anyone else's batch."""
+        jobs = await self._db.generations.batch_jobs(identity.user_id, batch_id)
+        return await self._presenter.present_all(identity.user_id, jobs)
 
     async def cancel(self, identity: Identity, generation_id: str) -> Generation:
         """Cancel the caller's job: a queued one at once (CANCELLED, its whole reservation
@@ -148,7 +158,6 @@ class GenerationReads:
                 raise NotFound(f"generation {generation_id!r} not found")
             if generation.state is GenerationState.QUEUED:
                 generation = await uow.generations.cancel_queued(generation.id)
-                await queue_job_webhook(uow, generation, GenerationState.CANCELLED)
                 # Nothing was delivered: the whole reservation goes back.
                 await uow.credits.settle(
                     identity.user_id,
@@ -157,6 +166,8 @@ class GenerationReads:
                     allowance=self._plans.limits_for(generation.plan).monthly_credits,
                     now=datetime.now(UTC),
                 )
+                # After the settlement, as the pipeline's end of a job (see its docstring).
+                await queue_job_webhook(uow, generation, GenerationState.CANCELLED)
             elif generation.state is GenerationState.RUNNING:
                 generation = await uow.generations.request_cancel(generation.id)
             await uow.generations.notify_changed(generation.id)

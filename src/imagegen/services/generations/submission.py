@@ -566,6 +566,15 @@ class SubmissionService:
                         )
                     await uow.commit()  # keeps the forgetting of expired request ids
                     return past.generation, False
+                # Request ids are the caller's, whichever RPC used one first.
+                if await uow.batches.find_request(
+                    job.user_id, job.request_id, remembered_for=self._settings.request_id_ttl
+                ):
+                    raise RequestIdReused(
+                        f"request_id {job.request_id!r} was used for a batch; use a new "
+                        "request_id for new parameters",
+                        metadata={"request_id": job.request_id},
+                    )
             counts = await uow.generations.request_counts(job.user_id, counted_up_to(limits))
             check_request_limits(counts, limits)
             now = datetime.now(UTC)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Protocol
 
+from imagegen.domain.batches import BATCHES_PREFIX
 from imagegen.domain.models import Generation, Identity
 from imagegen.domain.webhooks import (
     DeliveryOutcome,
@@ -41,7 +42,6 @@ from imagegen.services.webhooks.secrets import WebhookSecrets
 log = logging.getLogger(__name__)
 
 USER_AGENT = "imagegen-webhooks/1"
-BATCHES_PREFIX = "batches/"
 
 
 @dataclass(frozen=True)
@@ -75,8 +75,8 @@ class CallbackSender(Protocol):
 
 
 class BatchJobs(Protocol):
-    """The jobs of one of a user's batches, in the order they were submitted (built with
-    BatchGenerate; until then no batch callback is queued)."""
+    """The jobs of one of a user's batches, in the order they were submitted
+    (services/generations/reads.py GenerationReads.batch_jobs)."""
 
     def __call__(self, identity: Identity, batch_id: str) -> Awaitable[Sequence[Generation]]:
         """The batch's jobs, as GetGeneration shows them."""

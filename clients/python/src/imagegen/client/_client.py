@@ -226,6 +226,35 @@ class ImageGenClient:
                 await self._next_replica(attempt)
                 attempt += 1
 
+    async def batch_generate(
+        self,
+        specs: Sequence[common_pb2.GenerationSpec],
+        *,
+        request_id: str | None = None,
+        callback_uri: str = "",
+    ) -> generation_pb2.BatchGenerateResponse:
+        """Submit several specs as one batch (BatchGenerate): each becomes its own job,
+        returned in order in `.generations`, all accepted or all refused. Retries
+        transient failures with the same request id (made here when none is given) until
+        the deadline, so a retry never makes a second batch. `callback_uri` is told once
+        when every job has ended. Follow the jobs with `wait`."""
+        request = generation_pb2.BatchGenerateRequest(
+            specs=list(specs), request_id=request_id or uuid.uuid4().hex, callback_uri=callback_uri
+        )
+        deadline = time.monotonic() + self._timeout
+        attempt = 0
+        while True:
+            try:
+                reply: generation_pb2.BatchGenerateResponse = await self.generations.BatchGenerate(
+                    request, metadata=self._metadata, timeout=_left(deadline)
+                )
+                return reply
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in _RETRYABLE or _left(deadline) <= 0:
+                    raise
+                await self._next_replica(attempt)
+                attempt += 1
+
     async def wait(
         self,
         generation: str,
