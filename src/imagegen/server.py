@@ -50,6 +50,7 @@ from imagegen.imaging import EncodeSettings
 from imagegen.jobs.runner import JobRunner
 from imagegen.jobs.signals import JobSignals, NotificationListener
 from imagegen.ports import bind_failure, ensure_ports_free
+from imagegen.provenance import open_marker
 from imagegen.providers.base import Provider
 from imagegen.providers.chat_enhancer import ChatEnhancer
 from imagegen.providers.fetch_guard import FetchLimits, GuardedFetcher
@@ -239,6 +240,11 @@ class Server:
                 store_text=settings.moderation.store_text,
             )
 
+            # Signs a probe image, so signing material C2PA refuses stops the start here;
+            # blocking (file I/O, a development CA made on first use), hence the thread.
+            marker = await asyncio.to_thread(open_marker, settings.provenance, settings.data_dir)
+            usage_notice = settings.provenance.usage_notice
+
             database = PostgresDatabase(pool)
             plans = PlanTable.load(settings.plans_file)
             prices = PriceTable.load(settings.pricing_file)
@@ -279,8 +285,10 @@ class Server:
                     max_pixels=settings.max_pixels,
                     provider_timeout=settings.provider_timeout,
                     max_attempts=settings.max_attempts,
+                    usage_notice=usage_notice,
                     encode=_encode_settings(settings),
                 ),
+                marker=marker,
                 tracer=telemetry.tracer,
                 moderation=moderation,
             )
@@ -340,6 +348,7 @@ class Server:
                     watch=watch,
                     user_settings=UserSettingsService(database.user_settings, catalogue),
                     url_ttl=settings.url_ttl,
+                    usage_notice=usage_notice,
                 ),
                 server,
             )
@@ -352,11 +361,14 @@ class Server:
                         LibrarySettings(
                             url_ttl=settings.url_ttl,
                             max_pixels=settings.max_pixels,
+                            usage_notice=usage_notice,
                             chunk_bytes=settings.download_chunk_bytes,
                             encode=_encode_settings(settings),
                         ),
+                        marker,
                     ),
                     url_ttl=settings.url_ttl,
+                    usage_notice=usage_notice,
                 ),
                 server,
             )
@@ -368,6 +380,7 @@ class Server:
                         request_id_ttl=settings.request_id_ttl,
                     ),
                     url_ttl=settings.url_ttl,
+                    usage_notice=usage_notice,
                 ),
                 server,
             )

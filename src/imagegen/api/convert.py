@@ -209,7 +209,11 @@ def spec_to_proto(spec: GenerationSpec) -> common_pb2.GenerationSpec:
     return message
 
 
-def image_to_proto(image: StoredImage, url_ttl: timedelta) -> common_pb2.Image:
+def image_to_proto(
+    image: StoredImage, url_ttl: timedelta, *, usage_notice: str
+) -> common_pb2.Image:
+    """An image as the contract shows it; `usage_notice` is the deployment's, shown for
+    every image but an upload (the caller's own file, which carries no marks)."""
     message = common_pb2.Image(
         name=IMAGES_PREFIX + image.id,
         uri=image.url,
@@ -235,6 +239,7 @@ def image_to_proto(image: StoredImage, url_ttl: timedelta) -> common_pb2.Image:
         sub_account=image.sub_account,
         edit=image.is_edit,
         credits=image.credits,
+        usage_notice="" if image.upload else usage_notice,
     )
     if image.generation_duration is not None:
         message.generation_duration.CopyFrom(_duration(image.generation_duration))
@@ -254,7 +259,10 @@ def image_to_proto(image: StoredImage, url_ttl: timedelta) -> common_pb2.Image:
     return message
 
 
-def generation_to_proto(generation: Generation, url_ttl: timedelta) -> generation_pb2.Generation:
+def generation_to_proto(
+    generation: Generation, url_ttl: timedelta, *, usage_notice: str
+) -> generation_pb2.Generation:
+    """A job as the contract shows it, with the deployment's usage notice."""
     message = generation_pb2.Generation(
         name=GENERATIONS_PREFIX + generation.id,
         spec=spec_to_proto(generation.spec),
@@ -263,11 +271,14 @@ def generation_to_proto(generation: Generation, url_ttl: timedelta) -> generatio
         model=generation.model,
         credits=generation.credits,
         attempts=generation.attempts,
-        images=[image_to_proto(img, url_ttl) for img in generation.images],
+        images=[
+            image_to_proto(img, url_ttl, usage_notice=usage_notice) for img in generation.images
+        ],
         request_id=generation.request_id,
         last_sequence=generation.last_sequence,
         sub_account=generation.sub_account,
         edit=generation.spec.is_edit,
+        usage_notice=usage_notice,
     )
     if generation.duration is not None:
         message.duration.CopyFrom(_duration(generation.duration))
@@ -289,7 +300,11 @@ def generation_to_proto(generation: Generation, url_ttl: timedelta) -> generatio
     return message
 
 
-def event_to_proto(event: GenerationEvent, url_ttl: timedelta) -> generation_pb2.GenerationEvent:
+def event_to_proto(
+    event: GenerationEvent, url_ttl: timedelta, *, usage_notice: str
+) -> generation_pb2.GenerationEvent:
+    """An event as the contract shows it; an IMAGE_READY event's image carries the
+    deployment's usage notice."""
     message = generation_pb2.GenerationEvent(
         generation=GENERATIONS_PREFIX + event.generation_id,
         sequence=event.sequence,
@@ -309,7 +324,7 @@ def event_to_proto(event: GenerationEvent, url_ttl: timedelta) -> generation_pb2
             )
         )
     elif event.type is EventType.IMAGE_READY and event.image is not None:
-        message.image.CopyFrom(image_to_proto(event.image, url_ttl))
+        message.image.CopyFrom(image_to_proto(event.image, url_ttl, usage_notice=usage_notice))
     elif event.type is EventType.FAILED:
         message.error.CopyFrom(
             generation_pb2.GenerationError(

@@ -39,12 +39,14 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         watch: GenerationWatch,
         user_settings: UserSettingsService,
         url_ttl: timedelta,
+        usage_notice: str,
     ) -> None:
         self._submission = submission
         self._reads = reads
         self._watch = watch
         self._user_settings = user_settings
         self._url_ttl = url_ttl
+        self._usage_notice = usage_notice
 
     async def _submit(
         self, caller: Identity, spec: common_pb2.GenerationSpec, request_id: str
@@ -70,7 +72,7 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         generation = await self._submit(caller, request.spec, request.request_id)
         async for event in self._watch.watch(caller, generation.id):
             yield generation_pb2.GenerateImageResponse(
-                event=convert.event_to_proto(event, self._url_ttl)
+                event=convert.event_to_proto(event, self._url_ttl, usage_notice=self._usage_notice)
             )
             if event.type is EventType.FAILED:
                 # The caller that waits learns of the failure as a status too.
@@ -85,7 +87,9 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
     ) -> generation_pb2.SubmitGenerationResponse:
         generation = await self._submit(identity(), request.spec, request.request_id)
         return generation_pb2.SubmitGenerationResponse(
-            generation=convert.generation_to_proto(generation, self._url_ttl)
+            generation=convert.generation_to_proto(
+                generation, self._url_ttl, usage_notice=self._usage_notice
+            )
         )
 
     async def WatchGeneration(
@@ -99,7 +103,7 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         generation_id = convert.generation_id_from_name(request.name)
         async for event in self._watch.watch(caller, generation_id, request.after_sequence):
             yield generation_pb2.WatchGenerationResponse(
-                event=convert.event_to_proto(event, self._url_ttl)
+                event=convert.event_to_proto(event, self._url_ttl, usage_notice=self._usage_notice)
             )
 
     async def GetGeneration(
@@ -113,7 +117,9 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             identity(), convert.generation_id_from_name(request.name)
         )
         return generation_pb2.GetGenerationResponse(
-            generation=convert.generation_to_proto(generation, self._url_ttl)
+            generation=convert.generation_to_proto(
+                generation, self._url_ttl, usage_notice=self._usage_notice
+            )
         )
 
     async def ListGenerations(
@@ -133,7 +139,10 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             page_token=request.page_token,
         )
         return generation_pb2.ListGenerationsResponse(
-            generations=[convert.generation_to_proto(g, self._url_ttl) for g in page],
+            generations=[
+                convert.generation_to_proto(g, self._url_ttl, usage_notice=self._usage_notice)
+                for g in page
+            ],
             next_page_token=next_token,
         )
 
@@ -148,7 +157,9 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             identity(), convert.generation_id_from_name(request.name)
         )
         return generation_pb2.CancelGenerationResponse(
-            generation=convert.generation_to_proto(generation, self._url_ttl)
+            generation=convert.generation_to_proto(
+                generation, self._url_ttl, usage_notice=self._usage_notice
+            )
         )
 
     async def RerunGeneration(
@@ -162,7 +173,9 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             identity(), convert.generation_id_from_name(request.name), request.request_id
         )
         return generation_pb2.RerunGenerationResponse(
-            generation=convert.generation_to_proto(generation, self._url_ttl)
+            generation=convert.generation_to_proto(
+                generation, self._url_ttl, usage_notice=self._usage_notice
+            )
         )
 
     async def QuoteGeneration(
@@ -226,7 +239,6 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
     ) -> generation_pb2.ListProvidersResponse:
         providers = await self._user_settings.list_providers(identity())
         return generation_pb2.ListProvidersResponse(providers=[_provider(p) for p in providers])
-
 
     # Added to the contract ahead of their use cases (issues 13 and 14); until those
     # land they answer UNIMPLEMENTED, as the generated base class would.

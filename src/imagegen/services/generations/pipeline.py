@@ -9,7 +9,9 @@ its lease), from STARTED to the terminal event.
    Before each call, a user already at their storage quota ends the job IMG_008
    (a read-only check: no provider call is made for an image that cannot be kept).
 3. The reply's bytes are checked and converted to the asked format, in a thread.
-4. The blob is put, then one unit of work locks the user's storage counter, decides the
+4. The image is marked as made with AI (XMP fields and a signed C2PA manifest, in a
+   thread; an edit names its sources as ingredients), the marked blob is put, then one
+   unit of work locks the user's storage counter, decides the
    quota (domain/limits.py) and records the image row and its IMAGE_READY event, so two
    jobs of one user never pass the quota together; if the quota refuses it or the
    record fails, the blob is deleted again. A PROGRESS "stored" event follows.
@@ -60,6 +62,13 @@ from imagegen.domain.plans import PlanTable
 from imagegen.domain.pricing import PriceTable
 from imagegen.domain.usage import UsageRecord
 from imagegen.jobs.signals import JobSignals
+from imagegen.provenance import (
+    Ingredient,
+    Origin,
+    ProvenanceError,
+    ProvenanceFacts,
+    ProvenanceMarker,
+)
 from imagegen.providers.base import (
     ProgressCallback,
     Provider,
@@ -101,6 +110,8 @@ class PipelineSettings:
     provider_timeout: timedelta
     #: times a job is started before it is failed
     max_attempts: int
+    #: the deployment's usage notice written into every stored image (IMAGEGEN_USAGE_NOTICE)
+    usage_notice: str
     #: seconds between looks at the cancel flag during a provider call (a signal is sooner)
     cancel_poll_interval: float = 1.0
     #: how images that must be re-encoded are encoded
@@ -119,11 +130,14 @@ class JobPipeline:
         signals: JobSignals,
         observer: GenerationObserver,
         settings: PipelineSettings,
+        marker: ProvenanceMarker,
         tracer: trace.Tracer | None = None,
         moderation: ModerationService | None = None,
     ) -> None:
         self._db = db
         self._blobs = blobs
+        #: writes the provenance marks into every image before it is stored
+        self._marker = marker
         #: told of failed jobs (abuse signals, provider content-policy verdicts); None: off
         self._moderation = moderation
         self._catalogue = catalogue
@@ -305,6 +319,7 @@ class JobPipeline:
                 reported_seed=reply.seed,
                 used_seed=request.seed,
                 call_started=call_started,
+                sources=sources,
             )
             await progress.stored(index)
         return model, job
@@ -414,12 +429,33 @@ class JobPipeline:
         reported_seed: int | None,
         used_seed: int,
         call_started: float,
+        sources: tuple[SourceImage, ...] = (),
     ) -> None:
-        """Blob, then quota, row and IMAGE_READY event in one unit of work; no blob stays
-        without its row, and no row without its blob. `call_started` is when the image's
-        provider call began (time.monotonic())."""
+        """Marks, blob, then quota, row and IMAGE_READY event in one unit of work; no blob
+        stays without its row, and no row without its blob. `call_started` is when the
+        image's provider call began (time.monotonic()); `sources` are the edit's loaded
+        sources (its parents, named in the marks)."""
         image_id = str(uuid.uuid4())
-        key = blob_key(job.user_id, image_id, info.format.extension, datetime.now(UTC))
+        now = datetime.now(UTC)
+        key = blob_key(job.user_id, image_id, info.format.extension, now)
+        facts = self._provenance_facts(job, image_id, model, now, sources)
+        with self._tracer.start_as_current_span(
+            "image.mark", attributes={"imagegen.image.format": info.format.value}
+        ):
+            try:
+                encoded = await asyncio.to_thread(self._marker.mark, encoded, info.format, facts)
+            except (ProvenanceError, ValueError) as exc:
+                log.exception(
+                    "marking an image failed",
+                    extra={
+                        "event": "provenance.failed",
+                        "generation_id": job.id,
+                        "error": str(exc),
+                    },
+                )
+                raise StorageFailed(
+                    "the image was made but marking it as AI-made failed; submit the request again"
+                ) from exc
         with self._tracer.start_as_current_span(
             "storage.put",
             attributes={
@@ -443,7 +479,7 @@ class JobPipeline:
             provider=job.provider,
             model=model,
             prompt=job.spec.prompt,
-            created_at=datetime.now(UTC),
+            created_at=now,
             index=index,
             is_edit=job.spec.is_edit,
             parent_ids=tuple(s.image_id for s in job.spec.sources if s.image_id),
@@ -470,6 +506,37 @@ class JobPipeline:
             # An earlier attempt of this job stored this image first; keep only that one.
             await self._blobs.delete(key)
         self._signals.job_changed(job.id)
+
+    def _provenance_facts(
+        self,
+        job: Generation,
+        image_id: str,
+        model: str,
+        created: datetime,
+        sources: tuple[SourceImage, ...],
+    ) -> ProvenanceFacts:
+        """What the marks of image `image_id` say: a generation, or an edit (outpaints and
+        upscales included) whose sources are its parents, in source order."""
+        parents = tuple(
+            Ingredient(
+                data=source.data,
+                title=f"images/{spec_source.image_id}"
+                if spec_source.image_id
+                else f"source {position + 1}",
+            )
+            for position, (spec_source, source) in enumerate(
+                zip(job.spec.sources, sources, strict=False)
+            )
+        )
+        return ProvenanceFacts(
+            origin=Origin.EDITED if parents else Origin.GENERATED,
+            provider_id=job.provider,
+            model=model,
+            created=created,
+            usage_notice=self._settings.usage_notice,
+            title=f"images/{image_id}",
+            parents=parents,
+        )
 
     async def _record_image(
         self,
