@@ -1,5 +1,5 @@
 """`imagegen`: serve, migrate, check health, mint a token, generate, get help with prompts,
-review moderation, or serve MCP from the command line."""
+review moderation, run a retention pass, or serve MCP from the command line."""
 
 from __future__ import annotations
 
@@ -120,6 +120,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_moderation_parser(sub)
 
+    from imagegen.cli_gc import add_parser as add_gc_parser
+
+    add_gc_parser(sub)
+
     for what, help_text in (
         ("usage", "usage records"),
         ("generations", "generation history"),
@@ -177,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         from imagegen.cli_moderation import run as run_moderation
 
         return run_moderation(settings, args)
+    if args.command == "gc":
+        from imagegen.cli_gc import run_gc
+
+        return asyncio.run(run_gc(settings, args))
     if args.command in ("usage", "generations"):
         from imagegen.cli_export import run_export
 

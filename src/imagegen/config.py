@@ -166,8 +166,32 @@ SETTINGS: tuple[SettingDoc, ...] = (
     SettingDoc("IMAGEGEN_MAX_ATTEMPTS", "3", "Times a job is started before it is failed."),
     SettingDoc("IMAGEGEN_PRICING_FILE", "(built-in table)", "JSON price table in credits."),
     SettingDoc("IMAGEGEN_PLANS_FILE", "(built-in table)",
-               "JSON plan limits: requests per hour and day, concurrent generations."),
+               "JSON plan limits: requests per hour and day, concurrent generations, storage, "
+               "monthly credits, retention periods."),
     SettingDoc("IMAGEGEN_REQUEST_ID_TTL", "86400", "Seconds a request_id is remembered."),
+    SettingDoc(
+        "IMAGEGEN_GC_INTERVAL",
+        "300",
+        "Seconds between retention passes (purges, event-log compaction, orphan sweep) in "
+        "each replica, one replica at a time; 0 turns the reaper off (`imagegen gc` still "
+        "runs a pass).",
+    ),
+    SettingDoc(
+        "IMAGEGEN_GC_BATCH_SIZE",
+        "500",
+        "Rows a retention pass removes per transaction (and blob keys it checks per query).",
+    ),
+    SettingDoc(
+        "IMAGEGEN_GC_ORPHAN_GRACE",
+        "3600",
+        "Seconds a blob that no image row names must be old before the orphan sweep "
+        "deletes it (more than any store-to-commit delay).",
+    ),
+    SettingDoc(
+        "IMAGEGEN_GC_SWEEP_INTERVAL",
+        "86400",
+        "Seconds between orphan sweeps (each lists every image blob), across replicas.",
+    ),
     SettingDoc("IMAGEGEN_PROVIDER_TIMEOUT", "120", "Seconds one provider call may take."),
     SettingDoc(
         "IMAGEGEN_LOCAL_STEP_DELAY",
@@ -312,6 +336,17 @@ class ModerationSettings:
 
 
 @dataclass(frozen=True)
+class GcSettings:
+    """The retention reaper: how often it runs (None: off), its batch size, and the orphan
+    sweep's grace period and interval."""
+
+    interval: timedelta | None
+    batch_size: int
+    orphan_grace: timedelta
+    sweep_interval: timedelta
+
+
+@dataclass(frozen=True)
 class McpSettings:
     """The MCP face: its HTTP port (None: off) and how long job tools wait."""
 
@@ -372,6 +407,7 @@ class Settings:
     sdwebui_url: str | None
     moderation: ModerationSettings
     enhance: EnhanceModelSettings
+    gc: GcSettings
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -491,6 +527,7 @@ class Settings:
             sdwebui_url=reader.optional("IMAGEGEN_SDWEBUI_URL"),
             moderation=_moderation_settings(reader),
             enhance=enhance,
+            gc=_gc_settings(reader),
         )
         return settings
 
@@ -543,6 +580,23 @@ def _moderation_settings(reader: _Reader) -> ModerationSettings:
         api_key=api_key,
         timeout=timeout,
         store_text=store_text in ("true", "1", "yes"),
+    )
+
+
+def _gc_settings(reader: _Reader) -> GcSettings:
+    interval = reader.seconds("IMAGEGEN_GC_INTERVAL", 300)
+    grace = reader.seconds("IMAGEGEN_GC_ORPHAN_GRACE", 3600)
+    sweep = reader.seconds("IMAGEGEN_GC_SWEEP_INTERVAL", 86400)
+    if sweep <= timedelta(0):
+        raise ConfigError("IMAGEGEN_GC_SWEEP_INTERVAL must be above 0")
+    if grace < timedelta(minutes=1):
+        # Shorter would race blobs whose rows are about to commit.
+        raise ConfigError("IMAGEGEN_GC_ORPHAN_GRACE must be at least 60 seconds")
+    return GcSettings(
+        interval=interval if interval > timedelta(0) else None,
+        batch_size=reader.integer("IMAGEGEN_GC_BATCH_SIZE", 500, minimum=1, maximum=10_000),
+        orphan_grace=grace,
+        sweep_interval=sweep,
     )
 
 

@@ -66,6 +66,7 @@ from imagegen.repositories.images import LibraryQueries
 from imagegen.repositories.migrator import apply_migrations
 from imagegen.repositories.moderation import ModerationRepository
 from imagegen.repositories.prompts import PromptCandidates
+from imagegen.repositories.retention import RetentionRepository
 from imagegen.repositories.templates import TemplateRepository
 from imagegen.repositories.unit_of_work import PostgresDatabase
 from imagegen.repositories.usage import UsageQueries
@@ -87,6 +88,7 @@ from imagegen.services.prompts import (
     PromptEnhancement,
     PromptSuggestions,
 )
+from imagegen.services.retention import Reaper, RetentionService, RetentionSettings
 from imagegen.services.sources import SourceLimits, SourceResolver
 from imagegen.services.templates import TemplateService
 from imagegen.services.usage import UsageService
@@ -461,6 +463,24 @@ class Server:
             await runner.start()
             telemetry.generation_metrics.register_queue_observer(lambda: runner.queue_stats)
             handle.runner = runner
+            if settings.gc.interval is not None:
+                reaper = Reaper(
+                    RetentionService(
+                        RetentionRepository(pool),
+                        blobs,
+                        plans,
+                        RetentionSettings(
+                            batch_size=settings.gc.batch_size,
+                            orphan_grace=settings.gc.orphan_grace,
+                            sweep_interval=settings.gc.sweep_interval,
+                        ),
+                    ),
+                    settings.gc.interval,
+                )
+                await reaper.start()
+                # Stopped before the pool and the blob store close (the stack unwinds in
+                # reverse).
+                stack.push_async_callback(reaper.stop)
             await server.start()
             # Migrations, the listener, the workers and both servers are up.
             await readiness.serving()

@@ -279,6 +279,7 @@ def generation_to_proto(
         sub_account=generation.sub_account,
         edit=generation.spec.is_edit,
         usage_notice=usage_notice,
+        first_sequence=generation.first_sequence,
     )
     if generation.duration is not None:
         message.duration.CopyFrom(_duration(generation.duration))

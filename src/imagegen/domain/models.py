@@ -388,6 +388,9 @@ class Generation:
     trace_context: dict[str, str] = field(default_factory=dict)
     #: the owner's plan when the job was submitted (its limits apply to the job)
     plan: str = "free"
+    #: the oldest event still stored: 1 until the finished job's log is compacted
+    #: (domain/retention.py), then its first kept event
+    first_sequence: int = 1
 
     @property
     def duration(self) -> timedelta | None:
@@ -400,7 +403,8 @@ class Generation:
 
 @dataclass(frozen=True)
 class GenerationEvent:
-    """One entry of a job's event log; `sequence` is gap-free from 1 per job."""
+    """One entry of a job's event log; `sequence` is gap-free from 1 per job until the
+    finished job's log is compacted (its progress events are then dropped)."""
 
     generation_id: str
     sequence: int

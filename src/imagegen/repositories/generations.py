@@ -120,6 +120,7 @@ def _generation_from_row(row: asyncpg.Record) -> Generation:
         last_sequence=row["last_sequence"],
         trace_context=dict(row["spec"].get("trace_context") or {}),
         plan=str(row["spec"].get("plan") or "free"),
+        first_sequence=row["first_sequence"],
     )
 
 
