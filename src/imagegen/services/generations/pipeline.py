@@ -10,11 +10,11 @@ its lease), from STARTED to the terminal event.
    (a read-only check: no provider call is made for an image that cannot be kept).
 3. The reply's bytes are checked and converted to the asked format, in a thread.
 4. The image is marked as made with AI (XMP fields and a signed C2PA manifest, in a
-   thread; an edit names its sources as ingredients), the marked blob is put, then one
-   unit of work locks the user's storage counter, decides the
-   quota (domain/limits.py) and records the image row and its IMAGE_READY event, so two
-   jobs of one user never pass the quota together; if the quota refuses it or the
-   record fails, the blob is deleted again. A PROGRESS "stored" event follows.
+   thread; an edit names its sources as ingredients) and the marked blob is put. Then
+   one unit of work locks the user's storage counter, decides the quota
+   (domain/limits.py) and records the image row and its IMAGE_READY event, so two jobs
+   of one user never pass the quota together; if the quota refuses it or the record
+   fails, the blob is deleted again. A PROGRESS "stored" event follows.
 5. The end, in one unit of work: the job's terminal state, the settlement of its credit
    reservation (images delivered are charged, the rest refunded), its usage record and
    its terminal event: COMPLETED, FAILED (with its IMG code) or CANCELLED.
