@@ -158,7 +158,17 @@ class RetentionService:
                 last = await self._repository.last_finished(SWEEP_TASK)
                 sweep = last is None or now - last >= self._settings.sweep_interval
             await self._pass(report, now, sweep=sweep)
-        log.info(
+        removed = (
+            report.deleted_images.count
+            + report.uploads.count
+            + report.event_logs
+            + report.blobs.count
+            + report.blobs_pending
+            + report.orphan_blobs.count
+        )
+        # Every few minutes in every deployment: worth a line only when it did something.
+        log.log(
+            logging.INFO if removed else logging.DEBUG,
             "retention pass finished",
             extra={
                 "event": "retention.pass",
