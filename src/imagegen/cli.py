@@ -1,6 +1,6 @@
 """`imagegen`: serve, migrate, check health, mint a token, generate (one prompt, or a
 file of them as a batch), outpaint, upscale, get help with prompts, review moderation,
-read a webhook secret, or serve MCP from the command line."""
+read a webhook secret, run a retention pass, or serve MCP from the command line."""
 
 from __future__ import annotations
 
@@ -129,6 +129,10 @@ def _parser() -> argparse.ArgumentParser:
     add_moderation_parser(sub)
     add_webhook_parser(sub)
 
+    from imagegen.cli_gc import add_parser as add_gc_parser
+
+    add_gc_parser(sub)
+
     for what, help_text in (
         ("usage", "usage records"),
         ("generations", "generation history"),
@@ -199,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         from imagegen.cli_webhook import run as run_webhook
 
         return asyncio.run(run_webhook(settings, args))
+    if args.command == "gc":
+        from imagegen.cli_gc import run_gc
+
+        return asyncio.run(run_gc(settings, args))
     if args.command in ("usage", "generations"):
         from imagegen.cli_export import run_export
 

@@ -190,14 +190,37 @@ SETTINGS: tuple[SettingDoc, ...] = (
     SettingDoc("IMAGEGEN_MAX_ATTEMPTS", "3", "Times a job is started before it is failed."),
     SettingDoc("IMAGEGEN_PRICING_FILE", "(built-in table)", "JSON price table in credits."),
     SettingDoc("IMAGEGEN_PLANS_FILE", "(built-in table)",
-               "JSON plan limits: requests per hour and day, concurrent generations, "
-               "open streams."),
+               "JSON plan limits: requests per hour and day, concurrent generations, open "
+               "streams, storage, monthly credits, retention periods."),
     SettingDoc("IMAGEGEN_REQUEST_ID_TTL", "86400", "Seconds a request_id is remembered."),
     SettingDoc(
         "IMAGEGEN_MAX_BATCH",
         "50",
         f"Most specs one BatchGenerate request may hold (at most {MAX_BATCH}: a batch is "
         "accepted in one transaction).",
+    ),
+    SettingDoc(
+        "IMAGEGEN_GC_INTERVAL",
+        "300",
+        "Seconds between retention passes (purges, event-log compaction, orphan sweep) in "
+        "each replica, one replica at a time; 0 turns the reaper off (`imagegen gc` still "
+        "runs a pass).",
+    ),
+    SettingDoc(
+        "IMAGEGEN_GC_BATCH_SIZE",
+        "500",
+        "Rows a retention pass removes per transaction (and blob keys it checks per query).",
+    ),
+    SettingDoc(
+        "IMAGEGEN_GC_ORPHAN_GRACE",
+        "3600",
+        "Seconds a blob that no image row names must be old before the orphan sweep "
+        "deletes it (more than any store-to-commit delay).",
+    ),
+    SettingDoc(
+        "IMAGEGEN_GC_SWEEP_INTERVAL",
+        "86400",
+        "Seconds between orphan sweeps (each lists every image blob), across replicas.",
     ),
     SettingDoc("IMAGEGEN_PROVIDER_TIMEOUT", "120", "Seconds one provider call may take."),
     SettingDoc(
@@ -381,6 +404,17 @@ class ModerationSettings:
 
 
 @dataclass(frozen=True)
+class GcSettings:
+    """The retention reaper: how often it runs (None: off), its batch size, and the orphan
+    sweep's grace period and interval."""
+
+    interval: timedelta | None
+    batch_size: int
+    orphan_grace: timedelta
+    sweep_interval: timedelta
+
+
+@dataclass(frozen=True)
 class McpSettings:
     """The MCP face: its HTTP port (None: off) and how long job tools wait."""
 
@@ -462,6 +496,7 @@ class Settings:
     moderation: ModerationSettings
     enhance: EnhanceModelSettings
     webhooks: WebhookSettings
+    gc: GcSettings
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -592,6 +627,7 @@ class Settings:
             moderation=_moderation_settings(reader),
             enhance=enhance,
             webhooks=_webhook_settings(reader),
+            gc=_gc_settings(reader),
         )
         return settings
 
@@ -677,6 +713,23 @@ def _webhook_settings(reader: _Reader) -> WebhookSettings:
         max_attempts=reader.integer("IMAGEGEN_WEBHOOK_MAX_ATTEMPTS", 11, minimum=1),
         concurrency=reader.integer("IMAGEGEN_WEBHOOK_CONCURRENCY", 8, minimum=1),
         poll_interval=poll,
+    )
+
+
+def _gc_settings(reader: _Reader) -> GcSettings:
+    interval = reader.seconds("IMAGEGEN_GC_INTERVAL", 300)
+    grace = reader.seconds("IMAGEGEN_GC_ORPHAN_GRACE", 3600)
+    sweep = reader.seconds("IMAGEGEN_GC_SWEEP_INTERVAL", 86400)
+    if sweep <= timedelta(0):
+        raise ConfigError("IMAGEGEN_GC_SWEEP_INTERVAL must be above 0")
+    if grace < timedelta(minutes=1):
+        # Shorter would race blobs whose rows are about to commit.
+        raise ConfigError("IMAGEGEN_GC_ORPHAN_GRACE must be at least 60 seconds")
+    return GcSettings(
+        interval=interval if interval > timedelta(0) else None,
+        batch_size=reader.integer("IMAGEGEN_GC_BATCH_SIZE", 500, minimum=1, maximum=10_000),
+        orphan_grace=grace,
+        sweep_interval=sweep,
     )
 
 

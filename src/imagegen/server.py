@@ -56,6 +56,7 @@ from imagegen.jobs.runner import JobRunner
 from imagegen.jobs.signals import JobSignals, NotificationListener
 from imagegen.jobs.webhooks import WebhookWorker
 from imagegen.ports import bind_failure, ensure_ports_free
+from imagegen.provenance import open_marker
 from imagegen.providers.base import Provider
 from imagegen.providers.chat_enhancer import ChatEnhancer
 from imagegen.providers.fetch_guard import FetchLimits, GuardedFetcher
@@ -71,6 +72,7 @@ from imagegen.repositories.images import LibraryQueries
 from imagegen.repositories.migrator import apply_migrations
 from imagegen.repositories.moderation import ModerationRepository
 from imagegen.repositories.prompts import PromptCandidates
+from imagegen.repositories.retention import RetentionRepository
 from imagegen.repositories.templates import TemplateRepository
 from imagegen.repositories.unit_of_work import PostgresDatabase
 from imagegen.repositories.usage import UsageQueries
@@ -100,6 +102,7 @@ from imagegen.services.prompts import (
     PromptEnhancement,
     PromptSuggestions,
 )
+from imagegen.services.retention import Reaper, RetentionService, RetentionSettings
 from imagegen.services.sources import SourceLimits, SourceResolver
 from imagegen.services.templates import TemplateService
 from imagegen.services.usage import UsageService
@@ -262,6 +265,11 @@ class Server:
                 store_text=settings.moderation.store_text,
             )
 
+            # Signs a probe image, so signing material C2PA refuses stops the start here;
+            # blocking (file I/O, a development CA made on first use), hence the thread.
+            marker = await asyncio.to_thread(open_marker, settings.provenance, settings.data_dir)
+            usage_notice = settings.provenance.usage_notice
+
             database = PostgresDatabase(pool)
             plans = PlanTable.load(settings.plans_file)
             reads = GenerationReads(
@@ -325,8 +333,10 @@ class Server:
                     max_pixels=settings.max_pixels,
                     provider_timeout=settings.provider_timeout,
                     max_attempts=settings.max_attempts,
+                    usage_notice=usage_notice,
                     encode=_encode_settings(settings),
                 ),
+                marker=marker,
                 tracer=telemetry.tracer,
                 moderation=moderation,
             )
@@ -397,6 +407,7 @@ class Server:
                     ),
                     webhook_secrets=webhook_secrets,
                     batches=batches,
+                    usage_notice=usage_notice,
                 ),
                 server,
             )
@@ -409,11 +420,14 @@ class Server:
                         LibrarySettings(
                             url_ttl=settings.url_ttl,
                             max_pixels=settings.max_pixels,
+                            usage_notice=usage_notice,
                             chunk_bytes=settings.download_chunk_bytes,
                             encode=_encode_settings(settings),
                         ),
+                        marker,
                     ),
                     url_ttl=settings.url_ttl,
+                    usage_notice=usage_notice,
                 ),
                 server,
             )
@@ -425,6 +439,7 @@ class Server:
                         request_id_ttl=settings.request_id_ttl,
                     ),
                     url_ttl=settings.url_ttl,
+                    usage_notice=usage_notice,
                 ),
                 server,
             )
@@ -507,6 +522,24 @@ class Server:
             handle.runner = runner
             await webhook_worker.start()
             handle.webhooks = webhook_worker
+            if settings.gc.interval is not None:
+                reaper = Reaper(
+                    RetentionService(
+                        RetentionRepository(pool),
+                        blobs,
+                        plans,
+                        RetentionSettings(
+                            batch_size=settings.gc.batch_size,
+                            orphan_grace=settings.gc.orphan_grace,
+                            sweep_interval=settings.gc.sweep_interval,
+                        ),
+                    ),
+                    settings.gc.interval,
+                )
+                await reaper.start()
+                # Stopped before the pool and the blob store close (the stack unwinds in
+                # reverse).
+                stack.push_async_callback(reaper.stop)
             await server.start()
             # Migrations, the listener, the workers and both servers are up.
             await readiness.serving()
@@ -653,7 +686,11 @@ def _webhooks(
         reads=reads,
         secrets=secrets,
         sender=sender,
-        render=functools.partial(render_payload, url_ttl=settings.url_ttl),
+        render=functools.partial(
+            render_payload,
+            url_ttl=settings.url_ttl,
+            usage_notice=settings.provenance.usage_notice,
+        ),
         settings=DeliverySettings(
             retry=RetryPolicy(settings.webhooks.retry_delays, settings.webhooks.max_attempts),
             allow_hosts=allow_hosts,

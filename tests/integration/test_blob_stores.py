@@ -18,7 +18,7 @@ from imagegen.domain.errors import NotFound, StorageFailed
 from imagegen.storage.base import BlobStore
 from imagegen.storage.keys import blob_key, source_key
 from imagegen.storage.local import LocalBlobStore, load_or_create_signing_key
-from imagegen.storage.s3 import open_s3_store
+from imagegen.storage.s3 import S3BlobStore, open_s3_store
 from tests.subjects import SUBJECTS
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"fake image body" * 10
@@ -160,3 +160,58 @@ async def test_local_subject_folders_stay_inside_the_root(tmp_path: Path) -> Non
     assert all(root in p.parents for p in written)
     users = {p.name for p in (root / "generated").iterdir()}
     assert len(users) == len(SUBJECTS)
+
+
+async def test_listing_finds_every_blob_under_a_prefix_once(store: BlobStore) -> None:
+    started = datetime.now(UTC) - timedelta(seconds=5)
+    now = datetime.now(UTC)
+    generated = {
+        blob_key(user, f"img-{n}", "png", now): PNG + bytes([n])
+        for n, user in enumerate(["alice", "alice", "bob", "Jane Doe"])
+    }
+    sources = {source_key("alice", "jpg", now): PNG * 2}
+    for key, data in {**generated, **sources}.items():
+        await store.put(key, data, "image/png")
+
+    listed = [entry async for entry in store.list_keys("generated/")]
+    assert sorted(e.key for e in listed) == sorted(generated)
+    for entry in listed:
+        assert entry.size_bytes == len(generated[entry.key])
+        assert entry.modified_at.tzinfo is not None
+        assert started <= entry.modified_at <= datetime.now(UTC) + timedelta(seconds=5)
+    everything = {e.key async for e in store.list_keys("")}
+    assert everything == set(generated) | set(sources)
+    alice = {e.key async for e in store.list_keys("generated/alice/")}
+    assert alice == {k for k in generated if k.startswith("generated/alice/")}
+    assert [e async for e in store.list_keys("generated/nobody/")] == []
+    assert [e async for e in store.list_keys("nothing-here/")] == []
+
+    # A deleted blob is gone from the listing; its neighbours stay.
+    first = sorted(generated)[0]
+    await store.delete(first)
+    assert {e.key async for e in store.list_keys("generated/")} == set(generated) - {first}
+
+
+async def test_s3_listing_pages_and_strips_the_store_prefix(
+    s3_endpoint: str, s3_bucket: str
+) -> None:
+    session = get_session()
+    async with session.create_client(
+        "s3", endpoint_url=s3_endpoint, region_name="us-east-1"
+    ) as client:
+        store = S3BlobStore(client, s3_bucket, "tenant-b", list_page_size=2)
+        other = S3BlobStore(client, s3_bucket, "tenant-c")
+        keys = {f"generated/u/{n:02d}.png" for n in range(5)}
+        for key in keys:
+            await store.put(key, PNG, "image/png")
+        await other.put("generated/u/99.png", PNG, "image/png")
+        assert {e.key async for e in store.list_keys("generated/")} == keys
+        assert [e.key async for e in other.list_keys("")] == ["generated/u/99.png"]
+
+
+async def test_local_listing_skips_what_is_not_a_blob(tmp_path: Path) -> None:
+    store = LocalBlobStore(tmp_path / "blobs", "http://127.0.0.1:1", b"k" * 32)
+    await store.put("generated/a/x.png", PNG, "image/png")
+    # A write that crashed half-way leaves a temporary file: not a key.
+    (tmp_path / "blobs" / "generated" / "a" / ".upload-abc").write_bytes(b"partial")
+    assert [e.key async for e in store.list_keys("generated/")] == ["generated/a/x.png"]

@@ -1,10 +1,12 @@
 """The reply-to-stored-image step inside a real server: a reply of the asked format and
-size is stored byte for byte, another size is fitted to exactly the asked one, and a
+size is stored with its pixel data byte for byte (only the provenance marks are added),
+another size is fitted to exactly the asked one, and a
 truncated reply is IMG_002 with nothing stored."""
 
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,22 @@ async def stored_object(s3_endpoint: str, bucket: str, key: str) -> bytes:
             return data
 
 
+def png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """A PNG's chunks as (type, whole chunk with its length and CRC), in file order."""
+    chunks, offset = [], 8
+    while offset < len(data):
+        (length,) = struct.unpack(">I", data[offset : offset + 4])
+        end = offset + 12 + length
+        chunks.append((data[offset + 4 : offset + 8], data[offset:end]))
+        offset = end
+    return chunks
+
+
+def idat_chunks(data: bytes) -> list[bytes]:
+    """The IDAT chunks of a PNG, each whole."""
+    return [chunk for kind, chunk in png_chunks(data) if kind == b"IDAT"]
+
+
 @pytest.fixture
 def forge_env(s3_endpoint: str, s3_bucket: str) -> dict[str, str]:
     return {"IMAGEGEN_S3_ENDPOINT": s3_endpoint, "IMAGEGEN_S3_BUCKET": s3_bucket}
@@ -51,8 +69,13 @@ async def test_a_reply_of_the_asked_format_and_size_is_stored_as_it_came(
     _, err = await run(tmp_path, database_url, forge_env, reply)
     assert err is None, err
     rows = await fetch(database_url, "SELECT storage_key, width, height, size_bytes FROM images")
-    assert [(r["width"], r["height"], r["size_bytes"]) for r in rows] == [(512, 512, len(reply))]
-    assert await stored_object(s3_endpoint, s3_bucket, rows[0]["storage_key"]) == reply
+    stored = await stored_object(s3_endpoint, s3_bucket, rows[0]["storage_key"])
+    assert [(r["width"], r["height"], r["size_bytes"]) for r in rows] == [(512, 512, len(stored))]
+    # The marks add metadata chunks; the header and the pixel data are the reply's own.
+    assert idat_chunks(stored) == idat_chunks(reply) != []
+    assert png_chunks(stored)[0] == png_chunks(reply)[0]
+    kinds = [kind for kind, _ in png_chunks(stored)]
+    assert b"caBX" in kinds and b"iTXt" in kinds
 
 
 @pytest.mark.parametrize(("width", "height"), [(256, 256), (1024, 1536), (1536, 1024)])

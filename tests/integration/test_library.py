@@ -245,8 +245,9 @@ async def test_storage_quota_at_its_edge_and_freed_by_purge(
     plans.write_text(
         json.dumps({"plans": {"free": {"storage_bytes": size * 2, "monthly_credits": 100}}})
     )
+    # The probe's data directory again: the same C2PA signer, so the same marks' size.
     async with serve_in_process(
-        tmp_path / "quota", database_url, env={"IMAGEGEN_PLANS_FILE": str(plans)}
+        tmp_path / "probe", database_url, env={"IMAGEGEN_PLANS_FILE": str(plans)}
     ) as server:
         port = server.grpc_port
         await make(port, "a quota probe", seed=7)  # exactly at the quota: accepted

@@ -141,3 +141,39 @@ async def test_0004_backfills_images_and_keeps_old_jobs_readable(
         )
     finally:
         await conn.close()
+
+
+async def test_0010_keeps_the_blobs_old_jobs_name_by_key(
+    empty_database_url: str, tmp_path: Path
+) -> None:
+    await apply_migrations(empty_database_url, directory=_migrations_before(10, tmp_path))
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        legacy, _ = await _insert_job(conn, state="completed", credits=2, sub_account="", images=1)
+        # A later job's sources are library images (uploads): their rows keep their blobs.
+        later = uuid.uuid4()
+        spec = {
+            "prompt": "new",
+            "width": 256,
+            "height": 256,
+            "count": 1,
+            "format": "png",
+            "sources": [{"storage_key": "sources/alice/new.png", "image_id": str(uuid.uuid4())}],
+            "mask": {"storage_key": "sources/alice/old-mask.png", "image_id": ""},
+        }
+        await conn.execute(
+            "INSERT INTO generations (id, user_id, fingerprint, prompt, width, height, "
+            "image_count, output_format, spec, provider, state) "
+            "VALUES ($1, 'alice', '{}', 'new', 256, 256, 1, 'png', $2::jsonb, 'local', 'queued')",
+            later,
+            json.dumps(spec),
+        )
+        applied = await apply_migrations(empty_database_url)
+        assert "0010_retention.sql" in applied
+        kept = {r["storage_key"] for r in await conn.fetch("SELECT * FROM retained_blob_keys")}
+        assert kept == {f"sources/alice/2026/01/x-{legacy}.png", "sources/alice/old-mask.png"}
+        # Every job's log starts at sequence 1 and none is compacted yet.
+        rows = await conn.fetch("SELECT first_sequence, events_compacted_at FROM generations")
+        assert {(r["first_sequence"], r["events_compacted_at"]) for r in rows} == {(1, None)}
+    finally:
+        await conn.close()

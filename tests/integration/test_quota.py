@@ -147,6 +147,8 @@ async def test_two_jobs_finishing_together_over_the_quota_store_exactly_one(
     async with gate.serve() as endpoint:
         env = {
             **plans(tmp_path, storage_bytes=size + size // 2),  # room for one image
+            # The probe's data directory: the same C2PA signer, so the same marks' size.
+            "IMAGEGEN_DATA_DIR": str(tmp_path / "probe" / "data"),
             "IMAGEGEN_S3_ENDPOINT": endpoint,
             "IMAGEGEN_S3_BUCKET": s3_bucket,
             "IMAGEGEN_WORKERS": "2",
@@ -200,6 +202,8 @@ async def test_a_queued_job_of_a_user_who_filled_the_quota_makes_no_provider_cal
     async with gate.serve() as endpoint:
         env = {
             **plans(tmp_path, storage_bytes=int(probe["size_bytes"])),
+            # The probe's data directory: the same C2PA signer, so the same marks' size.
+            "IMAGEGEN_DATA_DIR": str(tmp_path / "probe" / "data"),
             "IMAGEGEN_S3_ENDPOINT": endpoint,
             "IMAGEGEN_S3_BUCKET": s3_bucket,
             "IMAGEGEN_WORKERS": "1",

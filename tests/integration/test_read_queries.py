@@ -12,9 +12,11 @@ from typing import Any
 import asyncpg
 import pytest
 
+from imagegen.config import ProvenanceSettings
 from imagegen.domain.errors import NotFound
 from imagegen.domain.library import ImageQuery
 from imagegen.domain.models import Identity, StoredImage
+from imagegen.provenance import open_marker
 from imagegen.repositories.db import open_pool
 from imagegen.repositories.images import ImageRepository, LibraryQueries
 from imagegen.services.library import LibraryService, LibrarySettings
@@ -103,7 +105,8 @@ def service(db: CountingPool, tmp_path: Path) -> LibraryService:
         ImageRepository(db),  # type: ignore[arg-type]
         LibraryQueries(db),  # type: ignore[arg-type]
         blobs,
-        LibrarySettings(url_ttl=timedelta(minutes=10), max_pixels=1 << 24),
+        LibrarySettings(url_ttl=timedelta(minutes=10), max_pixels=1 << 24, usage_notice="AI"),
+        open_marker(ProvenanceSettings(cert=None, key=None, usage_notice="AI"), tmp_path),
     )
 
 

@@ -98,11 +98,16 @@ async def test_one_trace_from_rpc_to_provider_storage_and_database(
     process = only(spans, "image.process")
     assert parent_of(process) == run.context.span_id
     assert process.attributes["imagegen.image.input.size"] == len(provider_png)
-    assert process.attributes["imagegen.image.size"] == image.size_bytes
+    # The stored bytes are the prepared ones plus the provenance marks.
+    assert 0 < process.attributes["imagegen.image.size"] < image.size_bytes
     assert process.attributes["imagegen.image.format"] == "png"
     assert process.attributes["imagegen.image.mime_type"] == "image/png"
     assert process.attributes["imagegen.image.width"] == 512
     assert process.attributes["imagegen.image.height"] == 512
+
+    mark = only(spans, "image.mark")
+    assert parent_of(mark) == run.context.span_id
+    assert mark.attributes["imagegen.image.format"] == "png"
 
     put = only(spans, "storage.put")
     assert parent_of(put) == run.context.span_id

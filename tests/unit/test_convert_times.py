@@ -52,10 +52,12 @@ def test_a_signed_urls_expiry_is_its_lifetime_from_now() -> None:
         url="https://example.test/k.png",
     )
     before = int(time.time())
-    message = convert.image_to_proto(image, timedelta(minutes=15))
+    message = convert.image_to_proto(image, timedelta(minutes=15), usage_notice="AI")
     after = int(time.time())
     assert before + 900 <= message.uri_expire_time.seconds <= after + 900
     assert message.uri_expire_time.nanos == 0
     assert message.create_time == convert._timestamp(MOMENTS[0])
-    unsigned = convert.image_to_proto(dataclasses.replace(image, url=""), timedelta(minutes=15))
+    unsigned = convert.image_to_proto(
+        dataclasses.replace(image, url=""), timedelta(minutes=15), usage_notice="AI"
+    )
     assert not unsigned.HasField("uri_expire_time")

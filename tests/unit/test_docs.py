@@ -54,6 +54,18 @@ def test_the_plan_table_is_the_default_one() -> None:
     assert documented == expected
 
 
+def test_the_retention_table_is_the_default_one() -> None:
+    documented = {
+        name: (number(deleted), number(events), number(uploads))
+        for name, deleted, events, uploads in table_rows("Retention")
+    }
+    expected = {
+        name: (limits.deleted_image_days, limits.event_log_days, limits.upload_days)
+        for name, limits in PlanTable.default().plans.items()
+    }
+    assert documented == expected
+
+
 def test_the_price_table_is_the_default_one() -> None:
     prices = PriceTable.default()
     rows = table_rows("Prices")

@@ -219,7 +219,7 @@ def test_the_body_holds_the_generation_in_proto_json() -> None:
         time=datetime(2026, 11, 25, 10, 0, 1, 500000, tzinfo=UTC),
         generations=(job,),
     )
-    body = json.loads(render_payload(event, timedelta(minutes=15)))
+    body = json.loads(render_payload(event, timedelta(minutes=15), usage_notice="Made with AI"))
     assert body["type"] == "generation.completed"
     assert body["timestamp"] == "2026-11-25T10:00:01.500Z"
     generation = body["data"]["generation"]
@@ -241,7 +241,7 @@ def test_a_batch_body_holds_every_job() -> None:
         generations=jobs,
         batch="batches/b1",
     )
-    body = json.loads(render_payload(event, timedelta(minutes=15)))
+    body = json.loads(render_payload(event, timedelta(minutes=15), usage_notice="Made with AI"))
     assert body["type"] == "batch.completed"
     assert body["data"]["batch"] == "batches/b1"
     assert [g["state"] for g in body["data"]["generations"]] == [

@@ -489,7 +489,11 @@ class Image(_message.Message):
     upload: _builtins.bool
     """True for an image the caller supplied as an edit source or mask (uploaded bytes,
     a data: URL or a fetched URL) rather than one a provider made. Its `generation`
-    is the job it was supplied to; its prompt is that job's.
+    is the job it was supplied to; its prompt is that job's. An upload is kept while
+    it is a favourite or has a tag, while a live (not deleted) image was made from it,
+    and while an unfinished job uses it; otherwise the service purges it once it is
+    older than the plan's upload retention (30 days by default;
+    docs/plans-and-prices.md). Mark it a favourite to keep it.
     """
     sub_account: _builtins.str
     """The owner's sub-account when it was stored; empty for none."""

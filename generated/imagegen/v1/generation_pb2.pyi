@@ -280,8 +280,9 @@ class Generation(_message.Message):
     """The deployment's usage notice for generated images (see Image.usage_notice)."""
     first_sequence: _builtins.int
     """Sequence number of the oldest event still stored. After the retention period
-    a finished job's progress events are compacted away (the QUEUED, terminal and
-    IMAGE_READY events are kept), so a replay starts at the first kept event.
+    a finished job's STARTED and PROGRESS events are compacted away (the QUEUED,
+    terminal and IMAGE_READY events are kept), so a replay starts at the first kept
+    event.
     """
     batch: _builtins.str
     """The batch it was submitted in, `batches/{batch}`; empty for a single job."""

@@ -161,6 +161,10 @@ class ImageGenerationServiceServicer:
     def WatchGeneration(self, request, context):
         """Streams a job's stored events after `after_sequence`, then its live ones,
         until the terminal event; then ends OK (the terminal event carries any error).
+        A job that finished longer ago than its plan's event-log retention (7 days by
+        default) keeps only its QUEUED, IMAGE_READY and terminal events, with their
+        sequence numbers: its replay starts at its first kept event
+        (Generation.first_sequence) and skips the numbers of the events dropped.
         A watch with `after_sequence` at or past a finished job's last sequence ends at
         once, OK and with no events; past a running job's last sequence it follows the
         job. NOT_FOUND if the job does not exist or is not the caller's. UNAVAILABLE

@@ -131,7 +131,9 @@ class ImageLibraryServiceServicer:
     def DeleteImage(self, request, context):
         """Soft-deletes an image: it leaves ListImages (unless show_deleted) and its URLs
         stop being issued, but it keeps counting against the storage quota until
-        purged. Deleting a deleted image returns it unchanged.
+        purged. The service purges it by itself once it has been deleted for longer
+        than the plan's retention period (30 days by default; docs/plans-and-prices.md).
+        Deleting a deleted image returns it unchanged.
         NOT_FOUND if it is not the caller's.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -61,7 +61,9 @@ class ImageLibraryServiceStub:
     DeleteImage: _grpc.UnaryUnaryMultiCallable[_library_pb2.DeleteImageRequest, _library_pb2.DeleteImageResponse]
     """Soft-deletes an image: it leaves ListImages (unless show_deleted) and its URLs
     stop being issued, but it keeps counting against the storage quota until
-    purged. Deleting a deleted image returns it unchanged.
+    purged. The service purges it by itself once it has been deleted for longer
+    than the plan's retention period (30 days by default; docs/plans-and-prices.md).
+    Deleting a deleted image returns it unchanged.
     NOT_FOUND if it is not the caller's.
     """
     UndeleteImage: _grpc.UnaryUnaryMultiCallable[_library_pb2.UndeleteImageRequest, _library_pb2.UndeleteImageResponse]
@@ -128,7 +130,9 @@ class ImageLibraryServiceAsyncStub(ImageLibraryServiceStub):
     DeleteImage: _aio.UnaryUnaryMultiCallable[_library_pb2.DeleteImageRequest, _library_pb2.DeleteImageResponse]  # type: ignore[assignment]
     """Soft-deletes an image: it leaves ListImages (unless show_deleted) and its URLs
     stop being issued, but it keeps counting against the storage quota until
-    purged. Deleting a deleted image returns it unchanged.
+    purged. The service purges it by itself once it has been deleted for longer
+    than the plan's retention period (30 days by default; docs/plans-and-prices.md).
+    Deleting a deleted image returns it unchanged.
     NOT_FOUND if it is not the caller's.
     """
     UndeleteImage: _aio.UnaryUnaryMultiCallable[_library_pb2.UndeleteImageRequest, _library_pb2.UndeleteImageResponse]  # type: ignore[assignment]
@@ -216,7 +220,9 @@ class ImageLibraryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_library_pb2.DeleteImageResponse, _abc.Awaitable[_library_pb2.DeleteImageResponse]]:
         """Soft-deletes an image: it leaves ListImages (unless show_deleted) and its URLs
         stop being issued, but it keeps counting against the storage quota until
-        purged. Deleting a deleted image returns it unchanged.
+        purged. The service purges it by itself once it has been deleted for longer
+        than the plan's retention period (30 days by default; docs/plans-and-prices.md).
+        Deleting a deleted image returns it unchanged.
         NOT_FOUND if it is not the caller's.
         """
 

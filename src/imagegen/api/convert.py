@@ -280,7 +280,11 @@ def spec_to_proto(spec: GenerationSpec) -> common_pb2.GenerationSpec:
     return message
 
 
-def image_to_proto(image: StoredImage, url_ttl: timedelta) -> common_pb2.Image:
+def image_to_proto(
+    image: StoredImage, url_ttl: timedelta, *, usage_notice: str
+) -> common_pb2.Image:
+    """An image as the contract shows it; `usage_notice` is the deployment's, shown for
+    every image but an upload (the caller's own file, which carries no marks)."""
     message = common_pb2.Image(
         name=IMAGES_PREFIX + image.id,
         uri=image.url,
@@ -306,6 +310,7 @@ def image_to_proto(image: StoredImage, url_ttl: timedelta) -> common_pb2.Image:
         sub_account=image.sub_account,
         edit=image.is_edit,
         credits=image.credits,
+        usage_notice="" if image.upload else usage_notice,
     )
     if image.generation_duration is not None:
         message.generation_duration.CopyFrom(_duration(image.generation_duration))
@@ -325,7 +330,10 @@ def image_to_proto(image: StoredImage, url_ttl: timedelta) -> common_pb2.Image:
     return message
 
 
-def generation_to_proto(generation: Generation, url_ttl: timedelta) -> generation_pb2.Generation:
+def generation_to_proto(
+    generation: Generation, url_ttl: timedelta, *, usage_notice: str
+) -> generation_pb2.Generation:
+    """A job as the contract shows it, with the deployment's usage notice."""
     message = generation_pb2.Generation(
         name=GENERATIONS_PREFIX + generation.id,
         spec=spec_to_proto(generation.spec),
@@ -334,7 +342,9 @@ def generation_to_proto(generation: Generation, url_ttl: timedelta) -> generatio
         model=generation.model,
         credits=generation.credits,
         attempts=generation.attempts,
-        images=[image_to_proto(img, url_ttl) for img in generation.images],
+        images=[
+            image_to_proto(img, url_ttl, usage_notice=usage_notice) for img in generation.images
+        ],
         request_id=generation.request_id,
         last_sequence=generation.last_sequence,
         sub_account=generation.sub_account,
@@ -342,6 +352,8 @@ def generation_to_proto(generation: Generation, url_ttl: timedelta) -> generatio
         callback_uri=shown_callback_uri(generation.spec.callback_uri),
         batch=BATCHES_PREFIX + generation.batch_id if generation.batch_id else "",
         webhook_deliveries=[_webhook_attempt(a) for a in generation.webhook_deliveries],
+        usage_notice=usage_notice,
+        first_sequence=generation.first_sequence,
     )
     if generation.duration is not None:
         message.duration.CopyFrom(_duration(generation.duration))
@@ -375,7 +387,11 @@ def _webhook_attempt(attempt: WebhookAttempt) -> generation_pb2.WebhookDelivery:
     return message
 
 
-def event_to_proto(event: GenerationEvent, url_ttl: timedelta) -> generation_pb2.GenerationEvent:
+def event_to_proto(
+    event: GenerationEvent, url_ttl: timedelta, *, usage_notice: str
+) -> generation_pb2.GenerationEvent:
+    """An event as the contract shows it; an IMAGE_READY event's image carries the
+    deployment's usage notice."""
     message = generation_pb2.GenerationEvent(
         generation=GENERATIONS_PREFIX + event.generation_id,
         sequence=event.sequence,
@@ -395,7 +411,7 @@ def event_to_proto(event: GenerationEvent, url_ttl: timedelta) -> generation_pb2
             )
         )
     elif event.type is EventType.IMAGE_READY and event.image is not None:
-        message.image.CopyFrom(image_to_proto(event.image, url_ttl))
+        message.image.CopyFrom(image_to_proto(event.image, url_ttl, usage_notice=usage_notice))
     elif event.type is EventType.FAILED:
         message.error.CopyFrom(
             generation_pb2.GenerationError(

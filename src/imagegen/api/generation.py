@@ -47,6 +47,7 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         waiter: GenerationWaiter | None = None,
         webhook_secrets: WebhookSecrets | None = None,
         batches: BatchService | None = None,
+        usage_notice: str,
     ) -> None:
         self._submission = submission
         self._batches = batches
@@ -56,6 +57,7 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         self._webhook_secrets = webhook_secrets
         self._user_settings = user_settings
         self._url_ttl = url_ttl
+        self._usage_notice = usage_notice
 
     async def _submit(
         self,
@@ -87,7 +89,9 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             generation = await self._submit(caller, request.spec, request.request_id)
             async for event in self._watch.follow(generation):
                 yield generation_pb2.GenerateImageResponse(
-                    event=convert.event_to_proto(event, self._url_ttl)
+                    event=convert.event_to_proto(
+                        event, self._url_ttl, usage_notice=self._usage_notice
+                    )
                 )
                 if event.type is EventType.FAILED:
                     # The caller that waits learns of the failure as a status too.
@@ -104,7 +108,9 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             identity(), request.spec, request.request_id, request.callback_uri
         )
         return generation_pb2.SubmitGenerationResponse(
-            generation=convert.generation_to_proto(generation, self._url_ttl)
+            generation=convert.generation_to_proto(
+                generation, self._url_ttl, usage_notice=self._usage_notice
+            )
         )
 
     async def WatchGeneration(
@@ -119,7 +125,9 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         with self._watch.stream_slot(caller):
             async for event in self._watch.watch(caller, generation_id, request.after_sequence):
                 yield generation_pb2.WatchGenerationResponse(
-                    event=convert.event_to_proto(event, self._url_ttl)
+                    event=convert.event_to_proto(
+                        event, self._url_ttl, usage_notice=self._usage_notice
+                    )
                 )
 
     async def GetGeneration(
@@ -133,7 +141,9 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             identity(), convert.generation_id_from_name(request.name)
         )
         return generation_pb2.GetGenerationResponse(
-            generation=convert.generation_to_proto(generation, self._url_ttl)
+            generation=convert.generation_to_proto(
+                generation, self._url_ttl, usage_notice=self._usage_notice
+            )
         )
 
     async def ListGenerations(
@@ -154,7 +164,10 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             batch_id=convert.batch_id_from_name(request.batch) if request.batch else "",
         )
         return generation_pb2.ListGenerationsResponse(
-            generations=[convert.generation_to_proto(g, self._url_ttl) for g in page],
+            generations=[
+                convert.generation_to_proto(g, self._url_ttl, usage_notice=self._usage_notice)
+                for g in page
+            ],
             next_page_token=next_token,
         )
 
@@ -169,7 +182,9 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             identity(), convert.generation_id_from_name(request.name)
         )
         return generation_pb2.CancelGenerationResponse(
-            generation=convert.generation_to_proto(generation, self._url_ttl)
+            generation=convert.generation_to_proto(
+                generation, self._url_ttl, usage_notice=self._usage_notice
+            )
         )
 
     async def RerunGeneration(
@@ -183,7 +198,9 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             identity(), convert.generation_id_from_name(request.name), request.request_id
         )
         return generation_pb2.RerunGenerationResponse(
-            generation=convert.generation_to_proto(generation, self._url_ttl)
+            generation=convert.generation_to_proto(
+                generation, self._url_ttl, usage_notice=self._usage_notice
+            )
         )
 
     async def QuoteGeneration(
@@ -264,7 +281,9 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             caller, generation_id, timeout, deadline_left=context.time_remaining()
         )
         return generation_pb2.WaitGenerationResponse(
-            generation=convert.generation_to_proto(generation, self._url_ttl)
+            generation=convert.generation_to_proto(
+                generation, self._url_ttl, usage_notice=self._usage_notice
+            )
         )
 
     async def GetWebhookSecret(
@@ -320,7 +339,8 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         return generation_pb2.BatchGenerateResponse(
             batch=BATCHES_PREFIX + submitted.batch_id,
             generations=[
-                convert.generation_to_proto(g, self._url_ttl) for g in submitted.generations
+                convert.generation_to_proto(g, self._url_ttl, usage_notice=self._usage_notice)
+                for g in submitted.generations
             ],
         )
 
@@ -343,7 +363,9 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
             output_format=convert.format_from_proto(request.format),
         )
         return generation_pb2.UpscaleImageResponse(
-            generation=convert.generation_to_proto(generation, self._url_ttl)
+            generation=convert.generation_to_proto(
+                generation, self._url_ttl, usage_notice=self._usage_notice
+            )
         )
 
 

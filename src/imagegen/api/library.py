@@ -30,15 +30,18 @@ Ctx: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 class ImageLibraryServicer(library_pb2_grpc.ImageLibraryServiceServicer):
     """gRPC face of the image library."""
 
-    def __init__(self, service: LibraryService, *, url_ttl: timedelta) -> None:
+    def __init__(self, service: LibraryService, *, url_ttl: timedelta, usage_notice: str) -> None:
         self._service = service
         self._url_ttl = url_ttl
+        self._usage_notice = usage_notice
 
     async def GetImage(
         self, request: library_pb2.GetImageRequest, context: Ctx
     ) -> library_pb2.GetImageResponse:
         image = await self._service.get(identity(), convert.image_id_from_name(request.name))
-        return library_pb2.GetImageResponse(image=convert.image_to_proto(image, self._url_ttl))
+        return library_pb2.GetImageResponse(
+            image=convert.image_to_proto(image, self._url_ttl, usage_notice=self._usage_notice)
+        )
 
     async def ListImages(
         self, request: library_pb2.ListImagesRequest, context: Ctx
@@ -58,7 +61,10 @@ class ImageLibraryServicer(library_pb2_grpc.ImageLibraryServiceServicer):
             identity(), query, page_size=request.page_size, page_token=request.page_token
         )
         return library_pb2.ListImagesResponse(
-            images=[convert.image_to_proto(i, self._url_ttl) for i in page],
+            images=[
+                convert.image_to_proto(i, self._url_ttl, usage_notice=self._usage_notice)
+                for i in page
+            ],
             next_page_token=token,
         )
 
@@ -74,7 +80,9 @@ class ImageLibraryServicer(library_pb2_grpc.ImageLibraryServiceServicer):
             favorite=new.favorite,
         )
         image = await self._service.update(identity(), convert.image_id_from_name(new.name), update)
-        return library_pb2.UpdateImageResponse(image=convert.image_to_proto(image, self._url_ttl))
+        return library_pb2.UpdateImageResponse(
+            image=convert.image_to_proto(image, self._url_ttl, usage_notice=self._usage_notice)
+        )
 
     async def DeleteImage(
         self, request: library_pb2.DeleteImageRequest, context: Ctx
@@ -82,7 +90,9 @@ class ImageLibraryServicer(library_pb2_grpc.ImageLibraryServiceServicer):
         image = await self._service.set_deleted(
             identity(), convert.image_id_from_name(request.name), True
         )
-        return library_pb2.DeleteImageResponse(image=convert.image_to_proto(image, self._url_ttl))
+        return library_pb2.DeleteImageResponse(
+            image=convert.image_to_proto(image, self._url_ttl, usage_notice=self._usage_notice)
+        )
 
     async def UndeleteImage(
         self, request: library_pb2.UndeleteImageRequest, context: Ctx
@@ -90,7 +100,9 @@ class ImageLibraryServicer(library_pb2_grpc.ImageLibraryServiceServicer):
         image = await self._service.set_deleted(
             identity(), convert.image_id_from_name(request.name), False
         )
-        return library_pb2.UndeleteImageResponse(image=convert.image_to_proto(image, self._url_ttl))
+        return library_pb2.UndeleteImageResponse(
+            image=convert.image_to_proto(image, self._url_ttl, usage_notice=self._usage_notice)
+        )
 
     async def PurgeImage(
         self, request: library_pb2.PurgeImageRequest, context: Ctx
@@ -141,13 +153,21 @@ class ImageLibraryServicer(library_pb2_grpc.ImageLibraryServiceServicer):
             identity(), convert.image_id_from_name(request.name), request.max_depth
         )
         return library_pb2.GetImageLineageResponse(
-            image=convert.image_to_proto(lineage.image, self._url_ttl),
+            image=convert.image_to_proto(
+                lineage.image, self._url_ttl, usage_notice=self._usage_notice
+            ),
             ancestors=[
-                library_pb2.LineageEntry(image=convert.image_to_proto(i, self._url_ttl), depth=d)
+                library_pb2.LineageEntry(
+                    image=convert.image_to_proto(i, self._url_ttl, usage_notice=self._usage_notice),
+                    depth=d,
+                )
                 for i, d in lineage.ancestors
             ],
             descendants=[
-                library_pb2.LineageEntry(image=convert.image_to_proto(i, self._url_ttl), depth=d)
+                library_pb2.LineageEntry(
+                    image=convert.image_to_proto(i, self._url_ttl, usage_notice=self._usage_notice),
+                    depth=d,
+                )
                 for i, d in lineage.descendants
             ],
             truncated=lineage.truncated,

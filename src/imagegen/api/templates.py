@@ -98,9 +98,10 @@ def template_to_proto(template: PromptTemplate) -> templates_pb2.PromptTemplate:
 class PromptTemplateServicer(templates_pb2_grpc.PromptTemplateServiceServicer):
     """gRPC face of prompt templates."""
 
-    def __init__(self, service: TemplateService, *, url_ttl: timedelta) -> None:
+    def __init__(self, service: TemplateService, *, url_ttl: timedelta, usage_notice: str) -> None:
         self._service = service
         self._url_ttl = url_ttl
+        self._usage_notice = usage_notice
 
     async def CreatePromptTemplate(
         self, request: T.CreatePromptTemplateRequest, context: Ctx
@@ -190,5 +191,7 @@ class PromptTemplateServicer(templates_pb2_grpc.PromptTemplateServiceServicer):
             size_given=parsed.size_given,
         )
         return T.GenerateFromPromptTemplateResponse(
-            generation=convert.generation_to_proto(generation, self._url_ttl)
+            generation=convert.generation_to_proto(
+                generation, self._url_ttl, usage_notice=self._usage_notice
+            )
         )

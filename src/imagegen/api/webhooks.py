@@ -22,10 +22,12 @@ from imagegen.api.convert import generation_to_proto
 from imagegen.services.webhooks.delivery import WebhookEvent
 
 
-def render_payload(event: WebhookEvent, url_ttl: timedelta) -> bytes:
-    """The callback's body, compact UTF-8 JSON."""
+def render_payload(event: WebhookEvent, url_ttl: timedelta, *, usage_notice: str) -> bytes:
+    """The callback's body, compact UTF-8 JSON; each generation carries the deployment's
+    usage notice as GetGeneration would."""
     generations = [
-        json_format.MessageToDict(generation_to_proto(g, url_ttl)) for g in event.generations
+        json_format.MessageToDict(generation_to_proto(g, url_ttl, usage_notice=usage_notice))
+        for g in event.generations
     ]
     data: dict[str, Any]
     if event.batch:

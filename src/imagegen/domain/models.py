@@ -398,6 +398,9 @@ class Generation:
     webhook_deliveries: tuple[WebhookAttempt, ...] = ()
     #: the batch it was submitted in (BatchGenerate); empty for a single job
     batch_id: str = ""
+    #: the oldest event still stored: 1 until the finished job's log is compacted
+    #: (domain/retention.py), then its first kept event
+    first_sequence: int = 1
 
     @property
     def duration(self) -> timedelta | None:
@@ -424,7 +427,8 @@ class WebhookAttempt:
 
 @dataclass(frozen=True)
 class GenerationEvent:
-    """One entry of a job's event log; `sequence` is gap-free from 1 per job."""
+    """One entry of a job's event log; `sequence` is gap-free from 1 per job until the
+    finished job's log is compacted (its progress events are then dropped)."""
 
     generation_id: str
     sequence: int

@@ -174,6 +174,7 @@ def _generation_from_row(row: asyncpg.Record) -> Generation:
         trace_context=dict(row["spec"].get("trace_context") or {}),
         plan=str(row["spec"].get("plan") or "free"),
         batch_id=str(row["batch_id"]) if row["batch_id"] else "",
+        first_sequence=row["first_sequence"],
     )
 
 

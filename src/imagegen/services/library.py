@@ -1,5 +1,10 @@
 """The image library use cases: get, list, update, delete/restore/purge, fresh URLs,
-downloads in another format, and edit lineage. Every call is scoped to its owner."""
+downloads in another format, and edit lineage. Every call is scoped to its owner.
+
+A download in another format carries the provenance marks again: the converted bytes
+are marked with the stored image as the ingredient they were converted from (its own
+manifest continues the chain). Uploads are the caller's own files and are never marked.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from imagegen.domain import paging
 from imagegen.domain.errors import ImageDeleted, InvalidRequest, NotFound
 from imagegen.domain.library import ImageQuery, MetadataUpdate, check_query, check_update
 from imagegen.domain.models import Identity, ImageFormat, StoredImage
+from imagegen.provenance import Ingredient, Origin, ProvenanceFacts, ProvenanceMarker
 from imagegen.repositories.images import ImageRepository, LibraryQueries
 from imagegen.storage.base import BlobStore
 
@@ -28,10 +34,13 @@ MAX_CHUNK_BYTES = 1024 * 1024
 
 @dataclass(frozen=True)
 class LibrarySettings:
-    """URL lifetime, decode limit and download chunk size."""
+    """URL lifetime, decode limit, download chunk size and the usage notice that
+    converted downloads carry."""
 
     url_ttl: timedelta
     max_pixels: int
+    #: the deployment's usage notice (IMAGEGEN_USAGE_NOTICE), written into conversions
+    usage_notice: str
     chunk_bytes: int = MAX_CHUNK_BYTES
     encode: imaging.EncodeSettings = dataclasses.field(default_factory=imaging.EncodeSettings)
 
@@ -67,11 +76,13 @@ class LibraryService:
         queries: LibraryQueries,
         blobs: BlobStore,
         settings: LibrarySettings,
+        marker: ProvenanceMarker,
     ) -> None:
         self._images = images
         self._queries = queries
         self._blobs = blobs
         self._settings = settings
+        self._marker = marker
 
     async def _owned(self, identity: Identity, image_id: str) -> StoredImage:
         image = await self._images.get(identity.user_id, image_id)
@@ -177,19 +188,14 @@ class LibraryService:
     async def download(
         self, identity: Identity, image_id: str, target: ImageFormat | None
     ) -> Download:
-        """The image's bytes; in another format when asked (one decode and one encode,
-        in a thread). ImageDeleted for a soft-deleted image."""
+        """The image's bytes as stored (with their marks); in another format when asked
+        (one decode and one encode, then the marks again, in a thread). ImageDeleted for
+        a soft-deleted image."""
         image = await self._live(identity, image_id)
         data = await self._blobs.get(image.storage_key)
         mime_type = image.mime_type
         if target is not None and target.mime_type != image.mime_type:
-            data = await asyncio.to_thread(
-                imaging.convert_image,
-                data,
-                target,
-                max_pixels=self._settings.max_pixels,
-                encode_settings=self._settings.encode,
-            )
+            data = await asyncio.to_thread(self._converted, image, data, target)
             mime_type = target.mime_type
         extension = ImageFormat.from_mime(mime_type).extension
         return Download(
@@ -200,6 +206,29 @@ class LibraryService:
             file_name=f"{image.id}.{extension}",
             chunks=_chunks(data, min(self._settings.chunk_bytes, MAX_CHUNK_BYTES)),
         )
+
+    def _converted(self, image: StoredImage, stored: bytes, target: ImageFormat) -> bytes:
+        """`stored` in `target`, marked as converted from the stored image (an upload
+        stays unmarked). Runs in a worker thread."""
+        converted = imaging.convert_image(
+            stored,
+            target,
+            max_pixels=self._settings.max_pixels,
+            encode_settings=self._settings.encode,
+        )
+        if image.upload:
+            return converted
+        title = f"images/{image.id}"
+        facts = ProvenanceFacts(
+            origin=Origin.EDITED if image.is_edit else Origin.GENERATED,
+            provider_id=image.provider or "unknown",
+            model=image.model,
+            created=image.created_at,
+            usage_notice=self._settings.usage_notice,
+            title=title,
+            converted_from=Ingredient(data=stored, title=title),
+        )
+        return self._marker.mark(converted, target, facts)
 
     async def lineage(self, identity: Identity, image_id: str, max_depth: int) -> Lineage:
         if max_depth == 0:

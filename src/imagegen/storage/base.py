@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Protocol
+
+
+@dataclass(frozen=True)
+class BlobEntry:
+    """One stored blob as a listing shows it."""
+
+    key: str
+    size_bytes: int
+    #: when it was last written (timezone-aware)
+    modified_at: datetime
 
 
 class BlobStore(Protocol):
@@ -32,4 +44,10 @@ class BlobStore(Protocol):
 
     async def signed_url(self, key: str, ttl: timedelta) -> str:
         """A URL that fetches the blob without credentials until `ttl` has passed."""
+        ...
+
+    def list_keys(self, prefix: str) -> AsyncIterator[BlobEntry]:
+        """Every blob whose key starts with `prefix`, each once (in no promised order),
+        read a page at a time as the caller iterates (the orphan sweep walks a whole store
+        this way). Raises StorageFailed when the store cannot be listed."""
         ...

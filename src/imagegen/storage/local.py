@@ -12,13 +12,17 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import Callable
-from datetime import timedelta
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote
 
 from imagegen.config import MAX_URL_TTL
 from imagegen.domain.errors import NotFound, StorageFailed
+from imagegen.storage.base import BlobEntry
+
+#: Beside each blob: its Content-Type (never a key: image keys end in an image extension).
+_TYPE_SUFFIX = ".type"
 
 SIGNING_KEY_FILE = "blob-signing.key"
 def load_or_create_signing_key(data_dir: Path) -> bytes:
@@ -38,6 +42,25 @@ def load_or_create_signing_key(data_dir: Path) -> bytes:
             os.link(tmp, path)
         os.unlink(tmp)
     return bytes.fromhex(path.read_text().strip())
+
+
+def _scan(directory: Path) -> list[tuple[Path, bool, int, float]]:
+    """(path, is a directory, size, modified) of each entry of `directory` that may hold
+    or be a blob; nothing for a directory that does not exist."""
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return []
+    found = []
+    for entry in entries:
+        if entry.name.startswith(".") or entry.name.endswith(_TYPE_SUFFIX):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            found.append((Path(entry.path), True, 0, 0.0))
+        elif entry.is_file(follow_symlinks=False):
+            info = entry.stat(follow_symlinks=False)
+            found.append((Path(entry.path), False, info.st_size, info.st_mtime))
+    return found
 
 
 class LocalBlobStore:
@@ -110,7 +133,7 @@ class LocalBlobStore:
         path = self._path(key)
 
         def _remove() -> None:
-            for victim in (path, Path(str(path) + ".type")):
+            for victim in (path, Path(str(path) + _TYPE_SUFFIX)):
                 with contextlib.suppress(FileNotFoundError):
                     victim.unlink()
 
@@ -121,6 +144,26 @@ class LocalBlobStore:
 
     async def exists(self, key: str) -> bool:
         return await asyncio.to_thread(self._path(key).is_file)
+
+    async def list_keys(self, prefix: str) -> AsyncIterator[BlobEntry]:
+        """Every blob under `prefix`, one directory read (in a thread) at a time. Files
+        that are not blobs are skipped: Content-Type files and the temporary files of
+        writes (a key never has a component that starts with a dot)."""
+        folder = prefix.rpartition("/")[0]
+        pending = [self._path(folder) if folder else self.root]
+        while pending:
+            directory = pending.pop()
+            try:
+                found = await asyncio.to_thread(_scan, directory)
+            except OSError as exc:
+                raise StorageFailed(f"listing local storage failed: {exc}") from exc
+            for path, is_dir, size, modified in found:
+                if is_dir:
+                    pending.append(path)
+                    continue
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    yield BlobEntry(key, size, datetime.fromtimestamp(modified, UTC))
 
     def content_type(self, key: str) -> str:
         """The stored Content-Type, else one guessed from the extension."""

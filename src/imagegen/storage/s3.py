@@ -27,6 +27,7 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from imagegen.config import MAX_URL_TTL, S3Settings
 from imagegen.domain.errors import NotFound, StorageFailed
+from imagegen.storage.base import BlobEntry
 
 CACHE_CONTROL = "private, max-age=31536000, immutable"
 
@@ -207,12 +208,15 @@ class S3BlobStore:
         *,
         op_timeout: float = 60,
         signer: PresignedUrlSigner | None = None,
+        list_page_size: int = 1000,
     ) -> None:
         self._client = client
         self._bucket = bucket
         self._prefix = prefix.strip("/")
         self._op_timeout = op_timeout
         self._signer = signer
+        #: keys per ListObjectsV2 request (S3 answers at most 1,000)
+        self._list_page_size = list_page_size
 
     @property
     def bucket(self) -> str:
@@ -267,6 +271,28 @@ class S3BlobStore:
             raise StorageFailed(f"checking the image in S3 failed: {_describe(exc)}") from exc
         except (BotoCoreError, OSError, TimeoutError) as exc:
             raise StorageFailed(f"checking the image in S3 failed: {_describe(exc)}") from exc
+
+    async def list_keys(self, prefix: str) -> AsyncIterator[BlobEntry]:
+        """Every object under `prefix` (below the store's own prefix), through
+        ListObjectsV2's paginator: one page (up to 1,000 keys) per request, each within
+        the operation timeout."""
+        strip = len(self._key(""))
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self._bucket,
+            Prefix=self._key(prefix),
+            PaginationConfig={"PageSize": self._list_page_size},
+        )
+        iterator = pages.__aiter__()
+        while True:
+            try:
+                async with asyncio.timeout(self._op_timeout):
+                    page = await anext(iterator)
+            except StopAsyncIteration:
+                return
+            except (BotoCoreError, ClientError, OSError, TimeoutError) as exc:
+                raise StorageFailed(f"listing S3 failed: {_describe(exc)}") from exc
+            for item in page.get("Contents", ()):
+                yield BlobEntry(item["Key"][strip:], int(item["Size"]), item["LastModified"])
 
     async def signed_url(self, key: str, ttl: timedelta) -> str:
         if not timedelta(seconds=1) <= ttl <= MAX_URL_TTL:

@@ -11,11 +11,12 @@ its lease), from STARTED to the terminal event.
    (a read-only check: no provider call is made for an image that cannot be kept).
 3. The reply's bytes are checked, fitted to the job's size by the one fit rule (see
    `_stored_size`) and converted to the asked format, in a thread.
-4. The blob is put, then one unit of work locks the user's storage counter, decides the
-   quota (domain/limits.py) and records the image row and its IMAGE_READY event, so two
-   jobs of one user never pass the quota together; if the quota refuses it or the
-   record fails, the blob is deleted again. Its PROGRESS "stored" event is recorded
-   with it.
+4. The image is marked as made with AI (XMP fields and a signed C2PA manifest, in a
+   thread; an edit names its sources as ingredients) and the marked blob is put. Then
+   one unit of work locks the user's storage counter, decides the quota
+   (domain/limits.py) and records the image row and its IMAGE_READY event, so two jobs
+   of one user never pass the quota together; if the quota refuses it or the record
+   fails, the blob is deleted again. Its PROGRESS "stored" event is recorded with it.
 5. The end, in one unit of work: the job's terminal state with its terminal event
    (COMPLETED, FAILED with its IMG code, or CANCELLED), the settlement of its credit
    reservation (images delivered are charged, the rest refunded), its usage record and
@@ -70,6 +71,13 @@ from imagegen.domain.plans import PlanTable
 from imagegen.domain.pricing import PriceTable
 from imagegen.domain.usage import UsageRecord
 from imagegen.jobs.signals import CancelFlag, JobSignals
+from imagegen.provenance import (
+    Ingredient,
+    Origin,
+    ProvenanceError,
+    ProvenanceFacts,
+    ProvenanceMarker,
+)
 from imagegen.providers.base import (
     ProgressCallback,
     Provider,
@@ -116,6 +124,8 @@ class PipelineSettings:
     provider_timeout: timedelta
     #: times a job is started before it is failed
     max_attempts: int
+    #: the deployment's usage notice written into every stored image (IMAGEGEN_USAGE_NOTICE)
+    usage_notice: str
     #: how images that must be re-encoded are encoded
     encode: imaging.EncodeSettings = field(default_factory=imaging.EncodeSettings)
 
@@ -132,11 +142,14 @@ class JobPipeline:
         signals: JobSignals,
         observer: GenerationObserver,
         settings: PipelineSettings,
+        marker: ProvenanceMarker,
         tracer: trace.Tracer | None = None,
         moderation: ModerationService | None = None,
     ) -> None:
         self._db = db
         self._blobs = blobs
+        #: writes the provenance marks into every image before it is stored
+        self._marker = marker
         #: told of failed jobs (abuse signals, provider content-policy verdicts); None: off
         self._moderation = moderation
         self._catalogue = catalogue
@@ -338,6 +351,7 @@ class JobPipeline:
                 call_started=call_started,
                 waiting_progress=last_progress,
                 stored_progress=progress.stored(index),
+                sources=sources,
             )
         return model, job
 
@@ -449,13 +463,34 @@ class JobPipeline:
         call_started: float,
         waiting_progress: list[NewEvent],
         stored_progress: NewEvent,
+        sources: tuple[SourceImage, ...] = (),
     ) -> None:
-        """Blob, then quota, row and events (the progress still waiting, IMAGE_READY and
-        `stored_progress`) in one unit of work; no blob stays without its row, and no row
-        without its blob. `call_started` is when the image's provider call began
-        (time.monotonic())."""
+        """Marks, blob, then quota, row and events (the progress still waiting, IMAGE_READY
+        and `stored_progress`) in one unit of work; no blob stays without its row, and no
+        row without its blob. `call_started` is when the image's provider call began
+        (time.monotonic()); `sources` are the edit's loaded sources (its parents, named in
+        the marks)."""
         image_id = str(uuid.uuid4())
-        key = blob_key(job.user_id, image_id, info.format.extension, datetime.now(UTC))
+        now = datetime.now(UTC)
+        key = blob_key(job.user_id, image_id, info.format.extension, now)
+        facts = self._provenance_facts(job, image_id, model, now, sources)
+        with self._tracer.start_as_current_span(
+            "image.mark", attributes={"imagegen.image.format": info.format.value}
+        ):
+            try:
+                encoded = await asyncio.to_thread(self._marker.mark, encoded, info.format, facts)
+            except (ProvenanceError, ValueError) as exc:
+                log.exception(
+                    "marking an image failed",
+                    extra={
+                        "event": "provenance.failed",
+                        "generation_id": job.id,
+                        "error": str(exc),
+                    },
+                )
+                raise StorageFailed(
+                    "the image was made but marking it as AI-made failed; submit the request again"
+                ) from exc
         with self._tracer.start_as_current_span(
             "storage.put",
             attributes={
@@ -479,7 +514,7 @@ class JobPipeline:
             provider=job.provider,
             model=model,
             prompt=job.spec.prompt,
-            created_at=datetime.now(UTC),
+            created_at=now,
             index=index,
             is_edit=job.spec.is_edit,
             parent_ids=tuple(s.image_id for s in job.spec.sources if s.image_id),
@@ -507,6 +542,37 @@ class JobPipeline:
         if recorded is None:
             # An earlier attempt of this job stored this image first; keep only that one.
             await self._blobs.delete(key)
+
+    def _provenance_facts(
+        self,
+        job: Generation,
+        image_id: str,
+        model: str,
+        created: datetime,
+        sources: tuple[SourceImage, ...],
+    ) -> ProvenanceFacts:
+        """What the marks of image `image_id` say: a generation, or an edit (outpaints and
+        upscales included) whose sources are its parents, in source order."""
+        parents = tuple(
+            Ingredient(
+                data=source.data,
+                title=f"images/{spec_source.image_id}"
+                if spec_source.image_id
+                else f"source {position + 1}",
+            )
+            for position, (spec_source, source) in enumerate(
+                zip(job.spec.sources, sources, strict=False)
+            )
+        )
+        return ProvenanceFacts(
+            origin=Origin.EDITED if parents else Origin.GENERATED,
+            provider_id=job.provider,
+            model=model,
+            created=created,
+            usage_notice=self._settings.usage_notice,
+            title=f"images/{image_id}",
+            parents=parents,
+        )
 
     async def _record_image(
         self,
