@@ -176,12 +176,12 @@ async def test_a_generation_takes_a_bounded_number_of_round_trips(
         await client.channel.close()
     trips, statements = min(counts, key=lambda c: c[0])
     listing = "\n".join(" ".join(sql.split())[:100] for sql in statements)
-    # 70-75 round trips (148-159 statements) before this work, 23 now: the moderation
-    # hook's (4: the suspension read, then BEGIN, decision row, COMMIT), the submit's
+    # 70-75 round trips (148-159 statements) before this work, 21 now: the moderation
+    # hook's (2: the suspension read, then the decision row of an allowed text), the submit's
     # unit of work (8), the watch's read, the claim, the image's unit of work (4: BEGIN,
     # row, events, COMMIT) and the finish's (5: BEGIN, state and event, settlement,
     # usage, COMMIT).
-    assert trips <= 23, f"{trips} round trips:\n{listing}"
+    assert trips <= 21, f"{trips} round trips:\n{listing}"
     # The pool's reset on release (RESET ALL and friends) is gone.
     assert not any("RESET ALL" in sql or "UNLISTEN" in sql for sql in statements)
 

@@ -98,29 +98,13 @@ class ModerationRepository:
         """Store a decision; a blocked or flagged one also counts on its user. For a
         blocked one, returns the user's blocks within each of `windows` up to the
         decision's time (this one included); otherwise zeros."""
+        if record.decision is Decision.ALLOWED:
+            # The common case touches one row: one statement, no transaction round trips.
+            async with self._pool.acquire() as conn:
+                await self._insert(conn, record)
+            return tuple(0 for _ in windows)
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                """
-                INSERT INTO moderation_decisions (
-                    id, user_id, sub_account, plan, purpose, decision, categories, scores,
-                    moderators, unavailable, text_sha256, texts, generation_id, created_at)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
-                """,
-                uuid.UUID(record.id),
-                record.user_id,
-                record.sub_account,
-                record.plan,
-                record.purpose.value,
-                record.decision.value,
-                list(record.categories),
-                record.scores,
-                record.moderators,
-                list(record.unavailable),
-                record.text_sha256,
-                record.texts,
-                uuid.UUID(record.generation_id) if record.generation_id else None,
-                record.created_at,
-            )
+            await self._insert(conn, record)
             if record.decision is Decision.FLAGGED:
                 await conn.execute(
                     """
@@ -159,6 +143,31 @@ class ModerationRepository:
                 )
                 counts.append(int(count))
             return tuple(counts)
+
+    @staticmethod
+    async def _insert(conn: asyncpg.Connection, record: DecisionRecord) -> None:
+        await conn.execute(
+            """
+            INSERT INTO moderation_decisions (
+                id, user_id, sub_account, plan, purpose, decision, categories, scores,
+                moderators, unavailable, text_sha256, texts, generation_id, created_at)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+            """,
+            uuid.UUID(record.id),
+            record.user_id,
+            record.sub_account,
+            record.plan,
+            record.purpose.value,
+            record.decision.value,
+            list(record.categories),
+            record.scores,
+            record.moderators,
+            list(record.unavailable),
+            record.text_sha256,
+            record.texts,
+            uuid.UUID(record.generation_id) if record.generation_id else None,
+            record.created_at,
+        )
 
     async def suspend(self, user_id: str, until: datetime) -> datetime:
         """Suspend the user until `until` (a longer running suspension is kept);
