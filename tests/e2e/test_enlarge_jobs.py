@@ -322,6 +322,13 @@ async def test_an_upscale_killed_mid_job_is_finished_by_another_replica_once(
             gid,
         )
         assert [tuple(u) for u in usage] == [("succeeded", 1)]
+        # One reservation in the ledger for the job, kept: the two attempts charged once.
+        ledger = await query(
+            database_url,
+            "SELECT kind, amount FROM credit_ledger WHERE generation_id = $1",
+            gid,
+        )
+        assert [tuple(r) for r in ledger] == [("reserve", -1)]
         # The same request sent again is the same job, charged once.
         again = (
             await rpc(

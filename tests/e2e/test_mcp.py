@@ -309,9 +309,31 @@ async def slow(tmp_path: Path, database_url: str) -> AsyncIterator[ServedProcess
         await server.wait_exit(30)
 
 
-async def test_stdio_waits_resumes_and_cancels(slow: ServedProcess) -> None:
-    async with stdio_session(slow) as session:
+@asynccontextmanager
+async def session_over(transport: str, server: ServedProcess) -> AsyncIterator[ClientSession]:
+    opened = stdio_session(server) if transport == "stdio" else http_session(server)
+    async with opened as session:
+        yield session
+
+
+@pytest.mark.parametrize("transport", ["stdio", "http"])
+async def test_waits_resumes_and_cancels_over_each_transport(
+    slow: ServedProcess, transport: str
+) -> None:
+    async with session_over(transport, slow) as session:
         schemas = check_schemas((await session.list_tools()).tools)
+        # Done within the default wait: the URLs, which serve the image, and thumbnails.
+        made = await session.call_tool(
+            "generate_image", {"prompt": "a quick sunrise", "size": "256x256"}
+        )
+        out = check_result(made, schemas["generate_image"])
+        assert out["state"] == "completed" and out["done"] and len(out["images"]) == 1
+        async with httpx.AsyncClient(trust_env=False) as client:
+            full = await client.get(out["images"][0]["uri"])
+        assert full.status_code == 200
+        assert Image.open(io.BytesIO(full.content)).size == (256, 256)
+        assert len(thumbnails(made)) == 1
+
         # A wait shorter than the job: the answer is a handle to resume with.
         handle = check_result(
             await session.call_tool(

@@ -214,12 +214,17 @@ async def test_a_template_that_renders_to_a_blocked_prompt_is_blocked(
         again = await stub.GetPromptTemplate(
             T.GetPromptTemplateRequest(name=template.name), metadata=md()
         )
-    assert error_details(caught.value)["ErrorInfo"].reason == "IMG_011"
-    assert again.template.usage_count == 0
-    assert await rows(database_url, "SELECT id FROM generations") == []
-    assert forge_fake.requests == []
-    [decision] = await rows(database_url, "SELECT purpose, decision FROM moderation_decisions")
-    assert tuple(decision) == ("template", "blocked")
+        assert error_details(caught.value)["ErrorInfo"].reason == "IMG_011"
+        assert again.template.usage_count == 0
+        assert await rows(database_url, "SELECT id FROM generations") == []
+        assert forge_fake.requests == []
+        # No ledger entry, and the hour's one request is still free.
+        assert await rows(database_url, "SELECT id FROM credit_ledger") == []
+        assert (await submit(s.grpc_port, forge("a lighthouse at dusk"))).generation.name
+    decisions = await rows(
+        database_url, "SELECT purpose, decision FROM moderation_decisions ORDER BY created_at"
+    )
+    assert [tuple(d) for d in decisions] == [("template", "blocked"), ("generate", "allowed")]
 
 
 async def test_a_blocked_edit_instruction_fetches_and_stores_nothing(
@@ -233,12 +238,17 @@ async def test_a_blocked_edit_instruction_fetches_and_stores_nothing(
                 sources=[common_pb2.ImageSource(data=png_bytes(64, 64))],
             ),
         )
-    assert error_details(err)["ErrorInfo"].reason == "IMG_011"
-    assert await rows(database_url, "SELECT id FROM generations") == []
-    assert await rows(database_url, "SELECT id FROM images") == []  # no upload kept
-    assert forge_fake.requests == []
-    [decision] = await rows(database_url, "SELECT purpose FROM moderation_decisions")
-    assert decision["purpose"] == "edit"
+        assert error_details(err)["ErrorInfo"].reason == "IMG_011"
+        assert await rows(database_url, "SELECT id FROM generations") == []
+        assert await rows(database_url, "SELECT id FROM images") == []  # no upload kept
+        assert forge_fake.requests == []
+        # No ledger entry, and the hour's one request is still free.
+        assert await rows(database_url, "SELECT id FROM credit_ledger") == []
+        assert (await submit(s.grpc_port, forge("a lighthouse at dusk"))).generation.name
+    decisions = await rows(
+        database_url, "SELECT purpose, decision FROM moderation_decisions ORDER BY created_at"
+    )
+    assert [tuple(d) for d in decisions] == [("edit", "blocked"), ("generate", "allowed")]
 
 
 async def test_flagged_requests_run_and_are_recorded_with_their_text_when_allowed(
