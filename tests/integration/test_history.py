@@ -382,3 +382,58 @@ async def test_a_word_search_keeps_the_kind_filter_and_the_parents(
                 assert upload not in by_kind[L.IMAGE_KIND_GENERATED], word
                 listed = {i.name: i for i in await alice.images(query=word)}
                 assert list(listed[edit.images[0].name].parents) == [upload], word
+
+
+async def test_a_fetched_source_is_kept_as_the_callers_upload_and_the_parent(
+    tmp_path: Path, database_url: str
+) -> None:
+    from aiohttp import web
+
+    body = png(90, 30)
+    fetches: list[str] = []
+
+    async def serve(request: web.Request) -> web.Response:
+        fetches.append(request.path_qs)
+        return web.Response(body=body, content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/cat.png", serve)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    url = f"http://127.0.0.1:{port}/cat.png?token=secret"
+    try:
+        env = {"IMAGEGEN_FETCH_ALLOW_HOSTS": "127.0.0.1"}
+        async with serve_in_process(tmp_path, database_url, env=env) as server:
+            async with caller(server.grpc_port) as alice:
+                spec = common_pb2.GenerationSpec(
+                    prompt="flip", sources=[common_pb2.ImageSource(uri=url)]
+                )
+                job = await alice.get(completed(await alice.generate(spec)))
+                (upload,) = await alice.images(kind=L.IMAGE_KIND_UPLOAD)
+                assert upload.upload and upload.generation == job.name
+                assert upload.size_bytes == len(body)
+                async with httpx.AsyncClient(trust_env=False) as http:
+                    assert (await http.get(upload.uri)).content == body
+                # The job names the library image, never the URL it came from.
+                assert list(job.spec.sources) == [common_pb2.ImageSource(image=upload.name)]
+                assert "secret" not in str(job)
+                (result,) = job.images
+                assert list(result.parents) == [upload.name] and result.edit
+                assert job.edit
+
+                # Rerun uses the kept upload: nothing is fetched or stored again.
+                rerun = (
+                    await alice.gen.RerunGeneration(
+                        E.RerunGenerationRequest(name=job.name), metadata=alice.md
+                    )
+                ).generation
+                done = await alice.wait(rerun.name)
+                assert done.state == E.GENERATION_STATE_COMPLETED
+                assert [list(i.parents) for i in done.images] == [[upload.name]]
+                assert len(await alice.images(kind=L.IMAGE_KIND_UPLOAD)) == 1
+                assert fetches == ["/cat.png?token=secret"], "fetched once, for the first job"
+    finally:
+        await runner.cleanup()

@@ -1,7 +1,8 @@
 """The reply-to-stored-image step inside a real server: a reply of the asked format and
 size is stored with its pixel data byte for byte (only the provenance marks are added),
-another size is fitted to exactly the asked one, and a
-truncated reply is IMG_002 with nothing stored."""
+another size is fitted to exactly the asked one, the whole job decodes the reply once at
+most (none for a pass-through), and a truncated reply or a bomb is IMG_002 with nothing
+stored (the bomb never decoded)."""
 
 from __future__ import annotations
 
@@ -113,4 +114,75 @@ async def test_a_truncated_reply_is_img_002_and_stores_nothing(
     whole = encode(picture(512, 512), "PNG")
     events, err = await run(tmp_path, database_url, forge_env, whole[: len(whole) - 100])
     assert_failed_with(events, err, "IMG_002")
+    assert await fetch(database_url, "SELECT id FROM images") == []
+
+
+@pytest.mark.parametrize(
+    ("reply_size", "asked", "fmt", "decodes"),
+    [
+        ((512, 512), (512, 512), common_pb2.IMAGE_FORMAT_PNG, 0),
+        ((512, 512), (512, 512), common_pb2.IMAGE_FORMAT_JPEG, 1),
+        ((1024, 1024), (256, 256), common_pb2.IMAGE_FORMAT_WEBP, 1),
+        ((1024, 1024), (1536, 1024), common_pb2.IMAGE_FORMAT_PNG, 1),
+    ],
+    ids=["pass-through", "converted", "fitted-and-converted", "fitted"],
+)
+async def test_the_served_job_decodes_the_reply_at_most_once(
+    tmp_path: Path,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    reply_size: tuple[int, int],
+    asked: tuple[int, int],
+    fmt: int,
+    decodes: int,
+) -> None:
+    # Every pixel decode of the server, whoever asks for it: libvips' loaders (the codec)
+    # and Pillow's (a provider or the marks could use it); the job runs in this process.
+    from PIL import ImageFile
+
+    from imagegen.imaging import codec
+
+    loads: list[str] = []
+    vips_load, pillow_load = codec._load, ImageFile.ImageFile.load
+
+    def counted_vips(data: bytes, image_format: object) -> object:
+        loads.append("vips")
+        return vips_load(data, image_format)  # type: ignore[arg-type]
+
+    def counted_pillow(self: ImageFile.ImageFile) -> object:
+        loads.append("pillow")
+        return pillow_load(self)
+
+    reply = encode(picture(*reply_size), "PNG")
+    monkeypatch.setattr(codec, "_load", counted_vips)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counted_pillow)
+    _events, err = await run(
+        tmp_path,
+        database_url,
+        {},
+        reply,
+        size=common_pb2.ImageSize(width=asked[0], height=asked[1]),
+        format=fmt,
+    )
+    monkeypatch.undo()
+    assert err is None, err
+    rows = await fetch(database_url, "SELECT width, height FROM images")
+    assert [(r["width"], r["height"]) for r in rows] == [asked]
+    assert loads == ["vips"] * decodes
+
+
+async def test_a_bomb_reply_is_img_002_without_a_decode(
+    tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagegen.imaging import codec
+    from tests.fakes.forge_server import bomb_png
+
+    def refuse(data: bytes, image_format: object) -> object:
+        raise AssertionError("a bomb was decoded")
+
+    monkeypatch.setattr(codec, "_load", refuse)
+    events, err = await run(tmp_path, database_url, {}, bomb_png(60000))
+    monkeypatch.undo()
+    assert_failed_with(events, err, "IMG_002")
+    assert "pixel limit" in events[-1].error.message
     assert await fetch(database_url, "SELECT id FROM images") == []

@@ -1,6 +1,7 @@
 """Any JWT subject works: generate, edit, list, download, delete and purge over real gRPC,
 with the local blob store and with S3, for every form of `sub` identity providers issue
-(and pairs that an encoding might fold together, which must stay apart)."""
+(and pairs that an encoding might fold together, which must stay apart), each also as
+the token's sub-account, which the images carry back."""
 
 from __future__ import annotations
 
@@ -33,7 +34,9 @@ L = library_pb2
 
 
 def md(user: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {mint_token(TEST_JWT_KEY, user_id=user)}"),)
+    # The subject is its own sub-account too: that claim takes any text a `sub` may.
+    token = mint_token(TEST_JWT_KEY, user_id=user, sub_account=user)
+    return (("authorization", f"Bearer {token}"),)
 
 
 def twin_of(user: str) -> str:
@@ -92,6 +95,7 @@ async def walk_one_subject(channel: grpc.aio.Channel, user: str) -> list[str]:
     listed = await library.ListImages(L.ListImagesRequest(page_size=100), metadata=md(user))
     names = {image.name for image in listed.images}
     assert {made, edited} <= names, user
+    assert {i.sub_account for i in listed.images if i.name in (made, edited)} == {user}
 
     metadata, data = await download(library, user, made)
     picture = Image.open(io.BytesIO(data))

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import imagegen.repositories
 
-LIMIT_ERRORS = frozenset({"RateLimited", "InsufficientCredits", "StorageQuotaExceeded"})
+LIMIT_ERRORS = frozenset(
+    {"RateLimited", "InsufficientCredits", "StorageQuotaExceeded", "ImageTooLarge", "StreamLimit"}
+)
 REPOSITORIES = Path(imagegen.repositories.__file__).parent
 
 
