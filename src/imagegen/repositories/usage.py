@@ -8,9 +8,12 @@ from datetime import datetime
 
 import asyncpg
 
-from imagegen.domain.errors import InvalidRequest
 from imagegen.domain.usage import UsageKind, UsageRecord, UsageRow, UsageTotalsRow
 from imagegen.repositories.db import Executor
+
+
+class UnknownTimeZone(Exception):
+    """The database does not know the time zone it was asked to group days by."""
 
 
 class UsageRepository:
@@ -178,9 +181,7 @@ class UsageQueries:
         except asyncpg.InvalidParameterValueError:
             # The database's own time zone list has the last word; the service checked
             # the name against Python's, and the two need not be the same release.
-            raise InvalidRequest(
-                f"time zone {time_zone!r} is not known to the database", field="time_zone"
-            ) from None
+            raise UnknownTimeZone(time_zone) from None
 
         def convert(r: asyncpg.Record) -> UsageTotalsRow:
             return UsageTotalsRow(

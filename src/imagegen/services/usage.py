@@ -18,7 +18,7 @@ from imagegen.domain.models import Identity
 from imagegen.domain.plans import PlanTable
 from imagegen.domain.usage import UsageRow, UsageTotalsRow
 from imagegen.repositories.credits import CreditLedger
-from imagegen.repositories.usage import UsageQueries
+from imagegen.repositories.usage import UnknownTimeZone, UsageQueries
 from imagegen.storage.base import BlobStore
 
 MAX_RANGE = timedelta(days=366)
@@ -189,9 +189,16 @@ class UsageService:
                 f"time zone {zone!r} is not known; use an IANA name such as Europe/Paris",
                 field="time_zone",
             )
-        totals, by_provider, by_day, by_source = await self._queries.totals(
-            identity.user_id, start, end, zone
-        )
+        try:
+            totals, by_provider, by_day, by_source = await self._queries.totals(
+                identity.user_id, start, end, zone
+            )
+        except UnknownTimeZone:
+            raise InvalidRequest(
+                f"time zone {zone!r} is not known to the database; use an IANA name such as "
+                "Europe/Paris",
+                field="time_zone",
+            ) from None
         return UsageStats(start, end, totals, by_provider, by_day, by_source)
 
     async def export_usage(
