@@ -125,11 +125,8 @@ async def _client(job: Job, barrier: multiprocessing.synchronize.Barrier, result
         from imagegen.repositories.generations import GenerationRepository
         from imagegen.repositories.images import ImageRepository, LibraryQueries
 
-        async def no_reset(_connection: asyncpg.Connection) -> None:
-            # The floor: no session-state reset round trip when a connection goes back.
-            return None
-
-        pool = await open_pool(job.target, min_size=job.tasks, max_size=job.tasks, reset=no_reset)
+        # open_pool's connections are not reset on release: the floor pays no reset either.
+        pool = await open_pool(job.target, min_size=job.tasks, max_size=job.tasks)
         closers.append(pool.close)
         images, generations, library = (
             ImageRepository(pool),
