@@ -22,11 +22,21 @@ def parse_id(value: str) -> uuid.UUID | None:
         return None
 
 
-#: The select list of an image with its parents (in source order), in one statement.
-_WITH_PARENTS = """
-    i.*, array(SELECT p.parent_id FROM image_parents p
-                WHERE p.image_id = i.id ORDER BY p.position) AS parent_ids
+#: The columns an image is read from (`_image_from_row`): named rather than `i.*` so the
+#: generated `search` tsvector, as long as the prompt and title together, never travels.
+_IMAGE_COLUMNS = """
+    i.id, i.user_id, i.generation_id, i.storage_key, i.mime_type, i.width, i.height,
+    i.size_bytes, i.provider, i.model, i.prompt, i.created_at, i.batch_index, i.deleted_at,
+    i.is_edit, i.negative_prompt, i.style, i.seed, i.title, i.description, i.tags,
+    i.favorite, i.updated_at, i.upload, i.sub_account, i.credits, i.generation_duration,
+    i.sha256
 """
+
+#: The select list of an image with its parents (in source order), in one statement.
+_WITH_PARENTS = f"""
+    {_IMAGE_COLUMNS}, array(SELECT p.parent_id FROM image_parents p
+                WHERE p.image_id = i.id ORDER BY p.position) AS parent_ids
+"""  # noqa: S608 - column names of this module only
 
 
 def _image_from_row(row: asyncpg.Record) -> StoredImage:
