@@ -31,8 +31,12 @@ from imagegen.v1 import (
 )
 
 from imagegen.domain.errors import InvalidRequest
+from imagegen.domain.models import Identity
+from imagegen.domain.plans import PlanTable
 from imagegen.identity import mint_token
-from imagegen.repositories.usage import UsageQueries
+from imagegen.repositories.credits import CreditLedger
+from imagegen.repositories.usage import UnknownTimeZone, UsageQueries
+from imagegen.services.usage import UsageService
 from tests.inprocess import TEST_JWT_KEY, serve_in_process
 
 G, L, T, U = generation_pb2, library_pb2, templates_pb2, usage_pb2
@@ -581,11 +585,18 @@ async def test_a_zone_the_database_does_not_know_is_img_003(
     pool = await asyncpg.create_pool(module_database_url, min_size=1, max_size=1)
     now = datetime.now(UTC)
     try:
-        with pytest.raises(InvalidRequest) as caught:
+        # The repository only reports it; the service makes it the caller's error.
+        with pytest.raises(UnknownTimeZone):
             await UsageQueries(pool).totals(
                 "alice", now - timedelta(days=1), now + timedelta(days=1), "posixrules"
             )
+        service = UsageService(UsageQueries(pool), CreditLedger(pool), PlanTable.default())
+        with pytest.raises(InvalidRequest) as caught:
+            await service.stats(
+                Identity("alice"), now - timedelta(days=1), now + timedelta(days=1), "posixrules"
+            )
         assert caught.value.field == "time_zone"
+        assert "posixrules" in str(caught.value)
     finally:
         await pool.close()
 
