@@ -7,11 +7,14 @@ memory (VmRSS) before, after every few refusals and at the end. Each refusal mus
 IMG_007 with an ErrorInfo (not a transport RESOURCE_EXHAUSTED). Prints figures; asserts
 nothing.
 
-The direct path, in the same run: a bare grpc.aio server (no interceptors, no job, no
-database) that only parses the same SubmitGeneration messages and refuses them, so the
-figures separate what grpcio keeps of large messages from what imagegen keeps.
+The direct path, in the same run: a bare grpc.aio server (no job, no database, only
+imagegen's memory interceptor and allocator policy of api/memory.py) that only parses the
+same SubmitGeneration messages and refuses them, so the figures separate what grpcio keeps
+of large messages from what imagegen keeps. `--mmap-threshold` sets both servers'
+IMAGEGEN_MALLOC_MMAP_THRESHOLD (0: glibc's own policy).
 
     .venv/bin/python bench/oversize_bench.py [--refusals 20] [--max-input-mb 20]
+        [--mmap-threshold 4194304]
 """
 
 from __future__ import annotations
@@ -46,10 +49,12 @@ def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
+    raise RuntimeError(f"process {pid} has ended (no VmRSS)")
 
 
-def start_server(root: Path, max_input_bytes: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(
+    root: Path, max_input_bytes: int, mmap_threshold: int
+) -> tuple[subprocess.Popen[bytes], str]:
     ready = root / "ready"
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("IMAGEGEN_", "OTEL_"))},
@@ -58,8 +63,13 @@ def start_server(root: Path, max_input_bytes: int) -> tuple[subprocess.Popen[byt
         "IMAGEGEN_HTTP_PORT": "0",
         "IMAGEGEN_READY_FILE": str(ready),
         "IMAGEGEN_JWT_KEY": JWT_KEY,
-        **{k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_") if k in os.environ},
+        **{
+            k: os.environ[k]
+            for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_")
+            if k in os.environ
+        },
         "IMAGEGEN_MAX_INPUT_BYTES": str(max_input_bytes),
+        "IMAGEGEN_MALLOC_MMAP_THRESHOLD": str(mmap_threshold),
         "IMAGEGEN_PLANS_FILE": str(Path(__file__).parents[1] / "tests/data/plans-unlimited.json"),
     }
     log = (root / "server.log").open("wb")
@@ -76,14 +86,18 @@ def start_server(root: Path, max_input_bytes: int) -> tuple[subprocess.Popen[byt
 
 
 BARE_SERVER = """
-import asyncio, ctypes, sys
+import asyncio, sys
 import grpc
+from imagegen.api.memory import HeapTrimmer, LargeRequestInterceptor, apply_malloc_policy
 from imagegen.v1 import generation_pb2
 
 async def main():
+    # The same allocator policy, and the same collection and trim after large requests
+    # (api/memory.py, its one interceptor), as the served process.
+    apply_malloc_policy(int(sys.argv[2]))
+    trimmer = HeapTrimmer()
+
     async def refuse(request, context):
-        # The same heap trim as the served process (api/memory.py), a moment later.
-        asyncio.get_running_loop().call_later(0.5, ctypes.CDLL("libc.so.6").malloc_trim, 0)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "too large")
 
     handler = grpc.method_handlers_generic_handler(
@@ -94,7 +108,10 @@ async def main():
             response_serializer=lambda b: b,
         )},
     )
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", int(sys.argv[1]))])
+    server = grpc.aio.server(
+        interceptors=[LargeRequestInterceptor(trimmer)],
+        options=[("grpc.max_receive_message_length", int(sys.argv[1]))],
+    )
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -105,9 +122,12 @@ asyncio.run(main())
 """
 
 
-def start_bare_server(receive_limit: int) -> tuple[subprocess.Popen[bytes], str]:
+def start_bare_server(
+    receive_limit: int, mmap_threshold: int
+) -> tuple[subprocess.Popen[bytes], str]:
     process = subprocess.Popen(
-        [sys.executable, "-c", BARE_SERVER, str(receive_limit)], stdout=subprocess.PIPE
+        [sys.executable, "-c", BARE_SERVER, str(receive_limit), str(mmap_threshold)],
+        stdout=subprocess.PIPE,
     )
     assert process.stdout is not None
     port = process.stdout.readline().decode().strip()
@@ -115,7 +135,10 @@ def start_bare_server(receive_limit: int) -> tuple[subprocess.Popen[bytes], str]
 
 
 async def refusals(
-    address: str, pid: int, sources: list[common_pb2.ImageSource], metadata: tuple[tuple[str, str], ...]
+    address: str,
+    pid: int,
+    sources: list[common_pb2.ImageSource],
+    metadata: tuple[tuple[str, str], ...],
 ) -> tuple[float, float, dict[str, int], list[float]]:
     """(RSS before, RSS after, answers, RSS every five refusals) for one server."""
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
@@ -163,6 +186,12 @@ async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--refusals", type=int, default=20)
     parser.add_argument("--max-input-mb", type=int, default=20)
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=4 * 1024 * 1024,
+        help="IMAGEGEN_MALLOC_MMAP_THRESHOLD of both servers (0: glibc's own policy)",
+    )
     args = parser.parse_args()
     limit = args.max_input_mb * 1024 * 1024
     # Just over the limit (half a MiB), like a 21 MB photo against the 20 MiB default.
@@ -175,13 +204,14 @@ async def main() -> None:
     print(
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {platform.node()}, "
         f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}; limit {limit} bytes, each "
-        f"source {len(oversize)} bytes, {args.refusals} refusals (bytes and data: URLs in turn)"
+        f"source {len(oversize)} bytes, {args.refusals} refusals (bytes and data: URLs in turn), "
+        f"mmap threshold {args.mmap_threshold or 'glibc'}"
     )
     with tempfile.TemporaryDirectory(prefix="imagegen-bench-") as tmp:
         root = Path(tmp)
         root.chmod(0o755)
-        bare, bare_address = start_bare_server(limit * 4 // 3 + 1024 * 1024)
-        served, address = start_server(root, limit)
+        bare, bare_address = start_bare_server(limit * 4 // 3 + 1024 * 1024, args.mmap_threshold)
+        served, address = start_server(root, limit, args.mmap_threshold)
         try:
             token = mint_token(JWT_KEY, user_id="bench", plan="pro")
             metadata = (("authorization", f"Bearer {token}"),)
@@ -189,6 +219,10 @@ async def main() -> None:
                 ("direct (bare grpc.aio)", *await refusals(bare_address, bare.pid, sources, ())),
                 ("served (imagegen)", *await refusals(address, served.pid, sources, metadata)),
             ]
+        except RuntimeError:
+            print(f"bare server exit {bare.poll()}, served exit {served.poll()}; served log:")
+            print((root / "server.log").read_text()[-4000:])
+            raise
         finally:
             for process in (served, bare):
                 process.terminate()

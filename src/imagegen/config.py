@@ -161,6 +161,13 @@ SETTINGS: tuple[SettingDoc, ...] = (
         "Largest source image accepted, in bytes; also sets gRPC's receive limit.",
     ),
     SettingDoc(
+        "IMAGEGEN_MALLOC_MMAP_THRESHOLD",
+        "4194304",
+        "glibc only: allocations of this many bytes or more get their own mmap, returned to "
+        "the OS when freed, so large requests leave no resident memory behind (and twice it "
+        "may stay free atop the heap); 0 keeps glibc's rising threshold.",
+    ),
+    SettingDoc(
         "IMAGEGEN_DOWNLOAD_CHUNK_BYTES",
         "1048576",
         "Chunk size of DownloadImage streams in bytes (at most 1 MiB).",
@@ -472,6 +479,7 @@ class Settings:
     fetch_allow_hosts: tuple[str, ...]
     max_pixels: int
     max_input_bytes: int
+    malloc_mmap_threshold: int
     download_chunk_bytes: int
     png_compress_level: int
     jpeg_quality: int
@@ -596,6 +604,10 @@ class Settings:
             ),
             max_pixels=reader.integer("IMAGEGEN_MAX_PIXELS", 16_777_216, minimum=1),
             max_input_bytes=reader.integer("IMAGEGEN_MAX_INPUT_BYTES", 20 * 1024 * 1024, minimum=1),
+            # At most glibc's own ceiling for the threshold (64-bit DEFAULT_MMAP_THRESHOLD_MAX).
+            malloc_mmap_threshold=reader.integer(
+                "IMAGEGEN_MALLOC_MMAP_THRESHOLD", 4 * 1024 * 1024, maximum=32 * 1024 * 1024
+            ),
             download_chunk_bytes=min(
                 reader.integer("IMAGEGEN_DOWNLOAD_CHUNK_BYTES", 1024 * 1024, minimum=1024),
                 1024 * 1024,

@@ -36,7 +36,7 @@ from imagegen.api.interceptors import (
     InflightInterceptor,
 )
 from imagegen.api.library import ImageLibraryServicer
-from imagegen.api.memory import HeapTrimmer, LargeRequestInterceptor
+from imagegen.api.memory import HeapTrimmer, LargeRequestInterceptor, apply_malloc_policy
 from imagegen.api.prompts import PromptAssistantServicer
 from imagegen.api.templates import PromptTemplateServicer
 from imagegen.api.usage import UsageServicer
@@ -185,6 +185,7 @@ class Server:
         # Before anything starts (the embedded PostgreSQL included): a busy port is one
         # line naming its setting, not a traceback after a database came up.
         ensure_ports_free(settings)
+        apply_malloc_policy(settings.malloc_mmap_threshold)
         async with contextlib.AsyncExitStack() as stack:
             telemetry = self._telemetry or setup_telemetry()
             if self._telemetry is None:

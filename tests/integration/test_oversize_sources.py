@@ -7,7 +7,10 @@ import asyncio
 import base64
 import gc
 import os
+import weakref
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -124,3 +127,71 @@ async def test_a_burst_of_large_requests_is_trimmed_once_after_it() -> None:
     await asyncio.wait_for(trimmer.trimmed.wait(), timeout=10)
     await trimmer.aclose()
     assert trimmer.trims == 1
+
+
+class _Held:
+    """A deserialized request that tells when it is freed."""
+
+    __slots__ = ("__weakref__", "data")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["unary", "server-streaming"])
+async def test_a_large_request_refused_with_abort_is_freed_without_a_collection(
+    streaming: bool,
+) -> None:
+    # grpc keeps the AbortError in the RPC's state and its accept loop keeps the last
+    # RPC's state; the error's traceback holds the frames that hold the request.
+    freed = asyncio.Event()
+    received: list[weakref.ref[_Held]] = []
+
+    def deserialize(data: bytes) -> _Held:
+        held = _Held(data)
+        weakref.finalize(held, freed.set)
+        received.append(weakref.ref(held))
+        return held
+
+    async def refuse(request: _Held, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "too large")
+
+    async def refuse_streaming(
+        request: _Held, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "too large")
+        yield b""  # pragma: no cover - an async generator, as servicers' streams are
+
+    handler = (
+        grpc.unary_stream_rpc_method_handler(refuse_streaming, request_deserializer=deserialize)
+        if streaming
+        else grpc.unary_unary_rpc_method_handler(refuse, request_deserializer=deserialize)
+    )
+    trimmer = HeapTrimmer()
+    server = grpc.aio.server(interceptors=[LargeRequestInterceptor(trimmer, threshold=1000)])
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("bench.Refuser", {"Refuse": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    gc.disable()
+    try:
+        async with grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=CHANNEL_OPTIONS
+        ) as channel:
+            if streaming:
+                call = channel.unary_stream("/bench.Refuser/Refuse")(b"x" * 2000)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    async for _ in call:
+                        pass  # pragma: no cover - refused before any response
+            else:
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await channel.unary_unary("/bench.Refuser/Refuse")(b"x" * 2000)
+            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            # No further RPC and no collection: only reference counting can free it.
+            await asyncio.wait_for(freed.wait(), timeout=10)
+        assert len(received) == 1 and received[0]() is None
+    finally:
+        gc.enable()
+        await server.stop(None)
+        await trimmer.aclose()
