@@ -4,6 +4,7 @@ fetch nothing, and a loopback listener proves it never tried."""
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 import io
 import socket
@@ -32,7 +33,7 @@ from imagegen.provenance import (
     open_marker,
     read_marks,
 )
-from imagegen.provenance.marker import c2pa_settings
+from imagegen.provenance.marker import _png_may_carry_manifest, c2pa_settings
 from imagegen.provenance.signing import make_dev_chain, signing_material_from_pem
 from imagegen.provenance.xmp import XmpFields, embed_xmp, read_xmp
 
@@ -554,3 +555,27 @@ def test_open_marker_makes_the_development_ca_once(tmp_path: Path) -> None:
     second = open_marker(settings, tmp_path)
     assert first.material == second.material
     assert first.material.development
+
+
+def _with_chunk(png: bytes, kind: bytes, body: bytes) -> bytes:
+    chunk = struct.pack(">I", len(body)) + kind + body
+    chunk += struct.pack(">I", binascii.crc32(kind + body))
+    return png[:33] + chunk + png[33:]  # after the signature and IHDR
+
+
+def test_the_png_chunk_walk_sends_only_manifest_free_pngs_past_the_reader(
+    marker: ProvenanceMarker,
+) -> None:
+    plain = encode(ImageFormat.PNG)
+    assert not _png_may_carry_manifest(plain)
+    # Text that cannot hold a manifest reference, and one that may.
+    assert not _png_may_carry_manifest(_with_chunk(plain, b"tEXt", b"Comment\0a fox"))
+    xmp = b"XML:com.adobe.xmp\0\0\0\0\0<x dcterms:provenance='https://m.example/x'/>"
+    assert _png_may_carry_manifest(_with_chunk(plain, b"iTXt", xmp))
+    # Compressed text is not read here: the reader decides.
+    assert _png_may_carry_manifest(_with_chunk(plain, b"iTXt", b"XML:com.adobe.xmp\0\1\0\0\0x"))
+    assert _png_may_carry_manifest(_with_chunk(plain, b"zTXt", b"Comment\0\0x"))
+    assert _png_may_carry_manifest(_with_chunk(plain, b"caBX", b"jumbf"))
+    # A PNG it cannot walk to its end is left to the reader too.
+    assert _png_may_carry_manifest(plain[: len(plain) // 2])
+    assert _png_may_carry_manifest(marker.mark(plain, ImageFormat.PNG, generation()))
