@@ -109,7 +109,7 @@ class ProvenanceMarker:
         # No verification after each signature: it hashes the whole asset again (about a
         # fifth of a 1024x1024 PNG's mark, bench/README.md) to re-prove what `check`
         # proves once at start-up by reading a signed probe back: that this material
-        # signs manifests that validate. The bytes signed are ours, never the caller's.
+        # signs manifests that validate.
         self._settings = c2pa_settings(material.trust_anchors_pem, verify_after_sign=False)
         self._probe_settings = c2pa_settings(material.trust_anchors_pem, verify=False)
 
