@@ -69,7 +69,9 @@ async def within(awaitable: Awaitable[T], seconds: float = 30) -> T:
 
 
 async def eventually(read: Callable[[], Awaitable[T]], done: Callable[[T], bool]) -> T:
-    """Read a state until it is what the test waits for (bounded)."""
+    """Read a state until it is what the test waits for (bounded at 30 s). The server
+    records an attempt after the receiver answered and announces it to no one, so the
+    state is read every 50 ms."""
     for _ in range(600):
         value = await read()
         if done(value):

@@ -7,6 +7,7 @@ import ctypes.util
 
 import pytest
 
+from imagegen.api import memory
 from imagegen.api.memory import apply_malloc_policy
 from imagegen.config import ConfigError, Settings
 
@@ -22,10 +23,12 @@ class _MallInfo2(ctypes.Structure):
 
 
 def _glibc() -> ctypes.CDLL:
+    # The server runs on glibc (the Dockerfile's python:3.11-slim is Debian, glibc 2.36),
+    # and so does the suite: the policy is glibc's (mallopt; mallinfo2 from glibc 2.33).
     name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    if libc is None or not hasattr(libc, "mallinfo2"):
-        pytest.skip("the policy is glibc's (mallopt, mallinfo2 from glibc 2.33)")
+    assert name is not None, "no C library found"
+    libc = ctypes.CDLL(name)
+    assert hasattr(libc, "mallinfo2"), "the suite runs on glibc 2.33 or later"
     libc.mallinfo2.restype = _MallInfo2
     libc.malloc.restype = ctypes.c_void_p
     libc.malloc.argtypes = [ctypes.c_size_t]
@@ -38,6 +41,12 @@ def test_the_default_threshold_is_4_mib_and_0_turns_the_policy_off() -> None:
     off = Settings.from_env({"IMAGEGEN_MALLOC_MMAP_THRESHOLD": "0"})
     assert off.malloc_mmap_threshold == 0
     assert apply_malloc_policy(off.malloc_mmap_threshold) is False
+
+
+def test_without_glibc_the_policy_is_not_applied(monkeypatch: pytest.MonkeyPatch) -> None:
+    # musl or macOS: no mallopt, so nothing is tuned and the server still starts.
+    monkeypatch.setattr(memory, "_libc_function", lambda _name: None)
+    assert apply_malloc_policy(4 * 1024 * 1024) is False
 
 
 @pytest.mark.parametrize("value", ["-1", str(32 * 1024 * 1024 + 1), "big"])
