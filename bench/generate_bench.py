@@ -53,7 +53,7 @@ import grpc
 import httpx
 import psutil
 import pybase64
-from aiohttp import web
+from harness import start_forge_fake
 from imagegen.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from PIL import Image
 
@@ -99,21 +99,8 @@ def reply_png(workload: str) -> bytes:
 async def serve_fakes(workload: str, out: Path) -> None:
     """Run the Forge fake (and moto's S3 server) until SIGTERM; write their URLs to `out`."""
     png = reply_png(workload)
-    body = json.dumps(
-        {"image": {"b64Json": pybase64.b64encode(png).decode(), "mimeType": "image/png"}}
-    )
-
-    async def generate(_request: web.Request) -> web.Response:
-        return web.Response(text=body, content_type="application/json")
-
-    app = web.Application()
-    app.router.add_post("/images.v1.ImageService/GenerateImage", generate)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    urls = {"forge": f"http://127.0.0.1:{port}", "png_bytes": len(png)}
+    runner, forge_url = await start_forge_fake(png)
+    urls: dict[str, object] = {"forge": forge_url, "png_bytes": len(png)}
     moto = None
     if workload == "s3-1024":
         from moto.server import ThreadedMotoServer

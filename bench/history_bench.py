@@ -39,8 +39,7 @@ from typing import Any
 
 import asyncpg
 import grpc
-import pybase64
-from aiohttp import web
+from harness import start_forge_fake
 from imagegen.v1 import (
     common_pb2,
     generation_pb2,
@@ -122,24 +121,6 @@ def png(size: int = 256) -> bytes:
     out = io.BytesIO()
     image.save(out, format="PNG")
     return out.getvalue()
-
-
-async def start_forge_fake(image: bytes) -> tuple[web.AppRunner, str]:
-    body = json.dumps(
-        {"image": {"b64Json": pybase64.b64encode(image).decode(), "mimeType": "image/png"}}
-    )
-
-    async def generate(_request: web.Request) -> web.Response:
-        return web.Response(text=body, content_type="application/json")
-
-    app = web.Application()
-    app.router.add_post("/images.v1.ImageService/GenerateImage", generate)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}"
 
 
 async def seed_history(conn: asyncpg.Connection, user: str, count: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import tempfile
@@ -16,15 +17,13 @@ import time
 from pathlib import Path
 
 import asyncpg
-import grpc
+from harness import served_channel
 from imagegen.v1 import library_pb2, library_pb2_grpc
 
-from imagegen.config import Settings
 from imagegen.embedded import start_embedded_postgres
 from imagegen.identity import mint_token
 from imagegen.repositories.images import page_statement
 from imagegen.repositories.migrator import apply_migrations
-from imagegen.server import Server
 
 JWT_KEY = "bench-signing-key-0123456789abcdef0123456789abcdef"
 WORDS = ["fox", "lighthouse", "cat", "forest", "harbour", "mountain", "river", "city", "owl"]
@@ -77,23 +76,9 @@ async def main() -> None:
     print(f"seeded {args.images} images in {time.perf_counter() - started:.1f}s")
 
     conn = await asyncpg.connect(dsn)
-    settings = Settings.from_env(
-        {
-            "IMAGEGEN_DATA_DIR": str(tmp / "data"),
-            "IMAGEGEN_GRPC_PORT": "0",
-            "IMAGEGEN_HTTP_PORT": "0",
-            "IMAGEGEN_JWT_KEY": JWT_KEY,
-            "IMAGEGEN_LOG_LEVEL": "WARNING",
-            "DATABASE_URL": dsn,
-        }
-    )
-    server = Server(settings)
-    task = asyncio.create_task(server.run(install_signal_handlers=False))
-    running = await server.wait_started()
+    server_stack = contextlib.AsyncExitStack()
+    channel = await server_stack.enter_async_context(served_channel(tmp / "data", dsn, JWT_KEY))
     metadata = (("authorization", f"Bearer {mint_token(JWT_KEY, user_id='bench')}"),)
-    channel = grpc.aio.insecure_channel(
-        f"127.0.0.1:{running.grpc_port}", options=(("grpc.enable_http_proxy", 0),)
-    )
     stub = library_pb2_grpc.ImageLibraryServiceStub(channel)
 
     print(f"{'filter':<12} {'path':<7} {'p50 ms':>8} {'p99 ms':>8}   ratio served/direct p50  p99")
@@ -132,9 +117,7 @@ async def main() -> None:
     print(
         f"\nmachine: {platform.node()}, {os.cpu_count()} cores, python {platform.python_version()}"
     )
-    await channel.close()
-    server.request_stop()
-    await task
+    await server_stack.aclose()
     await conn.close()
     await embedded.stop()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import tempfile
@@ -17,16 +18,14 @@ import time
 from pathlib import Path
 
 import asyncpg
-import grpc
+from harness import served_channel
 from imagegen.v1 import prompts_pb2, prompts_pb2_grpc
 
-from imagegen.config import Settings
 from imagegen.domain.suggestions import searchable
 from imagegen.embedded import start_embedded_postgres
 from imagegen.identity import mint_token
 from imagegen.repositories.migrator import apply_migrations
 from imagegen.repositories.prompts import SUGGEST_HISTORY_SQL, PromptCandidates
-from imagegen.server import Server
 
 JWT_KEY = "bench-signing-key-0123456789abcdef0123456789abcdef"
 ADJECTIVES = ["a red", "a small", "an ancient", "a futuristic", "a quiet", "a snowy", "a golden",
@@ -112,23 +111,9 @@ async def main() -> None:
         f"seeded {rows} prompts ({mine} of the bench user) in {time.perf_counter() - started:.1f}s"
     )
 
-    settings = Settings.from_env(
-        {
-            "IMAGEGEN_DATA_DIR": str(tmp / "data"),
-            "IMAGEGEN_GRPC_PORT": "0",
-            "IMAGEGEN_HTTP_PORT": "0",
-            "IMAGEGEN_JWT_KEY": JWT_KEY,
-            "IMAGEGEN_LOG_LEVEL": "WARNING",
-            "DATABASE_URL": dsn,
-        }
-    )
-    server = Server(settings)
-    task = asyncio.create_task(server.run(install_signal_handlers=False))
-    running = await server.wait_started()
+    server_stack = contextlib.AsyncExitStack()
+    channel = await server_stack.enter_async_context(served_channel(tmp / "data", dsn, JWT_KEY))
     metadata = (("authorization", f"Bearer {mint_token(JWT_KEY, user_id='bench')}"),)
-    channel = grpc.aio.insecure_channel(
-        f"127.0.0.1:{running.grpc_port}", options=(("grpc.enable_http_proxy", 0),)
-    )
     stub = prompts_pb2_grpc.PromptAssistantServiceStub(channel)
     pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2)
     candidates = PromptCandidates(pool)
@@ -198,9 +183,7 @@ async def main() -> None:
         f"{platform.python_version()}, load average {os.getloadavg()[0]:.1f}"
     )
     await pool.close()
-    await channel.close()
-    server.request_stop()
-    await task
+    await server_stack.aclose()
     await conn.close()
     await embedded.stop()
 
