@@ -32,7 +32,7 @@ from imagegen.domain.enhancement import EnhancedText
 from imagegen.domain.errors import ImageGenError, ProviderFailed
 from imagegen.domain.models import Style
 from imagegen.domain.phrases import StylePhrases
-from imagegen.providers.http_failures import status_failure, transport_errors
+from imagegen.providers.http_failures import raise_for_status, transport_errors
 
 SYSTEM_PROMPT = (
     "You improve prompts for an AI image generator. Keep the user's subject and intent; "
@@ -120,15 +120,12 @@ class ChatEnhancer:
                     reply = await self._client.post(
                         self._url, json=body, headers=headers, timeout=self._timeout
                     )
-            failure = status_failure(
-                reply.status_code,
+            raise_for_status(
+                reply,
                 provider="prompt enhancement",
-                reply=reply,
                 key_setting="IMAGEGEN_ENHANCE_API_KEY",
                 detail=_error_detail(reply),
             )
-            if failure is not None:
-                raise failure
             return parse_answer(_content(reply))
         except ImageGenError as exc:
             raise ProviderFailed(

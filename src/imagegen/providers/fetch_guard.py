@@ -364,16 +364,17 @@ class GuardedFetcher:
                 return
 
     def _checked(self, url: str, *, field: str = "sources") -> httpx.URL:
+        what = _WHAT.get(field, "URL")
         try:
             parsed = httpx.URL(url)
         except (httpx.InvalidURL, TypeError, ValueError):
-            raise InvalidRequest(f"the {_WHAT[field]} is not a valid URL", field=field) from None
+            raise InvalidRequest(f"the {what} is not a valid URL", field=field) from None
         if parsed.scheme not in ("http", "https"):
             raise InvalidRequest("only http and https URLs can be fetched", field=field)
         if parsed.userinfo:
             raise InvalidRequest("URLs with credentials are not fetched", field=field)
         if not parsed.host:
-            raise InvalidRequest(f"the {_WHAT[field]} has no host", field=field)
+            raise InvalidRequest(f"the {what} has no host", field=field)
         return parsed
 
     async def _read_capped(self, reply: httpx.Response) -> bytes:

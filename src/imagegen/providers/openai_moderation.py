@@ -15,6 +15,7 @@ happens to the request is the plan's policy, not this adapter's.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
@@ -89,13 +90,16 @@ class OpenAIModerator:
             return []
         headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
         try:
-            reply = await self._client.post(
-                f"{self._base_url}/moderations",
-                json={"model": self._model, "input": list(texts)},
-                headers=headers,
-                timeout=self._timeout,
-            )
-        except httpx.TimeoutException as exc:
+            # httpx's timeout bounds each phase; a server that trickles its answer is
+            # bounded as a whole here.
+            async with asyncio.timeout(self._timeout):
+                reply = await self._client.post(
+                    f"{self._base_url}/moderations",
+                    json={"model": self._model, "input": list(texts)},
+                    headers=headers,
+                    timeout=self._timeout,
+                )
+        except (httpx.TimeoutException, TimeoutError) as exc:
             raise ModerationUnavailable(
                 f"the openai moderator did not answer within {self._timeout:g}s",
                 metadata={"moderator": self.id},
@@ -122,7 +126,7 @@ class OpenAIModerator:
         try:
             results = reply.json()["results"]
             verdicts = [verdict_from_result(result) for result in results]
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ModerationUnavailable(
                 "the openai moderator answered something that is not a moderation result",
                 metadata={"moderator": self.id},
