@@ -62,13 +62,16 @@ def ensure_port_free(setting: str, host: str, port: int) -> None:
 
 
 def ensure_ports_free(settings: Settings) -> None:
-    """Check the gRPC and HTTP ports of `settings` before any server starts."""
+    """Check the gRPC, HTTP and (when set) MCP ports of `settings` before any server
+    starts."""
     ensure_port_free("IMAGEGEN_GRPC_PORT", settings.host, settings.grpc_port)
     if settings.http_port != 0 and settings.http_port == settings.grpc_port:
         raise PortUnavailable(
             "IMAGEGEN_HTTP_PORT", settings.host, settings.http_port, "IMAGEGEN_GRPC_PORT has it"
         )
     ensure_port_free("IMAGEGEN_HTTP_PORT", settings.host, settings.http_port)
+    if settings.mcp.port is not None:
+        ensure_port_free("IMAGEGEN_MCP_PORT", settings.host, settings.mcp.port)
 
 
 def bind_failure(setting: str, host: str, port: int, exc: BaseException) -> PortUnavailable:

@@ -519,9 +519,13 @@ class Server:
                     log.warning(notice, extra={"event": "server.public_url_unset"})
 
             await runner.start()
+            # Owned by the stack from here: a start that fails below (a taken MCP port)
+            # stops them before the pool they use closes.
+            stack.push_async_callback(runner.stop, 0)
             telemetry.generation_metrics.register_queue_observer(lambda: runner.queue_stats)
             handle.runner = runner
             await webhook_worker.start()
+            stack.push_async_callback(webhook_worker.stop, 0)
             handle.webhooks = webhook_worker
             if settings.gc.interval is not None:
                 reaper = Reaper(
@@ -542,6 +546,7 @@ class Server:
                 # reverse).
                 stack.push_async_callback(reaper.stop)
             await server.start()
+            stack.push_async_callback(server.stop, 0)
             # Migrations, the listener, the workers and both servers are up.
             await readiness.serving()
             handle.server = server
@@ -557,13 +562,9 @@ class Server:
                 settings.ready_file.write_text(line + "\n")
             log.info(line, extra={"event": "server.started"})
             self._started.set()
-            try:
-                yield handle
-            finally:
-                # Normally done by _shutdown; this covers a failure while serving.
-                await server.stop(0)
-                await runner.stop(0)
-                await webhook_worker.stop(0)
+            # What _shutdown does not stop (a failure while serving, or a start that
+            # failed part way) the stack stops: the gRPC server, then the workers.
+            yield handle
 
     async def _shutdown(self, handle: _GrpcHandle) -> None:
         grace = self._settings.shutdown_grace.total_seconds()
@@ -640,9 +641,12 @@ async def _start_mcp(
         port=settings.mcp.port,
         authenticate=authenticate,
         # A data: URI source is base64 (4/3 of the bytes) inside JSON.
-        max_body_bytes=settings.max_input_bytes * 4 // 3 + 1024 * 1024,
+        max_body_bytes=receive_limit(settings.max_input_bytes),
     )
-    await mcp.start()
+    try:
+        await mcp.start()
+    except OSError as exc:
+        raise bind_failure("IMAGEGEN_MCP_PORT", settings.host, settings.mcp.port, exc) from None
     stack.push_async_callback(mcp.stop, 0.0)
     return mcp
 

@@ -117,3 +117,35 @@ async def test_a_port_taken_after_the_check_still_gives_one_line(
     assert (pgdata / "PG_VERSION").exists(), "the embedded PostgreSQL had started"
     pid = postmaster_pid(pgdata)
     assert pid is None or not psutil.pid_exists(pid), "and was stopped again"
+
+
+async def test_a_busy_mcp_port_gives_one_line_and_leaves_no_worker_running(
+    tmp_path: Path, pg_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from imagegen import server as server_module
+    from imagegen.ports import PortUnavailable
+    from tests.inprocess import serve_in_process
+
+    first = await start_server(tmp_path, None, name="first", data_dir=pg_data_dir / "data")
+    try:
+        with busy_port() as busy, postgres_friendly_dir() as own:
+            # Seen by the check before anything starts.
+            code, output = await serve_once(first, own, IMAGEGEN_MCP_PORT=str(busy))
+            assert code != 0
+            one_line_naming(output, "IMAGEGEN_MCP_PORT")
+    finally:
+        first.terminate()
+        await first.wait_exit(EXIT_LIMIT_S)
+
+    # Taken after the check: the MCP server binds last, once the job workers and the
+    # webhook worker run; they are stopped with everything else.
+    monkeypatch.setattr(server_module, "ensure_ports_free", lambda settings: None)
+    with busy_port() as busy:
+        with pytest.raises(PortUnavailable, match="IMAGEGEN_MCP_PORT") as caught:
+            async with serve_in_process(
+                pg_data_dir, "", env={"DATABASE_URL": "", "IMAGEGEN_MCP_PORT": str(busy)}
+            ):
+                pass
+    assert "\n" not in str(caught.value)
+    left = {t.get_name() for t in asyncio.all_tasks() if not t.done()}
+    assert not {"imagegen-claim-loop", "imagegen-webhooks"} & left, left
