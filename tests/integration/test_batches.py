@@ -332,6 +332,22 @@ async def test_a_batch_runs_at_most_the_plans_concurrency_at_a_time(
     assert starts == sorted(starts)
 
 
+async def test_a_batch_job_starts_when_the_one_before_it_ends(
+    tmp_path: Path, database_url: str
+) -> None:
+    # With a 10-minute lease the claim loop's own look comes every 5 minutes: each job
+    # of a one-at-a-time batch must be started by the end of the one before it.
+    env = {
+        "IMAGEGEN_PLANS_FILE": plans_file(tmp_path, concurrent=1),
+        "IMAGEGEN_WORKERS": "4",
+        "IMAGEGEN_LEASE": "600",
+    }
+    async with served(tmp_path, database_url, env) as stub:
+        accepted = await batch(stub, [spec(f"in turn {i}") for i in range(3)])
+        ended = [await within(finished(stub, j.name)) for j in accepted.generations]
+        assert [j.state for j in ended] == [E.GENERATION_STATE_COMPLETED] * 3
+
+
 def max_overlap(spans: list[tuple[datetime, datetime]]) -> int:
     moments = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
     running = most = 0
