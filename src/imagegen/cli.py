@@ -215,16 +215,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _mcp(settings: Settings, args: argparse.Namespace) -> int:
-    import os
-
-    from imagegen.cli_generate import _token
+    from imagegen.cli_generate import _token, address_of
     from imagegen.mcp import run_stdio
     from imagegen.mcp.tools import McpOptions
     from imagegen.telemetry import configure_logging
 
     # stdout carries the protocol: logs go to stderr only (configure_logging's stream).
     configure_logging(settings.log_level)
-    address = args.addr or os.environ.get("IMAGEGEN_ADDR") or "127.0.0.1:50051"
+    address = address_of(settings, args)
     options = McpOptions(default_wait=settings.mcp.default_wait, max_wait=settings.mcp.max_wait)
     asyncio.run(run_stdio(address, _token(settings, args.user), options))
     return 0

@@ -19,7 +19,6 @@ import asyncio
 import csv
 import io
 import json
-import os
 import shutil
 import sys
 import uuid
@@ -31,7 +30,14 @@ from typing import Any, TextIO
 import grpc
 import httpx
 
-from imagegen.cli_generate import _EXTENSIONS, _FORMATS, _STYLES, _token, prepare_out_dir
+from imagegen.cli_generate import (
+    _EXTENSIONS,
+    _FORMATS,
+    _STYLES,
+    _token,
+    address_of,
+    prepare_out_dir,
+)
 from imagegen.client import GenerationResult, ImageGenClient
 from imagegen.config import Settings
 from imagegen.domain.models import Style
@@ -316,7 +322,7 @@ async def run_batch(settings: Settings, args: argparse.Namespace) -> int:
     if args.streams < 1:
         print("imagegen: --streams must be at least 1", file=sys.stderr)
         return 2
-    address = args.addr or os.environ.get("IMAGEGEN_ADDR") or f"127.0.0.1:{settings.grpc_port}"
+    address = address_of(settings, args)
     token = _token(settings, args.user)
     out_dir = await asyncio.to_thread(prepare_out_dir, args.out)
     async with ImageGenClient(address, token) as client:

@@ -4,20 +4,15 @@ through the Python client (imagegen.client)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from imagegen.cli_generate import _token
+from imagegen.cli_generate import _token, address_of
 from imagegen.client import ImageGenClient
 from imagegen.config import Settings
-
-
-def _address(settings: Settings, args: argparse.Namespace) -> str:
-    return args.addr or os.environ.get("IMAGEGEN_ADDR") or f"127.0.0.1:{settings.grpc_port}"
 
 
 def _refused(err: grpc.aio.AioRpcError) -> int:
@@ -37,7 +32,7 @@ async def run_suggest(settings: Settings, args: argparse.Namespace) -> int:
     """Print one suggestion a line, best first: its source, then its text (a template's
     name after it)."""
     async with ImageGenClient(
-        _address(settings, args), _token(settings, args.user), timeout=30
+        address_of(settings, args), _token(settings, args.user), timeout=30
     ) as client:
         try:
             found = await client.suggest_prompts(
@@ -56,7 +51,7 @@ async def run_suggest(settings: Settings, args: argparse.Namespace) -> int:
 async def run_enhance(settings: Settings, args: argparse.Namespace) -> int:
     """Print the richer prompt on its own line, then the negative prompt and what made it."""
     async with ImageGenClient(
-        _address(settings, args), _token(settings, args.user), timeout=120
+        address_of(settings, args), _token(settings, args.user), timeout=120
     ) as client:
         try:
             enhanced = await client.enhance_prompt(args.prompt, style=args.style or "")

@@ -4,14 +4,13 @@ secret through the server's own RPCs (GetWebhookSecret, RotateWebhookSecret)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Any
 
 import grpc
 
 from imagegen.cli_export import _whose
-from imagegen.cli_generate import _token
+from imagegen.cli_generate import _token, address_of
 from imagegen.client import CHANNEL_OPTIONS
 from imagegen.config import Settings
 from imagegen.v1 import generation_pb2, generation_pb2_grpc
@@ -51,7 +50,7 @@ async def run(settings: Settings, args: argparse.Namespace) -> int:
     if args.request_id and not args.rotate:
         print("imagegen: --request-id goes with --rotate", file=sys.stderr)
         return 2
-    address = args.addr or os.environ.get("IMAGEGEN_ADDR") or f"127.0.0.1:{settings.grpc_port}"
+    address = address_of(settings, args)
     metadata = (("authorization", f"Bearer {_token(settings, args.user)}"),)
     async with grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = generation_pb2_grpc.ImageGenerationServiceStub(channel)
