@@ -175,7 +175,7 @@ class SourceResolver:
             return await self._library_source(target, ref.image_id, field)
         data = await self._bytes_of(ref, position, field)
         info = await self._inspect(data, field)
-        digest = hashlib.sha256(data).hexdigest()
+        digest = await asyncio.to_thread(_sha256_hex, data)
         if digest in by_digest:
             return by_digest[digest]
         existing = await self._images.find_upload(target.identity.user_id, digest)
@@ -285,7 +285,11 @@ class SourceResolver:
         digest = image.sha256
         if not digest:
             try:
-                digest = hashlib.sha256(await self._blobs.get(image.storage_key)).hexdigest()
+                # Generated images are stored without their digest (hashing every one
+                # would cost the hot path); an edit of one pays for it here instead.
+                digest = await asyncio.to_thread(
+                    _sha256_hex, await self._blobs.get(image.storage_key)
+                )
             except NotFound:
                 raise InvalidRequest(
                     f"source image {name} is no longer stored", field=field
@@ -298,3 +302,8 @@ class SourceResolver:
             image.height,
             image_id=image.id,
         )
+
+
+def _sha256_hex(data: bytes) -> str:
+    # Up to IMAGEGEN_MAX_INPUT_BYTES of source: callers run it in a thread.
+    return hashlib.sha256(data).hexdigest()
