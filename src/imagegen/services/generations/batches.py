@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 
 from imagegen.domain.batches import about_spec, batch_fingerprint, check_batch_size
 from imagegen.domain.credits import plan_reservations
@@ -51,6 +51,7 @@ from imagegen.services.generations.submission import (
     CallbackChecker,
     SubmissionService,
     SubmissionSettings,
+    current_trace_context,
 )
 from imagegen.services.moderation import ModerationService, spec_texts
 from imagegen.services.unit_of_work import Database
@@ -133,7 +134,7 @@ class BatchService:
             await self._callbacks.check_callback(callback_uri)
         if self._moderation is not None:
             await self._moderate(identity, specs)
-        trace_context = _current_trace_context()
+        trace_context = current_trace_context()
         jobs = [
             NewGeneration(
                 id=str(uuid.uuid4()),
@@ -143,7 +144,7 @@ class BatchService:
                 request_id="",
                 spec=spec,
                 provider=spec.provider,
-                credits=self._settings.prices.generation_credits(spec.size, spec.count),
+                credits=self._settings.prices.image_price(spec) * spec.count,
                 extra_spec={"trace_context": trace_context, "plan": identity.plan},
             )
             for spec in specs
@@ -281,9 +282,3 @@ def _reused(request_id: str, what: str) -> RequestIdReused:
         "parameters",
         metadata={"request_id": request_id},
     )
-
-
-def _current_trace_context() -> dict[str, str]:
-    carrier: dict[str, str] = {}
-    propagate.inject(carrier)
-    return carrier

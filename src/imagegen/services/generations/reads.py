@@ -91,7 +91,6 @@ class GenerationReads:
     ) -> None:
         self._db = db
         self._plans = plans
-        self._blobs = blobs
         self._signals = signals
         self._presenter = GenerationPresenter(db=db, blobs=blobs, url_ttl=url_ttl)
 

@@ -275,7 +275,7 @@ class SubmissionService:
             spec=spec,
             provider=provider_id,
             credits=self._price(spec),
-            extra_spec={"trace_context": _current_trace_context(), "plan": identity.plan},
+            extra_spec={"trace_context": current_trace_context(), "plan": identity.plan},
         )
         try:
             generation, created = await self._create(job, limits, stored.new_uploads)
@@ -623,7 +623,8 @@ def _fit(size: Size, max_pixels: int) -> Size:
     return Size(max(1, int(size.width * scale)), max(1, int(size.height * scale)))
 
 
-def _current_trace_context() -> dict[str, str]:
+def current_trace_context() -> dict[str, str]:
+    """The caller's trace context, to be carried in a job so its work joins the trace."""
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return carrier
