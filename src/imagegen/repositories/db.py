@@ -69,7 +69,9 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     asyncpg's default reset sends `pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
     RESET ALL` on every release (a round trip, four statements). Our pooled connections
     never hold session state for it to clear: advisory locks are transaction-scoped
-    (`pg_advisory_xact_lock`, released at COMMIT or ROLLBACK), no cursor outlives its
+    (`pg_advisory_xact_lock`, released at COMMIT or ROLLBACK) but for the reaper's
+    session lock, which its holder releases itself or closes the connection
+    (`RetentionRepository.exclusive`), no cursor outlives its
     transaction, nothing LISTENs on a pooled connection (the listener has its own
     connection) and no statement changes a session setting (`SET` without `LOCAL`).
     asyncpg still rolls back a transaction left open before it calls this."""

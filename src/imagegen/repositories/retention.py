@@ -196,7 +196,13 @@ class RetentionRepository:
                 yield acquired
             finally:
                 if acquired:
-                    await conn.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK_KEY)
+                    try:
+                        await conn.execute("SELECT pg_advisory_unlock($1)", RETENTION_LOCK_KEY)
+                    except BaseException:
+                        # A session lock outlives a failed unlock (the pool does not reset
+                        # connections): close the session so no reaper is locked out.
+                        conn.terminate()
+                        raise
 
     async def candidates(
         self,
