@@ -32,6 +32,7 @@ from opentelemetry import propagate
 
 from imagegen.domain.models import Generation
 from imagegen.jobs.signals import CancelCollector, CancelFlag, JobSignals
+from imagegen.jobs.tasks import finish_within, stop_loop
 from imagegen.repositories.generations import ClaimedJob, GenerationRepository
 
 log = logging.getLogger(__name__)
@@ -95,17 +96,8 @@ class JobRunner:
     async def stop(self, grace: float) -> None:
         """Stop claiming; wait up to `grace` seconds for running jobs; hand back the rest."""
         self._claiming = False
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-        pending = list(self._tasks.values())
-        if pending:
-            _done, still_running = await asyncio.wait(pending, timeout=max(grace, 0))
-            for task in still_running:
-                task.cancel()
-            if still_running:
-                await asyncio.gather(*still_running, return_exceptions=True)
+        await stop_loop(self._loop_task)
+        await finish_within(self._tasks.values(), grace)
 
     async def _refresh_queue_stats(self) -> None:
         now = time.monotonic()

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
+from imagegen.jobs.tasks import finish_within, stop_loop
 from imagegen.repositories.webhooks import ClaimedWebhook, WebhookOutbox
 
 log = logging.getLogger(__name__)
@@ -56,18 +57,9 @@ class WebhookWorker:
     async def stop(self, grace: float) -> None:
         """Stop claiming; wait up to `grace` seconds for attempts in flight, then stop the
         rest and give their claims back."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
-            self._loop_task = None
-        pending = list(self._tasks.values())
-        if pending:
-            _done, still_running = await asyncio.wait(pending, timeout=max(grace, 0))
-            for task in still_running:
-                task.cancel()
-            if still_running:
-                await asyncio.gather(*still_running, return_exceptions=True)
+        await stop_loop(self._loop_task)
+        self._loop_task = None
+        await finish_within(self._tasks.values(), grace)
 
     async def _claim_loop(self) -> None:
         while True:
