@@ -44,9 +44,9 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         watch: GenerationWatch,
         user_settings: UserSettingsService,
         url_ttl: timedelta,
-        waiter: GenerationWaiter | None = None,
-        webhook_secrets: WebhookSecrets | None = None,
-        batches: BatchService | None = None,
+        waiter: GenerationWaiter,
+        webhook_secrets: WebhookSecrets,
+        batches: BatchService,
         usage_notice: str,
     ) -> None:
         self._submission = submission
@@ -275,8 +275,6 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         caller = identity()
         generation_id = convert.generation_id_from_name(request.name)
         timeout = convert.optional_duration(request, "timeout")
-        if self._waiter is None:
-            raise NotImplementedError
         generation = await self._waiter.wait(
             caller, generation_id, timeout, deadline_left=context.time_remaining()
         )
@@ -294,8 +292,6 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         ],
     ) -> generation_pb2.GetWebhookSecretResponse:
         caller = identity()
-        if self._webhook_secrets is None:
-            raise NotImplementedError
         secret = await self._webhook_secrets.get(caller)
         return generation_pb2.GetWebhookSecretResponse(secret=_webhook_secret(secret))
 
@@ -307,8 +303,6 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         ],
     ) -> generation_pb2.RotateWebhookSecretResponse:
         caller = identity()
-        if self._webhook_secrets is None:
-            raise NotImplementedError
         secret = await self._webhook_secrets.rotate(caller, request.request_id)
         return generation_pb2.RotateWebhookSecretResponse(secret=_webhook_secret(secret))
 
@@ -320,8 +314,6 @@ class ImageGenerationServicer(generation_pb2_grpc.ImageGenerationServiceServicer
         ],
     ) -> generation_pb2.BatchGenerateResponse:
         caller = identity()
-        if self._batches is None:
-            raise NotImplementedError
         self._batches.check_size(len(request.specs))
         items = []
         for index, message in enumerate(request.specs):

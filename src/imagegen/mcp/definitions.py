@@ -12,25 +12,9 @@ the schema, but the service still decides: it validates every request again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
-
-STYLES = (
-    "photographic",
-    "artistic",
-    "anime",
-    "digital_art",
-    "watercolor",
-    "sketch",
-    "pixel_art",
-    "cinematic",
-    "cartoon",
-    "abstract",
-    "minimalist",
-    "vintage",
-    "modern",
-)
 
 Style = Literal[
     "photographic",
@@ -47,6 +31,7 @@ Style = Literal[
     "vintage",
     "modern",
 ]
+STYLES: tuple[str, ...] = get_args(Style)
 ImageFormatName = Literal["png", "jpeg", "webp"]
 GenerationStateName = Literal["queued", "running", "completed", "failed", "cancelled"]
 OutpaintAnchorName = Literal[

@@ -39,20 +39,13 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ConfigDict, Field
 
 from imagegen.mcp.backend import ToolFailure
-from imagegen.mcp.tools import TERMINAL_STATES, CallContext, ToolRunner
+from imagegen.mcp.tools import TERMINAL_EVENTS, TERMINAL_STATES, CallContext, ToolRunner
 from imagegen.v1 import generation_pb2
 
 TASKS_EXTENSION = "io.modelcontextprotocol/tasks"
 #: Suggested polling interval; jobs take seconds, and each poll is one GetGeneration.
 POLL_INTERVAL_MS = 1000
 _SUBSCRIPTION_ID_META_KEY = "io.modelcontextprotocol/subscriptionId"
-_TERMINAL_EVENTS = frozenset(
-    {
-        generation_pb2.GENERATION_EVENT_TYPE_COMPLETED,
-        generation_pb2.GENERATION_EVENT_TYPE_FAILED,
-        generation_pb2.GENERATION_EVENT_TYPE_CANCELLED,
-    }
-)
 #: Most tasks one listen stream follows (each is one WatchGeneration stream).
 MAX_TASKS_PER_LISTEN = 16
 #: Longest one listen stream follows its tasks before it ends (the client listens again).
@@ -283,7 +276,7 @@ class TasksExtension(Extension):
                 after_sequence=generation.last_sequence,
                 deadline_seconds=LISTEN_SECONDS,
             ):
-                if event.type in _TERMINAL_EVENTS:
+                if event.type in TERMINAL_EVENTS:
                     await send(await self.detailed_task(name, token))
                     return
                 if event.type == generation_pb2.GENERATION_EVENT_TYPE_STARTED or (

@@ -80,7 +80,8 @@ TERMINAL_STATES = frozenset(
         generation_pb2.GENERATION_STATE_CANCELLED,
     }
 )
-_TERMINAL_EVENTS = frozenset(
+#: Event types that end a job's stream.
+TERMINAL_EVENTS = frozenset(
     {
         generation_pb2.GENERATION_EVENT_TYPE_COMPLETED,
         generation_pb2.GENERATION_EVENT_TYPE_FAILED,
@@ -606,7 +607,7 @@ class ToolRunner:
                         percent = event.progress.percent
                         if progress is not None:
                             await progress(percent, event.progress.stage or "working")
-                    if event.type in _TERMINAL_EVENTS:
+                    if event.type in TERMINAL_EVENTS:
                         ended = True
                         break
                     if stop_at is not None and event.sequence >= stop_at:
