@@ -8,19 +8,25 @@ from __future__ import annotations
 
 import io
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import httpx
 import pytest
 from imagegen.v1 import common_pb2, generation_pb2, library_pb2, library_pb2_grpc
 from PIL import Image
 
+from imagegen.domain.models import ImageFormat
 from imagegen.provenance import (
     COMPOSITE_WITH_TRAINED_ALGORITHMIC_MEDIA,
     DEV_CA_FILE,
     TRAINED_ALGORITHMIC_MEDIA,
+    Origin,
+    ProvenanceFacts,
+    ProvenanceMarker,
     ProvenanceReport,
     read_marks,
 )
+from imagegen.provenance.signing import make_dev_chain, signing_material_from_pem
 from tests.fakes.forge_server import ForgeFake, Reply
 from tests.integration.test_imaging_pipeline import idat_chunks
 from tests.served import ServedProcess, start_server
@@ -247,3 +253,51 @@ async def test_a_passed_through_png_keeps_its_pixel_data_byte_for_byte(
         source_type=TRAINED_ALGORITHMIC_MEDIA,
         provider="forge",
     )
+
+
+def provider_signed_png(width: int, height: int) -> bytes:
+    """A PNG signed by a provider's own chain (OpenAI signs its output), which we do not
+    trust: its manifest is the provider's claim, kept in ours as a component."""
+    key, leaf, ca = make_dev_chain()
+    provider = ProvenanceMarker(signing_material_from_pem(leaf + ca, key))
+    facts = ProvenanceFacts(
+        origin=Origin.GENERATED,
+        provider_id="a-provider",
+        model="their-model",
+        created=datetime.now(UTC),
+        usage_notice="the provider's own notice",
+        title="their output",
+    )
+    return provider.mark(png(width, height, color=(200, 40, 40)), ImageFormat.PNG, facts)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "reply_side"),
+    [("png", 256), ("jpeg", 256), ("png", 320)],
+    ids=["passed-through", "converted", "fitted"],
+)
+async def test_a_provider_signed_reply_keeps_the_providers_manifest_in_the_chain(
+    server: ServedProcess, anchors: str, forge: ForgeFake, fmt: str, reply_side: int
+) -> None:
+    # The pipeline stores the reply without its metadata (the provider's manifest goes
+    # with it), so the marks must have looked at the reply as it came.
+    reply = provider_signed_png(reply_side, reply_side)
+    provider_label = read_marks(reply).label
+    assert provider_label
+    forge.script(Reply(image=reply))
+    _, ready = await generate(
+        server,
+        common_pb2.GenerationSpec(
+            prompt="a red barn",
+            size=common_pb2.ImageSize(width=256, height=256),
+            format=FORMATS[fmt],
+            provider="forge",
+        ),
+    )
+    stored = await fetch(ready[0].image.uri)
+    report = read_marks(stored, trust_anchors_pem=anchors)
+    assert_marked(report, source_type=TRAINED_ALGORITHMIC_MEDIA, provider="forge")
+    assert report.actions == ("c2pa.created", "c2pa.placed")
+    assert [(i.title, i.relationship, i.manifest_label) for i in report.ingredients] == [
+        ("provider output", "componentOf", provider_label)
+    ]

@@ -73,6 +73,11 @@ class ProvenanceFacts:
     title: str = ""
     parents: tuple[Ingredient, ...] = ()
     converted_from: Ingredient | None = None
+    #: The provider's reply as it came, before the pipeline dropped its metadata. When it
+    #: carries the provider's own C2PA manifest (OpenAI signs its output), that manifest
+    #: joins the chain as the `provider output` component. Empty: the bytes being marked
+    #: are the ones probed.
+    provider_output: bytes = b""
 
     def __post_init__(self) -> None:
         if self.created.tzinfo is None or self.created.utcoffset() is None:

@@ -184,7 +184,10 @@ class ProvenanceMarker:
         self, original: bytes, data: bytes, fmt: ImageFormat, facts: ProvenanceFacts
     ) -> bytes:
         mime = fmt.mime_type
-        provider_signed = self._carries_manifest(original, mime)
+        # The pipeline marks what it stores, whose metadata (a provider's manifest
+        # included) is already gone; the reply as it came tells whether there was one.
+        original = facts.provider_output or original
+        provider_signed = self._carries_manifest(original, _mime_of(original))
         software_agent = {"name": GENERATOR_NAME, "version": self._generator_version}
         parameters = {"provider": facts.provider_id, "model": facts.model}
         ingredients: list[tuple[dict[str, Any], Ingredient]] = []

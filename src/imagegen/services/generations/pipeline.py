@@ -352,6 +352,7 @@ class JobPipeline:
                 waiting_progress=last_progress,
                 stored_progress=progress.stored(index),
                 sources=sources,
+                received=reply.data,
             )
         return model, job
 
@@ -463,17 +464,19 @@ class JobPipeline:
         call_started: float,
         waiting_progress: list[NewEvent],
         stored_progress: NewEvent,
-        sources: tuple[SourceImage, ...] = (),
+        sources: tuple[SourceImage, ...],
+        received: bytes,
     ) -> None:
         """Marks, blob, then quota, row and events (the progress still waiting, IMAGE_READY
         and `stored_progress`) in one unit of work; no blob stays without its row, and no
         row without its blob. `call_started` is when the image's provider call began
         (time.monotonic()); `sources` are the edit's loaded sources (its parents, named in
-        the marks)."""
+        the marks); `received` is the provider's reply as it came (a manifest of the
+        provider's own in it is kept in the marks' chain)."""
         image_id = str(uuid.uuid4())
         now = datetime.now(UTC)
         key = blob_key(job.user_id, image_id, info.format.extension, now)
-        facts = self._provenance_facts(job, image_id, model, now, sources)
+        facts = self._provenance_facts(job, image_id, model, now, sources, received)
         with self._tracer.start_as_current_span(
             "image.mark", attributes={"imagegen.image.format": info.format.value}
         ):
@@ -550,6 +553,7 @@ class JobPipeline:
         model: str,
         created: datetime,
         sources: tuple[SourceImage, ...],
+        received: bytes,
     ) -> ProvenanceFacts:
         """What the marks of image `image_id` say: a generation, or an edit (outpaints and
         upscales included) whose sources are its parents, in source order."""
@@ -572,6 +576,7 @@ class JobPipeline:
             usage_notice=self._settings.usage_notice,
             title=f"images/{image_id}",
             parents=parents,
+            provider_output=received,
         )
 
     async def _record_image(
