@@ -102,3 +102,33 @@ async def test_no_answer_in_time_is_a_failure() -> None:
 async def test_a_dead_receiver_is_a_failure() -> None:
     result = await fetcher(Recorder()).post(HOOK, b"{}", {})
     assert result.status == 0 and "failed" in result.error
+
+
+@pytest.mark.parametrize(
+    ("addresses", "allowed"),
+    [
+        ([PUBLIC_IP], True),
+        (["10.1.2.3"], False),
+        ([PUBLIC_IP, "127.0.0.1"], False),
+        (["::ffff:169.254.169.254"], False),
+        (["2002:7f00:1::"], False),  # 6to4 around 127.0.0.1
+        (["64:ff9b::5db8:d822"], True),  # NAT64 around the public address
+        ([], False),
+    ],
+)
+async def test_the_check_at_submit_and_the_connect_step_agree(
+    addresses: list[str], allowed: bool
+) -> None:
+    # One vetting serves both steps: a destination the up-front check lets through is one
+    # the connect step would reach, and one it refuses is never connected to.
+    recorder = Recorder([[reply("204 No Content")]])
+    guard = fetcher(recorder, {"hooks.example.com": addresses})
+    refused_up_front = False
+    try:
+        await guard.check_destination(HOOK, field="callback_uri")
+    except InvalidRequest:
+        refused_up_front = True
+    result = await guard.post(HOOK, b"{}", {})
+    assert refused_up_front is not allowed
+    assert (result.status == 204) is allowed, result.error
+    assert bool(recorder.calls) is allowed

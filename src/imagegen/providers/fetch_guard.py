@@ -143,17 +143,16 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        literal = literal_address(host)
-        addresses = [literal] if literal else await self._resolver(host, port)
-        if not addresses:
-            raise _Refused(f"{host} does not resolve")
-        allowed = is_allowlisted(host, self._limits.allow_hosts)
-        if not allowed and any(is_forbidden_address(a) for a in addresses):
-            raise _Refused(f"{host} is a private, loopback, link-local or metadata address")
+        addresses = await _vetted_addresses(
+            host,
+            port,
+            allowlisted=is_allowlisted(host, self._limits.allow_hosts),
+            resolver=self._resolver,
+        )
         # Every address is vetted already; try them in order so one dead address of a
         # multi-homed name does not fail the fetch (the last error is the one reported).
         last: Exception | None = None
-        for address in dict.fromkeys(addresses):
+        for address in addresses:
             try:
                 return await self._connector(address, port, timeout)
             except (OSError, httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
@@ -175,6 +174,31 @@ class _GuardedBackend(httpcore.AsyncNetworkBackend):
 
 class _Refused(httpcore.ConnectError):
     """The guard refused to connect (raised inside httpcore, caught by the fetcher)."""
+
+
+class _Unresolved(_Refused):
+    """The host name resolves to no address."""
+
+
+class _Forbidden(_Refused):
+    """The host is, or resolves to, an address that is not plainly public."""
+
+
+async def _vetted_addresses(
+    host: str, port: int, *, allowlisted: bool, resolver: Resolver
+) -> list[str]:
+    """The addresses `host` may be reached at, in order and without repeats: its literal
+    address, or every address it resolves to. Unless `allowlisted`, all of them must be
+    plainly public (`is_forbidden_address`), or none is used. The one vetting both the
+    connect step and the up-front check use, so they cannot drift apart. Raises
+    _Unresolved or _Forbidden (the resolver's own errors pass through)."""
+    literal = literal_address(host)
+    addresses = [literal] if literal else await resolver(host, port)
+    if not addresses:
+        raise _Unresolved(f"{host} does not resolve")
+    if not allowlisted and any(is_forbidden_address(a) for a in addresses):
+        raise _Forbidden(f"{host} is a private, loopback, link-local or metadata address")
+    return list(dict.fromkeys(addresses))
 
 
 def _shown(url: httpx.URL) -> str:
@@ -298,25 +322,19 @@ class GuardedFetcher:
         parsed = self._checked(url, field=field)
         host = parsed.host
         if is_allowlisted(host, self._limits.allow_hosts):
+            # Judged when it connects; an allowlisted name need not resolve yet.
             return
-        literal = literal_address(host)
-        if literal is not None:
-            addresses = [literal]
-        else:
-            port = parsed.port or (443 if parsed.scheme == "https" else 80)
-            try:
-                async with asyncio.timeout(self._limits.timeout):
-                    addresses = await self._resolver(host, port)
-            except (OSError, TimeoutError):
-                addresses = []
-            if not addresses:
-                raise InvalidRequest(f"{field}: {host} does not resolve", field=field)
-        if any(is_forbidden_address(a) for a in addresses):
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            async with asyncio.timeout(self._limits.timeout):
+                await _vetted_addresses(host, port, allowlisted=False, resolver=self._resolver)
+        except (OSError, TimeoutError, _Unresolved):
+            raise InvalidRequest(f"{field}: {host} does not resolve", field=field) from None
+        except _Forbidden as exc:
             raise InvalidRequest(
-                f"{field}: {host} is a private, loopback, link-local or metadata address "
-                "(a deployment may allow a host with IMAGEGEN_FETCH_ALLOW_HOSTS)",
+                f"{field}: {exc} (a deployment may allow a host with IMAGEGEN_FETCH_ALLOW_HOSTS)",
                 field=field,
-            )
+            ) from None
 
     async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> PostReply:
         """POST `body` once, within the deadline; redirects are not followed, at most
