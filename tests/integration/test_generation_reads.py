@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 from imagegen.v1 import common_pb2
 
+from imagegen.domain.errors import NotFound
 from imagegen.domain.models import Generation, Identity
 from imagegen.domain.plans import PlanTable
 from imagegen.jobs.signals import JobSignals
@@ -52,7 +54,7 @@ class CountingPool:
         return await self._pool.execute(query, *args)
 
 
-async def test_get_and_list_take_two_statements_for_any_page(
+async def test_list_takes_two_statements_for_any_page_and_get_one(
     tmp_path: Path, database_url: str
 ) -> None:
     async with serve_in_process(tmp_path, database_url) as server:
@@ -95,7 +97,9 @@ async def test_get_and_list_take_two_statements_for_any_page(
         for generation in page:
             counting.statements.clear()
             got = await reads.get(alice_identity, generation.id)
-            assert len(counting.statements) == 2
+            assert len(counting.statements) == 1
             assert unsigned(got) == unsigned(generation)
+        with pytest.raises(NotFound):
+            await reads.get(Identity("bob"), page[0].id)
     finally:
         await pool.close()

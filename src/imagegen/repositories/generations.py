@@ -28,12 +28,17 @@ from imagegen.domain.models import (
     ImageFormat,
     OutpaintSpec,
     Size,
+    StoredImage,
     Style,
     UpscaleSpec,
 )
 from imagegen.domain.paging import Cursor
 from imagegen.repositories.db import Executor
-from imagegen.repositories.images import parse_id
+from imagegen.repositories.images import (
+    IMAGE_COLUMNS_PREFIXED,
+    image_from_prefixed,
+    parse_id,
+)
 
 # A process ignores the NOTIFYs its own pool's connections send (jobs/signals.py): code
 # that commits a statement sending one must also signal JobSignals in memory once the
@@ -365,6 +370,32 @@ class GenerationRepository:
             "SELECT * FROM generations WHERE id = $1 AND user_id = $2", gid, user_id
         )
         return None if row is None else _generation_from_row(row)
+
+    async def get_with_images(
+        self, user_id: str, generation_id: str
+    ) -> tuple[Generation, list[StoredImage]] | None:
+        """The owner's job and the images it made (as `ImageRepository.for_generations`
+        reads them: soft-deleted ones too, no uploads, in batch order), in one statement;
+        None for another user's, a missing or a malformed id."""
+        gid = parse_id(generation_id)
+        if gid is None:
+            return None
+        rows = await self._db.fetch(
+            f"""
+            SELECT g.*, {IMAGE_COLUMNS_PREFIXED}
+              FROM generations g
+              LEFT JOIN images i
+                ON i.generation_id = g.id AND NOT i.upload AND i.user_id = g.user_id
+             WHERE g.id = $1 AND g.user_id = $2
+             ORDER BY i.batch_index
+            """,  # noqa: S608 - IMAGE_COLUMNS_PREFIXED is a fixed fragment
+            gid,
+            user_id,
+        )
+        if not rows:
+            return None
+        images = [image for image in map(image_from_prefixed, rows) if image is not None]
+        return _generation_from_row(rows[0]), images
 
     async def get_any(self, generation_id: str) -> Generation | None:
         """A job by id whoever owns it: for workers, never for callers."""

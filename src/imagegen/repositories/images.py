@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import asyncpg
 
@@ -39,7 +40,36 @@ _WITH_PARENTS = f"""
 """  # noqa: S608 - column names of this module only
 
 
-def _image_from_row(row: asyncpg.Record) -> StoredImage:
+#: The prefix of an image's columns where they share a row with another table's
+#: (`IMAGE_COLUMNS_PREFIXED`); `image_from_prefixed` reads them back.
+_PREFIX = "image__"
+
+#: `_WITH_PARENTS` under names of their own, for a statement that reads a job's row and
+#: its images' together (one row per image, the job's columns repeated).
+IMAGE_COLUMNS_PREFIXED = ", ".join(
+    [
+        f"{column} AS {_PREFIX}{column.removeprefix('i.')}"
+        for column in (c.strip() for c in _IMAGE_COLUMNS.split(","))
+    ]
+    + [
+        # fixed names of this module only
+        f"array(SELECT p.parent_id FROM image_parents p WHERE p.image_id = i.id"  # noqa: S608
+        f" ORDER BY p.position) AS {_PREFIX}parent_ids"
+    ]
+)
+
+
+def image_from_prefixed(row: asyncpg.Record) -> StoredImage | None:
+    """The image in a row read with `IMAGE_COLUMNS_PREFIXED`; None when the row has none
+    (a job without images, through a LEFT JOIN)."""
+    if row[f"{_PREFIX}id"] is None:
+        return None
+    return _image_from_row(
+        {key.removeprefix(_PREFIX): value for key, value in row.items() if key.startswith(_PREFIX)}
+    )
+
+
+def _image_from_row(row: Mapping[str, Any]) -> StoredImage:
     keys = row.keys()
     parents = tuple(str(p) for p in row["parent_ids"]) if "parent_ids" in keys else ()
     return StoredImage(

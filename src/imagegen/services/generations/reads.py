@@ -44,6 +44,16 @@ class GenerationPresenter:
     async def present_all(self, user_id: str, generations: list[Generation]) -> list[Generation]:
         """The owner's jobs with their images and webhook attempts, in the order given."""
         images = await self._db.images.for_generations(user_id, [g.id for g in generations])
+        return await self._completed(generations, images)
+
+    async def present_read(self, generation: Generation, images: list[StoredImage]) -> Generation:
+        """A job whose images were read with it (`get_with_images`), completed as
+        `present` would."""
+        return (await self._completed([generation], {generation.id: images}))[0]
+
+    async def _completed(
+        self, generations: list[Generation], images: dict[str, list[StoredImage]]
+    ) -> list[Generation]:
         called = [g.id for g in generations if g.spec.callback_uri]
         attempts = await self._db.webhooks.attempts_for(called) if called else {}
         return [
@@ -96,10 +106,11 @@ class GenerationReads:
 
     async def get(self, identity: Identity, generation_id: str) -> Generation:
         """The caller's job with its images (fresh URLs); NotFound for anyone else's."""
-        generation = await self._db.generations.get(identity.user_id, generation_id)
-        if generation is None:
+        # One statement for the job and its images: the hottest read of a job.
+        found = await self._db.generations.get_with_images(identity.user_id, generation_id)
+        if found is None:
             raise NotFound(f"generation {generation_id!r} not found")
-        return await self._presenter.present(identity.user_id, generation)
+        return await self._presenter.present_read(*found)
 
     async def list_generations(
         self,
