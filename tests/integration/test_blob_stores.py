@@ -215,3 +215,47 @@ async def test_local_listing_skips_what_is_not_a_blob(tmp_path: Path) -> None:
     # A write that crashed half-way leaves a temporary file: not a key.
     (tmp_path / "blobs" / "generated" / "a" / ".upload-abc").write_bytes(b"partial")
     assert [e.key async for e in store.list_keys("generated/")] == ["generated/a/x.png"]
+
+
+async def test_delete_many_removes_the_blobs_and_ignores_missing_ones(store: BlobStore) -> None:
+    now = datetime.now(UTC)
+    keys = [blob_key("alice", f"many{n}", "png", now) for n in range(5)]
+    for key in keys:
+        await store.put(key, PNG, "image/png")
+    missing = blob_key("alice", "never-stored", "png", now)
+    assert await store.delete_many([*keys[:3], missing]) == {}
+    assert [await store.exists(key) for key in keys] == [False] * 3 + [True] * 2
+    assert await store.delete_many([]) == {}
+
+
+async def test_s3_deletes_in_requests_of_its_batch_size(
+    s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("imagegen.storage.s3.DELETE_BATCH", 2)
+    now = datetime.now(UTC)
+    keys = [blob_key("alice", f"batch{n}", "png", now) for n in range(5)]
+    async with open_s3_store(S3Settings(s3_endpoint, s3_bucket, "us-east-1", "pre")) as s3:
+        for key in keys:
+            await s3.put(key, PNG, "image/png")
+        requests: list[int] = []
+        real = s3._client.delete_objects
+
+        async def counted(**kwargs: object) -> object:
+            requests.append(len(kwargs["Delete"]["Objects"]))  # type: ignore[index]
+            return await real(**kwargs)
+
+        monkeypatch.setattr(s3._client, "delete_objects", counted)
+        assert await s3.delete_many(keys) == {}
+        assert requests == [2, 2, 1]
+        assert not any([await s3.exists(key) for key in keys])
+
+
+async def test_s3_delete_many_reports_every_key_when_the_store_is_down() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    settings = S3Settings(f"http://127.0.0.1:{closed_port}", "bucket", "us-east-1", "")
+    async with open_s3_store(settings, connect_timeout=1, read_timeout=1) as s3:
+        failures = await s3.delete_many(["a/1.png", "a/2.png"])
+    assert set(failures) == {"a/1.png", "a/2.png"}
+    assert all("S3" in message for message in failures.values())

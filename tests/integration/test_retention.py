@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -390,6 +390,13 @@ class FlakyDeletes:
             self.failures_left -= 1
             raise StorageFailed("the store is down")
         await self._inner.delete(key)
+
+    async def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
+        if self.crash:
+            raise Crash
+        failed = {key: "the store is down" for key in keys[: self.failures_left]}
+        self.failures_left -= len(failed)
+        return failed | await self._inner.delete_many([k for k in keys if k not in failed])
 
 
 class Crash(BaseException):

@@ -29,7 +29,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from imagegen.domain.errors import StorageFailed
 from imagegen.domain.plans import PlanTable
 from imagegen.domain.retention import RetentionKind, RetentionRules
 from imagegen.repositories.retention import Candidate, RemovedBlob, RetentionRepository
@@ -247,17 +246,22 @@ class RetentionService:
 
     async def _delete_blobs(self, purged: list[RemovedBlob], report: GcReport) -> None:
         """Delete the blobs of rows whose removal has committed, then their entries."""
+        if not purged:
+            return
+        # One request per thousand blobs (S3 DeleteObjects), not one per blob. Stopped
+        # during it, nothing is forgotten: the next pass deletes them again (a missing
+        # blob is no error).
+        failures = await self._blobs.delete_many([removed.storage_key for removed in purged])
         deleted: list[str] = []
         try:
             for removed in purged:
-                try:
-                    await self._blobs.delete(removed.storage_key)
-                except StorageFailed as exc:
+                error = failures.get(removed.storage_key)
+                if error is not None:
                     report.blobs_pending += 1
-                    await self._repository.deletion_failed(removed.storage_key, exc.message)
+                    await self._repository.deletion_failed(removed.storage_key, error)
                     log.warning(
                         "deleting a purged image's blob failed; the next pass retries",
-                        extra={"event": "retention.blob_delete_failed", "error": exc.message},
+                        extra={"event": "retention.blob_delete_failed", "error": error},
                     )
                     continue
                 deleted.append(removed.storage_key)
@@ -320,17 +324,17 @@ class RetentionService:
             await self._repository.record_finished(SWEEP_TASK, now)
 
     async def _sweep_page(self, page: dict[str, int], report: GcReport) -> None:
-        for key in sorted(await self._repository.unreferenced(list(page))):
-            if not report.dry_run:
-                try:
-                    await self._blobs.delete(key)
-                except StorageFailed as exc:
-                    # Still an orphan next time: the next sweep tries again.
-                    log.warning(
-                        "deleting an orphaned blob failed",
-                        extra={"event": "retention.orphan_delete_failed", "error": exc.message},
-                    )
-                    continue
+        orphans = sorted(await self._repository.unreferenced(list(page)))
+        failures = {} if report.dry_run or not orphans else await self._blobs.delete_many(orphans)
+        for key in orphans:
+            error = failures.get(key)
+            if error is not None:
+                # Still an orphan next time: the next sweep tries again.
+                log.warning(
+                    "deleting an orphaned blob failed",
+                    extra={"event": "retention.orphan_delete_failed", "error": error},
+                )
+                continue
             report.orphan_blobs.add(page[key])
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
@@ -36,6 +36,12 @@ class BlobStore(Protocol):
 
     async def delete(self, key: str) -> None:
         """Remove a blob; removing a missing blob is not an error."""
+        ...
+
+    async def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
+        """Remove these blobs in as few calls as the store allows (missing ones are not
+        an error). Never raises StorageFailed: returns why, by key, for each blob that
+        could not be removed (empty when all were)."""
         ...
 
     async def exists(self, key: str) -> bool:

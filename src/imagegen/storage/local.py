@@ -12,7 +12,7 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import quote
@@ -131,16 +131,22 @@ class LocalBlobStore:
 
     async def delete(self, key: str) -> None:
         path = self._path(key)
-
-        def _remove() -> None:
-            for victim in (path, Path(str(path) + _TYPE_SUFFIX)):
-                with contextlib.suppress(FileNotFoundError):
-                    victim.unlink()
-
         try:
-            await asyncio.to_thread(_remove)
+            await asyncio.to_thread(_remove, path)
         except OSError as exc:
             raise StorageFailed(f"deleting the image from local storage failed: {exc}") from exc
+
+    async def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
+        def _remove_all() -> dict[str, str]:
+            failures: dict[str, str] = {}
+            for key in keys:
+                try:
+                    _remove(self._path(key))
+                except (OSError, NotFound) as exc:
+                    failures[key] = f"deleting the image from local storage failed: {exc}"
+            return failures
+
+        return await asyncio.to_thread(_remove_all)
 
     async def exists(self, key: str) -> bool:
         return await asyncio.to_thread(self._path(key).is_file)
@@ -203,3 +209,10 @@ class LocalBlobStore:
 
     def seconds_left(self, expires: int) -> int:
         return max(expires - int(self._clock()), 0)
+
+
+def _remove(path: Path) -> None:
+    """Unlink a blob and its content-type file; either may be missing already."""
+    for victim in (path, Path(str(path) + _TYPE_SUFFIX)):
+        with contextlib.suppress(FileNotFoundError):
+            victim.unlink()

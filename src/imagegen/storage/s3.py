@@ -15,7 +15,7 @@ import contextlib
 import hashlib
 import hmac
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -37,6 +37,10 @@ _PROBE_KEY = "imagegen-endpoint-probe"
 _SIGV4 = "AWS4-HMAC-SHA256"
 _UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+#: Keys per DeleteObjects request: S3's own maximum.
+DELETE_BATCH = 1000
 
 
 @dataclass(frozen=True)
@@ -259,6 +263,30 @@ class S3BlobStore:
                 await self._client.delete_object(Bucket=self._bucket, Key=self._key(key))
         except (BotoCoreError, ClientError, OSError, TimeoutError) as exc:
             raise StorageFailed(f"deleting the image from S3 failed: {_describe(exc)}") from exc
+
+    async def delete_many(self, keys: Sequence[str]) -> dict[str, str]:
+        failures: dict[str, str] = {}
+        for start in range(0, len(keys), DELETE_BATCH):
+            batch = {self._key(key): key for key in keys[start : start + DELETE_BATCH]}
+            try:
+                async with asyncio.timeout(self._op_timeout):
+                    reply = await self._client.delete_objects(
+                        Bucket=self._bucket,
+                        # Quiet: the answer lists only the keys that failed.
+                        Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                    )
+            except (BotoCoreError, ClientError, OSError, TimeoutError) as exc:
+                message = f"deleting the image from S3 failed: {_describe(exc)}"
+                failures.update(dict.fromkeys(batch.values(), message))
+                continue
+            for error in reply.get("Errors", ()):
+                key = batch.get(str(error.get("Key", "")))
+                if key is not None:
+                    failures[key] = (
+                        "deleting the image from S3 failed: "
+                        f"{error.get('Code', 'error')}: {error.get('Message', '')}"
+                    )
+        return failures
 
     async def exists(self, key: str) -> bool:
         try:
