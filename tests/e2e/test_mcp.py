@@ -23,6 +23,7 @@ from mcp import ClientSession, StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp_types import CallToolResult, ImageContent
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.served import ServedProcess, start_server
 
@@ -90,6 +91,20 @@ async def count_jobs(server: ServedProcess, request_id_prefix: str = "") -> int:
     finally:
         await conn.close()
     return int(value)
+
+
+async def rpc_counts(server: ServedProcess) -> dict[str, float]:
+    """gRPC calls the server has answered so far, by method (from /metrics)."""
+    async with httpx.AsyncClient(trust_env=False) as http:
+        reply = await http.get(f"http://{server.http_address}/metrics", timeout=10)
+    reply.raise_for_status()
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(reply.text):
+        for sample in family.samples:
+            if sample.name == "rpc_server_call_duration_seconds_count":
+                method = sample.labels["rpc_method"]
+                counts[method] = counts.get(method, 0) + sample.value
+    return counts
 
 
 def check_schemas(tools: list[Any]) -> dict[str, Any]:
@@ -282,6 +297,17 @@ async def test_outpaint_upscale_and_prompt_tools_over_the_sdk_client(
         assert done["status"] == "completed"
         images = done["result"]["structuredContent"]["images"]
         assert [(i["width"], i["height"]) for i in images] == [(512, 512)]
+
+        # Polling the finished task again reads the job once and downloads nothing: its
+        # thumbnail was made for the get_generation call above and is kept.
+        before = await rpc_counts(served)
+        again = (await client.task("tasks/get", created["taskId"]))["result"]
+        after = await rpc_counts(served)
+        assert again["result"]["structuredContent"]["images"][0]["name"] == images[0]["name"]
+        assert [c["type"] for c in again["result"]["content"]].count("image") == 1
+        calls = {method: after.get(method, 0) - before.get(method, 0) for method in after}
+        assert calls.get("imagegen.v1.ImageGenerationService/GetGeneration") == 1
+        assert calls.get("imagegen.v1.ImageLibraryService/DownloadImage", 0) == 0
 
 
 async def test_http_refuses_missing_and_wrong_tokens(served: ServedProcess) -> None:

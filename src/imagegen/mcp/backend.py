@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -195,19 +196,42 @@ def make_thumbnail(data: bytes, longest_side: int) -> bytes:
         return out.getvalue()
 
 
-async def thumbnails(
-    backend: Backend, images: Sequence[str], token: str, longest_side: int
-) -> list[bytes]:
-    """Thumbnails of stored images, made from the image itself (never the full image).
+class Thumbnails:
+    """Thumbnails of stored images, made from the image itself (never the full image),
+    and the last `capacity` of them kept: an agent polling a finished job (tasks/get,
+    get_generation) would otherwise download and shrink its images on every poll.
 
-    A thumbnail is a convenience: one that cannot be made (the image was deleted since,
-    storage hiccups) is left out and logged, and the answer keeps the image's URL.
+    Keeping them by image name is safe because a stored image never changes, and a
+    thumbnail is only looked up for names the caller's own GetGeneration just listed.
     """
-    results: list[bytes] = []
-    for image in images:
-        try:
-            data = await backend.download(image, token)
-            results.append(await asyncio.to_thread(make_thumbnail, data, longest_side))
-        except (ToolFailure, OSError, ValueError, Image.DecompressionBombError) as exc:
-            log.warning("no thumbnail for %s: %s", image, exc, extra={"event": "mcp.thumbnail"})
-    return results
+
+    def __init__(self, backend: Backend, longest_side: int, *, capacity: int = 256) -> None:
+        self._backend = backend
+        self._side = longest_side
+        self._capacity = capacity
+        self._kept: OrderedDict[str, bytes] = OrderedDict()
+
+    async def of(self, images: Sequence[str], token: str) -> list[bytes]:
+        """One thumbnail per image that can have one, in order. A thumbnail is a
+        convenience: one that cannot be made (the image was deleted since, storage
+        hiccups) is left out and logged, and the answer keeps the image's URL."""
+        results: list[bytes] = []
+        for image in images:
+            kept = self._kept.get(image)
+            if kept is not None:
+                self._kept.move_to_end(image)
+                results.append(kept)
+                continue
+            try:
+                data = await self._backend.download(image, token)
+                thumbnail = await asyncio.to_thread(make_thumbnail, data, self._side)
+            except (ToolFailure, OSError, ValueError, Image.DecompressionBombError) as exc:
+                log.warning(
+                    "no thumbnail for %s: %s", image, exc, extra={"event": "mcp.thumbnail"}
+                )
+                continue
+            self._kept[image] = thumbnail
+            while len(self._kept) > self._capacity:
+                self._kept.popitem(last=False)
+            results.append(thumbnail)
+        return results

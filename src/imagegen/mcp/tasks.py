@@ -39,7 +39,7 @@ from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel, ConfigDict, Field
 
 from imagegen.mcp.backend import ToolFailure
-from imagegen.mcp.tools import TERMINAL_EVENTS, TERMINAL_STATES, CallContext, ToolRunner
+from imagegen.mcp.tools import TERMINAL_EVENTS, TERMINAL_STATES, ToolRunner
 from imagegen.v1 import generation_pb2
 
 TASKS_EXTENSION = "io.modelcontextprotocol/tasks"
@@ -172,7 +172,7 @@ class TasksExtension(Extension):
             generation, percent = await self._runner.observe(name, 0, token, None)
             task = task_of(generation, percent)
             if generation.state in TERMINAL_STATES and task["status"] == "completed":
-                result = await self._runner.follow(name, 0, _no_progress_call(token))
+                result = await self._runner.answer(generation, percent, token)
                 task["result"] = result.model_dump(by_alias=True, mode="json", exclude_none=True)
         except ToolFailure as failure:
             raise _task_error(failure) from None
@@ -291,11 +291,3 @@ class TasksExtension(Extension):
             # A task that cannot be followed (not the caller's, gone) gets no notifications;
             # tasks/get tells the client why.
             return
-
-
-async def _silent(_percent: float, _message: str) -> None:
-    return None
-
-
-def _no_progress_call(token: str) -> CallContext:
-    return CallContext(token=token, derived_request_id="", progress=_silent)

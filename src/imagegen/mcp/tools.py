@@ -20,7 +20,7 @@ from mcp_types import CallToolResult, ContentBlock, ImageContent, TextContent
 from pydantic import BaseModel, ValidationError
 
 from imagegen.mcp import definitions as d
-from imagegen.mcp.backend import Backend, ToolFailure, thumbnails
+from imagegen.mcp.backend import Backend, Thumbnails, ToolFailure
 from imagegen.v1 import (
     common_pb2,
     generation_pb2,
@@ -252,6 +252,7 @@ class ToolRunner:
     def __init__(self, backend: Backend, options: McpOptions) -> None:
         self.backend = backend
         self.options = options
+        self._thumbnails = Thumbnails(backend, options.thumbnail_side)
 
     def wait_for(self, requested: float | None) -> float:
         wait = self.options.default_wait if requested is None else requested
@@ -558,13 +559,18 @@ class ToolRunner:
     async def follow(self, name: str, wait: float, call: CallContext) -> CallToolResult:
         """Wait up to `wait` seconds for a job to end, then answer with it as it stands."""
         generation, percent = await self.observe(name, wait, call.token, call.progress)
+        return await self.answer(generation, percent, call.token)
+
+    async def answer(
+        self, generation: generation_pb2.Generation, percent: int, token: str
+    ) -> CallToolResult:
+        """The tool result for a job as `observe` read it (with thumbnails once it has
+        completed), without reading it again."""
         output = generation_output(generation, percent, max_wait=self.options.max_wait)
         extra: list[ContentBlock] = []
         if generation.state == generation_pb2.GENERATION_STATE_COMPLETED:
             live = [image.name for image in generation.images if image.uri]
-            for data in await thumbnails(
-                self.backend, live, call.token, self.options.thumbnail_side
-            ):
+            for data in await self._thumbnails.of(live, token):
                 extra.append(
                     ImageContent(
                         type="image",
