@@ -11,14 +11,10 @@ key kept in the data directory, so `imagegen token` and `imagegen serve` agree o
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import os
 import re
 import secrets
-import stat
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +28,7 @@ from jwt.algorithms import get_default_algorithms
 from imagegen.config import ConfigError, JwtSettings
 from imagegen.domain.errors import Unauthenticated
 from imagegen.domain.models import Identity
+from imagegen.private_files import read_or_create_private
 
 log = logging.getLogger(__name__)
 
@@ -332,41 +329,16 @@ def mint_token(
 
 def load_or_create_dev_key(data_dir: Path) -> str:
     """The development HMAC key at `data_dir/dev-jwt.key`: made once (mode 0600), then reused."""
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = data_dir / DEV_KEY_FILE
-    if not path.exists():
-        _create_dev_key(path)
-    return _read_dev_key(path)
-
-
-def _create_dev_key(path: Path) -> None:
-    # Written to a private temporary file and hard-linked into place: the link fails if
-    # another process (`imagegen token` beside `imagegen serve`) won the race, and
-    # nobody ever reads a half-written key.
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".dev-jwt-", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(secrets.token_hex(32) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        with contextlib.suppress(FileExistsError):
-            os.link(temporary, path)
-            log.info("created a development JWT key at %s", path)
-    finally:
-        os.unlink(temporary)
-
-
-def _read_dev_key(path: Path) -> str:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        # The key signs tokens for any user: keep it readable by its owner only.
-        log.warning("tightening permissions of %s from %o to 600", path, mode)
-        path.chmod(0o600)
-    key = path.read_text().strip()
+    key = read_or_create_private(
+        data_dir / DEV_KEY_FILE,
+        lambda: secrets.token_hex(32) + "\n",
+        what="a development JWT key",
+    ).strip()
     if not _DEV_KEY_PATTERN.fullmatch(key):
         raise ConfigError(
-            f"{path} does not hold a development JWT key (64 hex characters); "
-            "delete it to make a new one (tokens minted with the old key stop working)"
+            f"{data_dir / DEV_KEY_FILE} does not hold a development JWT key (64 hex "
+            "characters); delete it to make a new one (tokens minted with the old key stop "
+            "working)"
         )
     return key
 

@@ -86,12 +86,16 @@ async def test_s3_object_metadata_prefix_and_expiry(s3_endpoint: str, s3_bucket:
     assert "max-age" in head["CacheControl"]
 
 
-async def test_s3_endpoint_down_is_storage_failed() -> None:
+def closed_endpoint() -> S3Settings:
+    """S3 at a loopback port nothing listens on."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         closed_port = sock.getsockname()[1]
-    settings = S3Settings(f"http://127.0.0.1:{closed_port}", "bucket", "us-east-1", "")
-    async with open_s3_store(settings, connect_timeout=1, read_timeout=1) as store:
+    return S3Settings(f"http://127.0.0.1:{closed_port}", "bucket", "us-east-1", "")
+
+
+async def test_s3_endpoint_down_is_storage_failed() -> None:
+    async with open_s3_store(closed_endpoint(), connect_timeout=1, read_timeout=1) as store:
         with pytest.raises(StorageFailed):
             await store.put("k.png", PNG, "image/png")
 
@@ -251,11 +255,7 @@ async def test_s3_deletes_in_requests_of_its_batch_size(
 
 
 async def test_s3_delete_many_reports_every_key_when_the_store_is_down() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed_port = sock.getsockname()[1]
-    settings = S3Settings(f"http://127.0.0.1:{closed_port}", "bucket", "us-east-1", "")
-    async with open_s3_store(settings, connect_timeout=1, read_timeout=1) as s3:
+    async with open_s3_store(closed_endpoint(), connect_timeout=1, read_timeout=1) as s3:
         failures = await s3.delete_many(["a/1.png", "a/2.png"])
     assert set(failures) == {"a/1.png", "a/2.png"}
     assert all("S3" in message for message in failures.values())

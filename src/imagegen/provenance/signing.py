@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 import re
-import stat
 import tempfile
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from imagegen.config import ConfigError, ProvenanceSettings
+from imagegen.private_files import read_or_create_private
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +116,11 @@ def signing_material_from_pem(
 
 def load_or_create_dev_signing(data_dir: Path) -> SigningMaterial:
     """The development CA, leaf and key in `data_dir`: made once, then reused."""
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     bundle_path = data_dir / DEV_BUNDLE_FILE
-    if not bundle_path.exists():
-        _create_dev_bundle(bundle_path)
-    key_pem, leaf_pem, ca_pem = _read_dev_bundle(bundle_path)
+    bundle = read_or_create_private(
+        bundle_path, lambda: "".join(make_dev_chain()), what="a development C2PA CA and signer"
+    )
+    key_pem, leaf_pem, ca_pem = _parse_dev_bundle(bundle_path, bundle)
     _publish_ca(data_dir / DEV_CA_FILE, ca_pem)
     material = signing_material_from_pem(leaf_pem + ca_pem, key_pem, trust_anchors_pem=ca_pem)
     return replace(material, development=True)
@@ -210,32 +210,8 @@ def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
     )
 
 
-def _create_dev_bundle(path: Path) -> None:
-    key_pem, leaf_pem, ca_pem = make_dev_chain()
-    # Same dance as the development JWT key: a private temporary file hard-linked into
-    # place, so a racing process either wins or reads the winner's complete bundle.
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=".dev-c2pa-", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(key_pem + leaf_pem + ca_pem)
-            handle.flush()
-            os.fsync(handle.fileno())
-        with contextlib.suppress(FileExistsError):
-            os.link(temporary, path)
-            log.info("created a development C2PA CA and signer at %s", path)
-    finally:
-        os.unlink(temporary)
-
-
-def _read_dev_bundle(path: Path) -> tuple[str, str, str]:
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        # The key signs provenance claims in this deployment's name.
-        log.warning("tightening permissions of %s from %o to 600", path, mode)
-        path.chmod(0o600)
-    blocks = [
-        (match.group(1), match.group(0) + "\n") for match in _PEM_BLOCK.finditer(path.read_text())
-    ]
+def _parse_dev_bundle(path: Path, text: str) -> tuple[str, str, str]:
+    blocks = [(match.group(1), match.group(0) + "\n") for match in _PEM_BLOCK.finditer(text)]
     kinds = [kind for kind, _ in blocks]
     if kinds != ["PRIVATE KEY", "CERTIFICATE", "CERTIFICATE"]:
         raise ConfigError(

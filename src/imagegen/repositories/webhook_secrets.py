@@ -13,11 +13,8 @@ Secrets are never logged: they leave this module only as bytes for the signer an
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 import secrets
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -28,6 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from imagegen.private_files import read_or_create_private
 from imagegen.repositories.db import Executor, transaction
 
 #: The development key's file in the data directory.
@@ -82,20 +80,10 @@ def _associated(user_id: str, version: int) -> bytes:
 
 def load_or_create_dev_key(data_dir: Path) -> str:
     """A random key kept in the data directory (mode 0600), made on first use."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / DEV_KEY_FILE
-    if not path.exists():
-        fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=".webhook-key-")
-        try:
-            os.write(fd, secrets.token_hex(32).encode())
-        finally:
-            os.close(fd)
-        os.chmod(tmp, 0o600)
-        with contextlib.suppress(FileExistsError):
-            # Two processes starting together: the first link wins, both read it back.
-            os.link(tmp, path)
-        os.unlink(tmp)
-    return path.read_text().strip()
+    text = read_or_create_private(
+        data_dir / DEV_KEY_FILE, lambda: secrets.token_hex(32), what="the webhook sealing key"
+    )
+    return text.strip()
 
 
 @dataclass(frozen=True)

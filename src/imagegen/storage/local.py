@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 from imagegen.config import MAX_URL_TTL
 from imagegen.domain.errors import NotFound, StorageFailed
+from imagegen.private_files import read_or_create_private
 from imagegen.storage.base import BlobEntry
 
 #: Beside each blob: its Content-Type (never a key: image keys end in an image extension).
@@ -27,21 +28,10 @@ _TYPE_SUFFIX = ".type"
 SIGNING_KEY_FILE = "blob-signing.key"
 def load_or_create_signing_key(data_dir: Path) -> bytes:
     """32 random bytes kept in the data directory (mode 0600), made on first use."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path = data_dir / SIGNING_KEY_FILE
-    if not path.exists():
-        key = secrets.token_bytes(32)
-        fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=".blob-key-")
-        try:
-            os.write(fd, key.hex().encode())
-        finally:
-            os.close(fd)
-        os.chmod(tmp, 0o600)
-        with contextlib.suppress(FileExistsError):
-            # Two processes starting together: the first link wins, both read it back.
-            os.link(tmp, path)
-        os.unlink(tmp)
-    return bytes.fromhex(path.read_text().strip())
+    text = read_or_create_private(
+        data_dir / SIGNING_KEY_FILE, lambda: secrets.token_hex(32), what="the blob URL key"
+    )
+    return bytes.fromhex(text.strip())
 
 
 def _scan(directory: Path) -> list[tuple[Path, bool, int, float]]:
