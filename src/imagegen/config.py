@@ -311,8 +311,9 @@ SETTINGS: tuple[SettingDoc, ...] = (
     ),
     SettingDoc(
         "IMAGEGEN_WEBHOOK_POLL",
-        "1",
-        "Seconds between one process's looks for callbacks that became due.",
+        "30",
+        "Most seconds between one process's looks for due callbacks when nothing wakes it "
+        "(a NOTIFY wakes it when one is queued; it wakes itself when a retry falls due).",
     ),
     SettingDoc("BUILT_IN_FORGE_API_URL", "(unset)", "Base URL of the Forge ImageService."),
     SettingDoc("BUILT_IN_FORGE_API_KEY", "(unset)", "Bearer key of the Forge ImageService."),
@@ -714,7 +715,7 @@ def _webhook_settings(reader: _Reader) -> WebhookSettings:
     timeout = reader.seconds("IMAGEGEN_WEBHOOK_TIMEOUT", 10)
     if not timedelta(0) < timeout <= timedelta(minutes=5):
         raise ConfigError("IMAGEGEN_WEBHOOK_TIMEOUT must be above 0 and at most 300 seconds")
-    poll = reader.number("IMAGEGEN_WEBHOOK_POLL", 1.0)
+    poll = reader.number("IMAGEGEN_WEBHOOK_POLL", 30.0)
     if poll <= 0:
         raise ConfigError("IMAGEGEN_WEBHOOK_POLL must be above 0")
     return WebhookSettings(

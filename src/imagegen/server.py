@@ -393,6 +393,7 @@ class Server:
                 # Past the attempt's own deadline, with room for recording it.
                 lease=settings.webhooks.timeout * 2 + timedelta(seconds=10),
                 poll_interval=settings.webhooks.poll_interval,
+                signals=signals,
             )
             generation_pb2_grpc.add_ImageGenerationServiceServicer_to_server(
                 ImageGenerationServicer(

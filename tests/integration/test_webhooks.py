@@ -26,7 +26,11 @@ from grpc_status import rpc_status
 from imagegen.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from imagegen.domain.models import GenerationState
+from imagegen.domain.webhooks import event_type_for, new_webhook_id
 from imagegen.identity import mint_token
+from imagegen.repositories.db import open_pool
+from imagegen.repositories.webhooks import NewWebhook, WebhookOutbox
 from tests.fakes.webhook_receiver import ReceivedWebhook, WebhookReceiver
 from tests.inprocess import TEST_JWT_KEY, serve_in_process
 
@@ -102,6 +106,17 @@ async def deliveries(stub: Stub, name: str, count: int) -> list[E.WebhookDeliver
         return list(reply.generation.webhook_deliveries)
 
     return await eventually(read, lambda attempts: len(attempts) >= count)
+
+
+async def fetch_state(dsn: str, webhook_id: str) -> str | None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        state: str | None = await conn.fetchval(
+            "SELECT state FROM webhook_deliveries WHERE webhook_id = $1", webhook_id
+        )
+        return state
+    finally:
+        await conn.close()
 
 
 def verified(received: ReceivedWebhook, secret: str) -> dict:
@@ -196,26 +211,42 @@ async def test_a_redirect_is_a_failed_attempt_and_attempts_run_out(
 async def test_the_outbox_survives_restarts(
     tmp_path: Path, database_url: str
 ) -> None:
-    """A callback queued while no worker looks is sent by the next server; one recorded
-    as delivered is never sent again."""
+    """A callback queued while no worker listens is sent by the next server's first look;
+    one recorded as delivered is never sent again."""
     async with WebhookReceiver.start() as receiver:
-        # This server's worker looks once at start, then not for an hour: the job's
-        # callback stays pending when it stops.
-        async with served(
-            tmp_path, database_url, {**DELIVERING, "IMAGEGEN_WEBHOOK_POLL": "3600"}
-        ) as stub:
+        async with served(tmp_path, database_url, DELIVERING) as stub:
             secret = await secret_of(stub)
-            first = await submit(stub, receiver.url())
+            first = await submit(stub, "")
             ended = await stub.WaitGeneration(
                 E.WaitGenerationRequest(name=first.name), metadata=metadata(), timeout=60
             )
             assert ended.generation.state == E.GENERATION_STATE_COMPLETED
+        # Its callback, queued as the unit of work that ends a job queues it, by a replica
+        # that stopped at once: the NOTIFY reached no worker.
+        pool = await open_pool(database_url)
+        try:
+            await WebhookOutbox(pool).enqueue(
+                NewWebhook(
+                    webhook_id=new_webhook_id(),
+                    user_id="alice",
+                    url=receiver.url(),
+                    event_type=event_type_for(GenerationState.COMPLETED).value,
+                    generation_id=first.name.removeprefix("generations/"),
+                )
+            )
+        finally:
+            await pool.close()
         assert len(receiver.received) == 0
 
-        async with served(tmp_path, database_url, DELIVERING) as stub:
+        async with served(tmp_path, database_url, DELIVERING):
             (received,) = await within(receiver.received.wait_for(1))
             assert verified(received, secret)["data"]["generation"]["name"] == first.name
-            await deliveries(stub, first.name, 1)
+            # Recorded as delivered before this server stops (the job named no callback
+            # of its own, so GetGeneration does not list the attempt).
+            await eventually(
+                lambda: fetch_state(database_url, received.webhook_id),
+                lambda state: state == "delivered",
+            )
 
         async with served(tmp_path, database_url, DELIVERING) as stub:
             # A second job's callback arrives after the worker's first looks: by then the
@@ -490,3 +521,21 @@ async def test_concurrent_first_reads_and_rotations_agree(
         made = {r.secret.secret for r in rotations[:-1]}
         assert len(made) == 6
         assert await secret_of(stub, "dave") in made
+
+
+async def test_the_worker_is_woken_not_polling(tmp_path: Path, database_url: str) -> None:
+    """With the poll an hour apart, a job's callback still goes out when the job ends
+    (the NOTIFY of its queueing wakes the worker) and its retry when its delay has passed
+    (the worker sleeps until the earliest pending callback's time)."""
+    async with WebhookReceiver.start([503, 200]) as receiver:
+        env = {
+            **DELIVERING,
+            "IMAGEGEN_WEBHOOK_POLL": "3600",
+            "IMAGEGEN_WEBHOOK_RETRY_DELAYS": "1",
+        }
+        async with served(tmp_path, database_url, env) as stub:
+            job = await submit(stub, receiver.url())
+            first, second = await within(receiver.received.wait_for(2))
+            assert first.webhook_id == second.webhook_id
+            recorded = await deliveries(stub, job.name, 2)
+            assert [d.http_status for d in recorded] == [503, 200]

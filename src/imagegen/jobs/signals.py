@@ -35,6 +35,7 @@ import asyncpg
 
 from imagegen.domain.models import GenerationEvent
 from imagegen.repositories.generations import CANCEL_CHANNEL, EVENTS_CHANNEL, QUEUE_CHANNEL
+from imagegen.repositories.webhooks import WEBHOOK_CHANNEL
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class JobSignals:
         self._cancel_flags: defaultdict[str, set[CancelFlag]] = defaultdict(set)
         self._collectors: set[CancelCollector] = set()
         self._queue_waiters: set[asyncio.Event] = set()
+        self._webhook_waiters: set[asyncio.Event] = set()
 
     @property
     def watchers(self) -> int:
@@ -168,6 +170,12 @@ class JobSignals:
         for collector in self._collectors:
             collector.everything = True
         self.job_queued()
+        self.webhook_due()
+
+    def webhook_due(self) -> None:
+        """Wake webhook workers: a callback may be due now."""
+        for event in list(self._webhook_waiters):
+            event.set()
 
     @contextlib.contextmanager
     def watch_job(self, generation_id: str) -> Iterator[JobFeed]:
@@ -194,6 +202,16 @@ class JobSignals:
             yield collector
         finally:
             self._collectors.discard(collector)
+
+    @contextlib.contextmanager
+    def watch_webhooks(self, event: asyncio.Event | None = None) -> Iterator[asyncio.Event]:
+        """`event` (or a new one), set whenever a callback may have become due now."""
+        event = event or asyncio.Event()
+        self._webhook_waiters.add(event)
+        try:
+            yield event
+        finally:
+            self._webhook_waiters.discard(event)
 
     @contextlib.contextmanager
     def watch_queue(self) -> Iterator[asyncio.Event]:
@@ -265,6 +283,7 @@ class NotificationListener:
                 await conn.add_listener(EVENTS_CHANNEL, self._on_event)
                 await conn.add_listener(QUEUE_CHANNEL, self._on_queue)
                 await conn.add_listener(CANCEL_CHANNEL, self._on_cancel)
+                await conn.add_listener(WEBHOOK_CHANNEL, self._on_webhook)
                 self.backend_pid = conn.get_server_pid()
                 self._connected.set()
                 # Anything may have happened while we were not listening.
@@ -310,3 +329,11 @@ class NotificationListener:
     def _on_cancel(self, _conn: object, pid: int, _channel: str, payload: str) -> None:
         if self._heard(pid):
             self._signals.cancel_requested(payload)
+
+    def _on_webhook(self, _conn: object, pid: int, _channel: str, _payload: str) -> None:
+        # This process's own NOTIFYs count too: a callback is queued by the units of work
+        # that end jobs and batches, in several places, and hearing it back one round trip
+        # later spares each of them a signal of its own.
+        self._last_heard = asyncio.get_running_loop().time()
+        self.received += 1
+        self._signals.webhook_due()

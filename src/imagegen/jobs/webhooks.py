@@ -1,8 +1,12 @@
 """The webhook worker: every replica runs one. It claims due callbacks from the outbox
-(FOR UPDATE SKIP LOCKED, so one replica makes each attempt), runs each attempt (through
-services/webhooks/delivery.py, passed in as `deliver`) and looks again every
-`poll_interval` seconds: a callback is due when its job ends or its retry delay passes,
-both of which only the clock and the table know.
+(FOR UPDATE SKIP LOCKED, so one replica makes each attempt) and runs each attempt
+(through services/webhooks/delivery.py, passed in as `deliver`).
+
+It looks again when a callback can have become due, never on a timer alone: when one is
+queued or a claim is given back (a NOTIFY, through JobSignals.watch_webhooks), and when
+the earliest pending callback's time comes (a retry's delay, or a claim whose lease runs
+out; the outbox says when). `poll_interval` is only the safety net for a NOTIFY that
+never came (the listener reconnecting wakes it too); without signals, it is the poll.
 
 A claim holds its row for `lease`; a replica that dies mid-attempt leaves the row due
 again when the lease runs out, and another replica sends it with the same webhook-id. On
@@ -19,6 +23,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
+from imagegen.jobs.signals import JobSignals
 from imagegen.jobs.tasks import finish_within, stop_loop
 from imagegen.repositories.webhooks import ClaimedWebhook, WebhookOutbox
 
@@ -37,7 +42,8 @@ class WebhookWorker:
         *,
         concurrency: int,
         lease: timedelta,
-        poll_interval: float = 1.0,
+        poll_interval: float = 30.0,
+        signals: JobSignals | None = None,
         worker_id: str | None = None,
     ) -> None:
         self._outbox = outbox
@@ -45,9 +51,10 @@ class WebhookWorker:
         self._concurrency = concurrency
         self._lease = lease
         self._poll_interval = poll_interval
+        self._signals = signals
         self.worker_id = worker_id or f"webhooks-{uuid.uuid4().hex[:12]}"
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._slot_freed = asyncio.Event()
+        self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -62,25 +69,50 @@ class WebhookWorker:
         await finish_within(self._tasks.values(), grace)
 
     async def _claim_loop(self) -> None:
-        while True:
-            # Cleared before the slots are counted: a slot freed from now on wakes the wait.
-            self._slot_freed.clear()
-            free = self._concurrency - len(self._tasks)
-            if free <= 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._slot_freed.wait(), timeout=self._poll_interval)
-                continue
-            claimed: list[ClaimedWebhook] = []
-            try:
-                claimed = await self._outbox.claim(self.worker_id, self._lease, free)
-            except Exception:
-                log.exception("claiming webhooks failed; retrying")
-            for webhook in claimed:
-                self._spawn(webhook)
-            if len(claimed) < free:
-                # Nothing more is due now; a callback becomes due when a job ends or a
-                # retry delay passes, which only the table and the clock know.
-                await asyncio.sleep(self._poll_interval)
+        with contextlib.ExitStack() as stack:
+            if self._signals is not None:
+                stack.enter_context(self._signals.watch_webhooks(self._wake))
+            while True:
+                # Cleared before the slots are counted and before the claim: an attempt
+                # that ends (its retry may now be the next due) or a callback queued from
+                # now on wakes the waits below.
+                self._wake.clear()
+                free = self._concurrency - len(self._tasks)
+                if free <= 0:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._poll_interval):
+                            await self._wake.wait()
+                    continue
+                claimed: list[ClaimedWebhook] = []
+                try:
+                    claimed = await self._outbox.claim(self.worker_id, self._lease, free)
+                except Exception:
+                    log.exception("claiming webhooks failed; retrying")
+                for webhook in claimed:
+                    self._spawn(webhook)
+                if len(claimed) < free:
+                    # Nothing more is due now: wait for a NOTIFY, or for the next
+                    # callback's time, or (the safety net) the poll interval.
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel
+                    # (the worker's stop) that lands as the event is set.
+                    idle = await self._idle_for()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(idle):
+                            await self._wake.wait()
+
+    async def _idle_for(self) -> float:
+        """How long nothing can fall due without a NOTIFY: until the earliest pending
+        callback's time, at most the poll interval."""
+        try:
+            due_in = await self._outbox.next_due_in()
+        except Exception:
+            log.exception("reading when the next webhook is due failed")
+            return self._poll_interval
+        if due_in is None:
+            return self._poll_interval
+        # A little after the row's time, so the claim's now() has passed it (and not a
+        # spin while another replica's claim of a due row is still in flight).
+        return min(self._poll_interval, due_in + 0.05)
 
     def _spawn(self, webhook: ClaimedWebhook) -> None:
         task = asyncio.create_task(
@@ -90,7 +122,7 @@ class WebhookWorker:
 
         def _done(_t: asyncio.Task[None]) -> None:
             self._tasks.pop(webhook.webhook_id, None)
-            self._slot_freed.set()
+            self._wake.set()
 
         task.add_done_callback(_done)
 

@@ -19,6 +19,10 @@ from imagegen.domain.models import WebhookAttempt
 from imagegen.domain.webhooks import DeliveryOutcome
 from imagegen.repositories.db import Executor
 
+#: NOTIFY channel that tells webhook workers a callback became due now (queued, or a
+#: claim given back), so no worker has to poll for it.
+WEBHOOK_CHANNEL = "imagegen_webhooks"
+
 
 @dataclass(frozen=True)
 class NewWebhook:
@@ -69,13 +73,18 @@ class WebhookOutbox:
 
     async def enqueue(self, webhook: NewWebhook) -> None:
         """Queue a callback, due now (inside the unit of work that ends its job or batch).
-        A second one for the same job or batch is ignored: each ends once."""
+        A second one for the same job or batch is ignored: each ends once. The workers
+        are told with the commit (NOTIFY), in the same statement."""
         await self._db.execute(
             """
-            INSERT INTO webhook_deliveries (webhook_id, user_id, generation_id, batch_id, url,
-                                            event_type)
-            VALUES ($1, $2, $3, $4, $5, $6)
-            ON CONFLICT DO NOTHING
+            WITH queued AS (
+                INSERT INTO webhook_deliveries (webhook_id, user_id, generation_id, batch_id,
+                                                url, event_type)
+                VALUES ($1, $2, $3, $4, $5, $6)
+                ON CONFLICT DO NOTHING
+                RETURNING 1
+            )
+            SELECT pg_notify($7, '') FROM queued
             """,
             webhook.webhook_id,
             webhook.user_id,
@@ -83,6 +92,7 @@ class WebhookOutbox:
             webhook.batch_id or None,
             webhook.url,
             webhook.event_type,
+            WEBHOOK_CHANNEL,
         )
 
     async def claim(self, worker_id: str, lease: timedelta, limit: int) -> list[ClaimedWebhook]:
@@ -162,18 +172,37 @@ class WebhookOutbox:
 
     async def release(self, claimed: ClaimedWebhook) -> None:
         """Give back a claim whose attempt was not made (shutdown): due again now, and the
-        attempt not counted."""
+        attempt not counted; the other replicas' workers are told (NOTIFY)."""
         await self._db.execute(
             """
-            UPDATE webhook_deliveries
-               SET attempts = attempts - 1, claimed_by = NULL, next_attempt_at = now(),
-                   updated_at = now()
-             WHERE webhook_id = $1 AND attempts = $2 AND claimed_by = $3 AND state = 'pending'
+            WITH released AS (
+                UPDATE webhook_deliveries
+                   SET attempts = attempts - 1, claimed_by = NULL, next_attempt_at = now(),
+                       updated_at = now()
+                 WHERE webhook_id = $1 AND attempts = $2 AND claimed_by = $3
+                   AND state = 'pending'
+                RETURNING 1
+            )
+            SELECT pg_notify($4, '') FROM released
             """,
             claimed.webhook_id,
             claimed.attempt,
             claimed.claimed_by,
+            WEBHOOK_CHANNEL,
         )
+
+    async def next_due_in(self) -> float | None:
+        """Seconds until the next pending callback falls due (a retry's delay, or a claim
+        whose lease runs out); 0 when one is due already, None when none is pending."""
+        # No greatest(..., 0) in SQL: it ignores a NULL, and "none pending" would read 0.
+        seconds = await self._db.fetchval(
+            """
+            SELECT extract(epoch FROM min(next_attempt_at) - now())
+              FROM webhook_deliveries
+             WHERE state = 'pending'
+            """
+        )
+        return None if seconds is None else max(float(seconds), 0.0)
 
     async def attempts_for(
         self, generation_ids: Sequence[str]
