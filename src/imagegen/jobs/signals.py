@@ -292,8 +292,12 @@ class NotificationListener:
                 while not lost.is_set():
                     quiet_for = loop.time() - self._last_heard
                     if quiet_for < self._heartbeat:
+                        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a
+                        # cancel (stop()) that lands as `lost` is set, and the loop
+                        # would reconnect forever.
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(lost.wait(), self._heartbeat - quiet_for)
+                            async with asyncio.timeout(self._heartbeat - quiet_for):
+                                await lost.wait()
                         continue
                     # Silent for a while: a connection cut without a FIN (a network
                     # partition) would never say so; a statement finds out.
