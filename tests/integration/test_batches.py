@@ -494,3 +494,44 @@ async def test_the_batch_callback_is_sent_once_with_every_job_after_the_last_end
         await conn.close()
     assert [(r["state"], r["generation_id"]) for r in queued] == [("delivered", None)]
     assert unfinished == 0
+
+
+async def test_a_held_batch_job_starts_on_another_replica_when_the_slot_frees(
+    tmp_path: Path, database_url: str
+) -> None:
+    # One slot (the plan's concurrency) and a 10-minute lease, so a claim loop's own look
+    # comes every 5 minutes: the second job must be started by the NOTIFY that the first
+    # job's end sends from the other replica. Replica X runs the first job and is
+    # stopping when it ends (a draining runner claims nothing more), so only Y can.
+    env = {
+        "IMAGEGEN_PLANS_FILE": plans_file(tmp_path, concurrent=1),
+        "IMAGEGEN_WORKERS": "2",
+        "IMAGEGEN_LEASE": "600",
+        "IMAGEGEN_SHUTDOWN_GRACE": "60",
+    }
+    async with contextlib.AsyncExitStack() as replica_y:
+        replica_x = contextlib.AsyncExitStack()
+        async with replica_x:
+            stub_x = await replica_x.enter_async_context(
+                served(tmp_path / "x", database_url, {**env, "IMAGEGEN_LOCAL_STEP_DELAY": "1.5"})
+            )
+            accepted = await batch(stub_x, [spec("first"), spec("second")])
+            first, second = (job.name for job in accepted.generations)
+            await within(started(stub_x, first))
+            stub_y = await replica_y.enter_async_context(
+                served(tmp_path / "y", database_url, {**env, "IMAGEGEN_LOCAL_STEP_DELAY": "0"})
+            )
+            ended = asyncio.create_task(finished(stub_y, second))
+            # Leaving the block stops X: it lets the first job end, then exits.
+        assert (await within(finished(stub_y, first))).state == E.GENERATION_STATE_COMPLETED
+        assert (await within(ended, 30)).state == E.GENERATION_STATE_COMPLETED
+
+
+async def started(stub: Stub, name: str) -> None:
+    """Return once a worker has started the job (its STARTED event)."""
+    async for response in stub.WatchGeneration(
+        E.WatchGenerationRequest(name=name), metadata=metadata(), timeout=60
+    ):
+        if response.event.type == E.GENERATION_EVENT_TYPE_STARTED:
+            return
+    raise AssertionError(f"{name} ended without starting")

@@ -614,8 +614,10 @@ class GenerationRepository:
         """Move a running job to a terminal state and append its terminal event, in one
         statement (inside the caller's unit of work). Its credits are the price of the
         images it made (soft-deleted ones too: they were delivered; not its uploads); the
-        event's payload gains their count as `images`. None if
-        this worker no longer holds the job or it already ended."""
+        event's payload gains their count as `images`. When its owner has batch jobs
+        queued, the claim gate may have held them back for this one: the workers of every
+        replica are told (NOTIFY on the queue channel, with the commit). None if this
+        worker no longer holds the job or it already ended."""
         row = await self._db.fetchrow(
             """
             WITH counted AS (
@@ -631,7 +633,7 @@ class GenerationRepository:
                   FROM counted
                  WHERE g.id = $1 AND g.state IN ('queued', 'running')
                    AND ($7::text IS NULL OR g.lease_owner = $7 OR g.state = 'queued')
-                RETURNING g.last_sequence, g.credits, counted.images
+                RETURNING g.last_sequence, g.credits, counted.images, g.user_id
             ), appended AS (
                 INSERT INTO generation_events (generation_id, sequence, event_type, payload)
                 SELECT $1, ended.last_sequence, $8,
@@ -640,7 +642,12 @@ class GenerationRepository:
                 RETURNING *
             )
             SELECT appended.*, ended.images AS image_count, ended.credits AS job_credits,
-                   pg_notify($10, $11)
+                   pg_notify($10, $11),
+                   CASE WHEN EXISTS (
+                       SELECT 1 FROM generations q
+                        WHERE q.user_id = ended.user_id AND q.state = 'queued'
+                          AND q.max_concurrent IS NOT NULL
+                   ) THEN pg_notify($12, '') END AS held_jobs_woken
               FROM appended, ended
             """,
             uuid.UUID(generation_id),
@@ -654,6 +661,7 @@ class GenerationRepository:
             terminal.payload,
             EVENTS_CHANNEL,
             generation_id,
+            QUEUE_CHANNEL,
         )
         if row is None:
             return None
