@@ -535,3 +535,28 @@ async def started(stub: Stub, name: str) -> None:
         if response.event.type == E.GENERATION_EVENT_TYPE_STARTED:
             return
     raise AssertionError(f"{name} ended without starting")
+
+
+async def test_a_single_job_that_ends_lets_a_held_batch_job_start_at_once(
+    tmp_path: Path, database_url: str
+) -> None:
+    # As above, a look of the claim loop's own comes every 5 minutes. The batch's job is
+    # held while the owner's single job takes the plan's one slot; the single job's end
+    # must start it (this replica ignores its own NOTIFYs, so it is told in memory).
+    env = {
+        "IMAGEGEN_PLANS_FILE": plans_file(tmp_path, concurrent=1),
+        "IMAGEGEN_WORKERS": "4",
+        "IMAGEGEN_LEASE": "600",
+        "IMAGEGEN_LOCAL_STEP_DELAY": "0.5",
+    }
+    async with served(tmp_path, database_url, env) as stub:
+        single = await stub.SubmitGeneration(
+            E.SubmitGenerationRequest(spec=spec("single")), metadata=metadata(), timeout=30
+        )
+        await within(started(stub, single.generation.name))
+        accepted = await batch(stub, [spec("held")])
+        ended = [
+            await within(finished(stub, name), 30)
+            for name in (single.generation.name, accepted.generations[0].name)
+        ]
+        assert [j.state for j in ended] == [E.GENERATION_STATE_COMPLETED] * 2

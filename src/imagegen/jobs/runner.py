@@ -182,16 +182,11 @@ class JobRunner:
         )
         self._tasks[generation_id] = task
 
-        in_batch = bool(job.generation.batch_id)
-
         def _done(_t: asyncio.Task[None]) -> None:
+            # A job's end that lets the owner's held batch jobs run is signalled as a
+            # queued job (the pipeline's finish), here and on every replica.
             cancel.close()
             self._tasks.pop(generation_id, None)
-            if in_batch:
-                # The claim leaves out a batch's jobs past its plan's concurrency, so a
-                # claim that came back short may have left some queued that this end
-                # lets run: claim again rather than wait for the half-lease look.
-                self._backlog = True
             self._slot_freed.set()
 
         task.add_done_callback(_done)

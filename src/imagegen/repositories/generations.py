@@ -114,6 +114,9 @@ class FinishedJob:
     event: GenerationEvent
     image_count: int
     credits: int
+    #: its owner has batch jobs queued (the other replicas were told; this one's runner
+    #: must be told in memory, as it ignores its own NOTIFYs)
+    held_jobs_queued: bool = False
 
 
 @dataclass(frozen=True)
@@ -640,15 +643,17 @@ class GenerationRepository:
                        $9::jsonb || jsonb_build_object('images', ended.images)
                   FROM ended
                 RETURNING *
+            ), held AS (
+                SELECT EXISTS (
+                    SELECT 1 FROM generations q, ended
+                     WHERE q.user_id = ended.user_id AND q.state = 'queued'
+                       AND q.max_concurrent IS NOT NULL
+                ) AS queued
             )
             SELECT appended.*, ended.images AS image_count, ended.credits AS job_credits,
-                   pg_notify($10, $11),
-                   CASE WHEN EXISTS (
-                       SELECT 1 FROM generations q
-                        WHERE q.user_id = ended.user_id AND q.state = 'queued'
-                          AND q.max_concurrent IS NOT NULL
-                   ) THEN pg_notify($12, '') END AS held_jobs_woken
-              FROM appended, ended
+                   held.queued AS held_jobs_queued, pg_notify($10, $11),
+                   CASE WHEN held.queued THEN pg_notify($12, '') END
+              FROM appended, ended, held
             """,
             uuid.UUID(generation_id),
             state.value,
@@ -666,7 +671,10 @@ class GenerationRepository:
         if row is None:
             return None
         return FinishedJob(
-            event=_event_from_row(row), image_count=row["image_count"], credits=row["job_credits"]
+            event=_event_from_row(row),
+            image_count=row["image_count"],
+            credits=row["job_credits"],
+            held_jobs_queued=row["held_jobs_queued"],
         )
 
     async def read_log(

@@ -687,6 +687,9 @@ class JobPipeline:
             self._signals.job_changed(job.id)
             return
         self._signals.job_events(job.id, (ended.event,))
+        if ended.held_jobs_queued:
+            # The claim gate may have held the owner's batch jobs for this one.
+            self._signals.job_queued()
         if state is GenerationState.COMPLETED:
             self._observer.credits_charged(job.provider, ended.credits)
         if error is not None and self._moderation is not None:
