@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import contextlib
 import io
 import json
@@ -250,6 +251,14 @@ async def start_postgres_with_statements(root: Path):  # type: ignore[no-untyped
     return embedded, admin, postmaster
 
 
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """Terminate a child this run started, if it still runs."""
+    if process.poll() is None:
+        process.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=30)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workload", choices=("s3-1024", "local-512"), default="s3-1024")
@@ -275,6 +284,8 @@ async def main() -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    # Also when the run ends early (a server that does not start): no fakes left behind.
+    atexit.register(stop_process, fakes)
     while not fakes_file.exists() or not fakes_file.read_text():
         if fakes.poll() is not None:
             raise SystemExit("the fakes' process ended")
@@ -390,12 +401,13 @@ async def main() -> None:
         )
     )
     env["IMAGEGEN_PLANS_FILE"] = str(plans)
-    process = subprocess.Popen(
+    process = subprocess.Popen(  # stopped at exit too, by the atexit hook below
         [sys.executable, "-m", "imagegen.cli", "serve"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=open(tmp / "served.log", "wb"),
     )
+    atexit.register(stop_process, process)
     while not ready.exists() or not ready.read_text().strip():
         if process.poll() is not None:
             raise SystemExit((tmp / "served.log").read_text())
