@@ -229,6 +229,8 @@ class Server:
             )
             stack.push_async_callback(http_client.aclose)
             sdwebui = SDWebUIProvider(settings.sdwebui_url, http_client)
+            # Closed before the HTTP client (the stack unwinds last in, first out).
+            stack.push_async_callback(sdwebui.aclose)
             # Its models are the server's checkpoints, learned here (bounded, never fails
             # the start) so that submit can check a model name without a network call.
             await sdwebui.refresh_models()

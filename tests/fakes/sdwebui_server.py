@@ -73,6 +73,8 @@ class SDFake:
     upscaler_requests: int = 0
     #: answer /sdapi/v1/upscalers with this HTTP status instead of the list
     upscalers_status: int = 200
+    #: seconds the checkpoint list takes to answer (a slow or stuck server)
+    models_delay: float = 0.0
     pauses: Pauses = field(default_factory=Pauses)
     _script: list[SDReply] = field(default_factory=list)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -220,6 +222,8 @@ class SDFake:
 
     async def _sd_models(self, _request: web.Request) -> web.Response:
         self.model_requests += 1
+        if self.models_delay:
+            await asyncio.sleep(self.models_delay)
         return web.json_response(
             [
                 {

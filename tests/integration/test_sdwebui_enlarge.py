@@ -186,7 +186,8 @@ async def test_the_default_upscaler_is_the_first_learned_and_lanczos_before_that
         first = await provider.generate(
             ProviderRequest(prompt="x", sources=(source,), upscale=UpscaleSpec(2)), quiet
         )
-        # That call found the list stale and learned it.
+        # That call found the list stale and learned it (in the background).
+        await provider.wait_refreshed()
         assert provider.upscalers == LEARNED
         second = await provider.generate(
             ProviderRequest(prompt="x", sources=(source,), upscale=UpscaleSpec(2)), quiet
@@ -219,6 +220,7 @@ async def test_upscalers_are_learned_without_none_and_refreshed_when_stale() -> 
         assert fake.upscaler_requests == 1, "fresh enough: not asked again"
         now[0] += 61
         await provider.generate(upscale, quiet)
+        await provider.wait_refreshed()
         assert fake.upscaler_requests == 2
         assert provider.upscalers == ("ESRGAN_4x", "4x-UltraSharp", "Lanczos")
 
@@ -244,11 +246,13 @@ async def test_a_server_that_cannot_list_upscalers_keeps_the_last_list_and_asks_
         fake.upscalers_status = 200
         now[0] += 30
         await provider.generate(ProviderRequest(prompt="a"), quiet)
+        await provider.wait_refreshed()
         assert provider.upscalers == LEARNED
         # An empty list is no list either.
         fake.upscalers = ("None",)
         now[0] += 300
         await provider.generate(ProviderRequest(prompt="a"), quiet)
+        await provider.wait_refreshed()
         assert fake.upscaler_requests == 3 and provider.upscalers == LEARNED
 
 

@@ -130,10 +130,13 @@ async def test_models_are_learned_from_the_server_and_refreshed_when_stale() -> 
         fake.checkpoints = ("juggernaut_xl",)
         fake.loaded = "juggernaut_xl"
         await provider.generate(ProviderRequest(prompt="a"), quiet)
+        await provider.wait_refreshed()
         assert fake.model_requests == 1, "fresh enough: no refresh after this generation"
         now[0] += 61
         reply = await provider.generate(ProviderRequest(prompt="a"), quiet)
-        assert fake.model_requests == 2 and provider.models == ("juggernaut_xl",)
+        # Refreshed in the background, once the image was in.
+        assert await provider.wait_refreshed() == ("juggernaut_xl",)
+        assert fake.model_requests == 2
         assert reply.model == "juggernaut_xl", "the model the server reports it used"
 
 
@@ -152,12 +155,14 @@ async def test_a_server_that_cannot_list_its_models_keeps_the_last_list() -> Non
         fake.checkpoints = ()
         assert await provider.refresh_models() == ("sdwebui",)
         await provider.generate(ProviderRequest(prompt="a"), quiet)
+        await provider.wait_refreshed()
         assert fake.model_requests == 1, "an empty answer is asked again only after a while"
         now[0] += 30
         fake.checkpoints = ("dreamshaper_8",)
         fake.loaded = "dreamshaper_8"
         await provider.generate(ProviderRequest(prompt="a"), quiet)
-        assert fake.model_requests == 2 and provider.models == ("dreamshaper_8",)
+        assert await provider.wait_refreshed() == ("dreamshaper_8",)
+        assert fake.model_requests == 2
         assert await SDWebUIProvider(None, http).refresh_models() == ("sdwebui",)
 
 
@@ -269,3 +274,36 @@ async def test_failures_are_classified() -> None:
     assert "CUDA out of memory" in failing.message
     assert isinstance(dropped, ProviderUnavailable) and not dropped.retryable
     assert not slow.value.retryable and "did not answer" in slow.value.message
+
+
+async def test_a_stale_list_is_refreshed_once_in_the_background() -> None:
+    """A call that ends while the lists are stale does not wait for the server's listing;
+    calls ending together ask once; closing the provider stops a refresh in flight."""
+    now = [0.0]
+    async with SDFake.start(step_delay=0.01) as fake, httpx.AsyncClient(trust_env=False) as http:
+        provider = SDWebUIProvider(
+            fake.url,
+            http,
+            steps=1,
+            poll_interval=0.05,
+            models_max_age=60,
+            models_timeout=3600,
+            clock=lambda: now[0],
+        )
+        learned = await provider.refresh_models()
+        now[0] += 61
+
+        # A server that never answers the listing: the call still ends.
+        fake.models_delay = 3600
+        await asyncio.wait_for(provider.generate(ProviderRequest(prompt="a"), quiet), 30)
+        await provider.aclose()
+        assert await provider.wait_refreshed() == learned, "the last list is kept"
+
+        # Three calls ending together (the lists still stale): one listing.
+        fake.models_delay = 0.2
+        before = fake.model_requests
+        await asyncio.gather(
+            *[provider.generate(ProviderRequest(prompt="a"), quiet) for _ in range(3)]
+        )
+        await provider.wait_refreshed()
+        assert fake.model_requests == before + 1

@@ -95,6 +95,13 @@ from imagegen.providers.http_failures import raise_for_status, transport_errors,
 from imagegen.providers.prompting import fold_prompt
 
 log = logging.getLogger(__name__)
+
+
+def _log_refresh_failure(task: asyncio.Task[tuple[str, ...]]) -> None:
+    # refresh_models keeps the last lists on every failure it expects; anything else is
+    # logged here rather than left to "Task exception was never retrieved".
+    if not task.cancelled() and task.exception() is not None:
+        log.error("refreshing the sdwebui server's lists failed", exc_info=task.exception())
 MODEL = "sdwebui"
 DEFAULT_STEPS = 20
 #: Upscalers every A1111 server has: plain resamples, offered last.
@@ -146,6 +153,8 @@ class SDWebUIProvider:
         self._upscalers: tuple[str, ...] = RESAMPLERS
         #: when the list should be asked for again (None: never asked)
         self._models_due_at: float | None = None
+        #: the refresh a finished call started in the background, while it runs
+        self._refreshing: asyncio.Task[tuple[str, ...]] | None = None
 
     @property
     def configured(self) -> bool:
@@ -184,6 +193,33 @@ class SDWebUIProvider:
             self._models_max_age if learned else self._models_retry
         )
         return self._models
+
+    def _refresh_soon(self) -> None:
+        """Refresh the lists in the background when they are stale: the call that noticed
+        does not wait for the server's listing, and calls ending together ask once."""
+        if not self._models_stale():
+            return
+        if self._refreshing is not None and not self._refreshing.done():
+            return
+        self._refreshing = asyncio.create_task(
+            self.refresh_models(), name="imagegen-sdwebui-refresh"
+        )
+        self._refreshing.add_done_callback(_log_refresh_failure)
+
+    async def wait_refreshed(self) -> tuple[str, ...]:
+        """The models once a background refresh in flight (if any) has ended."""
+        if self._refreshing is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._refreshing)
+        return self._models
+
+    async def aclose(self) -> None:
+        """Stop a background refresh in flight (before its HTTP client closes)."""
+        task, self._refreshing = self._refreshing, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
     async def _get_json(self, path: str) -> Any:
         with transport_errors(provider=self.id, timeout=self._models_timeout):
@@ -317,8 +353,7 @@ class SDWebUIProvider:
         image = _first_image(reply)
         info = _info(reply)
         await progress(90, "received", None)
-        if self._models_stale():
-            await self.refresh_models()
+        self._refresh_soon()
         return ProviderImage(
             data=image,
             mime_type="image/png",
@@ -351,8 +386,7 @@ class SDWebUIProvider:
             raise transport_failure(exc, provider=self.id, timeout=request.timeout) from exc
         image = _b64_image(reply.get("image"))
         await progress(90, "received", None)
-        if self._models_stale():
-            await self.refresh_models()
+        self._refresh_soon()
         return ProviderImage(data=image, mime_type="image/png", model=upscaler)
 
     def _models_stale(self) -> bool:
