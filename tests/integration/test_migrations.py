@@ -4,7 +4,10 @@ lock between two migrators, and refusal when disk and database disagree."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,25 +87,29 @@ def _copy_migrations(tmp_path: Path) -> Path:
     return directory
 
 
-async def _wait_until_waiting_for_lock(dsn: str) -> int:
-    """Polls pg_locks until a session waits for the migration lock; returns how many do.
-    PostgreSQL offers nothing to wait on for a lock wait to begin, so the state is read
-    every 50 ms (bounded at 5 s)."""
-    for _ in range(100):
-        rows = await _fetch(
-            dsn,
-            """
-            SELECT count(*) AS waiting FROM pg_locks
-            WHERE locktype = 'advisory' AND NOT granted
-              AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-              AND ((classid::bigint << 32) | objid::bigint) = $1
-            """,
-            MIGRATION_LOCK_KEY,
-        )
-        if rows[0]["waiting"]:
-            return int(rows[0]["waiting"])
-        await asyncio.sleep(0.05)
-    return 0
+class LockWaitAnnounced(logging.Handler):
+    """Set when a migrator says it found the migration lock taken and waits for it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.heard = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "event", "") == "migrations.lock_wait":
+            self.heard.set()
+
+
+@contextlib.contextmanager
+def lock_wait_announced() -> Iterator[asyncio.Event]:
+    logger = logging.getLogger("imagegen.repositories.migrator")
+    handler, level = LockWaitAnnounced(), logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield handler.heard
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def test_migrations_dir_holds_the_initial_migration() -> None:
@@ -138,9 +145,10 @@ async def test_second_migrator_waits_for_the_lock_then_succeeds(empty_database_u
     holder = await asyncpg.connect(empty_database_url)
     try:
         await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
-        task = asyncio.create_task(apply_migrations(empty_database_url))
-        # Once PostgreSQL shows its session queued on the lock, it cannot have finished.
-        assert await _wait_until_waiting_for_lock(empty_database_url) == 1
+        with lock_wait_announced() as waiting:
+            task = asyncio.create_task(apply_migrations(empty_database_url))
+            # It found the lock taken: it cannot finish before the holder lets go.
+            await asyncio.wait_for(waiting.wait(), timeout=30)
         assert not task.done()
         assert await _tables(empty_database_url) == set()
 

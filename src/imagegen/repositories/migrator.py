@@ -16,12 +16,15 @@ checked before anything is applied, so a refused run changes nothing.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import asyncpg
+
+log = logging.getLogger(__name__)
 
 #: The advisory lock key every migrator takes: the bytes of b"imagegen" as a bigint.
 MIGRATION_LOCK_KEY = 0x696D6167656E6765
@@ -128,6 +131,13 @@ async def apply_migrations(
 
 
 async def _lock(conn: asyncpg.Connection, lock_timeout: float) -> None:
+    if await conn.fetchval("SELECT pg_try_advisory_lock($1)", MIGRATION_LOCK_KEY):
+        return
+    # Said before waiting: a start that hangs here is another replica migrating.
+    log.info(
+        "another process is applying migrations; waiting for it",
+        extra={"event": "migrations.lock_wait", "lock_timeout": lock_timeout},
+    )
     # lock_timeout bounds the wait for the advisory lock; it is reset at once so the
     # migrations themselves run with the server's default.
     timeout_ms = max(1, round(lock_timeout * 1000)) if lock_timeout > 0 else 0
