@@ -18,7 +18,7 @@ from imagegen.v1 import generation_pb2, generation_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -74,6 +74,17 @@ class Servicer(generation_pb2_grpc.ImageGenerationServiceServicer):
             self.stream_closed.set()
 
 
+class SpanEnded(SpanProcessor):
+    """Set when a server span ends: the interceptor records the call's duration just
+    before it ends the span, so a test waits for this instead of polling the metrics."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.event.set()
+
+
 @dataclass
 class Served:
     servicer: Servicer
@@ -81,6 +92,7 @@ class Served:
     health: Any
     spans: InMemorySpanExporter
     metrics: InMemoryMetricReader
+    span_ended: asyncio.Event
 
     def durations(self) -> dict[tuple[str, str], int]:
         """Call counts of rpc.server.call.duration by (rpc.method, status code)."""
@@ -108,9 +120,11 @@ class Served:
 @contextlib.asynccontextmanager
 async def serve(tracer_provider: trace.TracerProvider | None = None) -> AsyncIterator[Served]:
     spans = InMemorySpanExporter()
+    ended = SpanEnded()
     if tracer_provider is None:
         sdk = TracerProvider()
         sdk.add_span_processor(SimpleSpanProcessor(spans))
+        sdk.add_span_processor(ended)
         tracer_provider = sdk
     metrics = InMemoryMetricReader()
     meter = MeterProvider(metric_readers=[metrics]).get_meter("test")
@@ -135,6 +149,7 @@ async def serve(tracer_provider: trace.TracerProvider | None = None) -> AsyncIte
             health_pb2_grpc.HealthStub(channel),
             spans,
             metrics,
+            ended.event,
         )
     finally:
         await channel.close()
@@ -201,7 +216,8 @@ async def test_a_stream_the_caller_abandons_ends_cancelled_in_its_own_task(
         # What every client does once it has the terminal event: go away mid-stream.
         call.cancel()
         await asyncio.wait_for(served.servicer.stream_closed.wait(), timeout=10)
-        await _until(lambda: served.durations().get((WATCH, "CANCELLED")) == 1)
+        await asyncio.wait_for(served.span_ended.wait(), timeout=10)
+        assert served.durations().get((WATCH, "CANCELLED")) == 1
         [span] = served.spans.get_finished_spans()
     assert span.attributes["rpc.response.status_code"] == "CANCELLED"
     # Before, OpenTelemetry's interceptor logged two ERRORs here ("Failed to detach context").
@@ -223,9 +239,3 @@ async def test_without_an_exporter_nothing_records_yet_the_trace_ids_flow() -> N
     # No caller's trace: a fresh, valid, unsampled one, so log lines still share an id.
     assert fresh.is_valid and not fresh.trace_flags.sampled
     assert format(fresh.trace_id, "032x") != CALLER_TRACE_ID
-
-
-async def _until(condition: Any, timeout: float = 10) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)

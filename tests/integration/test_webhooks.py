@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -72,16 +73,47 @@ async def within(awaitable: Awaitable[T], seconds: float = 30) -> T:
     return await asyncio.wait_for(awaitable, seconds)
 
 
+class AttemptsRecorded(logging.Handler):
+    """Hears the in-process server's delivery log each attempt once it is recorded
+    (`webhook.attempt`, written after the record commits): what a test waits for
+    instead of reading the outbox over and over."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.heard = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if getattr(record, "event", "") == "webhook.attempt":
+            self.heard.set()
+
+
+ATTEMPTS = AttemptsRecorded()
+
+
+@pytest.fixture(autouse=True)
+def attempts_recorded() -> Iterator[AttemptsRecorded]:
+    logger = logging.getLogger("imagegen.services.webhooks.delivery")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(ATTEMPTS)
+    try:
+        yield ATTEMPTS
+    finally:
+        logger.removeHandler(ATTEMPTS)
+        logger.setLevel(level)
+
+
 async def eventually(read: Callable[[], Awaitable[T]], done: Callable[[T], bool]) -> T:
-    """Read a state until it is what the test waits for (bounded at 30 s). The server
-    records an attempt after the receiver answered and announces it to no one, so the
-    state is read every 50 ms."""
-    for _ in range(600):
-        value = await read()
-        if done(value):
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"never reached: last {value!r}")
+    """Read a state until it is what the test waits for: again after each attempt the
+    server records (bounded at 30 s in all). Cleared before each read, so an attempt
+    recorded after it is never missed."""
+    async with asyncio.timeout(30):
+        while True:
+            ATTEMPTS.heard.clear()
+            value = await read()
+            if done(value):
+                return value
+            await ATTEMPTS.heard.wait()
 
 
 async def secret_of(stub: Stub, user: str = "alice") -> str:
